@@ -1,0 +1,160 @@
+"""A transformers ``Cache`` whose layers keep K and V packed (``PackedKV``).
+
+Works with any model that uses transformers' cache API (``DynamicCache`` by default), GQA included, on
+transformers >= 5.17 (whose layers call ``update(k, v, layer_idx)``) and newer releases (which add
+``kwargs=``). This eager path hands attention the dequantized K/V of the valid tokens, so the model's own
+attention code (sdpa, eager, ...) runs unchanged; what the cache *holds* between steps is only the packed
+storage. The fused path, where attention reads the packed bytes, goes through the kvcompile ops.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from ..schemes.base import LayerSpec, Scheme, get_scheme
+from .packed import PackedKV, bits_per_element
+
+GROW_TOKENS = 64
+"""A cache made with max_cache_len=None grows its packed storage in steps of this many tokens."""
+
+
+class PackedLayer(CacheLayerMixin):
+    """One attention layer's packed K and V."""
+
+    is_compileable = False
+    is_sliding = False
+    is_croppable = False
+
+    def __init__(self, spec: LayerSpec, *, meta_dtype: str = "float16", max_cache_len: int | None = None,
+                 packed_attention: bool = False):
+        super().__init__()
+        self.packed_attention = packed_attention
+        self.spec = spec
+        self.meta_dtype = meta_dtype
+        self.max_cache_len = max_cache_len
+        self.k: PackedKV | None = None
+        self.v: PackedKV | None = None
+
+    def __repr__(self):
+        return f"PackedLayer(k={self.k!r}, v={self.v!r})" if self.is_initialized else "PackedLayer(empty)"
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        b, h, _, d = key_states.shape
+        dv = value_states.shape[-1]
+        common = dict(
+            capacity=self.max_cache_len or 0,
+            n_sink=self.spec.n_sink,
+            window=self.spec.window,
+            dtype=key_states.dtype,
+            device=key_states.device,
+            meta_dtype=self.meta_dtype,
+        )
+        self.k = PackedKV.empty(b, h, d, self.spec.k, **common)
+        self.v = PackedKV.empty(b, value_states.shape[1], dv, self.spec.v, **common)
+        self.device = key_states.device
+        self.dtype = key_states.dtype
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        t = key_states.shape[-2]
+        if self.max_cache_len is None:
+            self.k = self._grown(self.k, t)
+            self.v = self._grown(self.v, t)
+        self.k.append(key_states)
+        self.v.append(value_states)
+        if self.packed_attention:  # attention reads the packed storage (attn_implementation="kvcompile")
+            return self.k, self.v
+        return self.k.dequantize(), self.v.dequantize()
+
+    @staticmethod
+    def _grown(p: PackedKV, t: int) -> PackedKV:
+        need = p.quantized_after(t)
+        if need <= p.codes.shape[2]:
+            return p
+        step = max(GROW_TOKENS, p.quant.flush)
+        return p.resized(p.n_sink + p.window_size + -(-need // step) * step)
+
+    def get_seq_length(self) -> int:
+        return self.k.length if self.is_initialized else 0
+
+    def get_mask_sizes(self, query_length: int, *args) -> tuple[int, int]:
+        return self.get_seq_length() + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1 if self.max_cache_len is None else self.max_cache_len
+
+    def reset(self) -> None:
+        self.k = self.v = None
+        self.is_initialized = False
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        if self.is_initialized:
+            self.k = self.k.select_batch(beam_idx)
+            self.v = self.v.select_batch(beam_idx)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self.reorder_cache(torch.as_tensor(indices))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.is_initialized:
+            b = self.k.shape[0]
+            self.reorder_cache(torch.arange(b).repeat_interleave(repeats))
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError(
+            "a packed kvcompile cache cannot be cropped (quantized tokens cannot be un-quantized); "
+            "assisted/speculative decoding needs a full-precision cache"
+        )
+
+    def offload(self):
+        raise NotImplementedError("a packed kvcompile cache does not support offloading")
+
+    def prefetch(self):
+        raise NotImplementedError("a packed kvcompile cache does not support offloading")
+
+    # ------------------------------------------------------------------ what it holds
+    def storage_nbytes(self) -> int:
+        return 0 if not self.is_initialized else self.k.storage_nbytes() + self.v.storage_nbytes()
+
+    def full_precision_nbytes(self) -> int:
+        """Bytes the same tokens take in a plain cache of the model's dtype."""
+        if not self.is_initialized:
+            return 0
+        return sum(p.shape[0] * p.shape[1] * p.head_dim * p.length * p.kv_dtype.itemsize for p in (self.k, self.v))
+
+
+class KVCompileCache(Cache):
+    """A transformers Cache of ``PackedLayer``s, one per decoder layer, built from a scheme.
+
+    ``max_cache_len=None`` grows the packed storage on demand; an int preallocates it and raises
+    ``CacheCapacityError`` when exceeded. ``packed_attention=True`` hands attention the ``PackedKV`` tensors
+    themselves, for a model whose ``attn_implementation`` is ``"kvcompile"`` (see ``kvcompile.attention``);
+    otherwise attention gets the dequantized K/V and any attention implementation works.
+    """
+
+    def __init__(self, config, scheme: str | Scheme = "skvq", *, max_cache_len: int | None = None,
+                 packed_attention: bool = False, **overrides):
+        self.scheme = get_scheme(scheme, **overrides)
+        text_config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+        num_layers = text_config.num_hidden_layers
+        layers = [
+            PackedLayer(spec, meta_dtype=self.scheme.meta_dtype, max_cache_len=max_cache_len,
+                        packed_attention=packed_attention)
+            for spec in self.scheme.layer_specs(num_layers)
+        ]
+        super().__init__(layers=layers)
+
+    def storage_nbytes(self) -> int:
+        """Bytes held by every layer's packed storage (measured from the tensors)."""
+        return sum(layer.storage_nbytes() for layer in self.layers)
+
+    def full_precision_nbytes(self) -> int:
+        return sum(layer.full_precision_nbytes() for layer in self.layers)
+
+    def bits_per_element(self) -> float:
+        """Average stored bits per cached K/V element, metadata, sink and window included."""
+        packed = [p for layer in self.layers if layer.is_initialized for p in (layer.k, layer.v)]
+        return bits_per_element(*packed)

@@ -1,0 +1,385 @@
+"""PackedKV: one layer's K (or V) held packed, as a tensor subclass.
+
+Layout and math: docs/format.md. In short, the tokens live in three parts, in sequence order: full-precision
+sink tokens, a packed quantized middle (codes + scale/zero, preallocated to a capacity) and a full-precision
+window of recent tokens. ``append`` is quantize-on-write: tokens that leave the window are quantized into the
+middle. ``dequantize`` gives back the logical ``[B, H, L, D]`` tensor.
+
+The subclass follows torchao's pattern (``tensor_data_names`` / ``tensor_attribute_names``, flatten/unflatten,
+an op table) without depending on torchao. Its logical shape is ``[B, H, capacity, D]``: the storage extent,
+which is static, so that a compiled decode step does not recompile as the sequence grows; the number of valid
+tokens lives in the ``counts`` tensor ``[n_sink_filled, n_quant, n_window]``. Storage never grows in place:
+``resized`` returns a larger copy (the transformers cache layer uses it to grow on demand). Any aten op without a rule raises
+``NotImplementedError`` naming the op: nothing falls back to wrong numbers.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import torch
+from torch.utils._python_dispatch import return_and_correct_aliasing
+
+from .. import quant
+from ..schemes.base import TensorQuant
+
+aten = torch.ops.aten
+
+class CacheCapacityError(ValueError):
+    """Raised when an append would exceed a fixed-capacity PackedKV."""
+
+
+_META_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def _meta_dtype(name: str | torch.dtype) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        return name
+    if name not in _META_DTYPES:
+        raise ValueError(f"unsupported meta_dtype {name!r}; valid: {', '.join(_META_DTYPES)}")
+    return _META_DTYPES[name]
+
+
+def _round_up(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+class PackedKV(torch.Tensor):
+    tensor_data_names = ("codes", "scale", "zero", "sink", "window", "perm", "counts")
+    tensor_attribute_names = ("quant", "head_dim", "n_sink", "window_size", "kv_dtype")
+
+    # ------------------------------------------------------------------ construction
+    @staticmethod
+    def __new__(cls, codes, scale, zero, sink, window, perm, counts, quant, head_dim, n_sink, window_size,
+                kv_dtype):
+        b, h = sink.shape[:2]
+        capacity = n_sink + codes.shape[2] + window_size
+        return torch.Tensor._make_wrapper_subclass(
+            cls, (b, h, capacity, head_dim), dtype=kv_dtype, device=sink.device, requires_grad=False
+        )
+
+    def __init__(self, codes, scale, zero, sink, window, perm, counts, quant, head_dim, n_sink, window_size,
+                 kv_dtype):
+        self.codes = codes
+        self.scale = scale
+        self.zero = zero
+        self.sink = sink
+        self.window = window
+        self.perm = perm
+        self.counts = counts
+        self.quant = quant
+        self.head_dim = head_dim
+        self.n_sink = n_sink
+        self.window_size = window_size
+        self.kv_dtype = kv_dtype
+        # host-side mirror of ``counts``, so that eager appends need no device sync
+        self._host = None
+
+    @classmethod
+    def empty(
+        cls,
+        batch: int,
+        heads: int,
+        head_dim: int,
+        quant: TensorQuant,
+        *,
+        capacity: int,
+        n_sink: int = 0,
+        window: int = 0,
+        dtype: torch.dtype = torch.float16,
+        device: torch.device | str = "cpu",
+        meta_dtype: str | torch.dtype = "float16",
+    ) -> PackedKV:
+        """Allocate storage for ``capacity`` tokens (sink + quantized middle + window)."""
+        meta = _meta_dtype(meta_dtype)
+        if not dtype.is_floating_point:
+            raise ValueError(f"PackedKV holds floating-point K/V; got dtype {dtype}")
+        g = quant.group_for(head_dim)
+        flush = quant.flush
+        mid = _round_up(max(0, capacity - n_sink - window), flush)
+        nbytes_tok = _bytes_per_token(quant, head_dim)
+        codes = torch.zeros(batch, heads, mid, nbytes_tok, dtype=torch.uint8, device=device)
+        scale, zero = _alloc_meta(quant, batch, heads, mid, head_dim, g, meta, device)
+        sink = torch.zeros(batch, heads, n_sink, head_dim, dtype=dtype, device=device)
+        win = torch.zeros(batch, heads, window + flush - 1, head_dim, dtype=dtype, device=device)
+        perm = None
+        if quant.permute:
+            perm = torch.arange(head_dim, device=device).repeat(heads, 1)
+        counts = torch.zeros(3, dtype=torch.int64, device=device)
+        out = cls(codes, scale, zero, sink, win, perm, counts, quant, head_dim, n_sink, window, dtype)
+        out._host = [0, 0, 0]
+        return out
+
+    # ------------------------------------------------------------------ flatten / unflatten (torch.compile)
+    def __tensor_flatten__(self):
+        names = [n for n in self.tensor_data_names if getattr(self, n) is not None]
+        return names, tuple(getattr(self, a) for a in self.tensor_attribute_names)
+
+    @classmethod
+    def __tensor_unflatten__(cls, inner, attrs, outer_size, outer_stride):
+        data = [inner.get(n) for n in cls.tensor_data_names]
+        return cls(*data, *attrs)
+
+    def _with_data(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> PackedKV:
+        data = [None if getattr(self, n) is None else fn(getattr(self, n)) for n in self.tensor_data_names]
+        out = type(self)(*data, *(getattr(self, a) for a in self.tensor_attribute_names))
+        out._host = None if self._host is None else list(self._host)
+        return out
+
+    def __repr__(self):
+        n_s, n_q, n_w = self.lengths()
+        q = self.quant
+        return (
+            f"PackedKV(shape={tuple(self.shape)}, {q.kind} {q.bits}-bit {q.axis} groups, "
+            f"sink={n_s}/{self.n_sink}, quantized={n_q}, window={n_w}/{self.window_size}, "
+            f"bytes={self.storage_nbytes()})"
+        )
+
+    # ------------------------------------------------------------------ bookkeeping
+    def lengths(self) -> tuple[int, int, int]:
+        """(sink tokens, quantized tokens, window tokens), as Python ints."""
+        if self._host is None:
+            self._host = [int(x) for x in self.counts.tolist()]
+        return tuple(self._host)
+
+    @property
+    def length(self) -> int:
+        return sum(self.lengths())
+
+    @property
+    def capacity(self) -> int:
+        """Tokens this PackedKV can hold: sink + quantized middle + window."""
+        return self.n_sink + self.codes.shape[2] + self.window_size
+
+    def quantized_after(self, t: int) -> int:
+        """How many tokens the quantized middle will hold after appending ``t`` more tokens."""
+        n_s, n_q, n_w = self.lengths()
+        rest = t - min(t, self.n_sink - n_s)
+        if rest <= 0:
+            return n_q
+        return n_q + max(0, (n_w + rest - self.window_size) // self.quant.flush * self.quant.flush)
+
+    def resized(self, capacity: int) -> PackedKV:
+        """A copy of this PackedKV with room for ``capacity`` tokens (it must hold what is already there)."""
+        mid = _round_up(max(0, capacity - self.n_sink - self.window_size), self.quant.flush)
+        _, n_q, _ = self.lengths()
+        if mid < n_q:
+            raise CacheCapacityError(f"cannot shrink a PackedKV holding {self.length} tokens to capacity {capacity}")
+        per_meta = self.quant.flush if self.quant.axis == "channel" else 1
+
+        def fit(t: torch.Tensor, n: int) -> torch.Tensor:
+            out = t.new_zeros(*t.shape[:2], n, *t.shape[3:])
+            keep = min(n, t.shape[2])
+            out[:, :, :keep] = t[:, :, :keep]
+            return out
+
+        out = type(self)(
+            fit(self.codes, mid), fit(self.scale, mid // per_meta),
+            None if self.zero is None else fit(self.zero, mid // per_meta),
+            self.sink.clone(), self.window.clone(), None if self.perm is None else self.perm.clone(),
+            self.counts.clone(), *(getattr(self, a) for a in self.tensor_attribute_names),
+        )
+        out._host = list(self.lengths())
+        return out
+
+    def storage_nbytes(self) -> int:
+        """Bytes held: every storage tensor's real allocation (codes, metadata, sink, window, perm, counts)."""
+        return sum(t.numel() * t.element_size() for t in self._storage_tensors())
+
+    def _storage_tensors(self) -> list[torch.Tensor]:
+        return [t for t in (getattr(self, n) for n in self.tensor_data_names) if t is not None]
+
+    def _set_counts(self, n_s: int, n_q: int, n_w: int) -> None:
+        self._host = [n_s, n_q, n_w]
+        self.counts.copy_(torch.tensor(self._host, dtype=torch.int64))
+
+    # ------------------------------------------------------------------ quantize-on-write
+    def append(self, x: torch.Tensor) -> None:
+        """Append new tokens ``x`` of shape [B, H, T, D]; tokens leaving the window are quantized."""
+        b, h, cap, d = self.shape
+        if x.dim() != 4 or x.shape[0] != b or x.shape[1] != h or x.shape[3] != d:
+            raise ValueError(f"append expects [B={b}, H={h}, T, D={d}], got {tuple(x.shape)}")
+        x = x.to(self.kv_dtype)
+        n_s, n_q, n_w = self.lengths()
+        take = min(x.shape[2], self.n_sink - n_s)
+        if take > 0:
+            self.sink[:, :, n_s : n_s + take] = x[:, :, :take]
+            n_s += take
+        rest = x[:, :, max(take, 0):]
+        if rest.shape[2] == 0:
+            self._set_counts(n_s, n_q, n_w)
+            return
+        pending = torch.cat([self.window[:, :, :n_w], rest], dim=2) if n_w else rest
+        flush = self.quant.flush
+        n_move = max(0, (pending.shape[2] - self.window_size) // flush * flush)
+        if n_move:
+            self._quantize_into(pending[:, :, :n_move], n_q)
+            n_q += n_move
+        keep = pending[:, :, n_move:]
+        n_w = keep.shape[2]
+        self.window[:, :, :n_w] = keep
+        self._set_counts(n_s, n_q, n_w)
+
+    def _check_capacity(self, needed: int) -> None:
+        if needed > self.codes.shape[2]:
+            raise CacheCapacityError(
+                f"kvcompile cache capacity exceeded: this layer holds at most {self.capacity} tokens "
+                f"({self.n_sink} sink + {self.codes.shape[2]} quantized + {self.window_size} window), and this append "
+                f"needs room for {self.n_sink + needed + self.window_size}; create the cache with a larger "
+                "max_cache_len, or max_cache_len=None to grow on demand"
+            )
+
+    def _quantize_into(self, x: torch.Tensor, start: int) -> None:
+        q = self.quant
+        n = x.shape[2]
+        self._check_capacity(start + n)
+        d = self.head_dim
+        g = q.group_for(d)  # along channels; along tokens (axis="channel") the group is q.group_size
+        gs = q.group_size if q.axis == "channel" else g
+        if self.perm is not None and start == 0:
+            # SKVQ channel order, uncalibrated: taken from the first tokens that get quantized (the prefill)
+            self.perm.copy_(quant.channel_perm_by_range(x.float(), g, bits=q.bits, clip_ratio=q.clip_ratio))
+        if self.perm is not None:
+            x = quant.apply_perm(x, self.perm)
+        meta = self.scale.dtype
+        zero = None
+        if q.kind == "affine":
+            codes, scale, zero = quant.quantize_affine(x, q.bits, gs, axis=q.axis, clip_ratio=q.clip_ratio, meta_dtype=meta)
+        elif q.kind == "nf":
+            codes, scale = quant.quantize_nf(x, int(q.bits), g, meta_dtype=meta)
+        elif q.kind == "int8":
+            codes, scale = quant.quantize_int8(x, meta_dtype=meta)
+        else:
+            codes, scale = quant.quantize_fp8(x, meta_dtype=meta)
+        packed = quant.pack_codes(codes, q.bits) if q.kind in ("affine", "nf") else codes
+        self.codes[:, :, start : start + n] = packed
+        if q.axis == "channel":
+            s0, s1 = start // q.flush, (start + n) // q.flush
+        else:
+            s0, s1 = start, start + n
+        self.scale[:, :, s0:s1] = scale
+        if zero is not None:
+            self.zero[:, :, s0:s1] = zero
+
+    # ------------------------------------------------------------------ reading back
+    def dequantize_middle(self) -> torch.Tensor:
+        """The quantized middle, dequantized (float32), in the model's channel order: [B, H, n_quant, D]."""
+        _, n_q, _ = self.lengths()
+        q, d = self.quant, self.head_dim
+        g = q.group_for(d)
+        codes = self.codes[:, :, :n_q]
+        meta_n = n_q // q.flush if q.axis == "channel" else n_q
+        scale = self.scale[:, :, :meta_n]
+        if q.kind == "affine":
+            c = quant.unpack_codes(codes, q.bits, d)
+            gs = q.group_size if q.axis == "channel" else g
+            x = quant.dequantize_affine(c, scale, self.zero[:, :, :meta_n], gs, axis=q.axis)
+        elif q.kind == "nf":
+            x = quant.dequantize_nf(quant.unpack_codes(codes, q.bits, d), scale, int(q.bits), g)
+        elif q.kind == "int8":
+            x = quant.dequantize_int8(codes, scale)
+        else:
+            x = quant.dequantize_fp8(codes, scale)
+        if self.perm is not None:
+            x = quant.unapply_perm(x, self.perm)
+        return x
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The logical [B, H, L, D] tensor: sink ++ dequantized middle ++ window."""
+        dtype = dtype or self.kv_dtype
+        n_s, n_q, n_w = self.lengths()
+        parts = [self.sink[:, :, :n_s].to(dtype)]
+        if n_q:
+            parts.append(self.dequantize_middle().to(dtype))
+        parts.append(self.window[:, :, :n_w].to(dtype))
+        return torch.cat(parts, dim=2)
+
+    # ------------------------------------------------------------------ batch reordering (beam search)
+    def select_batch(self, index: torch.Tensor) -> PackedKV:
+        """A PackedKV holding batch entries ``index`` (beam search reorder / select)."""
+        index = index.to(self.sink.device)
+
+        def pick(t: torch.Tensor) -> torch.Tensor:
+            return t if t is self.perm or t is self.counts else t.index_select(0, index)
+
+        return self._with_data(pick)
+
+    # ------------------------------------------------------------------ the op table
+    _OPS: dict[Any, Callable] = {}
+
+    @classmethod
+    def implements(cls, *ops):
+        def deco(fn):
+            for op in ops:
+                cls._OPS[op] = fn
+            return fn
+
+        return deco
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in cls._OPS:
+            return cls._OPS[func](func, types, args, kwargs)
+        arg_types = ", ".join(type(a).__name__ for a in args)
+        raise NotImplementedError(
+            f"PackedKV has no rule for {func} (argument types: {arg_types}); call .dequantize() to get a plain "
+            "tensor of the valid tokens, or add a rule with PackedKV.implements"
+        )
+
+    __torch_function__ = torch._C._disabled_torch_function_impl
+
+
+@PackedKV.implements(aten.detach.default, aten.alias.default)
+def _detach(func, types, args, kwargs):
+    return return_and_correct_aliasing(func, args, kwargs, args[0]._with_data(func))
+
+
+@PackedKV.implements(aten.clone.default)
+def _clone(func, types, args, kwargs):
+    return args[0]._with_data(lambda t: t.clone())
+
+
+@PackedKV.implements(aten._to_copy.default)
+def _to_copy(func, types, args, kwargs):
+    self = args[0]
+    device = kwargs.get("device")
+    dtype = kwargs.get("dtype")
+
+    def move(t: torch.Tensor) -> torch.Tensor:
+        if dtype is not None and t.dtype == self.kv_dtype and (t is self.sink or t is self.window):
+            return t.to(device=device, dtype=dtype)
+        return t.to(device=device)
+
+    out = self._with_data(move)
+    if dtype is not None:
+        out.kv_dtype = dtype
+        return type(self)(*(getattr(out, n) for n in self.tensor_data_names),
+                          *(getattr(out, a) for a in self.tensor_attribute_names))
+    return out
+
+
+def _bytes_per_token(q: TensorQuant, head_dim: int) -> int:
+    if q.kind in ("int8", "fp8"):
+        return head_dim
+    return quant.packed_dim(head_dim, q.bits)
+
+
+def _alloc_meta(q: TensorQuant, b: int, h: int, mid: int, d: int, g: int, meta: torch.dtype, device):
+    if q.kind in ("int8", "fp8"):
+        return torch.zeros(b, h, mid, 1, dtype=meta, device=device), None
+    if q.axis == "channel":
+        shape = (b, h, mid // q.flush, d)
+    else:
+        shape = (b, h, mid, d // g)
+    scale = torch.zeros(shape, dtype=meta, device=device)
+    zero = torch.zeros(shape, dtype=meta, device=device) if q.kind == "affine" else None
+    return scale, zero
+
+
+def bits_per_element(*packed: PackedKV) -> float:
+    """Average stored bits per K/V element over the given PackedKVs (their real storage / valid elements)."""
+    nbytes = sum(p.storage_nbytes() for p in packed)
+    elems = sum(p.shape[0] * p.shape[1] * p.head_dim * p.length for p in packed)
+    return math.inf if elems == 0 else 8.0 * nbytes / elems

@@ -1,0 +1,186 @@
+"""The two custom ops through which a graph touches packed KV (``torch.library``, namespace ``kvcompile``).
+
+- ``kvcompile::quantize_kv_write_``: append new K or V tokens to packed storage, in place (quantize-on-write).
+- ``kvcompile::dequant_attention``: attention of new queries over packed K and V (sink + quantized middle +
+  window), causal among the new tokens, GQA without repeat_kv, optional additive or boolean mask.
+
+Both take the packed storage as its plain inner tensors (what ``PackedKV.__tensor_flatten__`` gives), plus the
+static quantization config as scalars, so a compiled graph sees ordinary tensors; the number of valid tokens
+is the ``counts`` tensor, never a Python int, so decode steps do not recompile. Each op has a fake (meta)
+implementation, a CPU implementation on the PyTorch references, and a CUDA implementation that uses the fused
+Triton kernel where it supports the layout and falls back to the reference (logged once) where it does not.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .cache.packed import PackedKV
+from .schemes.base import TensorQuant
+
+log = logging.getLogger("kvcompile")
+
+_FALLBACK_LOGGED: set[str] = set()
+
+
+def _quant(kind: str, bits: float, group_size: int, axis: str, clip_ratio: float, permuted: bool) -> TensorQuant:
+    return TensorQuant(kind, bits if bits != int(bits) else int(bits), group_size or None, axis, clip_ratio, permuted)
+
+
+def _packed(codes, scale, zero, sink, window, perm, counts, kind, bits, group_size, axis, clip_ratio, n_sink,
+            window_size) -> PackedKV:
+    q = _quant(kind, bits, group_size, axis, clip_ratio, perm is not None)
+    return PackedKV(codes, scale, zero, sink, window, perm, counts, q, sink.shape[-1], n_sink, window_size,
+                    sink.dtype)
+
+
+# ---------------------------------------------------------------------------------------------- write
+
+@torch.library.custom_op(
+    "kvcompile::quantize_kv_write_",
+    mutates_args=("codes", "scale", "zero", "sink", "window", "perm", "counts"),
+)
+def quantize_kv_write_(
+    new: Tensor, codes: Tensor, scale: Tensor, zero: Optional[Tensor], sink: Tensor, window: Tensor,
+    perm: Optional[Tensor], counts: Tensor, kind: str, bits: float, group_size: int, axis: str, clip_ratio: float,
+    n_sink: int, window_size: int,
+) -> None:
+    """Append ``new`` [B, H, T, D] to the packed storage; tokens leaving the window are quantized."""
+    pk = _packed(codes, scale, zero, sink, window, perm, counts, kind, bits, group_size, axis, clip_ratio, n_sink,
+                 window_size)
+    pk.append(new)
+
+
+@quantize_kv_write_.register_fake
+def _(new, codes, scale, zero, sink, window, perm, counts, kind, bits, group_size, axis, clip_ratio, n_sink,
+      window_size):
+    return None
+
+
+def write(pk: PackedKV, new: Tensor) -> None:
+    """``quantize_kv_write_`` on a PackedKV's storage."""
+    q = pk.quant
+    torch.ops.kvcompile.quantize_kv_write_(
+        new, pk.codes, pk.scale, pk.zero, pk.sink, pk.window, pk.perm, pk.counts, q.kind, float(q.bits),
+        q.group_size or 0, q.axis, q.clip_ratio, pk.n_sink, pk.window_size,
+    )
+    pk._host = None  # the op wrote counts
+
+
+# ---------------------------------------------------------------------------------------------- attention
+
+def attention_reference(q: Tensor, k: Tensor, v: Tensor, scale: float, mask: Optional[Tensor],
+                        is_causal: bool) -> Tensor:
+    """float32 attention of q [B, Hq, Nq, D] over plain k, v [B, Hkv, L, D]; the Nq queries are the last Nq
+    positions (causal among themselves when ``is_causal``); ``mask`` is additive (float) or boolean (True keeps),
+    broadcastable to [B, Hq, Nq, >= L] (columns past L are ignored)."""
+    b, hq, nq, d = q.shape
+    hkv, length = k.shape[1], k.shape[2]
+    r = hq // hkv
+    qf = q.float().reshape(b, hkv, r * nq, d)
+    s = (qf @ k.float().transpose(-1, -2)).reshape(b, hq, nq, length) * scale
+    if mask is not None:
+        m = mask[..., :length]
+        s = s.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else s + m.float()
+    if is_causal and nq > 1:
+        pos = torch.arange(length - nq, length, device=q.device)[:, None]
+        s = s.masked_fill(torch.arange(length, device=q.device)[None, :] > pos, float("-inf"))
+    p = torch.softmax(s, dim=-1)
+    p = torch.nan_to_num(p)  # fully masked rows give zeros, as SDPA's memory-efficient path does
+    out = (p.reshape(b, hkv, r * nq, length) @ v.float()).reshape(b, hq, nq, v.shape[-1])
+    return out
+
+
+@torch.library.custom_op("kvcompile::dequant_attention", mutates_args=())
+def dequant_attention(
+    q: Tensor,
+    k_codes: Tensor, k_scale: Tensor, k_zero: Optional[Tensor], k_sink: Tensor, k_window: Tensor,
+    k_perm: Optional[Tensor], k_counts: Tensor,
+    v_codes: Tensor, v_scale: Tensor, v_zero: Optional[Tensor], v_sink: Tensor, v_window: Tensor,
+    v_perm: Optional[Tensor], v_counts: Tensor,
+    k_kind: str, k_bits: float, k_group_size: int, k_axis: str,
+    v_kind: str, v_bits: float, v_group_size: int, v_axis: str,
+    n_sink: int, window_size: int, scale: float, mask: Optional[Tensor], is_causal: bool,
+) -> Tensor:
+    """Attention of q [B, Hq, Nq, D] over packed K/V; returns [B, Hq, Nq, D] contiguous, in q's dtype."""
+    kp = _packed(k_codes, k_scale, k_zero, k_sink, k_window, k_perm, k_counts, k_kind, k_bits, k_group_size,
+                 k_axis, 1.0, n_sink, window_size)
+    vp = _packed(v_codes, v_scale, v_zero, v_sink, v_window, v_perm, v_counts, v_kind, v_bits, v_group_size,
+                 v_axis, 1.0, n_sink, window_size)
+    if q.is_cuda:
+        out = _fused_cuda(q, kp, vp, scale, mask, is_causal)
+        if out is not None:
+            return out
+    return attention_reference(q, kp.dequantize(torch.float32), vp.dequantize(torch.float32), scale, mask,
+                               is_causal).to(q.dtype).contiguous()
+
+
+@dequant_attention.register_fake
+def _(q, k_codes, k_scale, k_zero, k_sink, k_window, k_perm, k_counts, v_codes, v_scale, v_zero, v_sink, v_window,
+      v_perm, v_counts, k_kind, k_bits, k_group_size, k_axis, v_kind, v_bits, v_group_size, v_axis, n_sink,
+      window_size, scale, mask, is_causal):
+    return q.new_empty(q.shape)  # contiguous, as the real implementations return
+
+
+def attention(q: Tensor, k: PackedKV, v: PackedKV, *, scale: float | None = None, mask: Tensor | None = None,
+              is_causal: bool = False) -> Tensor:
+    """``dequant_attention`` on two PackedKVs."""
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    kq, vq = k.quant, v.quant
+    return torch.ops.kvcompile.dequant_attention(
+        q, k.codes, k.scale, k.zero, k.sink, k.window, k.perm, k.counts,
+        v.codes, v.scale, v.zero, v.sink, v.window, v.perm, v.counts,
+        kq.kind, float(kq.bits), kq.group_size or 0, kq.axis,
+        vq.kind, float(vq.bits), vq.group_size or 0, vq.axis,
+        k.n_sink, k.window_size, float(scale), mask, bool(is_causal),
+    )
+
+
+def _fused_supported(p: PackedKV) -> str | None:
+    q = p.quant
+    if q.kind != "affine" or q.axis != "token":
+        return f"{q.kind} {q.axis}-axis quantization"
+    if q.bits not in (2, 4):
+        return f"{q.bits}-bit codes"
+    return None
+
+
+def _fused_cuda(q: Tensor, kp: PackedKV, vp: PackedKV, scale: float, mask: Optional[Tensor],
+                is_causal: bool) -> Tensor | None:
+    """The Triton path, or None where it does not apply (the caller then runs the reference)."""
+    reason = _fused_supported(kp) or _fused_supported(vp)
+    if reason is None and mask is not None:
+        reason = "an explicit attention mask"
+    if reason is None and q.shape[2] > 1 and not is_causal:
+        reason = "several new tokens without causal masking"
+    if reason is not None:
+        if reason not in _FALLBACK_LOGGED:
+            _FALLBACK_LOGGED.add(reason)
+            log.warning("kvcompile: the fused attention kernel does not support %s yet; using dequantize + "
+                        "reference attention (correct, slower)", reason)
+        return None
+    from .kernels.decode_attention import decode_attention
+
+    n_s, n_q, n_w = kp.lengths()
+    b, hq, nq, d = q.shape
+    r = hq // kp.shape[1]
+    qq = q
+    if kp.perm is not None:  # fold the key channel order into q: q . k == q[perm] . k[perm]
+        idx = kp.perm.repeat_interleave(r, dim=0)[None, :, None, :].expand(b, hq, nq, d)
+        qq = torch.gather(q, -1, idx)
+    out, _ = decode_attention(
+        q=qq, k_sink=kp.sink[:, :, :n_s], k_codes=kp.codes, k_scale=kp.scale, k_zero=kp.zero,
+        k_window=kp.window, v_sink=vp.sink[:, :, :n_s], v_codes=vp.codes, v_scale=vp.scale, v_zero=vp.zero,
+        v_window=vp.window, n_quant=n_q, n_window=n_w, k_bits=int(kp.quant.bits), v_bits=int(vp.quant.bits),
+        k_group_size=kp.quant.group_for(d), v_group_size=vp.quant.group_for(vp.head_dim), sm_scale=scale,
+    )
+    if vp.perm is not None:  # values were stored in their permuted order: put the output channels back
+        inv = torch.argsort(vp.perm, dim=-1).repeat_interleave(r, dim=0)[None, :, None, :].expand_as(out)
+        out = torch.gather(out, -1, inv)
+    return out.to(q.dtype).contiguous()

@@ -1,0 +1,128 @@
+"""The schemes, from the papers. Each is a frozen dataclass of user-facing options.
+
+Where a paper leaves a choice open, the default here says what was chosen and why.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .base import LayerSpec, Scheme, TensorQuant, register_scheme
+
+
+@register_scheme
+@dataclass(frozen=True)
+class SKVQ(Scheme):
+    """SKVQ (Duanmu et al., 2024): per-token group quantization after a channel reorder, clipped ranges,
+    full-precision attention sinks and a sliding window of recent tokens.
+
+    ``v_bits=1.5`` is ternary (3 levels, packed 5 per byte: 1.6 stored bits). The channel order is not
+    calibrated yet (calibration is a separate step): it is taken from the first tokens that get quantized
+    (the prefill), clustering channels of similar range into the same group inside each head.
+    """
+
+    name = "skvq"
+    k_bits: float = 2
+    v_bits: float = 1.5
+    group_size: int = 32
+    k_clip_ratio: float = 1.0
+    v_clip_ratio: float = 1.0
+    reorder: bool = True
+    window: int = 128
+    n_sink: int = 4
+
+    def layer_spec(self, layer_idx: int, num_layers: int) -> LayerSpec:
+        return LayerSpec(
+            k=TensorQuant("affine", self.k_bits, self.group_size, "token", self.k_clip_ratio, self.reorder),
+            v=TensorQuant("affine", self.v_bits, self.group_size, "token", self.v_clip_ratio, self.reorder),
+            n_sink=self.n_sink,
+            window=self.window,
+        )
+
+
+@register_scheme
+@dataclass(frozen=True)
+class KIVI(Scheme):
+    """KIVI (Liu et al., 2024): keys per-channel (groups of ``group_size`` tokens), values per-token
+    (groups of ``group_size`` channels), a full-precision residual of the most recent tokens.
+
+    Keys are flushed into the quantized part a whole token group at a time, as in the paper. The paper keeps
+    no sink tokens; ``n_sink`` is available as an option.
+    """
+
+    name = "kivi"
+    k_bits: float = 2
+    v_bits: float = 2
+    group_size: int = 32
+    residual: int = 128
+    n_sink: int = 0
+
+    def layer_spec(self, layer_idx: int, num_layers: int) -> LayerSpec:
+        return LayerSpec(
+            k=TensorQuant("affine", self.k_bits, self.group_size, "channel"),
+            v=TensorQuant("affine", self.v_bits, self.group_size, "token"),
+            n_sink=self.n_sink,
+            window=self.residual,
+        )
+
+
+@register_scheme
+@dataclass(frozen=True)
+class NQKV(Scheme):
+    """NQKV (Cai et al., 2025): per-block normal-quantile codebooks (NF-k, blockwise absmax scale)."""
+
+    name = "nqkv"
+    bits: int = 4
+    block_size: int = 64
+    window: int = 128
+    n_sink: int = 4
+
+    def layer_spec(self, layer_idx: int, num_layers: int) -> LayerSpec:
+        q = TensorQuant("nf", self.bits, self.block_size, "token")
+        return LayerSpec(k=q, v=q, n_sink=self.n_sink, window=self.window)
+
+
+@register_scheme
+@dataclass(frozen=True)
+class Int8(Scheme):
+    """int8 per token, symmetric absmax scale: the production baseline."""
+
+    name = "int8"
+    window: int = 0
+    n_sink: int = 0
+
+    def layer_spec(self, layer_idx: int, num_layers: int) -> LayerSpec:
+        q = TensorQuant("int8", 8)
+        return LayerSpec(k=q, v=q, n_sink=self.n_sink, window=self.window)
+
+
+@register_scheme
+@dataclass(frozen=True)
+class FP8(Scheme):
+    """fp8 (e4m3) per token with an absmax scale: the production baseline."""
+
+    name = "fp8"
+    window: int = 0
+    n_sink: int = 0
+
+    def layer_spec(self, layer_idx: int, num_layers: int) -> LayerSpec:
+        q = TensorQuant("fp8", 8)
+        return LayerSpec(k=q, v=q, n_sink=self.n_sink, window=self.window)
+
+
+@register_scheme
+@dataclass(frozen=True)
+class KVMix(Scheme):
+    """KVmix (Li et al., 2025): per-layer K/V bit widths from gradient norms, under a bit budget.
+
+    It needs a calibration profile, which ``kvcompile.calibrate`` will produce; that step does not exist yet.
+    """
+
+    name = "kvmix"
+    profile: str | None = None
+
+    def __post_init__(self):
+        raise NotImplementedError(
+            "scheme 'kvmix' needs a calibration profile (per-layer bit widths from kvcompile.calibrate), "
+            "and calibration is not implemented yet; use 'kivi' or 'skvq' meanwhile"
+        )

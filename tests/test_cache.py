@@ -1,0 +1,217 @@
+"""PackedKV and the transformers cache layer: quantize-on-write, window sliding, sinks, capacity, bytes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kvcompile import quant
+from kvcompile.cache import CacheCapacityError, KVCompileCache, PackedKV
+from kvcompile.cache.hf import PackedLayer
+from kvcompile.schemes import LayerSpec, TensorQuant, get_scheme
+
+SETTINGS = settings(deadline=None, max_examples=25, derandomize=True)
+
+QUANTS = [
+    TensorQuant("affine", 2, 8, "token"),
+    TensorQuant("affine", 1.5, 8, "token", clip_ratio=0.9),
+    TensorQuant("affine", 4, 4, "channel"),
+    TensorQuant("affine", 3, None, "token"),
+    TensorQuant("nf", 4, 8, "token"),
+    TensorQuant("int8", 8),
+    TensorQuant("fp8", 8),
+]
+
+
+def _expected_middle(q: TensorQuant, x: torch.Tensor) -> torch.Tensor:
+    """The reference: quantize the middle tokens in one go with the quant functions."""
+    d = x.shape[-1]
+    g = q.group_for(d)
+    if q.kind == "affine":
+        gs = q.group_size if q.axis == "channel" else g
+        c, s, z = quant.quantize_affine(x, q.bits, gs, axis=q.axis, clip_ratio=q.clip_ratio)
+        return quant.dequantize_affine(c, s, z, gs, axis=q.axis)
+    if q.kind == "nf":
+        c, s = quant.quantize_nf(x, int(q.bits), g)
+        return quant.dequantize_nf(c, s, int(q.bits), g)
+    if q.kind == "int8":
+        return quant.dequantize_int8(*quant.quantize_int8(x))
+    return quant.dequantize_fp8(*quant.quantize_fp8(x))
+
+
+def _chunks(total: int, cuts: list[int]) -> list[int]:
+    pts = sorted({c % (total + 1) for c in cuts} | {0, total})
+    return [b - a for a, b in zip(pts, pts[1:]) if b > a]
+
+
+@SETTINGS
+@given(
+    qi=st.integers(0, len(QUANTS) - 1),
+    length=st.integers(1, 70),
+    n_sink=st.sampled_from([0, 1, 4]),
+    window=st.sampled_from([0, 3, 8]),
+    cuts=st.lists(st.integers(0, 70), max_size=6),
+    seed=st.integers(0, 2**16),
+)
+def test_append_matches_reference_for_any_chunking(qi, length, n_sink, window, cuts, seed):
+    q = QUANTS[qi]
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 3, length, 16, generator=g)
+    pk = PackedKV.empty(2, 3, 16, q, capacity=80, n_sink=n_sink, window=window, dtype=torch.float32)
+    for t in _chunks(length, cuts):
+        done = pk.length
+        pk.append(x[:, :, done : done + t])
+    n_s, n_q, n_w = pk.lengths()
+    assert n_s == min(length, n_sink)
+    assert n_s + n_q + n_w == length
+    assert n_q % q.flush == 0
+    if length > n_sink:
+        assert window <= n_w + (0 if n_q else window) and n_w <= window + q.flush - 1
+    assert pk.counts.tolist() == [n_s, n_q, n_w]
+    out = pk.dequantize()
+    assert out.shape == (2, 3, length, 16)
+    torch.testing.assert_close(out[:, :, :n_s], x[:, :, :n_s], rtol=0, atol=0)
+    torch.testing.assert_close(out[:, :, length - n_w :], x[:, :, length - n_w :], rtol=0, atol=0)
+    if n_q:
+        mid = x[:, :, n_s : n_s + n_q]
+        torch.testing.assert_close(out[:, :, n_s : n_s + n_q], _expected_middle(q, mid), rtol=0, atol=0)
+
+
+@SETTINGS
+@given(qi=st.integers(0, len(QUANTS) - 1), first=st.integers(0, 40), t=st.integers(1, 9), seed=st.integers(0, 999))
+def test_a_write_leaves_other_slots_bit_identical(qi, first, t, seed):
+    q = QUANTS[qi]
+    g = torch.Generator().manual_seed(seed)
+    pk = PackedKV.empty(1, 2, 16, q, capacity=64, n_sink=2, window=4, dtype=torch.float32)
+    pk.append(torch.randn(1, 2, first, 16, generator=g))
+    _, n_q0, _ = pk.lengths()
+    before = {n: getattr(pk, n).clone() for n in ("codes", "scale", "zero", "sink") if getattr(pk, n) is not None}
+    pk.append(torch.randn(1, 2, t, 16, generator=g))
+    _, n_q1, _ = pk.lengths()
+    per_meta = q.flush if q.axis == "channel" else 1
+    for name, old in before.items():
+        new = getattr(pk, name)
+        if name == "sink":
+            n_old = min(first, 2)
+            assert torch.equal(new[:, :, :n_old], old[:, :, :n_old])
+            continue
+        lo, hi = (n_q0, n_q1) if name == "codes" else (n_q0 // per_meta, n_q1 // per_meta)
+        assert torch.equal(new[:, :, :lo], old[:, :, :lo]), name
+        assert torch.equal(new[:, :, hi:], old[:, :, hi:]), name
+
+
+def test_sinks_and_window_slide():
+    q = TensorQuant("affine", 2, 8, "token")
+    pk = PackedKV.empty(1, 1, 8, q, capacity=100, n_sink=4, window=5, dtype=torch.float32)
+    x = torch.randn(1, 1, 30, 8)
+    for i in range(30):
+        pk.append(x[:, :, i : i + 1])
+        n = i + 1
+        assert pk.lengths() == (min(n, 4), max(0, n - 4 - 5), min(max(n - 4, 0), 5))
+    assert torch.equal(pk.dequantize()[:, :, -5:], x[:, :, -5:])
+    assert torch.equal(pk.dequantize()[:, :, :4], x[:, :, :4])
+
+
+def test_kivi_keys_flush_a_token_group_at_a_time():
+    q = TensorQuant("affine", 2, 4, "channel")
+    pk = PackedKV.empty(1, 1, 8, q, capacity=64, window=6, dtype=torch.float32)
+    seen = []
+    for i in range(20):
+        pk.append(torch.randn(1, 1, 1, 8))
+        seen.append(pk.lengths()[1])
+    assert all(n % 4 == 0 for n in seen)
+    assert seen[9] == 4 and seen[8] == 0  # 10 tokens: 6 window + one group of 4 once 10 are there
+
+
+def test_capacity_exceeded_says_what_to_do():
+    pk = PackedKV.empty(1, 1, 8, TensorQuant("int8", 8), capacity=10, dtype=torch.float32)
+    pk.append(torch.randn(1, 1, 10, 8))
+    with pytest.raises(CacheCapacityError, match="max_cache_len"):
+        pk.append(torch.randn(1, 1, 1, 8))
+
+
+def test_resized_keeps_contents():
+    q = TensorQuant("affine", 4, 8, "token")
+    pk = PackedKV.empty(2, 2, 16, q, capacity=20, n_sink=2, window=3, dtype=torch.float32)
+    pk.append(torch.randn(2, 2, 20, 16))
+    big = pk.resized(100)
+    assert big.capacity >= 100 and big.lengths() == pk.lengths()
+    torch.testing.assert_close(big.dequantize(), pk.dequantize(), rtol=0, atol=0)
+    big.append(torch.randn(2, 2, 50, 16))
+    assert big.length == 70
+
+
+def test_storage_bytes_are_measured_from_tensors():
+    q = TensorQuant("affine", 2, 16, "token")
+    pk = PackedKV.empty(1, 4, 64, q, capacity=1024, n_sink=4, window=128, dtype=torch.float16)
+    expect = sum(t.numel() * t.element_size() for t in (pk.codes, pk.scale, pk.zero, pk.sink, pk.window, pk.counts))
+    assert pk.storage_nbytes() == expect
+    assert pk.codes.shape[-1] == 16  # 64 channels at 2 bits
+    # at full capacity, the 2-bit middle + fp16 window and sinks stay well under fp16's 16 bits
+    pk.append(torch.randn(1, 4, 1024, 64, dtype=torch.float16))
+    bits = 8 * pk.storage_nbytes() / (4 * 64 * 1024)
+    assert 3.0 < bits < 6.0
+
+
+def test_ops_without_a_rule_raise_naming_the_op():
+    pk = PackedKV.empty(1, 1, 8, TensorQuant("int8", 8), capacity=4, dtype=torch.float32)
+    with pytest.raises(NotImplementedError, match="aten.add"):
+        pk + 1
+    with pytest.raises(NotImplementedError, match="dequantize"):
+        torch.matmul(torch.randn(1, 1, 2, 8), pk.transpose(-1, -2))
+
+
+def test_clone_detach_and_to_keep_the_data():
+    pk = PackedKV.empty(1, 2, 8, TensorQuant("affine", 4, 8, "token"), capacity=16, window=2, dtype=torch.float32)
+    pk.append(torch.randn(1, 2, 9, 8))
+    for other in (pk.clone(), pk.detach(), pk.to("cpu")):
+        assert isinstance(other, PackedKV)
+        torch.testing.assert_close(other.dequantize(), pk.dequantize(), rtol=0, atol=0)
+    c = pk.clone()
+    c.append(torch.randn(1, 2, 1, 8))
+    assert pk.length == 9 and c.length == 10
+
+
+def test_select_batch_reorders_every_part():
+    q = TensorQuant("affine", 2, 4, "channel")
+    pk = PackedKV.empty(3, 2, 8, q, capacity=64, n_sink=2, window=4, dtype=torch.float32)
+    pk.append(torch.randn(3, 2, 30, 8))
+    idx = torch.tensor([2, 0, 0])
+    torch.testing.assert_close(pk.select_batch(idx).dequantize(), pk.dequantize()[idx], rtol=0, atol=0)
+
+
+def test_layer_grows_on_demand_and_fixed_layer_raises():
+    spec = get_scheme("kivi").layer_spec(0, 1)
+    grow = PackedLayer(spec)
+    fixed = PackedLayer(spec, max_cache_len=200)
+    for layer in (grow, fixed):
+        k = torch.randn(1, 2, 150, 32)
+        layer.update(k, k)
+        assert layer.get_seq_length() == 150
+    grow.update(torch.randn(1, 2, 300, 32), torch.randn(1, 2, 300, 32))
+    assert grow.get_seq_length() == 450
+    with pytest.raises(CacheCapacityError):
+        fixed.update(torch.randn(1, 2, 300, 32), torch.randn(1, 2, 300, 32))
+
+
+def test_cache_bits_per_element_counts_everything():
+    from transformers import LlamaConfig
+
+    cfg = LlamaConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=2)
+    cache = KVCompileCache(cfg, "int8")
+    for i in range(2):
+        cache.update(torch.randn(1, 2, 64, 16), torch.randn(1, 2, 64, 16), i)
+    # int8 codes + one fp16 scale per token of 16 channels = 9 bits, plus the 24-byte counters
+    assert cache.bits_per_element() == pytest.approx(9.0, abs=0.1)
+    assert cache.storage_nbytes() < cache.full_precision_nbytes()
+
+
+def test_layer_spec_validation_errors():
+    with pytest.raises(ValueError, match="divide the head dim"):
+        TensorQuant("affine", 2, 48, "token").group_for(64)
+    with pytest.raises(ValueError, match="supported"):
+        TensorQuant("affine", 5, 32)
+    with pytest.raises(ValueError, match="n_sink"):
+        LayerSpec(TensorQuant(), TensorQuant(), n_sink=-1)
