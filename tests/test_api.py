@@ -190,3 +190,18 @@ def test_packed_attention_route_matches_the_dequantize_route(ids, scheme, overri
     assert gen.shape == (2, 46)
     kvcompile.remove(model)
     assert model.config._attn_implementation == "sdpa"
+
+
+@pytest.mark.parametrize("packed_attention", [False, True])
+def test_left_padded_batch_generates_like_each_prompt_alone(packed_attention):
+    model = _llama()
+    kvcompile.apply(model, "int8", packed_attention=packed_attention)
+    g = torch.Generator().manual_seed(7)
+    long_ids, short_ids = torch.randint(1, 256, (1, 30), generator=g), torch.randint(1, 256, (1, 22), generator=g)
+    batch = torch.cat([long_ids, torch.cat([torch.zeros(1, 8, dtype=torch.long), short_ids], dim=1)])
+    mask = torch.ones_like(batch)
+    mask[1, :8] = 0
+    gen = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
+    both = model.generate(batch, attention_mask=mask, **gen)
+    alone = model.generate(short_ids, attention_mask=torch.ones_like(short_ids), **gen)
+    assert torch.equal(both[1, 30:], alone[0, 22:])
