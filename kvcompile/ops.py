@@ -114,8 +114,7 @@ def dequant_attention(
                  v_axis, 1.0, n_sink, window_size)
     if q.is_cuda:
         out = _fused_cuda(q, kp, vp, scale, mask, is_causal)
-        if out is not None:
-            return out
+        return out if out is not None else _dequant_sdpa(q, kp, vp, scale, mask, is_causal)
     return attention_reference(q, kp.dequantize(torch.float32), vp.dequantize(torch.float32), scale, mask,
                                is_causal).to(q.dtype).contiguous()
 
@@ -142,33 +141,49 @@ def attention(q: Tensor, k: PackedKV, v: PackedKV, *, scale: float | None = None
     )
 
 
-def _fused_supported(p: PackedKV) -> str | None:
-    q = p.quant
-    if q.kind != "affine" or q.axis != "token":
-        return f"{q.kind} {q.axis}-axis quantization"
-    if q.bits not in (2, 4):
-        return f"{q.bits}-bit codes"
+def _fused_unsupported(q: Tensor, kp: PackedKV, vp: PackedKV, mask: Optional[Tensor], is_causal: bool) -> str | None:
+    """Why the fused kernel cannot run this call (None: it can)."""
+    from .kernels import decode_attention as k
+
+    for p in (kp, vp):
+        qt = p.quant
+        if qt.kind != "affine" or qt.axis != "token":
+            return f"{qt.kind} quantization with {qt.axis}-axis groups"
+        if qt.bits not in k.SUPPORTED_BITS:
+            return f"{qt.bits}-bit codes"
+        g = qt.group_for(p.head_dim)
+        if not (g == p.head_dim or g in k.SUPPORTED_GROUP_SIZES):
+            return f"group size {g}"
+    if q.shape[-1] not in k.SUPPORTED_HEAD_DIMS or vp.head_dim != q.shape[-1]:
+        return f"head dim {q.shape[-1]}"
+    if q.dtype not in k.SUPPORTED_DTYPES or kp.kv_dtype != q.dtype:
+        return f"{q.dtype} queries over {kp.kv_dtype} K/V"
+    if (q.shape[1] // kp.shape[1]) * q.shape[2] > k._MAX_ROWS:
+        return "more than 64 query rows per KV head (GQA ratio x new tokens)"
+    if mask is not None:
+        return "an explicit attention mask"
+    if q.shape[2] > 1 and not is_causal:
+        return "several new tokens without causal masking"
     return None
 
 
 def _fused_cuda(q: Tensor, kp: PackedKV, vp: PackedKV, scale: float, mask: Optional[Tensor],
                 is_causal: bool) -> Tensor | None:
-    """The Triton path, or None where it does not apply (the caller then runs the reference)."""
-    reason = _fused_supported(kp) or _fused_supported(vp)
-    if reason is None and mask is not None:
-        reason = "an explicit attention mask"
-    if reason is None and q.shape[2] > 1 and not is_causal:
-        reason = "several new tokens without causal masking"
+    """The Triton path, or None where it does not apply or would not win (the caller then dequantizes)."""
+    reason = _fused_unsupported(q, kp, vp, mask, is_causal)
     if reason is not None:
         if reason not in _FALLBACK_LOGGED:
             _FALLBACK_LOGGED.add(reason)
-            log.warning("kvcompile: the fused attention kernel does not support %s yet; using dequantize + "
-                        "reference attention (correct, slower)", reason)
+            log.warning("kvcompile: the fused attention kernel does not support %s yet; dequantizing + SDPA "
+                        "instead (correct, slower)", reason)
         return None
-    from .kernels.decode_attention import decode_attention
+    from .kernels.decode_attention import decode_attention, fused_decode_is_profitable
 
     n_s, n_q, n_w = kp.lengths()
     b, hq, nq, d = q.shape
+    if not fused_decode_is_profitable(batch=b, kv_heads=kp.shape[1], head_dim=d, seq_len=n_s + n_q + n_w,
+                                      k_bits=int(kp.quant.bits), v_bits=int(vp.quant.bits)):
+        return None  # short context: dequantize + SDPA is as fast
     r = hq // kp.shape[1]
     qq = q
     if kp.perm is not None:  # fold the key channel order into q: q . k == q[perm] . k[perm]
@@ -183,4 +198,26 @@ def _fused_cuda(q: Tensor, kp: PackedKV, vp: PackedKV, scale: float, mask: Optio
     if vp.perm is not None:  # values were stored in their permuted order: put the output channels back
         inv = torch.argsort(vp.perm, dim=-1).repeat_interleave(r, dim=0)[None, :, None, :].expand_as(out)
         out = torch.gather(out, -1, inv)
-    return out.to(q.dtype).contiguous()
+    return out.contiguous()
+
+
+def _dequant_sdpa(q: Tensor, kp: PackedKV, vp: PackedKV, scale: float, mask: Optional[Tensor],
+                  is_causal: bool) -> Tensor:
+    """Dequantize the valid tokens to q's dtype, then SDPA (GQA without repeat): the non-fused CUDA path."""
+    k, v = kp.dequantize(q.dtype), vp.dequantize(q.dtype)
+    length, nq = k.shape[2], q.shape[2]
+    attn_mask = None
+    if mask is not None:
+        attn_mask = mask[..., :length]
+        attn_mask = attn_mask if attn_mask.dtype == torch.bool else attn_mask.to(q.dtype)
+    if is_causal and nq > 1:
+        causal = torch.ones(nq, length, dtype=torch.bool, device=q.device).tril(length - nq)
+        if attn_mask is None:
+            attn_mask = causal
+        elif attn_mask.dtype == torch.bool:
+            attn_mask = attn_mask & causal
+        else:
+            attn_mask = attn_mask.masked_fill(~causal, float("-inf"))
+    return torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, attn_mask=attn_mask, scale=scale, enable_gqa=k.shape[1] != q.shape[1]
+    ).contiguous()

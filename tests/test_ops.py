@@ -118,3 +118,28 @@ def test_decode_steps_compile_once_with_no_graph_break():
     k._host = None
     assert k.lengths() == kr.lengths()
     assert counter.frame_count == 1
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("permute", [False, True])
+@pytest.mark.parametrize("nq,r", [(1, 4), (3, 3), (1, 1)])
+def test_cuda_fused_path_matches_reference(dtype, permute, nq, r):
+    torch.manual_seed(0)
+    q_ = TensorQuant("affine", 2, 32, "token", permute=permute)
+    v_ = TensorQuant("affine", 4, 64, "token", permute=permute)
+    b, hkv, d, length = 2, 2, 64, 3000
+    k = PackedKV.empty(b, hkv, d, q_, capacity=4096, n_sink=4, window=128, dtype=dtype, device="cuda")
+    v = PackedKV.empty(b, hkv, d, v_, capacity=4096, n_sink=4, window=128, dtype=dtype, device="cuda")
+    k.append(torch.randn(b, hkv, length, d, device="cuda", dtype=dtype))
+    v.append(torch.randn(b, hkv, length, d, device="cuda", dtype=dtype))
+    q = torch.randn(b, hkv * r, nq, d, device="cuda", dtype=dtype)
+    fused = ops._fused_cuda(q, k, v, 0.125, None, True)
+    assert fused is not None, ops._fused_unsupported(q, k, v, None, True)
+    ref = ops.attention_reference(q, k.dequantize(torch.float32), v.dequantize(torch.float32), 0.125, None, True)
+    rel = ((fused.float() - ref).norm() / ref.norm()).item()
+    assert rel < (2e-2 if dtype == torch.bfloat16 else 5e-3), rel
+    # the op itself (whichever path it takes) and the dequantize + SDPA path agree too
+    torch.testing.assert_close(ops.attention(q, k, v, scale=0.125, is_causal=True).float(), ref, rtol=0.05, atol=0.02)
+    torch.testing.assert_close(ops._dequant_sdpa(q, k, v, 0.125, None, True).float(), ref, rtol=0.05, atol=0.02)
