@@ -1,0 +1,285 @@
+"""Decode attention over a packed KV cache: fused Triton kernel vs fp16 SDPA vs dequantize-then-SDPA.
+
+    python benchmarks/bench_attention.py [--out DIR] [--sweep] [--cases NAME,...]
+
+Times are GPU time per call from CUDA-graph replays over rotating input copies (together > 4x L2), the
+way a decode step captured in a graph runs; the "eager" column adds Python launch overhead
+(``do_bench`` median, L2 flushed). Per case: fp16 SDPA on full-precision KV (``enable_gqa``), "dequantize then SDPA" (the whole packed cache
+dequantized to fp16 every step, as transformers' QuantizedCache does), and the fused kernel, all measured
+in this run on random (not zero) data. GB/s counts the packed bytes the fused kernel must read (codes + scales + zeros + q),
+against a large device-to-device copy measured in the same run (read + write bytes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+import triton
+
+from kvcompile.kernels.decode_attention import decode_attention, fused_decode_is_profitable
+
+CASES = {
+    # name: (B, Hq, Hkv, D, L, k_bits, v_bits, group, target vs SDPA)
+    "k2v2_b8_gqa4_32k": (8, 32, 8, 128, 32768, 2, 2, 128, 6.0),
+    "k2v2_b8_mha_16k": (8, 32, 32, 128, 16384, 2, 2, 128, 6.0),
+    "k4v4_b8_gqa4_32k": (8, 32, 8, 128, 32768, 4, 4, 128, 3.3),
+    "k2v2_b1_gqa4_128k": (1, 32, 8, 128, 131072, 2, 2, 128, None),
+    "k2v2_b8_gqa4_1k": (8, 32, 8, 128, 1024, 2, 2, 128, None),
+}
+
+
+def bench(fn, reps=200):
+    return triton.testing.do_bench(fn, warmup=25, rep=reps, return_mode="median") * 1e3  # us
+
+
+def bench_graph(fns, reps=30):
+    """Median time per call of fns (one closure per rotating input copy) replayed from one CUDA graph:
+    the GPU time a decode step captured in a graph sees, without Python launch overhead. The copies
+    together exceed L2 several times, so each call reads its inputs from HBM."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for f in fns:
+            f()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for f in fns:
+            f()
+    g.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        st, en = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        st.record()
+        g.replay()
+        en.record()
+        en.synchronize()
+        times.append(st.elapsed_time(en))
+    del g
+    return sorted(times)[len(times) // 2] * 1e3 / len(fns)
+
+
+def copies_for(nbytes, total=256e6, most=64):
+    return int(max(1, min(most, math.ceil(total / nbytes))))
+
+
+def copy_bandwidth():
+    n = 1 << 30  # 1 GiB
+    src = torch.randint(0, 255, (n,), dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    t = bench(lambda: dst.copy_(src))
+    del src, dst
+    return 2 * n / (t * 1e-6) / 1e9  # GB/s, read + write
+
+
+def make_case(B, Hq, Hkv, D, L, kb, vb, g, sink=0, window=0, dtype=torch.float16, seed=0):
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    n_quant = L - sink - window
+    ng = D // g
+
+    def packed(bits):
+        codes = torch.randint(0, 256, (B, Hkv, n_quant, D * bits // 8), dtype=torch.uint8, device="cuda",
+                              generator=gen)
+        scale = (torch.rand(B, Hkv, n_quant, ng, device="cuda", generator=gen) * 0.5 + 0.05).half()
+        zero = (torch.randn(B, Hkv, n_quant, ng, device="cuda", generator=gen)).half()
+        return codes, scale, zero
+
+    kw = dict(q=torch.randn(B, Hq, 1, D, device="cuda", dtype=dtype, generator=gen))
+    for n, bits in (("k", kb), ("v", vb)):
+        c, s, z = packed(bits)
+        kw.update({f"{n}_codes": c, f"{n}_scale": s, f"{n}_zero": z,
+                   f"{n}_sink": torch.randn(B, Hkv, sink, D, device="cuda", dtype=dtype, generator=gen),
+                   f"{n}_window": torch.randn(B, Hkv, window, D, device="cuda", dtype=dtype, generator=gen)})
+    kw.update(n_quant=n_quant, n_window=window, k_bits=kb, v_bits=vb, k_group_size=g, v_group_size=g)
+    return kw
+
+
+def packed_bytes(kw):
+    t = [kw[f"{n}_{p}"] for n in "kv" for p in ("codes", "scale", "zero", "sink")]
+    t += [kw[f"{n}_window"][:, :, : kw["n_window"]] for n in "kv"] + [kw["q"], kw["q"]]  # q in, out
+    return sum(x.numel() * x.element_size() for x in t)
+
+
+def dequantize_fp16(codes, scale, zero, bits, g):
+    """The unfused path: unpack + dequantize the whole middle to fp16 (what a QuantizedCache does)."""
+    per = 8 // bits
+    shifts = torch.arange(per, device=codes.device, dtype=torch.uint8) * bits
+    c = (codes[..., None] >> shifts) & ((1 << bits) - 1)
+    c = c.reshape(*codes.shape[:-1], -1).to(torch.float16)
+    c = c.reshape(*c.shape[:-1], -1, g)
+    return (c * scale[..., None] + zero[..., None]).reshape(*c.shape[:-2], -1)
+
+
+def dequant_sdpa(kw, sm_scale):
+    ks = [kw["k_sink"], dequantize_fp16(kw["k_codes"], kw["k_scale"], kw["k_zero"], kw["k_bits"], kw["k_group_size"]),
+          kw["k_window"][:, :, : kw["n_window"]]]
+    vs = [kw["v_sink"], dequantize_fp16(kw["v_codes"], kw["v_scale"], kw["v_zero"], kw["v_bits"], kw["v_group_size"]),
+          kw["v_window"][:, :, : kw["n_window"]]]
+    k, v = torch.cat(ks, 2), torch.cat(vs, 2)
+    return F.scaled_dot_product_attention(kw["q"], k, v, scale=sm_scale, enable_gqa=True)
+
+
+def kernel_resources():
+    """Registers / spills of the compiled split kernels (best effort; Triton internals)."""
+    from kvcompile.kernels import decode_attention as da
+
+    out = []
+    try:
+        for cache in da._decode_split_kernel.device_caches.values():
+            for k in cache[0].values():
+                out.append(f"{k.metadata.num_warps}w regs={k.n_regs} spills={k.n_spills}")
+    except Exception as e:  # noqa: BLE001
+        out.append(f"n/a ({type(e).__name__})")
+    return out
+
+
+def run_case(name, spec, bw, sweep, sink=0, window=0, log=print):
+    B, Hq, Hkv, D, L, kb, vb, g, target = spec
+    sm_scale = 1.0 / math.sqrt(D)
+    kw = make_case(B, Hq, Hkv, D, L, kb, vb, g, sink=sink, window=window)
+    nbytes = packed_bytes(kw)
+    fp_bytes = 2 * B * Hkv * L * D * 2
+    kws = [kw] + [make_case(B, Hq, Hkv, D, L, kb, vb, g, sink=sink, window=window, seed=i)
+                  for i in range(1, copies_for(nbytes))]
+    # fp16 SDPA on a same-length full-precision cache
+    kvs = [(torch.randn(B, Hkv, L, D, device="cuda", dtype=torch.float16),
+            torch.randn(B, Hkv, L, D, device="cuda", dtype=torch.float16)) for _ in range(copies_for(fp_bytes))]
+    sdpa = [lambda k=k, v=v: F.scaled_dot_product_attention(kw["q"], k, v, scale=sm_scale, enable_gqa=True)
+            for k, v in kvs]
+    t_sdpa = bench_graph(sdpa)
+    t_sdpa_eager = bench(sdpa[0])
+    del kvs, sdpa
+    deq = [lambda c=c: dequant_sdpa(c, sm_scale) for c in kws[: copies_for(fp_bytes, most=8)]]
+    t_deq = bench_graph(deq, reps=10)
+    ref = dequant_sdpa(kw, sm_scale).float()
+    out, _ = decode_attention(**kw, sm_scale=sm_scale)
+    rel = ((out.float() - ref).norm() / ref.norm()).item()
+
+    def fused(**tuning):
+        return bench_graph([lambda c=c: decode_attention(**c, sm_scale=sm_scale, **tuning) for c in kws])
+
+    t_fused = fused()
+    t_fused_eager = bench(lambda: decode_attention(**kw, sm_scale=sm_scale))
+    variants = {"default": t_fused}
+    if sweep:
+        sweep_cfgs = {
+            "bn128_w4": dict(block_n=128, num_warps=4),
+            "bn128_w1": dict(block_n=128, num_warps=1),
+            "bn64_w1_st2": dict(block_n=64, num_warps=1, num_stages=2),
+            "bn64_w2": dict(block_n=64, num_warps=2),
+            "pps6": dict(programs_per_sm=6),
+            "pps12": dict(programs_per_sm=12),
+            "no_asm_unpack": dict(fast_asm=False),
+        }
+        if Hq == Hkv:
+            sweep_cfgs.update(nodot_bn64_w1=dict(use_dot=False, block_n=64, num_warps=1),
+                              nodot_bn16_w1=dict(use_dot=False, block_n=16, num_warps=1),
+                              nodot_bn32_w2=dict(use_dot=False, block_n=32, num_warps=2),
+                              dot_bn32_w1=dict(use_dot=True, block_n=32, num_warps=1))
+        for key, cfg in sweep_cfgs.items():
+            try:
+                variants[key] = fused(**cfg)
+            except Exception as e:  # noqa: BLE001 - a config that does not compile is just skipped
+                log(f"  {key}: {type(e).__name__}: {str(e)[:120]}")
+    best_key = min(variants, key=variants.get)
+    row = dict(case=name, B=B, Hq=Hq, Hkv=Hkv, D=D, L=L, k_bits=kb, v_bits=vb, group=g, sink=sink, window=window,
+               copies=len(kws), sdpa_us=t_sdpa, sdpa_eager_us=t_sdpa_eager, dequant_sdpa_us=t_deq,
+               fused_us=t_fused, fused_eager_us=t_fused_eager, best_variant=best_key,
+               best_us=variants[best_key], vs_sdpa=t_sdpa / t_fused, vs_dequant=t_deq / t_fused,
+               packed_MB=nbytes / 1e6, fused_GBps=nbytes / (t_fused * 1e-6) / 1e9, copy_GBps=bw,
+               rel_err_vs_dequant_sdpa=rel, target_vs_sdpa=target,
+               profitable_eager=fused_decode_is_profitable(batch=B, kv_heads=Hkv, head_dim=D, seq_len=L,
+                                                           k_bits=kb, v_bits=vb),
+               profitable_graph=fused_decode_is_profitable(batch=B, kv_heads=Hkv, head_dim=D, seq_len=L,
+                                                           k_bits=kb, v_bits=vb, cuda_graph=True),
+               variants=variants)
+    del kw, kws
+    torch.cuda.empty_cache()
+    return row
+
+
+def table(rows):
+    hdr = ("| case | SDPA fp16 us | dequant+SDPA us | fused us | vs SDPA | vs dequant+SDPA | packed GB/s "
+           "| % of copy | target | eager: SDPA / fused us | best variant (us) | rel err |")
+    lines = [hdr, "|" + "---|" * (hdr.count("|") - 1)]
+    for r in rows:
+        tgt = f">= {r['target_vs_sdpa']}x" if r["target_vs_sdpa"] else ("fallback" if r["L"] <= 2048 else "-")
+        lines.append(
+            f"| {r['case']} | {r['sdpa_us']:.1f} | {r['dequant_sdpa_us']:.1f} | {r['fused_us']:.1f} | "
+            f"{r['vs_sdpa']:.2f}x | {r['vs_dequant']:.1f}x | {r['fused_GBps']:.0f} | "
+            f"{100 * r['fused_GBps'] / r['copy_GBps']:.0f}% | {tgt} | {r['sdpa_eager_us']:.0f} / {r['fused_eager_us']:.0f} | "
+            f"{r['best_variant']} ({r['best_us']:.1f}) | "
+            f"{r['rel_err_vs_dequant_sdpa']:.1e} |")
+    return "\n".join(lines)
+
+
+def plot(rows, path):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, ax = plt.subplots(figsize=(8, 3.5))
+    names = [r["case"] for r in rows]
+    x = range(len(rows))
+    ax.bar([i - 0.2 for i in x], [r["vs_sdpa"] for r in rows], 0.4, label="fused / fp16 SDPA")
+    ax.bar([i + 0.2 for i in x], [r["sdpa_us"] / r["dequant_sdpa_us"] for r in rows], 0.4,
+           label="dequant+SDPA / fp16 SDPA")
+    ax.axhline(1.0, color="k", lw=0.5)
+    ax.set_xticks(list(x), names, rotation=15, fontsize=7)
+    ax.set_ylabel("speed vs fp16 SDPA (higher is faster)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--sweep", action="store_true", help="also time block/warp/split variants")
+    ap.add_argument("--cases", default=",".join(CASES))
+    ap.add_argument("--window", action="store_true", help="add a sink=4 + window=128 row for the first case")
+    args = ap.parse_args(argv)
+    os.makedirs(args.out, exist_ok=True)
+    logf = open(os.path.join(args.out, "bench_attention.log"), "a")
+
+    def log(msg):
+        print(msg, flush=True)
+        logf.write(msg + "\n")
+        logf.flush()
+
+    dev = torch.cuda.get_device_name()
+    log(f"# {datetime.date.today()} {dev}, torch {torch.__version__}, triton {triton.__version__}")
+    bw = copy_bandwidth()
+    log(f"copy bandwidth (1 GiB device-to-device, read+write): {bw:.0f} GB/s")
+    rows = []
+    for name in args.cases.split(","):
+        row = run_case(name, CASES[name], bw, args.sweep, log=log)
+        rows.append(row)
+        log(json.dumps(row))
+        if args.window and name == "k2v2_b8_gqa4_32k":
+            row = run_case(name + "_s4_w128", CASES[name], bw, False, sink=4, window=128, log=log)
+            rows.append(row)
+            log(json.dumps(row))
+    log("split kernels compiled: " + "; ".join(kernel_resources()))
+    t = table(rows)
+    log(f"\n{dev}; copy {bw:.0f} GB/s; command: python {' '.join(sys.argv)}\n{t}")
+    with open(os.path.join(args.out, "bench_attention.md"), "w") as f:
+        f.write(f"{dev}; copy {bw:.0f} GB/s; {datetime.date.today()}\n\n{t}\n")
+    with open(os.path.join(args.out, "bench_attention.json"), "w") as f:
+        json.dump(dict(device=dev, copy_GBps=bw, rows=rows), f, indent=1)
+    plot(rows, os.path.join(args.out, "bench_attention.png"))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,699 @@
+"""Fused split-K flash-decoding attention over packed low-bit KV (docs/format.md).
+
+One launch of ``_decode_split_kernel`` runs a program per (batch, KV head, split); each program serves
+*all* query rows of its KV head (the ``r = Hq // Hkv`` query heads times the ``Nq`` new tokens), so every
+packed tile is read and unpacked once and shared through ``tl.dot``. A split is a contiguous range of the
+logical sequence ``sink ++ middle ++ window``; the program walks whichever of the three parts fall in its
+range. ``_merge_kernel`` combines the partial outputs with their log-sum-exp (flash-decoding; the split /
+merge structure follows the lightllm / SGLang / vLLM decode kernels, the packed-tile tricks follow the
+feasibility probe in KERNEL-NOTES.md).
+
+Packed tiles are never re-ordered into channel order. A byte holds ``PER = 8 // bits`` codes of channels
+``PER * i + j``; "plane" ``j`` of a ``[tokens, D // PER]`` byte tile is ``(byte >> j * bits) & mask``, i.e.
+the channels ``j, j + PER, j + 2 * PER, ...``. q is loaded in the same planes (strided pointers, free) and
+``q . k = sum_j q_j . k_j``; the output accumulators are kept per plane and stored with strided pointers.
+
+Codes become floats without a conversion instruction: ``code | MAGIC`` read as fp16 is ``1024 + code``
+(``0x6400``; for bf16 ``0x4300`` is ``128 + code``). On the K side the offset is folded into the zero
+point (``s * (q . (M + c)) + (z - M s) * sum(q)``, float32); on the V side it is subtracted in the model
+dtype, which is exact. For fp16 the code bits stay in place (``1024 + 4**j * c``; the exact power-of-two
+factor is folded into the q planes and the output planes), and on the GPU a few lines of PTX spread four
+bytes into fp16 lanes with two PRMTs and one LOP3 per two codes (``FAST_ASM``; the interpreter runs the
+same math in plain Triton). With one group per token (``G == D``) scales and zeros stay out of the inner
+products: ``score = s * (q . c) + z * sum(q)`` and ``out = (p * s) . C + sum(p * z)``. Smaller groups
+(``G`` in {32, 64}) dequantize in registers (slower, same kernel, a constexpr branch).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = [
+    "decode_attention",
+    "fused_decode_is_profitable",
+    "choose_num_splits",
+    "SUPPORTED_BITS",
+    "SUPPORTED_HEAD_DIMS",
+    "SUPPORTED_GROUP_SIZES",
+]
+
+SUPPORTED_BITS = (2, 4)
+SUPPORTED_HEAD_DIMS = (64, 128)
+SUPPORTED_GROUP_SIZES = (32, 64, 128)  # and G == D
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
+_META_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_MAX_ROWS = 64  # r * Nq query rows per KV head
+
+_LOG2E = 1.4426950408889634
+_LN2 = 0.6931471805599453
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# --------------------------------------------------------------------------------------------------
+# Triton device functions
+# --------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _mm(a, b, USE_DOT: tl.constexpr, DOT_FP32: tl.constexpr):
+    """a [M, K] @ b [K, N] -> float32 [M, N]."""
+    if USE_DOT:
+        if DOT_FP32:
+            # The interpreter computes bf16 tl.dot wrongly: use float32 operands there.
+            return tl.dot(a.to(tl.float32), b.to(tl.float32))
+        else:
+            return tl.dot(a, b)
+    else:
+        # Rows too few to fill an MMA (MHA decode): multiply and reduce on the CUDA cores.
+        return tl.sum(a.to(tl.float32)[:, :, None] * b.to(tl.float32)[None, :, :], axis=1)
+
+
+@triton.jit
+def _asm_spread_mask_or(b8, MASK: tl.constexpr):
+    return tl.inline_asm_elementwise(
+        asm="{ .reg .b32 lo, hi; prmt.b32 lo, $2, 0, 0x4140; prmt.b32 hi, $2, 0, 0x4342; "
+            "lop3.b32 $0, lo, " + MASK + ", 0x64006400, 0xea; lop3.b32 $1, hi, " + MASK + ", 0x64006400, 0xea; }",
+        constraints="=r,=r,r", args=[b8], dtype=tl.float16, is_pure=True, pack=4)
+
+
+@triton.jit
+def _spread_mask_or(b8, J: tl.constexpr, BITS: tl.constexpr):
+    """uint8 tile -> fp16 1024 + 2**(J * BITS) * code_J. Four bytes per 32-bit register: two PRMTs spread
+    them into fp16 lanes, then one LOP3 per two codes masks plane J in place and ORs in 0x6400."""
+    if BITS == 2 and J == 0:
+        r = _asm_spread_mask_or(b8, "0x30003")
+    elif BITS == 2 and J == 1:
+        r = _asm_spread_mask_or(b8, "0xc000c")
+    elif BITS == 2 and J == 2:
+        r = _asm_spread_mask_or(b8, "0x300030")
+    elif BITS == 2 and J == 3:
+        r = _asm_spread_mask_or(b8, "0xc000c0")
+    elif BITS == 4 and J == 0:
+        r = _asm_spread_mask_or(b8, "0xf000f")
+    elif BITS == 4 and J == 1:
+        r = _asm_spread_mask_or(b8, "0xf000f0")
+    return r
+
+
+@triton.jit
+def _plane_magic(b16, J: tl.constexpr, BITS: tl.constexpr, MAGIC: tl.constexpr, DTYPE: tl.constexpr,
+                 SHIFTED: tl.constexpr, FAST_ASM: tl.constexpr = False):
+    """Plane J of an int16 byte tile as DTYPE values without an int->float conversion: MAGIC_VAL + code,
+    or with SHIFTED (fp16 only: the code bits stay in place, inside the 10-bit mantissa) MAGIC_VAL +
+    2**(J * BITS) * code, which saves the shift; callers fold the exact power-of-two factor elsewhere.
+    With SHIFTED and FAST_ASM (GPU only), b16 is the raw uint8 tile and PTX does the spreading."""
+    if SHIFTED and FAST_ASM:
+        out = _spread_mask_or(b16, J, BITS)
+    else:
+        if SHIFTED:
+            c = b16 & (((1 << BITS) - 1) << (J * BITS))
+        else:
+            c = (b16 >> (J * BITS)) & ((1 << BITS) - 1)
+        out = (c | MAGIC).to(DTYPE, bitcast=True)
+    return out
+
+
+@triton.jit
+def _v_plane_exact(b16, J: tl.constexpr, BITS: tl.constexpr, MAGIC: tl.constexpr, MAGIC_VAL: tl.constexpr,
+                   DTYPE: tl.constexpr, DOT_FP32: tl.constexpr, SHIFTED: tl.constexpr, FAST_ASM: tl.constexpr):
+    """Plane J as exact code values (times 2**(J * BITS) if SHIFTED): (MAGIC_VAL + c) - MAGIC_VAL is exact."""
+    v = _plane_magic(b16, J, BITS, MAGIC, DTYPE, SHIFTED, FAST_ASM)
+    if DOT_FP32:
+        # the interpreter gets bf16 arithmetic wrong: subtract in float32 there
+        return v.to(tl.float32) - MAGIC_VAL
+    else:
+        return v - MAGIC_VAL
+
+
+@triton.jit
+def _plane_f32(b16, J: tl.constexpr, BITS: tl.constexpr):
+    return ((b16 >> (J * BITS)) & ((1 << BITS) - 1)).to(tl.float32)
+
+
+@triton.jit
+def _load_q_plane(q_base, rows_off, rmask, J: tl.constexpr, PER: tl.constexpr, DP: tl.constexpr, sq_d):
+    offs_c = tl.arange(0, DP) * PER + J
+    return tl.load(q_base + rows_off[:, None] + offs_c[None, :].to(tl.int64) * sq_d, mask=rmask[:, None], other=0.0)
+
+
+@triton.jit
+def _load_fp_plane(base, offs_t, tmask, st, sc, J: tl.constexpr, PER: tl.constexpr, DP: tl.constexpr):
+    offs_c = tl.arange(0, DP) * PER + J
+    return tl.load(base + offs_t[:, None].to(tl.int64) * st + offs_c[None, :].to(tl.int64) * sc,
+                   mask=tmask[:, None], other=0.0)
+
+
+@triton.jit
+def _softmax_step(s, m_i, l_i):
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    return p, alpha, m_new, l_i
+
+
+@triton.jit
+def _mask_scores(s, tmask, pos, row_lim, CAUSAL: tl.constexpr):
+    s = tl.where(tmask[None, :], s, float("-inf"))
+    if CAUSAL:
+        s = tl.where(pos[None, :] <= row_lim[:, None], s, float("-inf"))
+    return s
+
+
+@triton.jit
+def _fp_tile(q0, q1, q2, q3, m_i, l_i, acc0, acc1, acc2, acc3,
+             k_base, skt, skc, v_base, svt, svc, offs_t, tmask, pos, row_lim, qk_scale,
+             PER_K: tl.constexpr, PER_V: tl.constexpr, D: tl.constexpr, K_SHIFTED: tl.constexpr,
+             V_SHIFTED: tl.constexpr, CAUSAL: tl.constexpr, USE_DOT: tl.constexpr, DOT_FP32: tl.constexpr,
+             DTYPE: tl.constexpr):
+    """One tile of full-precision tokens (sink or window). With K_SHIFTED the q planes hold
+    q_j * 2**-(j * bits): each plane's product is scaled back in float32; with V_SHIFTED the output
+    planes hold 2**(j * bits) * out_j, so p is scaled by that (exact) factor."""
+    DPK: tl.constexpr = D // PER_K
+    DPV: tl.constexpr = D // PER_V
+    KB: tl.constexpr = 8 // PER_K
+    VB: tl.constexpr = 8 // PER_V
+    KF1: tl.constexpr = (1 << KB) if K_SHIFTED else 1
+    KF2: tl.constexpr = (1 << (2 * KB)) if K_SHIFTED else 1
+    KF3: tl.constexpr = (1 << (3 * KB)) if K_SHIFTED else 1
+    raw = _mm(q0, tl.trans(_load_fp_plane(k_base, offs_t, tmask, skt, skc, 0, PER_K, DPK)), USE_DOT, DOT_FP32)
+    raw += KF1 * _mm(q1, tl.trans(_load_fp_plane(k_base, offs_t, tmask, skt, skc, 1, PER_K, DPK)), USE_DOT, DOT_FP32)
+    if PER_K == 4:
+        raw += KF2 * _mm(q2, tl.trans(_load_fp_plane(k_base, offs_t, tmask, skt, skc, 2, PER_K, DPK)), USE_DOT, DOT_FP32)
+        raw += KF3 * _mm(q3, tl.trans(_load_fp_plane(k_base, offs_t, tmask, skt, skc, 3, PER_K, DPK)), USE_DOT, DOT_FP32)
+    s = _mask_scores(raw * qk_scale, tmask, pos, row_lim, CAUSAL)
+    p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i)
+    VF1: tl.constexpr = (1 << VB) if V_SHIFTED else 1
+    VF2: tl.constexpr = (1 << (2 * VB)) if V_SHIFTED else 1
+    VF3: tl.constexpr = (1 << (3 * VB)) if V_SHIFTED else 1
+    acc0 = acc0 * alpha[:, None] + _mm(p.to(DTYPE), _load_fp_plane(v_base, offs_t, tmask, svt, svc, 0, PER_V, DPV), USE_DOT, DOT_FP32)
+    acc1 = acc1 * alpha[:, None] + _mm((p * VF1).to(DTYPE), _load_fp_plane(v_base, offs_t, tmask, svt, svc, 1, PER_V, DPV), USE_DOT, DOT_FP32)
+    if PER_V == 4:
+        acc2 = acc2 * alpha[:, None] + _mm((p * VF2).to(DTYPE), _load_fp_plane(v_base, offs_t, tmask, svt, svc, 2, PER_V, DPV), USE_DOT, DOT_FP32)
+        acc3 = acc3 * alpha[:, None] + _mm((p * VF3).to(DTYPE), _load_fp_plane(v_base, offs_t, tmask, svt, svc, 3, PER_V, DPV), USE_DOT, DOT_FP32)
+    return m_i, l_i, alpha, acc0, acc1, acc2, acc3
+
+
+@triton.jit
+def _packed_tile(q0, q1, q2, q3, qsum, qsum_mag, m_i, l_i, acc0, acc1, acc2, acc3, zacc,
+                 kc_base, skc_t, skc_c, ks_base, sks_t, sks_g, kz_base, skz_t, skz_g,
+                 vc_base, svc_t, svc_c, vs_base, svs_t, svs_g, vz_base, svz_t, svz_g,
+                 offs_t, tmask, pos, row_lim, qk_scale,
+                 K_BITS: tl.constexpr, V_BITS: tl.constexpr, K_GROUP: tl.constexpr, V_GROUP: tl.constexpr,
+                 D: tl.constexpr, MAGIC: tl.constexpr, MAGIC_VAL: tl.constexpr,
+                 V_MAGIC: tl.constexpr, V_MAGIC_VAL: tl.constexpr, V_DTYPE: tl.constexpr,
+                 K_SHIFTED: tl.constexpr, V_SHIFTED: tl.constexpr, FAST_ASM: tl.constexpr, CAUSAL: tl.constexpr, USE_DOT: tl.constexpr, DOT_FP32: tl.constexpr, DTYPE: tl.constexpr):
+    """One tile of packed middle tokens."""
+    PER_K: tl.constexpr = 8 // K_BITS
+    PER_V: tl.constexpr = 8 // V_BITS
+    DPK: tl.constexpr = D // PER_K
+    DPV: tl.constexpr = D // PER_V
+    offs_t64 = offs_t.to(tl.int64)
+
+    # ---- K: scores --------------------------------------------------------------------------------
+    kb = tl.load(kc_base + offs_t64[:, None] * skc_t + tl.arange(0, DPK)[None, :] * skc_c,
+                 mask=tmask[:, None], other=0)
+    if not (FAST_ASM and K_SHIFTED):
+        kb = kb.to(tl.int16)
+    if K_GROUP == D:
+        ks = tl.load(ks_base + offs_t64 * sks_t, mask=tmask, other=0.0).to(tl.float32)
+        kz = tl.load(kz_base + offs_t64 * skz_t, mask=tmask, other=0.0).to(tl.float32)
+        raw = _mm(q0, tl.trans(_plane_magic(kb, 0, K_BITS, MAGIC, DTYPE, K_SHIFTED, FAST_ASM)), USE_DOT, DOT_FP32)
+        raw += _mm(q1, tl.trans(_plane_magic(kb, 1, K_BITS, MAGIC, DTYPE, K_SHIFTED, FAST_ASM)), USE_DOT, DOT_FP32)
+        if PER_K == 4:
+            raw += _mm(q2, tl.trans(_plane_magic(kb, 2, K_BITS, MAGIC, DTYPE, K_SHIFTED, FAST_ASM)), USE_DOT, DOT_FP32)
+            raw += _mm(q3, tl.trans(_plane_magic(kb, 3, K_BITS, MAGIC, DTYPE, K_SHIFTED, FAST_ASM)), USE_DOT, DOT_FP32)
+        # raw = q . c + MAGIC_VAL * qsum_mag, so s * (raw - MAGIC_VAL * qsum_mag) + z * sum(q) == q . (c s + z)
+        a = ks * qk_scale
+        bz = kz * qk_scale
+        s = (raw - MAGIC_VAL * qsum_mag[:, None]) * a[None, :] + qsum[:, None] * bz[None, :]
+    else:
+        # plane element i holds channel PER * i + j, which is in group i // (K_GROUP // PER_K)
+        offs_g = (tl.arange(0, DPK) // (K_GROUP // PER_K)).to(tl.int64)
+        ks = tl.load(ks_base + offs_t64[:, None] * sks_t + offs_g[None, :] * sks_g, mask=tmask[:, None], other=0.0).to(tl.float32)
+        kz = tl.load(kz_base + offs_t64[:, None] * skz_t + offs_g[None, :] * skz_g, mask=tmask[:, None], other=0.0).to(tl.float32)
+        raw = _mm(q0, tl.trans((_plane_f32(kb, 0, K_BITS) * ks + kz).to(DTYPE)), USE_DOT, DOT_FP32)
+        raw += _mm(q1, tl.trans((_plane_f32(kb, 1, K_BITS) * ks + kz).to(DTYPE)), USE_DOT, DOT_FP32)
+        if PER_K == 4:
+            raw += _mm(q2, tl.trans((_plane_f32(kb, 2, K_BITS) * ks + kz).to(DTYPE)), USE_DOT, DOT_FP32)
+            raw += _mm(q3, tl.trans((_plane_f32(kb, 3, K_BITS) * ks + kz).to(DTYPE)), USE_DOT, DOT_FP32)
+        s = raw * qk_scale
+    s = _mask_scores(s, tmask, pos, row_lim, CAUSAL)
+    p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i)
+
+    # ---- V: output ----------------------------------------------------------------------------------
+    vb = tl.load(vc_base + offs_t64[:, None] * svc_t + tl.arange(0, DPV)[None, :] * svc_c,
+                 mask=tmask[:, None], other=0)
+    if not (FAST_ASM and V_SHIFTED):
+        vb = vb.to(tl.int16)
+    if V_GROUP == D:
+        vs = tl.load(vs_base + offs_t64 * svs_t, mask=tmask, other=0.0).to(tl.float32)
+        vz = tl.load(vz_base + offs_t64 * svz_t, mask=tmask, other=0.0).to(tl.float32)
+        zacc = zacc * alpha + tl.sum(p * vz[None, :], 1)
+        pv = (p * vs[None, :]).to(V_DTYPE)
+        # (MAGIC_VAL + c) - MAGIC_VAL is exact in DTYPE; leaving the offset in accumulates error.
+        acc0 = acc0 * alpha[:, None] + _mm(pv, _v_plane_exact(vb, 0, V_BITS, V_MAGIC, V_MAGIC_VAL, V_DTYPE, DOT_FP32, V_SHIFTED, FAST_ASM), USE_DOT, DOT_FP32)
+        acc1 = acc1 * alpha[:, None] + _mm(pv, _v_plane_exact(vb, 1, V_BITS, V_MAGIC, V_MAGIC_VAL, V_DTYPE, DOT_FP32, V_SHIFTED, FAST_ASM), USE_DOT, DOT_FP32)
+        if PER_V == 4:
+            acc2 = acc2 * alpha[:, None] + _mm(pv, _v_plane_exact(vb, 2, V_BITS, V_MAGIC, V_MAGIC_VAL, V_DTYPE, DOT_FP32, V_SHIFTED, FAST_ASM), USE_DOT, DOT_FP32)
+            acc3 = acc3 * alpha[:, None] + _mm(pv, _v_plane_exact(vb, 3, V_BITS, V_MAGIC, V_MAGIC_VAL, V_DTYPE, DOT_FP32, V_SHIFTED, FAST_ASM), USE_DOT, DOT_FP32)
+    else:
+        offs_g = (tl.arange(0, DPV) // (V_GROUP // PER_V)).to(tl.int64)
+        vs = tl.load(vs_base + offs_t64[:, None] * svs_t + offs_g[None, :] * svs_g, mask=tmask[:, None], other=0.0).to(tl.float32)
+        vz = tl.load(vz_base + offs_t64[:, None] * svz_t + offs_g[None, :] * svz_g, mask=tmask[:, None], other=0.0).to(tl.float32)
+        zacc = zacc * alpha
+        pv = p.to(DTYPE)
+        acc0 = acc0 * alpha[:, None] + _mm(pv, (_plane_f32(vb, 0, V_BITS) * vs + vz).to(DTYPE), USE_DOT, DOT_FP32)
+        acc1 = acc1 * alpha[:, None] + _mm(pv, (_plane_f32(vb, 1, V_BITS) * vs + vz).to(DTYPE), USE_DOT, DOT_FP32)
+        if PER_V == 4:
+            acc2 = acc2 * alpha[:, None] + _mm(pv, (_plane_f32(vb, 2, V_BITS) * vs + vz).to(DTYPE), USE_DOT, DOT_FP32)
+            acc3 = acc3 * alpha[:, None] + _mm(pv, (_plane_f32(vb, 3, V_BITS) * vs + vz).to(DTYPE), USE_DOT, DOT_FP32)
+    return m_i, l_i, acc0, acc1, acc2, acc3, zacc
+
+
+@triton.jit
+def _store_plane(acc, zacc, inv_l, o_base, rows_off, rmask, J: tl.constexpr, PER: tl.constexpr,
+                 DP: tl.constexpr, OUT_DTYPE: tl.constexpr, SHIFTED: tl.constexpr):
+    if SHIFTED:
+        acc = acc * (1.0 / (1 << (J * (8 // PER))))
+    o = (acc + zacc[:, None]) * inv_l[:, None]
+    offs_c = (tl.arange(0, DP) * PER + J).to(tl.int64)
+    tl.store(o_base + rows_off[:, None] + offs_c[None, :], o.to(OUT_DTYPE), mask=rmask[:, None])
+
+
+@triton.jit
+def _store_planes(acc0, acc1, acc2, acc3, zacc, inv_l, o_base, rows_off, rmask, PER: tl.constexpr,
+                  DP: tl.constexpr, OUT_DTYPE: tl.constexpr, SHIFTED: tl.constexpr):
+    _store_plane(acc0, zacc, inv_l, o_base, rows_off, rmask, 0, PER, DP, OUT_DTYPE, SHIFTED)
+    _store_plane(acc1, zacc, inv_l, o_base, rows_off, rmask, 1, PER, DP, OUT_DTYPE, SHIFTED)
+    if PER == 4:
+        _store_plane(acc2, zacc, inv_l, o_base, rows_off, rmask, 2, PER, DP, OUT_DTYPE, SHIFTED)
+        _store_plane(acc3, zacc, inv_l, o_base, rows_off, rmask, 3, PER, DP, OUT_DTYPE, SHIFTED)
+
+
+@triton.jit(do_not_specialize=["n_sink", "n_quant", "n_window", "chunk"])
+def _decode_split_kernel(
+    q_ptr, sq_b, sq_h, sq_n, sq_d,
+    # K parts
+    ksk_ptr, sksk_b, sksk_h, sksk_t, sksk_d,
+    kc_ptr, skc_b, skc_h, skc_t, skc_c,
+    ks_ptr, sks_b, sks_h, sks_t, sks_g,
+    kz_ptr, skz_b, skz_h, skz_t, skz_g,
+    kw_ptr, skw_b, skw_h, skw_t, skw_d,
+    # V parts
+    vsk_ptr, svsk_b, svsk_h, svsk_t, svsk_d,
+    vc_ptr, svc_b, svc_h, svc_t, svc_c,
+    vs_ptr, svs_b, svs_h, svs_t, svs_g,
+    vz_ptr, svz_b, svz_h, svz_t, svz_g,
+    vw_ptr, svw_b, svw_h, svw_t, svw_d,
+    # outputs: partials [B*Hkv, NUM_SPLITS, ROWS, D] fp32 + lse2 [B*Hkv, NUM_SPLITS, ROWS], or final out/lse
+    op_ptr, lp_ptr, out_ptr, lse_ptr,
+    n_sink, n_quant, n_window, chunk, qk_scale,
+    H_KV: tl.constexpr, GQA: tl.constexpr, NQ: tl.constexpr, D: tl.constexpr,
+    K_BITS: tl.constexpr, V_BITS: tl.constexpr, K_GROUP: tl.constexpr, V_GROUP: tl.constexpr,
+    M_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_SINK: tl.constexpr, HAS_MID: tl.constexpr, HAS_WINDOW: tl.constexpr,
+    CAUSAL: tl.constexpr, USE_DOT: tl.constexpr, DOT_FP32: tl.constexpr,
+    DTYPE: tl.constexpr, MAGIC: tl.constexpr, MAGIC_VAL: tl.constexpr,
+    V_DTYPE: tl.constexpr, V_MAGIC: tl.constexpr, V_MAGIC_VAL: tl.constexpr, DIRECT_OUT: tl.constexpr,
+    FAST_ASM: tl.constexpr = False,
+):
+    pid_bh = tl.program_id(0)
+    split = tl.program_id(1)
+    b = (pid_bh // H_KV).to(tl.int64)
+    h = (pid_bh % H_KV).to(tl.int64)
+    PER_K: tl.constexpr = 8 // K_BITS
+    PER_V: tl.constexpr = 8 // V_BITS
+    DPK: tl.constexpr = D // PER_K
+    DPV: tl.constexpr = D // PER_V
+    ROWS: tl.constexpr = GQA * NQ
+
+    # query rows m = head_in_group * NQ + new_token
+    rows = tl.arange(0, M_PAD)
+    rmask = rows < ROWS
+    hl = (rows // NQ).to(tl.int64)
+    qi = rows % NQ
+    q_base = q_ptr + b * sq_b
+    q_rows = (h * GQA + hl) * sq_h + qi.to(tl.int64) * sq_n
+    # fp16 codes keep their bits in place (K_SHIFTED / V_SHIFTED, see _plane_magic); the exact
+    # power-of-two factors go into the q planes (K) and the output planes (V).
+    K_SHIFTED: tl.constexpr = (MAGIC == 0x6400) and (K_GROUP == D)
+    V_SHIFTED: tl.constexpr = (V_MAGIC == 0x6400) and (V_GROUP == D)
+    KB: tl.constexpr = K_BITS
+    q0 = _load_q_plane(q_base, q_rows, rmask, 0, PER_K, DPK, sq_d)
+    q1 = _load_q_plane(q_base, q_rows, rmask, 1, PER_K, DPK, sq_d)
+    qsum = tl.sum(q0.to(tl.float32), 1) + tl.sum(q1.to(tl.float32), 1)
+    if K_SHIFTED:
+        q1 = (q1.to(tl.float32) * (1.0 / (1 << KB))).to(DTYPE)
+    if PER_K == 4:
+        q2 = _load_q_plane(q_base, q_rows, rmask, 2, PER_K, DPK, sq_d)
+        q3 = _load_q_plane(q_base, q_rows, rmask, 3, PER_K, DPK, sq_d)
+        qsum += tl.sum(q2.to(tl.float32), 1) + tl.sum(q3.to(tl.float32), 1)
+        if K_SHIFTED:
+            q2 = (q2.to(tl.float32) * (1.0 / (1 << (2 * KB)))).to(DTYPE)
+            q3 = (q3.to(tl.float32) * (1.0 / (1 << (3 * KB)))).to(DTYPE)
+    else:
+        q2 = q0
+        q3 = q0
+    qsum_mag = tl.sum(q0.to(tl.float32), 1) + tl.sum(q1.to(tl.float32), 1)
+    if PER_K == 4:
+        qsum_mag += tl.sum(q2.to(tl.float32), 1) + tl.sum(q3.to(tl.float32), 1)
+
+    L = n_sink + n_quant + n_window
+    row_lim = L - NQ + qi  # new token i sees logical positions <= L - NQ + i
+    lo = split * chunk
+    hi = tl.minimum(lo + chunk, L)
+
+    m_i = tl.full([M_PAD], -1.0e30, tl.float32)  # finite: fully masked tiles give p = 0, alpha = 1
+    l_i = tl.zeros([M_PAD], tl.float32)
+    zacc = tl.zeros([M_PAD], tl.float32)
+    acc0 = tl.zeros([M_PAD, DPV], tl.float32)
+    acc1 = tl.zeros([M_PAD, DPV], tl.float32)
+    acc2 = tl.zeros([M_PAD, DPV], tl.float32)
+    acc3 = tl.zeros([M_PAD, DPV], tl.float32)
+    arange_n = tl.arange(0, BLOCK_N)
+
+    if HAS_SINK:
+        k_base = ksk_ptr + b * sksk_b + h * sksk_h
+        v_base = vsk_ptr + b * svsk_b + h * svsk_h
+        end = tl.minimum(hi, n_sink)
+        for t0 in range(lo, end, BLOCK_N):
+            offs_t = t0 + arange_n
+            tmask = offs_t < end
+            m_i, l_i, alpha, acc0, acc1, acc2, acc3 = _fp_tile(
+                q0, q1, q2, q3, m_i, l_i, acc0, acc1, acc2, acc3,
+                k_base, sksk_t, sksk_d, v_base, svsk_t, svsk_d, offs_t, tmask, offs_t, row_lim, qk_scale,
+                PER_K, PER_V, D, K_SHIFTED, V_SHIFTED, CAUSAL, USE_DOT, DOT_FP32, DTYPE)
+            zacc = zacc * alpha
+
+    if HAS_MID:
+        kc_base = kc_ptr + b * skc_b + h * skc_h
+        ks_base = ks_ptr + b * sks_b + h * sks_h
+        kz_base = kz_ptr + b * skz_b + h * skz_h
+        vc_base = vc_ptr + b * svc_b + h * svc_h
+        vs_base = vs_ptr + b * svs_b + h * svs_h
+        vz_base = vz_ptr + b * svz_b + h * svz_h
+        start = tl.maximum(lo, n_sink) - n_sink
+        end = tl.minimum(hi, n_sink + n_quant) - n_sink
+        for t0 in range(start, end, BLOCK_N):
+            offs_t = t0 + arange_n
+            tmask = offs_t < end
+            m_i, l_i, acc0, acc1, acc2, acc3, zacc = _packed_tile(
+                q0, q1, q2, q3, qsum, qsum_mag, m_i, l_i, acc0, acc1, acc2, acc3, zacc,
+                kc_base, skc_t, skc_c, ks_base, sks_t, sks_g, kz_base, skz_t, skz_g,
+                vc_base, svc_t, svc_c, vs_base, svs_t, svs_g, vz_base, svz_t, svz_g,
+                offs_t, tmask, offs_t + n_sink, row_lim, qk_scale,
+                K_BITS, V_BITS, K_GROUP, V_GROUP, D, MAGIC, MAGIC_VAL, V_MAGIC, V_MAGIC_VAL, V_DTYPE,
+                K_SHIFTED, V_SHIFTED, FAST_ASM, CAUSAL, USE_DOT, DOT_FP32, DTYPE)
+
+    if HAS_WINDOW:
+        k_base = kw_ptr + b * skw_b + h * skw_h
+        v_base = vw_ptr + b * svw_b + h * svw_h
+        w0 = n_sink + n_quant
+        start = tl.maximum(lo, w0) - w0
+        end = tl.minimum(hi, L) - w0
+        for t0 in range(start, end, BLOCK_N):
+            offs_t = t0 + arange_n
+            tmask = offs_t < end
+            m_i, l_i, alpha, acc0, acc1, acc2, acc3 = _fp_tile(
+                q0, q1, q2, q3, m_i, l_i, acc0, acc1, acc2, acc3,
+                k_base, skw_t, skw_d, v_base, svw_t, svw_d, offs_t, tmask, offs_t + w0, row_lim, qk_scale,
+                PER_K, PER_V, D, K_SHIFTED, V_SHIFTED, CAUSAL, USE_DOT, DOT_FP32, DTYPE)
+            zacc = zacc * alpha
+
+    empty = l_i == 0.0
+    inv_l = tl.where(empty, 0.0, 1.0 / tl.where(empty, 1.0, l_i))
+    lse2 = tl.where(empty, float("-inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
+    if DIRECT_OUT:
+        # one split: write the final output ([B, Hq, NQ, D], q's dtype) and natural-log lse
+        orow = (b * (H_KV * GQA) + h * GQA + hl) * NQ + qi
+        tl.store(lse_ptr + orow, lse2 * 0.6931471805599453, mask=rmask)
+        _store_planes(acc0, acc1, acc2, acc3, zacc, inv_l, out_ptr, orow * D, rmask, PER_V, DPV, DTYPE, V_SHIFTED)
+    else:
+        prow = (pid_bh.to(tl.int64) * tl.num_programs(1) + split) * ROWS + rows
+        tl.store(lp_ptr + prow, lse2, mask=rmask)
+        _store_planes(acc0, acc1, acc2, acc3, zacc, inv_l, op_ptr, prow * D, rmask, PER_V, DPV, tl.float32, V_SHIFTED)
+
+
+@triton.jit(do_not_specialize=["NUM_SPLITS"])
+def _merge_kernel(op_ptr, lp_ptr, out_ptr, lse_ptr, NUM_SPLITS,
+                  H_KV: tl.constexpr, GQA: tl.constexpr, NQ: tl.constexpr, D: tl.constexpr, SPLITS_P2: tl.constexpr, BLOCK_D: tl.constexpr,
+                  DTYPE: tl.constexpr):
+    """Combine the splits of one query row (and one BLOCK_D slice of the head dim)."""
+    ROWS: tl.constexpr = GQA * NQ
+    row = tl.program_id(0).to(tl.int64)  # (b * H_KV + h) * ROWS + m
+    pid_d = tl.program_id(1)
+    bh = row // ROWS
+    m = row % ROWS
+    offs_s = tl.arange(0, SPLITS_P2)
+    smask = offs_s < NUM_SPLITS
+    prow = (bh * NUM_SPLITS + offs_s) * ROWS + m
+    lse = tl.load(lp_ptr + prow, mask=smask, other=float("-inf"))
+    mx = tl.max(lse, 0)
+    w = tl.where(smask, tl.exp2(lse - mx), 0.0)
+    denom = tl.sum(w, 0)
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    o = tl.load(op_ptr + prow[:, None] * D + offs_d[None, :], mask=smask[:, None], other=0.0)
+    o = tl.sum(o * w[:, None], 0) / denom
+    b = bh // H_KV
+    h = bh % H_KV
+    hq = h * GQA + m // NQ
+    qi = m % NQ
+    orow = (b * (H_KV * GQA) + hq) * NQ + qi
+    tl.store(out_ptr + orow * D + offs_d, o.to(DTYPE))
+    if pid_d == 0:
+        tl.store(lse_ptr + orow, (mx + tl.log2(denom)) * 0.6931471805599453)
+
+
+# --------------------------------------------------------------------------------------------------
+# Launcher
+# --------------------------------------------------------------------------------------------------
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return _cuda_sms(device.index if device.index is not None else torch.cuda.current_device())
+    return 132  # an H100; only shapes the grid under the interpreter
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+def choose_num_splits(*, batch: int, kv_heads: int, seq_len: int, block_n: int, num_sms: int,
+                      programs_per_sm: int = 8) -> int:
+    """Splits per (batch, KV head): as many as fit in ONE wave of programs_per_sm resident programs per
+    SM (the default one-warp configs use ~250 registers, so 8 fit on an H100 SM: 1056 programs). Rounding
+    up instead spilled a few programs into a second, nearly empty wave: 1088 programs ran 1.2-1.5x
+    slower than 832 on the H100 (NOTES.md). Never a split shorter than one tile."""
+    if seq_len <= 0:
+        return 1
+    tiles = _cdiv(seq_len, block_n)
+    want = (programs_per_sm * num_sms) // max(1, batch * kv_heads)
+    return max(1, min(tiles, want))
+
+
+def fused_decode_is_profitable(*, batch: int, kv_heads: int, head_dim: int, seq_len: int,
+                               k_bits: int = 2, v_bits: int = 2, cuda_graph: bool = False,
+                               dtype_bytes: int = 2) -> bool:
+    """Whether the fused kernel is expected to beat SDPA on already-materialized fp16 KV of this shape,
+    so callers can fall back below it. A fixed cost plus per-element cost model fitted to H100
+    measurements (BENCHMARKS.md): the fused kernel is instruction-issue bound (cost per KV element),
+    SDPA memory bound (~3.1 TB/s). Eagerly, Python validation + two Triton launches cost ~130 us of
+    host time per call, so short contexts only win inside a CUDA graph."""
+    elems = 2 * batch * kv_heads * seq_len * head_dim  # K and V
+    fused_gpu = 8e-6 + elems * (0.231e-12 + 0.0228e-12 * (k_bits + v_bits))
+    sdpa_gpu = 8e-6 + elems * dtype_bytes / 3.1e12
+    if cuda_graph:
+        fused_s, sdpa_s = fused_gpu, sdpa_gpu
+    else:  # the host enqueues while the GPU runs: the slower of the two sets the pace
+        fused_s, sdpa_s = max(130e-6, fused_gpu), max(25e-6, sdpa_gpu)
+    return fused_s * 1.1 < sdpa_s
+
+
+def _fail(msg: str):
+    raise ValueError(f"decode_attention: {msg}")
+
+
+def decode_attention(
+    *,
+    q: torch.Tensor,
+    k_sink: torch.Tensor,
+    k_codes: torch.Tensor,
+    k_scale: torch.Tensor,
+    k_zero: torch.Tensor,
+    k_window: torch.Tensor,
+    v_sink: torch.Tensor,
+    v_codes: torch.Tensor,
+    v_scale: torch.Tensor,
+    v_zero: torch.Tensor,
+    v_window: torch.Tensor,
+    n_quant: int,
+    n_window: int,
+    k_bits: int,
+    v_bits: int,
+    k_group_size: int,
+    v_group_size: int,
+    sm_scale: float | None = None,
+    num_splits: int | None = None,
+    block_n: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
+    use_dot: bool | None = None,
+    programs_per_sm: int = 8,
+    fast_asm: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of ``q`` over the packed KV ``sink ++ middle[:n_quant] ++ window[:n_window]``.
+
+    q: [B, Hq, Nq, D] fp16/bf16, any strides; the Nq new tokens are the last Nq logical tokens and are
+    causal among themselves. ``*_sink`` [B, Hkv, S, D] (S may be 0) and ``*_window`` [B, Hkv, W, D] in q's
+    dtype; ``*_codes`` uint8 [B, Hkv, cap, D * bits / 8] (little-endian within the byte);
+    ``*_scale`` / ``*_zero`` [B, Hkv, cap, D // group_size] (per-token affine groups: x = c * scale + zero).
+    Returns (out [B, Hq, Nq, D] in q's dtype, contiguous; lse [B, Hq, Nq] float32, natural log of the
+    softmax denominator of ``sm_scale * q . k``).
+    """
+    # Validation runs every decode step: cheap comparisons, messages formatted only on failure.
+    if q.dim() != 4:
+        _fail(f"q must be [B, Hq, Nq, D], got shape {tuple(q.shape)}")
+    B, Hq, NQ, D = q.shape
+    if q.dtype not in SUPPORTED_DTYPES:
+        _fail(f"q dtype {q.dtype} unsupported (float16, bfloat16)")
+    if D not in SUPPORTED_HEAD_DIMS:
+        _fail(f"head dim {D} unsupported (supported: {SUPPORTED_HEAD_DIMS})")
+    if k_bits not in SUPPORTED_BITS or v_bits not in SUPPORTED_BITS:
+        _fail(f"bits k={k_bits} v={v_bits} unsupported (supported: {SUPPORTED_BITS})")
+    if not (k_group_size == D or k_group_size in (32, 64)) or not (v_group_size == D or v_group_size in (32, 64)):
+        _fail(f"group sizes k={k_group_size} v={v_group_size} unsupported (D={D}, 32 or 64)")
+    if NQ < 1:
+        _fail("q must hold at least one new token")
+    if k_codes.dim() != 4:
+        _fail(f"k_codes must be [B, Hkv, cap, D * bits / 8], got shape {tuple(k_codes.shape)}")
+    Hkv, cap = k_codes.shape[1], k_codes.shape[2]
+    if Hkv == 0 or Hq % Hkv:
+        _fail(f"Hq={Hq} must be a multiple of Hkv={Hkv}")
+    r = Hq // Hkv
+    if r * NQ > _MAX_ROWS:
+        _fail(f"GQA ratio x new tokens = {r * NQ} > {_MAX_ROWS}")
+    for name, t, want in (("k_codes", k_codes, (B, Hkv, cap, D * k_bits // 8)),
+                          ("v_codes", v_codes, (B, Hkv, cap, D * v_bits // 8))):
+        if t.dtype != torch.uint8:
+            _fail(f"{name} must be uint8, got {t.dtype}")
+        if t.shape != want:
+            _fail(f"{name} shape {tuple(t.shape)} != {want}")
+    for name, t, want in (("k_scale", k_scale, (B, Hkv, cap, D // k_group_size)),
+                          ("k_zero", k_zero, (B, Hkv, cap, D // k_group_size)),
+                          ("v_scale", v_scale, (B, Hkv, cap, D // v_group_size)),
+                          ("v_zero", v_zero, (B, Hkv, cap, D // v_group_size))):
+        if t.dtype not in _META_DTYPES:
+            _fail(f"{name} dtype {t.dtype} unsupported ({_META_DTYPES})")
+        if t.shape != want:
+            _fail(f"{name} shape {tuple(t.shape)} != {want}")
+    if k_sink.dim() != 4 or k_window.dim() != 4:
+        _fail(f"sink and window must be [B, Hkv, n, D], got {tuple(k_sink.shape)}, {tuple(k_window.shape)}")
+    S, W = k_sink.shape[2], k_window.shape[2]
+    for name, t, want in (("k_sink", k_sink, (B, Hkv, S, D)), ("v_sink", v_sink, (B, Hkv, S, D)),
+                          ("k_window", k_window, (B, Hkv, W, D)), ("v_window", v_window, (B, Hkv, W, D))):
+        if t.shape != want:
+            _fail(f"{name} shape {tuple(t.shape)} != {want}")
+        if t.dtype != q.dtype:
+            _fail(f"{name} dtype {t.dtype} != q dtype {q.dtype}")
+    dev = q.device
+    for t in (k_sink, k_codes, k_scale, k_zero, k_window, v_sink, v_codes, v_scale, v_zero, v_window):
+        if t.device != dev:
+            _fail(f"all inputs must be on q's device {dev}, found one on {t.device}")
+    n_quant, n_window = int(n_quant), int(n_window)
+    if not 0 <= n_quant <= cap:
+        _fail(f"n_quant={n_quant} outside [0, {cap}]")
+    if not 0 <= n_window <= W:
+        _fail(f"n_window={n_window} outside [0, {W}]")
+    L = S + n_quant + n_window
+    if L < NQ:
+        _fail(f"sequence length {L} < new tokens {NQ}")
+    if sm_scale is None:
+        sm_scale = 1.0 / math.sqrt(D)
+
+    interp = _interpreting() or dev.type != "cuda"
+    # Defaults from the H100 sweep (kvcompile/kernels/NOTES.md): one warp per program; one query row
+    # (MHA decode) is faster as multiply-and-reduce on CUDA cores than as a 16-row MMA.
+    if use_dot is None:
+        use_dot = r * NQ >= 2
+    m_pad = _next_pow2(r * NQ)
+    if use_dot:
+        m_pad = max(16, m_pad)
+    if block_n is None:
+        block_n = 64 if use_dot else 32
+    if num_warps is None:
+        num_warps = 1
+    if num_stages is None:
+        num_stages = 3 if use_dot else 2
+    if num_splits is None:
+        num_splits = choose_num_splits(batch=B, kv_heads=Hkv, seq_len=L, block_n=block_n,
+                                       num_sms=_num_sms(dev), programs_per_sm=programs_per_sm)
+    chunk = _cdiv(_cdiv(L, num_splits), block_n) * block_n
+    num_splits = _cdiv(L, chunk)
+
+    out = torch.empty((B, Hq, NQ, D), device=dev, dtype=q.dtype)
+    lse = torch.empty((B, Hq, NQ), device=dev, dtype=torch.float32)
+    direct = num_splits == 1
+    if direct:
+        o_part, l_part = out, lse  # unused
+    else:
+        o_part = torch.empty((B * Hkv, num_splits, r * NQ, D), device=dev, dtype=torch.float32)
+        l_part = torch.empty((B * Hkv, num_splits, r * NQ), device=dev, dtype=torch.float32)
+
+    # Empty parts get a stand-in pointer (an empty CUDA tensor may have a null pointer); never read.
+    def part(t: torch.Tensor, used: bool):
+        if used:
+            return (t, *t.stride())
+        return (q, 0, 0, 0, 0)
+
+    has_sink, has_mid, has_window = S > 0, n_quant > 0, n_window > 0
+    tl_dtype = tl.float16 if q.dtype == torch.float16 else tl.bfloat16
+    magic, magic_val = (0x6400, 1024.0) if q.dtype == torch.float16 else (0x4300, 128.0)
+    # The packed V product (p * scale) . codes runs in fp16 whenever the scales are fp16 (p * s <= max
+    # scale then fits fp16): 3 more mantissa bits than bf16 for bf16 models.
+    v_fp16 = v_scale.dtype == torch.float16 or q.dtype == torch.float16
+    v_dtype, v_magic, v_magic_val = (tl.float16, 0x6400, 1024.0) if v_fp16 else (tl_dtype, magic, magic_val)
+    grid = (B * Hkv, num_splits)
+    _decode_split_kernel[grid](
+        q, *q.stride(),
+        *part(k_sink, has_sink), *part(k_codes, has_mid), *part(k_scale, has_mid), *part(k_zero, has_mid),
+        *part(k_window, has_window),
+        *part(v_sink, has_sink), *part(v_codes, has_mid), *part(v_scale, has_mid), *part(v_zero, has_mid),
+        *part(v_window, has_window),
+        o_part, l_part, out, lse,
+        S, n_quant, n_window, chunk, float(sm_scale) * _LOG2E,
+        H_KV=Hkv, GQA=r, NQ=NQ, D=D, K_BITS=k_bits, V_BITS=v_bits, K_GROUP=k_group_size, V_GROUP=v_group_size,
+        M_PAD=m_pad, BLOCK_N=block_n,
+        HAS_SINK=has_sink, HAS_MID=has_mid, HAS_WINDOW=has_window,
+        CAUSAL=NQ > 1, USE_DOT=use_dot, DOT_FP32=interp, DTYPE=tl_dtype, MAGIC=magic, MAGIC_VAL=magic_val,
+        V_DTYPE=v_dtype, V_MAGIC=v_magic, V_MAGIC_VAL=v_magic_val, DIRECT_OUT=direct,
+        FAST_ASM=fast_asm and not interp, num_warps=num_warps, num_stages=num_stages,
+    )
+    if not direct:
+        block_d = 64 if B * Hq * NQ < 4 * _num_sms(dev) else D
+        _merge_kernel[(B * Hkv * r * NQ, D // block_d)](
+            o_part, l_part, out, lse, num_splits,
+            H_KV=Hkv, GQA=r, NQ=NQ, D=D,
+            SPLITS_P2=_next_pow2(num_splits), BLOCK_D=block_d, DTYPE=tl_dtype,
+            num_warps=4 if block_d * num_splits >= 4096 else 2,
+        )
+    return out, lse
