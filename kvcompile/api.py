@@ -24,6 +24,7 @@ class _State:
     max_cache_len: int | None
     cache_kw: str
     packed_attention: bool = False
+    compiled: bool = False
     previous_attn: Any = None
     handle: Any = None
     last_cache: Any = None  # the newest cache this model made (held until the next one, or remove())
@@ -52,7 +53,8 @@ def make_cache(model_or_config, scheme: str | Scheme = "skvq", *, max_cache_len:
 
 
 def apply(model: torch.nn.Module, scheme: str | Scheme = "skvq", *, max_cache_len: int | None = None,
-          packed_attention: bool | None = None, **overrides) -> torch.nn.Module:
+          packed_attention: bool | None = None, compile: bool = False, compile_options: dict | None = None,
+          **overrides) -> torch.nn.Module:
     """Set ``model`` up so that ``generate`` and forward calls keep their KV cache packed.
 
     ``scheme`` is a name (``kvcompile.scheme_names()``) or a config object (``kvcompile.SKVQ(k_bits=4)``);
@@ -64,6 +66,14 @@ def apply(model: torch.nn.Module, scheme: str | Scheme = "skvq", *, max_cache_le
     fused Triton kernel on CUDA) instead of getting dequantized K/V; it sets the model's attention
     implementation to "kvcompile" (registered through transformers' ``AttentionInterface``). None (default)
     turns it on for models on a CUDA device, where the fused kernel pays; on CPU both paths compute the same.
+
+    ``compile=True``: also compile the model's forward with the kvcompile torch.compile backend
+    (``kvcompile.backend(scheme)``; ``compile_options`` go to ``torch.compile``, e.g. ``{"fullgraph": True}``).
+    It implies ``packed_attention=True`` and a fixed capacity (``max_cache_len``, default the model's
+    ``max_position_embeddings``), and the cache's storage is allocated before the first compiled call, so a
+    decode step compiles once (static storage, the valid length in a tensor) and graph breaks are errors when
+    ``fullgraph`` is set. The compiled forward is set on this model instance (``model.forward``); ``remove``
+    puts the class's forward back.
 
     This installs a forward pre-hook (the ``nn.Module`` hook API): no function of torch or transformers is
     replaced. ``kvcompile.remove(model)`` undoes it.
@@ -88,9 +98,18 @@ def apply(model: torch.nn.Module, scheme: str | Scheme = "skvq", *, max_cache_le
         spec.v.group_for(head_dim_v)
     params = inspect.signature(model.forward).parameters
     cache_kw = "cache" if "cache" in params else "past_key_values"
+    if compile:
+        if packed_attention is False:
+            raise ValueError("compile=True reads the packed storage in attention: packed_attention cannot be False")
+        packed_attention = True
+        if max_cache_len is None:
+            max_cache_len = getattr(_text_config(config), "max_position_embeddings", None)
+            if not max_cache_len:
+                raise ValueError("compile=True needs a fixed capacity: pass max_cache_len=N")
     if packed_attention is None:
         packed_attention = next(model.parameters()).device.type == "cuda"
-    state = _State(scheme=cfg, max_cache_len=max_cache_len, cache_kw=cache_kw, packed_attention=packed_attention)
+    state = _State(scheme=cfg, max_cache_len=max_cache_len, cache_kw=cache_kw, packed_attention=packed_attention,
+                   compiled=compile)
     if packed_attention:
         from .attention import register
 
@@ -98,6 +117,11 @@ def apply(model: torch.nn.Module, scheme: str | Scheme = "skvq", *, max_cache_le
         model.set_attn_implementation(register())
     state.handle = model.register_forward_pre_hook(_pre_hook, with_kwargs=True)
     setattr(model, _STATE_ATTR, state)
+    if compile:
+        from .passes import backend
+
+        # the forward of this instance (hooks stay eager: the cache is made and allocated outside the graph)
+        model.forward = torch.compile(model.forward, backend=backend(cfg), **(compile_options or {}))
     return model
 
 
@@ -107,6 +131,8 @@ def remove(model: torch.nn.Module) -> torch.nn.Module:
     if state is None:
         raise RuntimeError("kvcompile is not applied to this model")
     state.handle.remove()
+    if state.compiled and "forward" in vars(model):
+        del model.forward
     if state.packed_attention:
         model.set_attn_implementation(state.previous_attn)
     delattr(model, _STATE_ATTR)
@@ -129,6 +155,8 @@ def _pre_hook(module, args, kwargs):
             kwargs.pop(k, None)
         cache = KVCompileCache(module.config, state.scheme, max_cache_len=state.max_cache_len,
                                packed_attention=state.packed_attention)
+        if state.compiled:
+            _allocate(module, cache, args, kwargs)
         state.last_cache = cache
         kwargs[state.cache_kw] = cache
         return args, kwargs
@@ -138,6 +166,20 @@ def _pre_hook(module, args, kwargs):
         log.warning("kvcompile: a %s was passed to a model set up by kvcompile.apply; it is used as given "
                     "(not packed). Pass no cache, or kvcompile.make_cache(model), to keep the KV cache packed.", kind)
     return None
+
+
+def _allocate(model, cache: KVCompileCache, args, kwargs) -> None:
+    """Allocate the cache's storage now, outside the compiled forward (a compiled call must not allocate it)."""
+    ids = kwargs.get("input_ids", args[0] if args else None)
+    if ids is None:
+        ids = kwargs.get("inputs_embeds")
+    if ids is None:
+        return  # the layers allocate lazily at the first update
+    c = _text_config(model.config)
+    heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
+    head_dim, _ = _head_dims(model.config)
+    p = next(model.parameters())
+    cache.early_initialization(ids.shape[0], heads, head_dim, p.dtype, p.device)
 
 
 # ---------------------------------------------------------------------- report
@@ -218,7 +260,7 @@ def report(model_or_cache) -> CacheReport:
                 v_bits=layer.spec.v_bits,
                 n_sink=layer.spec.n_sink,
                 window=layer.spec.window,
-                tokens=layer.get_seq_length(),
+                tokens=int(layer.get_seq_length()),
                 packed_bytes=layer.storage_nbytes(),
                 full_precision_bytes=layer.full_precision_nbytes(),
             )

@@ -35,6 +35,7 @@ class PackedLayer(CacheLayerMixin):
         self.max_cache_len = max_cache_len
         self.k: PackedKV | None = None
         self.v: PackedKV | None = None
+        self._host_stale = False
 
     def __repr__(self):
         return f"PackedLayer(k={self.k!r}, v={self.v!r})" if self.is_initialized else "PackedLayer(empty)"
@@ -59,6 +60,9 @@ class PackedLayer(CacheLayerMixin):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        if torch.compiler.is_compiling():
+            return self._compiled_update(key_states, value_states)
+        self._refresh_host_counts()
         t = key_states.shape[-2]
         if self.max_cache_len is None:
             self.k = self._grown(self.k, t)
@@ -69,6 +73,41 @@ class PackedLayer(CacheLayerMixin):
             return self.k, self.v
         return self.k.dequantize(), self.v.dequantize()
 
+    def _compiled_update(self, key_states: torch.Tensor, value_states: torch.Tensor):
+        """The update as a compiled graph sees it: two ``kvcompile::quantize_kv_write_`` calls on the inner
+        tensors of preallocated storage; the valid length stays in the ``counts`` tensors (no host read, so
+        no specialization on the length and no recompile per token)."""
+        if self.max_cache_len is None:
+            raise RuntimeError(
+                "a kvcompile cache compiled with torch.compile needs a fixed capacity: create it with "
+                "max_cache_len=N (kvcompile.apply(model, scheme, max_cache_len=N) or compile=True)"
+            )
+        if not self.packed_attention:
+            raise RuntimeError(
+                "a kvcompile cache under torch.compile hands attention the packed storage: use "
+                "packed_attention=True (kvcompile.apply(..., packed_attention=True) or compile=True)"
+            )
+        from ..ops import write  # ops imports cache.packed: import here, not at module level
+
+        write(self.k, key_states)
+        write(self.v, value_states)
+        self._host_stale = True  # eager readers re-read the counts (see _refresh_host_counts)
+        return self.k, self.v
+
+    def _refresh_host_counts(self) -> None:
+        """After compiled steps wrote the counts in place, drop the PackedKVs' host-side mirrors of them."""
+        if self._host_stale and self.is_initialized:
+            self.k._host = None
+            self.v._host = None
+        self._host_stale = False
+
+    def early_initialization(self, batch: int, num_heads: int, head_dim: int, dtype: torch.dtype,
+                             device: torch.device | str, v_head_dim: int | None = None) -> None:
+        """Allocate the packed storage now, outside any compiled region (a compiled prefill must not allocate)."""
+        k = torch.empty(batch, num_heads, 0, head_dim, dtype=dtype, device=device)
+        v = torch.empty(batch, num_heads, 0, v_head_dim or head_dim, dtype=dtype, device=device)
+        self.lazy_initialization(k, v)
+
     @staticmethod
     def _grown(p: PackedKV, t: int) -> PackedKV:
         need = p.quantized_after(t)
@@ -77,10 +116,22 @@ class PackedLayer(CacheLayerMixin):
         step = max(GROW_TOKENS, p.quant.flush)
         return p.resized(p.n_sink + p.window_size + -(-need // step) * step)
 
-    def get_seq_length(self) -> int:
-        return self.k.length if self.is_initialized else 0
+    def get_seq_length(self) -> int | torch.Tensor:
+        """Tokens held. Eagerly a Python int (from the host-side mirror, no device sync); under torch.compile
+        a 0-dim int64 tensor read from the counts, as transformers' StaticLayer returns its cumulative_length,
+        so that positions are computed in the graph and the length is never specialized on."""
+        if not self.is_initialized:
+            return 0
+        if torch.compiler.is_compiling():
+            return self.k.counts.sum()
+        self._refresh_host_counts()
+        return self.k.length
 
     def get_mask_sizes(self, query_length: int, *args) -> tuple[int, int]:
+        if torch.compiler.is_compiling() and self.is_initialized:
+            # static mask width: the storage capacity (mask columns are positions; the attention op ignores
+            # columns past the valid length), so the mask shape does not change as the sequence grows
+            return max(self.k.shape[2], self.v.shape[2]), 0
         return self.get_seq_length() + query_length, 0
 
     def get_max_length(self) -> int:
@@ -92,6 +143,7 @@ class PackedLayer(CacheLayerMixin):
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         if self.is_initialized:
+            self._refresh_host_counts()
             self.k = self.k.select_batch(beam_idx)
             self.v = self.v.select_batch(beam_idx)
 
@@ -117,12 +169,14 @@ class PackedLayer(CacheLayerMixin):
 
     # ------------------------------------------------------------------ what it holds
     def storage_nbytes(self) -> int:
+        self._refresh_host_counts()
         return 0 if not self.is_initialized else self.k.storage_nbytes() + self.v.storage_nbytes()
 
     def full_precision_nbytes(self) -> int:
         """Bytes the same tokens take in a plain cache of the model's dtype."""
         if not self.is_initialized:
             return 0
+        self._refresh_host_counts()
         return sum(p.shape[0] * p.shape[1] * p.head_dim * p.length * p.kv_dtype.itemsize for p in (self.k, self.v))
 
 
@@ -146,6 +200,14 @@ class KVCompileCache(Cache):
             for spec in self.scheme.layer_specs(num_layers)
         ]
         super().__init__(layers=layers)
+
+    def early_initialization(self, batch_size: int, num_heads: int, head_dim: int, dtype: torch.dtype,
+                             device: torch.device | str) -> None:
+        """Allocate every layer's packed storage now (needs ``max_cache_len``): before a compiled call, which must
+        not allocate it inside its graph."""
+        for layer in self.layers:
+            if not layer.is_initialized:
+                layer.early_initialization(batch_size, num_heads, head_dim, dtype, device)
 
     def storage_nbytes(self) -> int:
         """Bytes held by every layer's packed storage (measured from the tensors)."""

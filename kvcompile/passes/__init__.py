@@ -1,12 +1,20 @@
-"""FX passes: find attention sites and the KV-cache writes feeding them (detect), report them (report),
-and an analysis-only torch.compile backend (backend). The rewrite into kvcompile ops comes next."""
+"""FX passes and the torch.compile backend.
 
-from .backend import clear_reports, detect_backend, last_report, make_detect_backend, reports
+detect: find attention sites and the KV-cache writes feeding them; rewrite: turn index-written persistent
+caches into the kvcompile ops on packed storage; report: what was found and done; backend: the "kvcompile"
+torch.compile backend (``kvcompile.backend(...)`` for options) and an analysis-only one.
+"""
+
+from .backend import (KVCompileBackend, backend, clear_reports, compile_report, detect_backend, kvcompile_backend,
+                      last_report, make_detect_backend, reports)
 from .detect import AttentionSite, CacheWrite, Detection, MaskTerm, OperandTrace, RepeatKV, detect
-from .report import DetectionReport, SiteReport, WriteReport, build_report
+from .report import (CompileReport, DetectionReport, GraphReport, SiteOutcomeReport, SiteReport, WriteReport,
+                     build_report)
+from .rewrite import clear_storage, packed_storage
 
 __all__ = [
-    "AttentionSite", "CacheWrite", "Detection", "DetectionReport", "MaskTerm", "OperandTrace", "RepeatKV",
-    "SiteReport", "WriteReport", "build_report", "clear_reports", "detect", "detect_backend", "last_report",
-    "make_detect_backend", "reports",
+    "AttentionSite", "CacheWrite", "CompileReport", "Detection", "DetectionReport", "GraphReport", "KVCompileBackend",
+    "MaskTerm", "OperandTrace", "RepeatKV", "SiteOutcomeReport", "SiteReport", "WriteReport", "backend",
+    "build_report", "clear_reports", "clear_storage", "compile_report", "detect", "detect_backend",
+    "kvcompile_backend", "last_report", "make_detect_backend", "packed_storage", "reports",
 ]

@@ -1,29 +1,192 @@
-"""An analysis-only torch.compile backend: run detection, hand the report out, return the graph unchanged.
+"""The torch.compile backends: ``"kvcompile"`` (detect + rewrite + inductor) and an analysis-only one.
 
-    seen = []
-    torch.compile(model, backend=make_detect_backend(on_report=seen.append), fullgraph=True)
+    torch.compile(model, backend="kvcompile")                         # by name (entry point), default options
+    torch.compile(model, backend=kvcompile.backend(scheme="kivi", k_bits=4, compiler="inductor"))
 
-``detect_backend`` is the same with no callback; its reports are kept (the last 32) for ``last_report()``.
-Dynamo calls a backend once per compiled graph: prefill and decode are two calls, two reports.
-The public "kvcompile" backend name is registered by the rewrite, not here.
+The name is registered through the ``torch_dynamo_backends`` entry point in pyproject.toml, pointing at
+``kvcompile_backend`` (the default options). ``backend(...)`` makes one with other options. Per graph
+Dynamo hands it, a backend: dumps the graph (``KVCOMPILE_DEBUG_GRAPHS``), runs ``detect``, runs
+``rewrite`` (index-written persistent caches -> kvcompile ops on packed storage fed as extra inputs), counts
+in ``torch._dynamo.utils.counters["kvcompile"]``, records a ``GraphReport`` (``kvcompile.compile_report()``),
+then hands the graph to inductor (``compile_fx``; or ``aot_eager`` / ``eager`` for debugging) inside a
+``config.patch`` that adds a no-op post-grad pass whose ``uuid()`` hashes the pass files and the options, so
+inductor's caches never serve a graph rewritten by other code or options.
+
+``make_detect_backend`` / ``detect_backend``: analysis only, the graph is compiled unchanged.
 """
 
 from __future__ import annotations
 
 import collections
+import hashlib
 import logging
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 from torch import fx
+from torch._dynamo.utils import counters
+from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 
+from ..schemes.base import Scheme, get_scheme
 from .debug import dump_graph, dump_text, next_graph_id
-from .detect import detect
-from .report import DetectionReport, build_report
+from .detect import COUNTER, detect
+from .report import DetectionReport, GraphReport, build_graph_report, build_report
 
-__all__ = ["clear_reports", "detect_backend", "last_report", "make_detect_backend", "reports"]
+__all__ = ["KVCompileBackend", "backend", "clear_reports", "compile_report", "detect_backend", "kvcompile_backend",
+           "last_report", "make_detect_backend", "reports"]
 
 log = logging.getLogger("kvcompile.passes")
 _REPORTS: collections.deque[DetectionReport] = collections.deque(maxlen=32)
+_GRAPH_REPORTS: collections.deque[GraphReport] = collections.deque(maxlen=64)
+
+_COMPILERS = ("inductor", "aot_eager", "eager")
+_PKG = Path(__file__).resolve().parent.parent
+
+
+# ---------------------------------------------------------------------------------------------- "kvcompile"
+
+
+@dataclass(frozen=True)
+class BackendOptions:
+    scheme: Scheme
+    compiler: str = "inductor"
+    check_positions: bool = True
+    rewrite: bool = True
+
+    def __post_init__(self):
+        if self.compiler not in _COMPILERS:
+            raise ValueError(f"unknown compiler {self.compiler!r}; valid: {', '.join(_COMPILERS)}")
+
+
+class _CacheKey(CustomGraphPass):
+    """A no-op post-grad pass that only carries ``uuid()`` into inductor's cache key."""
+
+    def __init__(self, uuid: str, chained: Any = None):
+        self._uuid, self._chained = uuid, chained
+
+    def __call__(self, graph: fx.Graph) -> None:
+        if self._chained is not None:
+            self._chained(graph)
+
+    def uuid(self) -> Any:
+        inner = self._chained.uuid() if self._chained is not None and hasattr(self._chained, "uuid") else None
+        return (self._uuid, inner)
+
+
+class KVCompileBackend:
+    """A torch.compile backend: find attention sites and KV-cache writes, rewrite them into the kvcompile ops,
+    compile the rest with inductor. Make one with ``kvcompile.backend(...)``."""
+
+    def __init__(self, options: BackendOptions):
+        self.options = options
+
+    def __repr__(self):
+        o = self.options
+        return f"kvcompile.backend(scheme={o.scheme.describe()}, compiler={o.compiler!r})"
+
+    def uuid(self) -> str:
+        """Hash of the files that decide the rewrite and of the options."""
+        files = sorted((_PKG / "passes").glob("*.py")) + [_PKG / "ops.py", _PKG / "cache" / "packed.py"]
+        h = hashlib.sha256(get_hash_for_files(tuple(str(f) for f in files)))
+        h.update(repr(self.options).encode())
+        return h.hexdigest()
+
+    def __call__(self, gm: fx.GraphModule, example_inputs: list[Any]) -> Callable:
+        from .rewrite import RewritePlan, rewrite
+
+        graph_id = next_graph_id()
+        dump_graph(gm, graph_id, "before")
+        gm = _copy(gm)  # Dynamo reads its own graph after the backend returns: rewrite a copy
+        detection = detect(gm, example_inputs)
+        before = build_report(detection, name=graph_id)
+        _REPORTS.append(before)
+        n_inputs = len([n for n in gm.graph.nodes if n.op == "placeholder"])
+        if self.options.rewrite:
+            plan = rewrite(gm, detection, list(example_inputs), self.options.scheme)
+        else:
+            plan = RewritePlan(n_inputs=n_inputs)
+        report = build_graph_report(before, plan, self.options.scheme, gm)
+        _GRAPH_REPORTS.append(report)
+        c = counters[COUNTER]
+        c["rewritten_sites"] += report.counts["rewritten"]
+        c["rewritten_writes"] += 2 * report.counts["rewritten"]
+        c["full_precision_sites"] += report.counts["unmatched"]
+        log.debug("%s", report.to_text())
+        dump_text(report.to_text(), graph_id, "report")
+        dump_graph(gm, graph_id, "after")
+        inner = self._compile(gm, list(example_inputs) + plan.example_extra)
+        if plan.empty:
+            return inner
+        return _with_packed_inputs(inner, plan, self.options.check_positions)
+
+    def _compile(self, gm: fx.GraphModule, example_inputs: list[Any]) -> Callable:
+        compiler = self.options.compiler
+        if compiler == "eager":
+            return gm.forward
+        if compiler == "aot_eager":
+            from torch._dynamo.backends.registry import lookup_backend
+
+            return lookup_backend("aot_eager")(gm, example_inputs)
+        from torch._inductor import config
+        from torch._inductor.compile_fx import compile_fx
+
+        key = _CacheKey(self.uuid(), config.post_grad_custom_pre_pass)
+        with config.patch(post_grad_custom_pre_pass=key):
+            return compile_fx(gm, example_inputs)
+
+
+def _copy(gm: fx.GraphModule) -> fx.GraphModule:
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    out = graph.graph_copy(gm.graph, env)
+    graph.output(out)
+    for old, new in env.items():  # AOTAutograd reads the Dynamo source of each input from the node
+        if hasattr(old, "_dynamo_source"):
+            new._dynamo_source = old._dynamo_source
+    copy = fx.GraphModule(gm, graph)
+    for attr in ("meta", "_param_name_to_source", "_source_to_user_stacks"):
+        if hasattr(gm, attr):
+            setattr(copy, attr, getattr(gm, attr))
+    return copy
+
+
+def _with_packed_inputs(inner: Callable, plan, check_positions: bool) -> Callable:
+    """The compiled graph, called with the packed storages appended to Dynamo's inputs (Dynamo calls a
+    backend's function with positional arguments, and so does this wrapper)."""
+
+    def run(*args: Any) -> Any:
+        return inner(*args, *plan.extra_inputs(args, check_positions=check_positions))
+
+    return run
+
+
+def backend(scheme: str | Scheme = "skvq", *, compiler: str = "inductor", check_positions: bool = True,
+            rewrite: bool = True, **overrides: Any) -> KVCompileBackend:
+    """A kvcompile torch.compile backend with these options.
+
+    ``scheme`` (a name or config) and ``overrides`` (``k_bits=4``, ...) decide how rewritten caches are packed;
+    sites already on the kvcompile ops (``kvcompile.apply(..., compile=True)``) keep their cache's scheme.
+    ``compiler``: what compiles the rewritten graph: "inductor" (default), "aot_eager" or "eager".
+    ``check_positions``: verify on the host, per call, that each rewritten cache write continues the sequence
+    (one small read of the position tensor per call; turn off for CUDA graphs once the caller is trusted).
+    ``rewrite=False``: detect and report only.
+    """
+    return KVCompileBackend(BackendOptions(get_scheme(scheme, **overrides), compiler, check_positions, rewrite))
+
+
+kvcompile_backend = backend()
+"""The backend registered under the name "kvcompile" (default options)."""
+
+
+def compile_report():
+    """What the kvcompile backends did to every graph they compiled (the last 64), as a ``CompileReport``."""
+    from .report import CompileReport
+
+    return CompileReport(tuple(_GRAPH_REPORTS))
+
+
+# ---------------------------------------------------------------------------------------------- analysis only
 
 
 def make_detect_backend(
@@ -39,7 +202,7 @@ def make_detect_backend(
         _REPORTS.append(report)
         log.debug("%s", report.to_text())
         dump_text(report.to_text(), graph_id, "report")
-        dump_graph(gm, graph_id, "after")  # unchanged until the rewrite lands
+        dump_graph(gm, graph_id, "after")  # unchanged: analysis only
         if on_report is not None:
             on_report(report)
         return compiler(gm, example_inputs) if compiler is not None else gm.forward
@@ -60,3 +223,5 @@ def reports() -> list[DetectionReport]:
 
 def clear_reports() -> None:
     _REPORTS.clear()
+    _GRAPH_REPORTS.clear()
+

@@ -22,6 +22,12 @@ vary in a long tail (masks added or ``where``-d or ``masked_fill``-ed, scale on 
 dropout, repeat_kv or ``enable_gqa`` or ``repeat_interleave``) and the K/V walk crosses an arbitrary chain
 of views back to a write, which ``replace_pattern`` cannot express without one pattern per combination.
 
+Sites already on the kvcompile ops (``kind="packed"``: a model set up by ``kvcompile.apply(...,
+compile=True)``, whose cache layer calls ``quantize_kv_write_`` and whose attention function calls
+``dequant_attention``) are matched at the same level, by op name, and count as matched; there the packed
+state enters the graph as a ``PackedKV`` tensor subclass held by the cache, which Dynamo flattens into one
+placeholder per inner tensor (codes, scale, ..., counts), and the ops write those in place.
+
 Output: ``detect(gm)`` returns a ``Detection`` of ``AttentionSite`` objects that hold the graph's own nodes
 (q/k/v operands, scale and mask nodes, the repeat to remove, the write and its storage placeholder and
 position), so a rewrite can consume them directly; ``report.build_report`` turns them into plain data.
@@ -75,8 +81,9 @@ class RepeatKV:
 class CacheWrite:
     """One write of new tokens into a KV cache."""
 
-    kind: Literal["cat", "index_copy", "index_put", "setitem_index", "setitem_slice", "slice_copy", "slice_scatter"]
-    node: fx.Node  # the cat / index_copy_ / setitem / copy_ node
+    kind: Literal["cat", "index_copy", "index_put", "setitem_index", "setitem_slice", "slice_copy", "slice_scatter",
+                  "packed"]
+    node: fx.Node  # the cat / index_copy_ / setitem / copy_ / kvcompile::quantize_kv_write_ node
     storage: fx.Node  # the past tensor (cat) or the buffer written into, usually a placeholder
     new: fx.Node  # the new-token tensor
     position: Any  # index tensor node, slice start (node or int); None for cat (appends at the end)
@@ -86,9 +93,9 @@ class CacheWrite:
     storage_input_index: int | None  # its position among the graph's placeholders (= example_inputs index)
 
     @property
-    def family(self) -> Literal["cat", "index", "slice"]:
-        if self.kind == "cat":
-            return "cat"
+    def family(self) -> Literal["cat", "index", "slice", "packed"]:
+        if self.kind in ("cat", "packed"):
+            return self.kind
         if self.kind in ("setitem_slice", "slice_copy", "slice_scatter"):
             return "slice"
         return "index"
@@ -122,8 +129,8 @@ class MaskTerm:
 
 @dataclass
 class AttentionSite:
-    kind: Literal["sdpa", "eager"]
-    output: fx.Node  # the SDPA node, or the probs @ v matmul
+    kind: Literal["sdpa", "eager", "packed"]  # packed: already kvcompile::dequant_attention (cache-API route)
+    output: fx.Node  # the SDPA node, the probs @ v matmul, or the dequant_attention node
     q: fx.Node
     k: fx.Node  # [..., S, D] as attention reads it (after any repeat); for eager, before the transpose
     v: fx.Node
@@ -212,12 +219,14 @@ class Detection:
             "attention_sites": len(self.sites),
             "sdpa_sites": sum(s.kind == "sdpa" for s in self.sites),
             "eager_sites": sum(s.kind == "eager" for s in self.sites),
+            "packed_sites": sum(s.kind == "packed" for s in self.sites),
             "matched_sites": sum(s.matched for s in self.sites),
             "unmatched": sum(not s.matched for s in self.sites),
             "repeat_kv": sum(s.k_trace.repeat is not None or s.v_trace.repeat is not None for s in self.sites),
             "cache_writes_cat": sum(w.family == "cat" for w in writes),
             "cache_writes_index": sum(w.family == "index" for w in writes),
             "cache_writes_slice": sum(w.family == "slice" for w in writes),
+            "cache_writes_packed": sum(w.family == "packed" for w in writes),
         }
 
 
@@ -256,6 +265,8 @@ def detect(gm: fx.GraphModule, example_inputs: Any = None, *, count: bool = True
         name = op_name(node)
         if name == "sdpa":
             sites.append(_match_sdpa(node, ctx))
+        elif name == "dequant_attention":
+            sites.append(_match_packed(node, ctx))
         elif name == "softmax":
             site = _match_eager(node, ctx)
             if site is not None:
@@ -312,6 +323,50 @@ def _match_sdpa(node: fx.Node, ctx: _Ctx) -> AttentionSite:
     )
     if not isinstance(p["is_causal"], (bool, type(None))) or not isinstance(p["enable_gqa"], (bool, type(None))):
         site.reasons.append("is_causal / enable_gqa is not a constant")
+    _finish(site)
+    return site
+
+
+# kvcompile::dequant_attention's arguments: q, 7 K storage tensors, 7 V storage tensors, then scalars
+_DA_K, _DA_V, _DA_SCALE, _DA_MASK, _DA_CAUSAL = 1, 8, 25, 26, 27
+
+
+def _match_packed(node: fx.Node, ctx: _Ctx) -> AttentionSite:
+    """An attention site that already reads packed storage (a model set up by ``kvcompile.apply`` with
+    ``packed_attention=True``: the cache layer and the attention function call the kvcompile ops, which Dynamo
+    records as they are). Its writes are the ``quantize_kv_write_`` calls into the same storage tensors."""
+    args = node.args
+
+    def packed_trace(first: int, label: str) -> OperandTrace:
+        codes = args[first] if len(args) > first else None
+        trace = OperandTrace(codes, codes, (), 2, None, False)
+        if not isinstance(codes, fx.Node):
+            trace.reason = f"{label}: packed storage is not a graph node"
+            return trace
+        writes = [u for u in codes.users if op_name(u) == "quantize_kv_write_" and u.args[1] is codes
+                  and ctx.order[u] < ctx.order[node]]
+        if not writes:
+            trace.reason = (f"{label}: reads packed storage {_describe(codes)} that nothing in this graph writes "
+                            "before attention reads it")
+            return trace
+        w = writes[-1]
+        trace.write = CacheWrite(
+            kind="packed", node=w, storage=codes, new=w.args[0], position=w.args[7], dim=2, in_place=True,
+            storage_source=source_name(codes) if is_input(codes) else None,
+            storage_input_index=ctx.input_index.get(codes),
+        )
+        return trace
+
+    scale = args[_DA_SCALE] if len(args) > _DA_SCALE else None
+    mask = args[_DA_MASK] if len(args) > _DA_MASK else None
+    causal = args[_DA_CAUSAL] if len(args) > _DA_CAUSAL else False
+    site = AttentionSite(
+        kind="packed", output=node, q=args[0], k=args[_DA_K], v=args[_DA_V],
+        k_trace=packed_trace(_DA_K, "k"), v_trace=packed_trace(_DA_V, "v"),
+        scale_terms=(("mul", scale),) if scale is not None else (),
+        masks=() if mask is None else (MaskTerm("attn_mask", mask, None),),
+        is_causal=bool(causal) if isinstance(causal, bool) else False, nodes=(node,),
+    )
     _finish(site)
     return site
 

@@ -137,3 +137,108 @@ def build_report(detection: Detection, name: str = "graph") -> DetectionReport:
         sites=tuple(_site_report(i, s) for i, s in enumerate(detection.sites)),
         counts=detection.counts(),
     )
+
+
+# ---------------------------------------------------------------------------------------------- after the rewrite
+
+
+@dataclass(frozen=True)
+class SiteOutcomeReport:
+    """One attention site after the kvcompile backend's passes."""
+
+    index: int
+    kind: str  # sdpa | eager | packed
+    status: str  # rewritten (now on the kvcompile ops) | packed (was already) | unmatched (full precision)
+    matched: str  # what matched: "K: ... / V: ..." or ""
+    scheme: str | None
+    k_bits: float | None
+    v_bits: float | None
+    n_sink: int | None
+    window: int | None
+    packed_bytes: int  # measured from the storage tensors
+    full_precision_bytes: int  # the full-precision buffers it replaces (or would take, same capacity)
+    reasons: tuple[str, ...]
+
+    @property
+    def bytes_saved(self) -> int:
+        return self.full_precision_bytes - self.packed_bytes if self.packed_bytes else 0
+
+
+@dataclass(frozen=True)
+class GraphReport:
+    name: str
+    detection: DetectionReport
+    sites: tuple[SiteOutcomeReport, ...]
+    counts: dict[str, int]
+    code: str  # the graph's code after the passes (what inductor compiled)
+
+    def to_text(self) -> str:
+        c = self.counts
+        lines = [
+            f"kvcompile [{self.name}]: {len(self.sites)} attention site(s): {c['rewritten']} rewritten, "
+            f"{c['packed']} already packed, {c['unmatched']} left in full precision"
+        ]
+        for s in self.sites:
+            bits = "" if s.k_bits is None else f" {s.scheme} K{s.k_bits:g}/V{s.v_bits:g}-bit"
+            extra = "" if s.n_sink is None else f" sink={s.n_sink} window={s.window}"
+            size = ""
+            if s.packed_bytes:
+                size = (f" packed {s.packed_bytes:,} B vs full precision {s.full_precision_bytes:,} B "
+                        f"({s.full_precision_bytes / s.packed_bytes:.2f}x)")
+            lines.append(f"  #{s.index} {s.kind:<6} {s.status:<9}{bits if s.status != 'unmatched' else ''}"
+                         f"{extra if s.status == 'rewritten' else ''}{size}")
+            if s.matched:
+                lines.append(f"      matched: {s.matched}")
+            for r in s.reasons:
+                lines.append(f"      why not: {r}")
+        return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class CompileReport:
+    """Every graph the kvcompile backends compiled (``kvcompile.compile_report()``)."""
+
+    graphs: tuple[GraphReport, ...]
+
+    @property
+    def sites(self) -> tuple[SiteOutcomeReport, ...]:
+        return tuple(s for g in self.graphs for s in g.sites)
+
+    def count(self, status: str) -> int:
+        return sum(s.status == status for s in self.sites)
+
+    def to_text(self) -> str:
+        if not self.graphs:
+            return "kvcompile: no graph compiled yet"
+        return "\n".join(g.to_text() for g in self.graphs)
+
+
+def build_graph_report(detection: DetectionReport, plan: Any, scheme: Any, gm: Any) -> GraphReport:
+    rows = []
+    for site, out in zip(detection.sites, plan.outcomes):
+        matched = ""
+        if site.k_write is not None and site.v_write is not None:
+            matched = f"K: {site.k_write.describe()} / V: {site.v_write.describe()}"
+        spec = out.spec
+        k_bits = v_bits = None
+        scheme_name = None
+        if out.status == "rewritten" and spec is not None:
+            k_bits, v_bits, scheme_name = spec.k_bits, spec.v_bits, scheme.name
+        elif out.status == "packed":
+            scheme_name, k_bits, v_bits = _packed_bits(gm, site)
+        rows.append(SiteOutcomeReport(
+            index=site.index, kind=site.kind, status=out.status, matched=matched, scheme=scheme_name,
+            k_bits=k_bits, v_bits=v_bits, n_sink=None if spec is None else spec.n_sink,
+            window=None if spec is None else spec.window, packed_bytes=out.packed_bytes,
+            full_precision_bytes=out.full_precision_bytes, reasons=tuple(out.reasons),
+        ))
+    counts = {k: sum(r.status == k for r in rows) for k in ("rewritten", "packed", "unmatched")}
+    return GraphReport(detection.name, detection, tuple(rows), counts, gm.code)
+
+
+def _packed_bits(gm: Any, site: SiteReport) -> tuple[str | None, float | None, float | None]:
+    """(scheme label, K bits, V bits) of a site already on dequant_attention, from its arguments."""
+    for node in gm.graph.nodes:
+        if node.name == site.output and len(node.args) > 23:
+            return f"cache ({node.args[15]}/{node.args[19]})", float(node.args[16]), float(node.args[20])
+    return None, None, None
