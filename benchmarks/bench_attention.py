@@ -141,7 +141,20 @@ def kernel_resources():
     return out
 
 
-def run_case(name, spec, bw, sweep, sink=0, window=0, log=print):
+# --variants: the constexpr-flag variants of NOTES.md v6..v8, timed against the default in the same run
+VARIANTS = {
+    "gqa": {"fill": dict(fill_rows=True), "fill_bn32": dict(fill_rows=True, block_n=32),
+            "fill_bn32_pps10": dict(fill_rows=True, block_n=32, programs_per_sm=10)},
+    "mha": {"v5_nodot_bn32": dict(use_dot=False, block_n=32),  # the v5 default
+            "dot_fill_bn32": dict(use_dot=True, fill_rows=True, block_n=32),
+            "dot_fill_bn32_pps12": dict(use_dot=True, fill_rows=True, block_n=32, programs_per_sm=12)},
+    "window": {"v5_no_fp_split": dict(fp_split=False),  # the v5 default
+               "fp_split_ns17": dict(fp_split=True, num_splits=17),
+               "fp_split_fill": dict(fp_split=True, fill_rows=True), "fp_contig": dict(fp_split=False, fp_contig=True)},
+}
+
+
+def run_case(name, spec, bw, sweep, sink=0, window=0, log=print, variants=None):
     B, Hq, Hkv, D, L, kb, vb, g, target = spec
     sm_scale = 1.0 / math.sqrt(D)
     kw = make_case(B, Hq, Hkv, D, L, kb, vb, g, sink=sink, window=window)
@@ -166,6 +179,7 @@ def run_case(name, spec, bw, sweep, sink=0, window=0, log=print):
     def fused(**tuning):
         return bench_graph([lambda c=c: decode_attention(**c, sm_scale=sm_scale, **tuning) for c in kws])
 
+    extra_variants = variants
     t_fused = fused()
     t_fused_eager = bench(lambda: decode_attention(**kw, sm_scale=sm_scale))
     variants = {"default": t_fused}
@@ -189,6 +203,13 @@ def run_case(name, spec, bw, sweep, sink=0, window=0, log=print):
                 variants[key] = fused(**cfg)
             except Exception as e:  # noqa: BLE001 - a config that does not compile is just skipped
                 log(f"  {key}: {type(e).__name__}: {str(e)[:120]}")
+    for key, cfg in (extra_variants or {}).items():
+        try:
+            variants[key] = fused(**cfg)
+            o, _ = decode_attention(**kw, sm_scale=sm_scale, **cfg)
+            log(f"  {name} {key}: {variants[key]:.1f} us, rel err {((o.float() - ref).norm() / ref.norm()).item():.1e}")
+        except Exception as e:  # noqa: BLE001
+            log(f"  {key}: {type(e).__name__}: {str(e)[:200]}")
     best_key = min(variants, key=variants.get)
     row = dict(case=name, B=B, Hq=Hq, Hkv=Hkv, D=D, L=L, k_bits=kb, v_bits=vb, group=g, sink=sink, window=window,
                copies=len(kws), sdpa_us=t_sdpa, sdpa_eager_us=t_sdpa_eager, dequant_sdpa_us=t_deq,
@@ -249,6 +270,7 @@ def main(argv=None):
     ap.add_argument("--sweep", action="store_true", help="also time block/warp/split variants")
     ap.add_argument("--cases", default=",".join(CASES))
     ap.add_argument("--window", action="store_true", help="add a sink=4 + window=128 row for the first case")
+    ap.add_argument("--variants", action="store_true", help="also time the VARIANTS flags (NOTES.md v6..v8)")
     args = ap.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     logf = open(os.path.join(args.out, "bench_attention.log"), "a")
@@ -264,11 +286,17 @@ def main(argv=None):
     log(f"copy bandwidth (1 GiB device-to-device, read+write): {bw:.0f} GB/s")
     rows = []
     for name in args.cases.split(","):
-        row = run_case(name, CASES[name], bw, args.sweep, log=log)
+        var = None
+        if args.variants:
+            var = VARIANTS["mha"] if CASES[name][1] == CASES[name][2] else VARIANTS["gqa"]
+            if not (name.startswith("k2v2_b8_gqa4_32k") or "mha" in name):
+                var = dict(list(var.items())[:1])  # one variant on the other rows
+        row = run_case(name, CASES[name], bw, args.sweep, log=log, variants=var)
         rows.append(row)
         log(json.dumps(row))
         if args.window and name == "k2v2_b8_gqa4_32k":
-            row = run_case(name + "_s4_w128", CASES[name], bw, False, sink=4, window=128, log=log)
+            row = run_case(name + "_s4_w128", CASES[name], bw, False, sink=4, window=128, log=log,
+                           variants=VARIANTS["window"] if args.variants else None)
             rows.append(row)
             log(json.dumps(row))
     log("split kernels compiled: " + "; ".join(kernel_resources()))

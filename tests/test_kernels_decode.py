@@ -243,3 +243,50 @@ def test_num_splits_fill_the_gpu():
     n = da.choose_num_splits(batch=8, kv_heads=8, seq_len=32768, block_n=64, num_sms=132)
     assert 512 <= 64 * n <= 8 * 132  # one full wave of 1-warp programs
     assert da.choose_num_splits(batch=1, kv_heads=8, seq_len=100, block_n=64, num_sms=132) == 2
+
+
+# ------------------------------------------------------------------- kernel variants (constexpr flags)
+# fill_rows: rows = (token sub-block, query row) with a per-sub-row softmax merged at the end; fp_split:
+# one extra program per KV head for the full-precision sink + window; fp_contig: contiguous fp tiles.
+
+@st.composite
+def variant_configs(draw):
+    cfg, tuning = draw(configs())
+    cfg["NQ"] = draw(st.sampled_from([1, 1, 2, 3, 4]))  # odd NQ: causal rows not a power of two
+    cfg["n_quant"] = draw(st.sampled_from(LENGTHS[1:] + [33, 65]))
+    if cfg["S"] + cfg["n_quant"] + cfg["n_window"] < cfg["NQ"]:
+        cfg["n_window"] = 7
+    tuning.update(
+        fill_rows=draw(st.booleans()),
+        fp_split=draw(st.booleans()),
+        fp_contig=draw(st.sampled_from([False, False, True])),
+        use_dot=draw(st.sampled_from([None, True])),  # True: MHA (r = 1) takes the 16-row MMA path too
+        num_splits=draw(st.sampled_from([None, 1, 2, 3, 5])),
+    )
+    return cfg, tuning
+
+
+@settings(deadline=None, max_examples=60 if ON_GPU else 30, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(variant_configs())
+def test_variants_match_reference(case):
+    cfg, tuning = case
+    check_against_reference(make_inputs(**cfg), **tuning)
+
+
+@pytest.mark.parametrize("r,NQ", [(1, 1), (3, 1), (4, 1), (8, 1), (1, 3), (4, 3), (2, 2)])
+@pytest.mark.parametrize("block_n", [16, 32] if not ON_GPU else [16, 32, 64])
+def test_fill_rows_gqa_ratios(r, NQ, block_n):
+    # every sub-block shape (SUB = 8, 4, 2), odd lengths so sub-blocks end mid-tile, sink + window + splits
+    kw = make_inputs(B=1, Hkv=2, r=r, NQ=NQ, D=64, S=3, n_quant=61, n_window=5, k_bits=2, v_bits=4,
+                     k_group=64, v_group=64, dtype=torch.float16, seed=r * 100 + NQ)
+    check_against_reference(kw, block_n=block_n, num_splits=3, fill_rows=True, use_dot=True, fp_split=True)
+
+
+def test_fp_split_only_fp_parts_and_empty_middle():
+    # fp_split with no packed tokens falls back to the plain split; with packed tokens the last program
+    # takes sink + window
+    for n_quant in (0, 1, 40):
+        kw = make_inputs(B=1, Hkv=1, r=4, NQ=2, D=64, S=4, n_quant=n_quant, n_window=9, k_bits=2, v_bits=2,
+                         k_group=64, v_group=64, dtype=torch.float16, seed=n_quant)
+        check_against_reference(kw, block_n=16, fp_split=True, fill_rows=True)

@@ -49,6 +49,16 @@ SUPPORTED_GROUP_SIZES = (32, 64, 128)  # and G == D
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
 _META_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _MAX_ROWS = 64  # r * Nq query rows per KV head
+# Variant defaults from the H100 measurements (kvcompile/kernels/NOTES.md v6..v8):
+# - one query row per KV head (MHA decode): the 16-row MMA path with row fill (8 token sub-blocks x 2
+#   rows), BLOCK_N 64: 303 -> 202 us. GQA (2..8 rows): row fill measured no better (156 vs 138 us at
+#   BLOCK_N 64, 134 at 32, within noise), so it stays off there (FILL_ROWS_DEFAULT).
+# - sink / window: one extra program per KV head takes the full-precision parts (177.5 -> 165.2 us).
+# - contiguous fp tiles (FP_CONTIG): 365 us, spills; off.
+FILL_ROWS_DEFAULT = False
+MHA_FILL_DEFAULT = True
+FP_CONTIG_DEFAULT = False
+FP_SPLIT_DEFAULT = True
 
 _LOG2E = 1.4426950408889634
 _LN2 = 0.6931471805599453
@@ -153,6 +163,65 @@ def _load_fp_plane(base, offs_t, tmask, st, sc, J: tl.constexpr, PER: tl.constex
 
 
 @triton.jit
+def _load_fp_planes(base, offs_t, tmask, st, sc, PER: tl.constexpr, D: tl.constexpr):
+    """A full-precision [tokens, D] tile loaded contiguously (16-byte loads), split into its PER channel
+    planes in registers (plane j = channels j, j + PER, ...); FP_CONTIG. With PER == 2 the last two are
+    the first two again (unused)."""
+    offs_c = tl.arange(0, D)
+    x = tl.load(base + offs_t[:, None].to(tl.int64) * st + offs_c[None, :].to(tl.int64) * sc,
+                mask=tmask[:, None], other=0.0)
+    if PER == 4:
+        # channel 4 i + 2 j1 + j0 -> [i, j1, j0]; split j0, then j1
+        e, o = tl.split(tl.reshape(x, [x.shape[0], D // 4, 2, 2]))
+        p0, p2 = tl.split(e)
+        p1, p3 = tl.split(o)
+    else:
+        p0, p1 = tl.split(tl.reshape(x, [x.shape[0], D // 2, 2]))
+        p2 = p0
+        p3 = p1
+    return p0, p1, p2, p3
+
+
+@triton.jit
+def _bc(x, SUB: tl.constexpr):
+    """Score-domain per-token vectors: [BLOCK_N] broadcast over rows (SUB == 1) or already [M, BLOCK_N // SUB]."""
+    if SUB == 1:
+        return x[None, :]
+    else:
+        return x
+
+
+@triton.jit
+def _rows_select(raw, sbr, SUB: tl.constexpr):
+    """Row-filled tiles (SUB > 1): rows are (token sub-block, query row); row (b, r) keeps only the
+    columns of its own sub-block: [M, BLOCK_N] -> [M, BLOCK_N // SUB]."""
+    if SUB == 1:
+        return raw
+    else:
+        M: tl.constexpr = raw.shape[0]
+        BN_S: tl.constexpr = raw.shape[1] // SUB
+        # (a binary where-tree over the bits of sb after a permute measured worse: +81 instructions, the
+        # permuted layout sent the P operand through shared memory)
+        r3 = tl.reshape(raw, [M, SUB, BN_S])
+        sel = sbr[:, None, None] == tl.arange(0, SUB)[None, :, None]
+        return tl.sum(tl.where(sel, r3, 0.0), axis=1)
+
+
+@triton.jit
+def _rows_expand(p, sbr, SUB: tl.constexpr):
+    """Inverse of _rows_select: [M, BLOCK_N // SUB] -> [M, BLOCK_N], zeros outside the row's sub-block
+    (the block-diagonal probability operand of the V product)."""
+    if SUB == 1:
+        return p
+    else:
+        M: tl.constexpr = p.shape[0]
+        BN_S: tl.constexpr = p.shape[1]
+        sel = sbr[:, None, None] == tl.arange(0, SUB)[None, :, None]
+        p3 = tl.where(sel, p[:, None, :], tl.zeros_like(p)[:, None, :])
+        return tl.reshape(p3, [M, SUB * BN_S])
+
+
+@triton.jit
 def _softmax_step(s, m_i, l_i):
     m_new = tl.maximum(m_i, tl.max(s, 1))
     alpha = tl.exp2(m_i - m_new)
@@ -162,22 +231,24 @@ def _softmax_step(s, m_i, l_i):
 
 
 @triton.jit
-def _mask_scores(s, tmask, pos, row_lim, CAUSAL: tl.constexpr):
-    s = tl.where(tmask[None, :], s, float("-inf"))
+def _mask_scores(s, tmask, pos, row_lim, CAUSAL: tl.constexpr, SUB: tl.constexpr = 1):
+    s = tl.where(_bc(tmask, SUB), s, float("-inf"))
     if CAUSAL:
-        s = tl.where(pos[None, :] <= row_lim[:, None], s, float("-inf"))
+        s = tl.where(_bc(pos, SUB) <= row_lim[:, None], s, float("-inf"))
     return s
 
 
 @triton.jit
 def _fp_tile(q0, q1, q2, q3, m_i, l_i, acc0, acc1, acc2, acc3,
-             k_base, skt, skc, v_base, svt, svc, offs_t, tmask, pos, row_lim, qk_scale,
+             k_base, skt, skc, v_base, svt, svc, offs_t, tmask, offs_s, smask, pos_s, sbr, row_lim, qk_scale,
              PER_K: tl.constexpr, PER_V: tl.constexpr, D: tl.constexpr, K_SHIFTED: tl.constexpr,
              V_SHIFTED: tl.constexpr, CAUSAL: tl.constexpr, USE_DOT: tl.constexpr, DOT_FP32: tl.constexpr,
-             DTYPE: tl.constexpr):
+             DTYPE: tl.constexpr, SUB: tl.constexpr, FP_CONTIG: tl.constexpr):
     """One tile of full-precision tokens (sink or window). With K_SHIFTED the q planes hold
     q_j * 2**-(j * bits): each plane's product is scaled back in float32; with V_SHIFTED the output
-    planes hold 2**(j * bits) * out_j, so p is scaled by that (exact) factor."""
+    planes hold 2**(j * bits) * out_j, so p is scaled by that (exact) factor. offs_s / smask / pos_s are
+    the score-domain tokens (see _bc); with FP_CONTIG the tile is loaded contiguously and split into
+    planes in registers instead of one strided load per plane."""
     DPK: tl.constexpr = D // PER_K
     DPV: tl.constexpr = D // PER_V
     KB: tl.constexpr = 8 // PER_K
@@ -185,21 +256,44 @@ def _fp_tile(q0, q1, q2, q3, m_i, l_i, acc0, acc1, acc2, acc3,
     KF1: tl.constexpr = (1 << KB) if K_SHIFTED else 1
     KF2: tl.constexpr = (1 << (2 * KB)) if K_SHIFTED else 1
     KF3: tl.constexpr = (1 << (3 * KB)) if K_SHIFTED else 1
-    raw = _mm(q0, tl.trans(_load_fp_plane(k_base, offs_t, tmask, skt, skc, 0, PER_K, DPK)), USE_DOT, DOT_FP32)
-    raw += KF1 * _mm(q1, tl.trans(_load_fp_plane(k_base, offs_t, tmask, skt, skc, 1, PER_K, DPK)), USE_DOT, DOT_FP32)
+    if FP_CONTIG:
+        k0, k1, k2, k3 = _load_fp_planes(k_base, offs_t, tmask, skt, skc, PER_K, D)
+    else:
+        k0 = _load_fp_plane(k_base, offs_t, tmask, skt, skc, 0, PER_K, DPK)
+        k1 = _load_fp_plane(k_base, offs_t, tmask, skt, skc, 1, PER_K, DPK)
+        if PER_K == 4:
+            k2 = _load_fp_plane(k_base, offs_t, tmask, skt, skc, 2, PER_K, DPK)
+            k3 = _load_fp_plane(k_base, offs_t, tmask, skt, skc, 3, PER_K, DPK)
+        else:
+            k2 = k0
+            k3 = k1
+    raw = _mm(q0, tl.trans(k0), USE_DOT, DOT_FP32)
+    raw += KF1 * _mm(q1, tl.trans(k1), USE_DOT, DOT_FP32)
     if PER_K == 4:
-        raw += KF2 * _mm(q2, tl.trans(_load_fp_plane(k_base, offs_t, tmask, skt, skc, 2, PER_K, DPK)), USE_DOT, DOT_FP32)
-        raw += KF3 * _mm(q3, tl.trans(_load_fp_plane(k_base, offs_t, tmask, skt, skc, 3, PER_K, DPK)), USE_DOT, DOT_FP32)
-    s = _mask_scores(raw * qk_scale, tmask, pos, row_lim, CAUSAL)
+        raw += KF2 * _mm(q2, tl.trans(k2), USE_DOT, DOT_FP32)
+        raw += KF3 * _mm(q3, tl.trans(k3), USE_DOT, DOT_FP32)
+    raw = _rows_select(raw, sbr, SUB)
+    s = _mask_scores(raw * qk_scale, smask, pos_s, row_lim, CAUSAL, SUB)
     p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i)
     VF1: tl.constexpr = (1 << VB) if V_SHIFTED else 1
     VF2: tl.constexpr = (1 << (2 * VB)) if V_SHIFTED else 1
     VF3: tl.constexpr = (1 << (3 * VB)) if V_SHIFTED else 1
-    acc0 = acc0 * alpha[:, None] + _mm(p.to(DTYPE), _load_fp_plane(v_base, offs_t, tmask, svt, svc, 0, PER_V, DPV), USE_DOT, DOT_FP32)
-    acc1 = acc1 * alpha[:, None] + _mm((p * VF1).to(DTYPE), _load_fp_plane(v_base, offs_t, tmask, svt, svc, 1, PER_V, DPV), USE_DOT, DOT_FP32)
+    if FP_CONTIG:
+        v0, v1, v2, v3 = _load_fp_planes(v_base, offs_t, tmask, svt, svc, PER_V, D)
+    else:
+        v0 = _load_fp_plane(v_base, offs_t, tmask, svt, svc, 0, PER_V, DPV)
+        v1 = _load_fp_plane(v_base, offs_t, tmask, svt, svc, 1, PER_V, DPV)
+        if PER_V == 4:
+            v2 = _load_fp_plane(v_base, offs_t, tmask, svt, svc, 2, PER_V, DPV)
+            v3 = _load_fp_plane(v_base, offs_t, tmask, svt, svc, 3, PER_V, DPV)
+        else:
+            v2 = v0
+            v3 = v1
+    acc0 = acc0 * alpha[:, None] + _mm(_rows_expand(p.to(DTYPE), sbr, SUB), v0, USE_DOT, DOT_FP32)
+    acc1 = acc1 * alpha[:, None] + _mm(_rows_expand((p * VF1).to(DTYPE), sbr, SUB), v1, USE_DOT, DOT_FP32)
     if PER_V == 4:
-        acc2 = acc2 * alpha[:, None] + _mm((p * VF2).to(DTYPE), _load_fp_plane(v_base, offs_t, tmask, svt, svc, 2, PER_V, DPV), USE_DOT, DOT_FP32)
-        acc3 = acc3 * alpha[:, None] + _mm((p * VF3).to(DTYPE), _load_fp_plane(v_base, offs_t, tmask, svt, svc, 3, PER_V, DPV), USE_DOT, DOT_FP32)
+        acc2 = acc2 * alpha[:, None] + _mm(_rows_expand((p * VF2).to(DTYPE), sbr, SUB), v2, USE_DOT, DOT_FP32)
+        acc3 = acc3 * alpha[:, None] + _mm(_rows_expand((p * VF3).to(DTYPE), sbr, SUB), v3, USE_DOT, DOT_FP32)
     return m_i, l_i, alpha, acc0, acc1, acc2, acc3
 
 
@@ -207,17 +301,20 @@ def _fp_tile(q0, q1, q2, q3, m_i, l_i, acc0, acc1, acc2, acc3,
 def _packed_tile(q0, q1, q2, q3, qsum, qsum_mag, m_i, l_i, acc0, acc1, acc2, acc3, zacc,
                  kc_base, skc_t, skc_c, ks_base, sks_t, sks_g, kz_base, skz_t, skz_g,
                  vc_base, svc_t, svc_c, vs_base, svs_t, svs_g, vz_base, svz_t, svz_g,
-                 offs_t, tmask, pos, row_lim, qk_scale,
+                 offs_t, tmask, offs_s, smask, pos_s, sbr, row_lim, qk_scale,
                  K_BITS: tl.constexpr, V_BITS: tl.constexpr, K_GROUP: tl.constexpr, V_GROUP: tl.constexpr,
                  D: tl.constexpr, MAGIC: tl.constexpr, MAGIC_VAL: tl.constexpr,
                  V_MAGIC: tl.constexpr, V_MAGIC_VAL: tl.constexpr, V_DTYPE: tl.constexpr,
-                 K_SHIFTED: tl.constexpr, V_SHIFTED: tl.constexpr, FAST_ASM: tl.constexpr, CAUSAL: tl.constexpr, USE_DOT: tl.constexpr, DOT_FP32: tl.constexpr, DTYPE: tl.constexpr):
-    """One tile of packed middle tokens."""
+                 K_SHIFTED: tl.constexpr, V_SHIFTED: tl.constexpr, FAST_ASM: tl.constexpr, CAUSAL: tl.constexpr, USE_DOT: tl.constexpr, DOT_FP32: tl.constexpr, DTYPE: tl.constexpr,
+                 SUB: tl.constexpr):
+    """One tile of packed middle tokens. Codes load per token (offs_t, tmask); scales, zeros and the softmax
+    run in the score domain (offs_s, smask, pos_s: see _bc and _rows_select)."""
     PER_K: tl.constexpr = 8 // K_BITS
     PER_V: tl.constexpr = 8 // V_BITS
     DPK: tl.constexpr = D // PER_K
     DPV: tl.constexpr = D // PER_V
     offs_t64 = offs_t.to(tl.int64)
+    offs_s64 = offs_s.to(tl.int64)
 
     # ---- K: scores --------------------------------------------------------------------------------
     kb = tl.load(kc_base + offs_t64[:, None] * skc_t + tl.arange(0, DPK)[None, :] * skc_c,
@@ -225,17 +322,18 @@ def _packed_tile(q0, q1, q2, q3, qsum, qsum_mag, m_i, l_i, acc0, acc1, acc2, acc
     if not (FAST_ASM and K_SHIFTED):
         kb = kb.to(tl.int16)
     if K_GROUP == D:
-        ks = tl.load(ks_base + offs_t64 * sks_t, mask=tmask, other=0.0).to(tl.float32)
-        kz = tl.load(kz_base + offs_t64 * skz_t, mask=tmask, other=0.0).to(tl.float32)
+        ks = tl.load(ks_base + offs_s64 * sks_t, mask=smask, other=0.0).to(tl.float32)
+        kz = tl.load(kz_base + offs_s64 * skz_t, mask=smask, other=0.0).to(tl.float32)
         raw = _mm(q0, tl.trans(_plane_magic(kb, 0, K_BITS, MAGIC, DTYPE, K_SHIFTED, FAST_ASM)), USE_DOT, DOT_FP32)
         raw += _mm(q1, tl.trans(_plane_magic(kb, 1, K_BITS, MAGIC, DTYPE, K_SHIFTED, FAST_ASM)), USE_DOT, DOT_FP32)
         if PER_K == 4:
             raw += _mm(q2, tl.trans(_plane_magic(kb, 2, K_BITS, MAGIC, DTYPE, K_SHIFTED, FAST_ASM)), USE_DOT, DOT_FP32)
             raw += _mm(q3, tl.trans(_plane_magic(kb, 3, K_BITS, MAGIC, DTYPE, K_SHIFTED, FAST_ASM)), USE_DOT, DOT_FP32)
         # raw = q . c + MAGIC_VAL * qsum_mag, so s * (raw - MAGIC_VAL * qsum_mag) + z * sum(q) == q . (c s + z)
+        raw = _rows_select(raw, sbr, SUB)
         a = ks * qk_scale
         bz = kz * qk_scale
-        s = (raw - MAGIC_VAL * qsum_mag[:, None]) * a[None, :] + qsum[:, None] * bz[None, :]
+        s = (raw - MAGIC_VAL * qsum_mag[:, None]) * _bc(a, SUB) + qsum[:, None] * _bc(bz, SUB)
     else:
         # plane element i holds channel PER * i + j, which is in group i // (K_GROUP // PER_K)
         offs_g = (tl.arange(0, DPK) // (K_GROUP // PER_K)).to(tl.int64)
@@ -246,8 +344,8 @@ def _packed_tile(q0, q1, q2, q3, qsum, qsum_mag, m_i, l_i, acc0, acc1, acc2, acc
         if PER_K == 4:
             raw += _mm(q2, tl.trans((_plane_f32(kb, 2, K_BITS) * ks + kz).to(DTYPE)), USE_DOT, DOT_FP32)
             raw += _mm(q3, tl.trans((_plane_f32(kb, 3, K_BITS) * ks + kz).to(DTYPE)), USE_DOT, DOT_FP32)
-        s = raw * qk_scale
-    s = _mask_scores(s, tmask, pos, row_lim, CAUSAL)
+        s = _rows_select(raw, sbr, SUB) * qk_scale
+    s = _mask_scores(s, smask, pos_s, row_lim, CAUSAL, SUB)
     p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i)
 
     # ---- V: output ----------------------------------------------------------------------------------
@@ -256,10 +354,10 @@ def _packed_tile(q0, q1, q2, q3, qsum, qsum_mag, m_i, l_i, acc0, acc1, acc2, acc
     if not (FAST_ASM and V_SHIFTED):
         vb = vb.to(tl.int16)
     if V_GROUP == D:
-        vs = tl.load(vs_base + offs_t64 * svs_t, mask=tmask, other=0.0).to(tl.float32)
-        vz = tl.load(vz_base + offs_t64 * svz_t, mask=tmask, other=0.0).to(tl.float32)
-        zacc = zacc * alpha + tl.sum(p * vz[None, :], 1)
-        pv = (p * vs[None, :]).to(V_DTYPE)
+        vs = tl.load(vs_base + offs_s64 * svs_t, mask=smask, other=0.0).to(tl.float32)
+        vz = tl.load(vz_base + offs_s64 * svz_t, mask=smask, other=0.0).to(tl.float32)
+        zacc = zacc * alpha + tl.sum(p * _bc(vz, SUB), 1)
+        pv = _rows_expand((p * _bc(vs, SUB)).to(V_DTYPE), sbr, SUB)
         # (MAGIC_VAL + c) - MAGIC_VAL is exact in DTYPE; leaving the offset in accumulates error.
         acc0 = acc0 * alpha[:, None] + _mm(pv, _v_plane_exact(vb, 0, V_BITS, V_MAGIC, V_MAGIC_VAL, V_DTYPE, DOT_FP32, V_SHIFTED, FAST_ASM), USE_DOT, DOT_FP32)
         acc1 = acc1 * alpha[:, None] + _mm(pv, _v_plane_exact(vb, 1, V_BITS, V_MAGIC, V_MAGIC_VAL, V_DTYPE, DOT_FP32, V_SHIFTED, FAST_ASM), USE_DOT, DOT_FP32)
@@ -271,7 +369,7 @@ def _packed_tile(q0, q1, q2, q3, qsum, qsum_mag, m_i, l_i, acc0, acc1, acc2, acc
         vs = tl.load(vs_base + offs_t64[:, None] * svs_t + offs_g[None, :] * svs_g, mask=tmask[:, None], other=0.0).to(tl.float32)
         vz = tl.load(vz_base + offs_t64[:, None] * svz_t + offs_g[None, :] * svz_g, mask=tmask[:, None], other=0.0).to(tl.float32)
         zacc = zacc * alpha
-        pv = p.to(DTYPE)
+        pv = _rows_expand(p.to(DTYPE), sbr, SUB)
         acc0 = acc0 * alpha[:, None] + _mm(pv, (_plane_f32(vb, 0, V_BITS) * vs + vz).to(DTYPE), USE_DOT, DOT_FP32)
         acc1 = acc1 * alpha[:, None] + _mm(pv, (_plane_f32(vb, 1, V_BITS) * vs + vz).to(DTYPE), USE_DOT, DOT_FP32)
         if PER_V == 4:
@@ -325,7 +423,8 @@ def _decode_split_kernel(
     CAUSAL: tl.constexpr, USE_DOT: tl.constexpr, DOT_FP32: tl.constexpr,
     DTYPE: tl.constexpr, MAGIC: tl.constexpr, MAGIC_VAL: tl.constexpr,
     V_DTYPE: tl.constexpr, V_MAGIC: tl.constexpr, V_MAGIC_VAL: tl.constexpr, DIRECT_OUT: tl.constexpr,
-    FAST_ASM: tl.constexpr = False,
+    FAST_ASM: tl.constexpr = False, SUB: tl.constexpr = 1, FP_CONTIG: tl.constexpr = False,
+    FP_SPLIT: tl.constexpr = False,
 ):
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -337,8 +436,23 @@ def _decode_split_kernel(
     DPV: tl.constexpr = D // PER_V
     ROWS: tl.constexpr = GQA * NQ
 
-    # query rows m = head_in_group * NQ + new_token
-    rows = tl.arange(0, M_PAD)
+    # query rows m = head_in_group * NQ + new_token. With SUB > 1 ("row fill", M_PAD == 16, SUB <= 8) the
+    # 16 MMA rows are (token sub-block sb, query row m): q is replicated per sub-block and each row only
+    # keeps the scores of its own BLOCK_N // SUB tokens, so the softmax runs on real rows; the sub-rows
+    # of one query row are merged (log-sum-exp) once at the end. MMA row = 8 mh + G sb + ml with
+    # m = G mh + ml, G = 8 // SUB: a thread holds rows i and i + 8 of the m16n8k16 fragments, and this
+    # order gives both the same sub-block, so the block-diagonal P operand has no compile-time zeros
+    # (those made ptxas rebuild the A fragment with 4 MOVs per HMMA: +216 instructions per tile).
+    R_PAD: tl.constexpr = M_PAD // SUB
+    BN_S: tl.constexpr = BLOCK_N // SUB
+    G: tl.constexpr = 8 // SUB if SUB <= 8 else 1
+    mrow = tl.arange(0, M_PAD)
+    if SUB == 1:
+        rows = mrow
+        sbr = mrow  # unused
+    else:
+        rows = (mrow // 8) * G + mrow % G
+        sbr = (mrow % 8) // G
     rmask = rows < ROWS
     hl = (rows // NQ).to(tl.int64)
     qi = rows % NQ
@@ -370,8 +484,18 @@ def _decode_split_kernel(
 
     L = n_sink + n_quant + n_window
     row_lim = L - NQ + qi  # new token i sees logical positions <= L - NQ + i
-    lo = split * chunk
-    hi = tl.minimum(lo + chunk, L)
+    if FP_SPLIT:
+        # the last program takes the full-precision sink + window, the others the packed middle in chunks
+        # (separate branches: the short fp loops add no live registers to the packed loop)
+        run_fp = split == tl.num_programs(1) - 1
+        run_mid = split != tl.num_programs(1) - 1
+        lo = tl.where(run_fp, 0, n_sink + split * chunk)
+        hi = tl.where(run_fp, L, tl.minimum(lo + chunk, n_sink + n_quant))
+    else:
+        run_fp = True
+        run_mid = True
+        lo = split * chunk
+        hi = tl.minimum(lo + chunk, L)
 
     m_i = tl.full([M_PAD], -1.0e30, tl.float32)  # finite: fully masked tiles give p = 0, alpha = 1
     l_i = tl.zeros([M_PAD], tl.float32)
@@ -381,55 +505,87 @@ def _decode_split_kernel(
     acc2 = tl.zeros([M_PAD, DPV], tl.float32)
     acc3 = tl.zeros([M_PAD, DPV], tl.float32)
     arange_n = tl.arange(0, BLOCK_N)
+    if SUB == 1:
+        score_n = arange_n
+    else:
+        score_n = sbr[:, None] * BN_S + tl.arange(0, BN_S)[None, :]
 
     if HAS_SINK:
-        k_base = ksk_ptr + b * sksk_b + h * sksk_h
-        v_base = vsk_ptr + b * svsk_b + h * svsk_h
-        end = tl.minimum(hi, n_sink)
-        for t0 in range(lo, end, BLOCK_N):
-            offs_t = t0 + arange_n
-            tmask = offs_t < end
-            m_i, l_i, alpha, acc0, acc1, acc2, acc3 = _fp_tile(
-                q0, q1, q2, q3, m_i, l_i, acc0, acc1, acc2, acc3,
-                k_base, sksk_t, sksk_d, v_base, svsk_t, svsk_d, offs_t, tmask, offs_t, row_lim, qk_scale,
-                PER_K, PER_V, D, K_SHIFTED, V_SHIFTED, CAUSAL, USE_DOT, DOT_FP32, DTYPE)
-            zacc = zacc * alpha
+        if run_fp:
+            k_base = ksk_ptr + b * sksk_b + h * sksk_h
+            v_base = vsk_ptr + b * svsk_b + h * svsk_h
+            end = tl.minimum(hi, n_sink)
+            for t0 in range(lo, end, BLOCK_N):
+                offs_t = t0 + arange_n
+                tmask = offs_t < end
+                offs_s = t0 + score_n
+                smask = offs_s < end
+                m_i, l_i, alpha, acc0, acc1, acc2, acc3 = _fp_tile(
+                    q0, q1, q2, q3, m_i, l_i, acc0, acc1, acc2, acc3,
+                    k_base, sksk_t, sksk_d, v_base, svsk_t, svsk_d, offs_t, tmask, offs_s, smask, offs_s, sbr,
+                    row_lim, qk_scale, PER_K, PER_V, D, K_SHIFTED, V_SHIFTED, CAUSAL, USE_DOT, DOT_FP32, DTYPE,
+                    SUB, FP_CONTIG)
+                zacc = zacc * alpha
 
     if HAS_MID:
-        kc_base = kc_ptr + b * skc_b + h * skc_h
-        ks_base = ks_ptr + b * sks_b + h * sks_h
-        kz_base = kz_ptr + b * skz_b + h * skz_h
-        vc_base = vc_ptr + b * svc_b + h * svc_h
-        vs_base = vs_ptr + b * svs_b + h * svs_h
-        vz_base = vz_ptr + b * svz_b + h * svz_h
-        start = tl.maximum(lo, n_sink) - n_sink
-        end = tl.minimum(hi, n_sink + n_quant) - n_sink
-        for t0 in range(start, end, BLOCK_N):
-            offs_t = t0 + arange_n
-            tmask = offs_t < end
-            m_i, l_i, acc0, acc1, acc2, acc3, zacc = _packed_tile(
-                q0, q1, q2, q3, qsum, qsum_mag, m_i, l_i, acc0, acc1, acc2, acc3, zacc,
-                kc_base, skc_t, skc_c, ks_base, sks_t, sks_g, kz_base, skz_t, skz_g,
-                vc_base, svc_t, svc_c, vs_base, svs_t, svs_g, vz_base, svz_t, svz_g,
-                offs_t, tmask, offs_t + n_sink, row_lim, qk_scale,
-                K_BITS, V_BITS, K_GROUP, V_GROUP, D, MAGIC, MAGIC_VAL, V_MAGIC, V_MAGIC_VAL, V_DTYPE,
-                K_SHIFTED, V_SHIFTED, FAST_ASM, CAUSAL, USE_DOT, DOT_FP32, DTYPE)
+        if run_mid:
+            kc_base = kc_ptr + b * skc_b + h * skc_h
+            ks_base = ks_ptr + b * sks_b + h * sks_h
+            kz_base = kz_ptr + b * skz_b + h * skz_h
+            vc_base = vc_ptr + b * svc_b + h * svc_h
+            vs_base = vs_ptr + b * svs_b + h * svs_h
+            vz_base = vz_ptr + b * svz_b + h * svz_h
+            start = tl.maximum(lo, n_sink) - n_sink
+            end = tl.minimum(hi, n_sink + n_quant) - n_sink
+            for t0 in range(start, end, BLOCK_N):
+                offs_t = t0 + arange_n
+                tmask = offs_t < end
+                offs_s = t0 + score_n
+                smask = offs_s < end
+                m_i, l_i, acc0, acc1, acc2, acc3, zacc = _packed_tile(
+                    q0, q1, q2, q3, qsum, qsum_mag, m_i, l_i, acc0, acc1, acc2, acc3, zacc,
+                    kc_base, skc_t, skc_c, ks_base, sks_t, sks_g, kz_base, skz_t, skz_g,
+                    vc_base, svc_t, svc_c, vs_base, svs_t, svs_g, vz_base, svz_t, svz_g,
+                    offs_t, tmask, offs_s, smask, offs_s + n_sink, sbr, row_lim, qk_scale,
+                    K_BITS, V_BITS, K_GROUP, V_GROUP, D, MAGIC, MAGIC_VAL, V_MAGIC, V_MAGIC_VAL, V_DTYPE,
+                    K_SHIFTED, V_SHIFTED, FAST_ASM, CAUSAL, USE_DOT, DOT_FP32, DTYPE, SUB)
 
     if HAS_WINDOW:
-        k_base = kw_ptr + b * skw_b + h * skw_h
-        v_base = vw_ptr + b * svw_b + h * svw_h
-        w0 = n_sink + n_quant
-        start = tl.maximum(lo, w0) - w0
-        end = tl.minimum(hi, L) - w0
-        for t0 in range(start, end, BLOCK_N):
-            offs_t = t0 + arange_n
-            tmask = offs_t < end
-            m_i, l_i, alpha, acc0, acc1, acc2, acc3 = _fp_tile(
-                q0, q1, q2, q3, m_i, l_i, acc0, acc1, acc2, acc3,
-                k_base, skw_t, skw_d, v_base, svw_t, svw_d, offs_t, tmask, offs_t + w0, row_lim, qk_scale,
-                PER_K, PER_V, D, K_SHIFTED, V_SHIFTED, CAUSAL, USE_DOT, DOT_FP32, DTYPE)
-            zacc = zacc * alpha
+        if run_fp:
+            k_base = kw_ptr + b * skw_b + h * skw_h
+            v_base = vw_ptr + b * svw_b + h * svw_h
+            w0 = n_sink + n_quant
+            start = tl.maximum(lo, w0) - w0
+            end = tl.minimum(hi, L) - w0
+            for t0 in range(start, end, BLOCK_N):
+                offs_t = t0 + arange_n
+                tmask = offs_t < end
+                offs_s = t0 + score_n
+                smask = offs_s < end
+                m_i, l_i, alpha, acc0, acc1, acc2, acc3 = _fp_tile(
+                    q0, q1, q2, q3, m_i, l_i, acc0, acc1, acc2, acc3,
+                    k_base, skw_t, skw_d, v_base, svw_t, svw_d, offs_t, tmask, offs_s, smask, offs_s + w0, sbr,
+                    row_lim, qk_scale, PER_K, PER_V, D, K_SHIFTED, V_SHIFTED, CAUSAL, USE_DOT, DOT_FP32, DTYPE,
+                    SUB, FP_CONTIG)
+                zacc = zacc * alpha
 
+    if SUB > 1:
+        # merge the SUB sub-rows of each query row (same log-sum-exp rule as the split merge)
+        m3 = tl.reshape(m_i, [2, SUB, G])
+        m_new = tl.max(m3, 1)
+        w = tl.exp2(m3 - m_new[:, None, :])
+        l_i = tl.reshape(tl.sum(w * tl.reshape(l_i, [2, SUB, G]), 1), [R_PAD])
+        zacc = tl.reshape(tl.sum(w * tl.reshape(zacc, [2, SUB, G]), 1), [R_PAD])
+        acc0 = tl.reshape(tl.sum(w[:, :, :, None] * tl.reshape(acc0, [2, SUB, G, DPV]), 1), [R_PAD, DPV])
+        acc1 = tl.reshape(tl.sum(w[:, :, :, None] * tl.reshape(acc1, [2, SUB, G, DPV]), 1), [R_PAD, DPV])
+        if PER_V == 4:
+            acc2 = tl.reshape(tl.sum(w[:, :, :, None] * tl.reshape(acc2, [2, SUB, G, DPV]), 1), [R_PAD, DPV])
+            acc3 = tl.reshape(tl.sum(w[:, :, :, None] * tl.reshape(acc3, [2, SUB, G, DPV]), 1), [R_PAD, DPV])
+        m_i = tl.reshape(m_new, [R_PAD])
+        rows = tl.arange(0, R_PAD)
+        rmask = rows < ROWS
+        hl = (rows // NQ).to(tl.int64)
+        qi = rows % NQ
     empty = l_i == 0.0
     inv_l = tl.where(empty, 0.0, 1.0 / tl.where(empty, 1.0, l_i))
     lse2 = tl.where(empty, float("-inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
@@ -560,6 +716,9 @@ def decode_attention(
     use_dot: bool | None = None,
     programs_per_sm: int = 8,
     fast_asm: bool = True,
+    fill_rows: bool | None = None,
+    fp_contig: bool | None = None,
+    fp_split: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of ``q`` over the packed KV ``sink ++ middle[:n_quant] ++ window[:n_window]``.
 
@@ -633,22 +792,53 @@ def decode_attention(
     interp = _interpreting() or dev.type != "cuda"
     # Defaults from the H100 sweep (kvcompile/kernels/NOTES.md): one warp per program; one query row
     # (MHA decode) is faster as multiply-and-reduce on CUDA cores than as a 16-row MMA.
+    mha_fill = use_dot is None and fill_rows is None and r * NQ == 1 and MHA_FILL_DEFAULT
+    if mha_fill:
+        use_dot, fill_rows = True, True
     if use_dot is None:
         use_dot = r * NQ >= 2
     m_pad = _next_pow2(r * NQ)
+    if fill_rows is None:
+        fill_rows = FILL_ROWS_DEFAULT
+    if fp_contig is None:
+        fp_contig = FP_CONTIG_DEFAULT
+    fp_split_default = fp_split is None
+    if fp_split is None:
+        fp_split = FP_SPLIT_DEFAULT
+    sub = 1
     if use_dot:
+        if fill_rows and m_pad < 16:
+            sub = 16 // max(2, m_pad)  # rows = (token sub-block, query row): no padding rows in the softmax
         m_pad = max(16, m_pad)
     if block_n is None:
         block_n = 64 if use_dot else 32
+    if block_n % sub:
+        _fail(f"block_n={block_n} must be a multiple of the {sub} row-fill sub-blocks")
     if num_warps is None:
         num_warps = 1
     if num_stages is None:
         num_stages = 3 if use_dot else 2
-    if num_splits is None:
-        num_splits = choose_num_splits(batch=B, kv_heads=Hkv, seq_len=L, block_n=block_n,
-                                       num_sms=_num_sms(dev), programs_per_sm=programs_per_sm)
-    chunk = _cdiv(_cdiv(L, num_splits), block_n) * block_n
-    num_splits = _cdiv(L, chunk)
+    # fp_split: one extra program per (batch, KV head) takes the full-precision sink + window, the other
+    # splits only the packed middle (the window no longer lengthens one split, and the packed loop does
+    # not carry the fp loops' registers).
+    fp_split = bool(fp_split) and n_quant > 0 and (S > 0 or n_window > 0)
+    if fp_split and fp_split_default and num_splits is None:
+        # by default only where the extra program still fits the one wave (programs_per_sm x SMs)
+        fp_split = 2 * B * Hkv <= programs_per_sm * _num_sms(dev)
+    if fp_split:
+        if num_splits is None:
+            want = max(1, (programs_per_sm * _num_sms(dev)) // max(1, B * Hkv))
+            mid_splits = max(1, min(_cdiv(n_quant, block_n), want - 1))
+        else:
+            mid_splits = max(1, num_splits - 1)
+        chunk = _cdiv(_cdiv(n_quant, mid_splits), block_n) * block_n
+        num_splits = _cdiv(n_quant, chunk) + 1
+    else:
+        if num_splits is None:
+            num_splits = choose_num_splits(batch=B, kv_heads=Hkv, seq_len=L, block_n=block_n,
+                                           num_sms=_num_sms(dev), programs_per_sm=programs_per_sm)
+        chunk = _cdiv(_cdiv(L, num_splits), block_n) * block_n
+        num_splits = _cdiv(L, chunk)
 
     out = torch.empty((B, Hq, NQ, D), device=dev, dtype=q.dtype)
     lse = torch.empty((B, Hq, NQ), device=dev, dtype=torch.float32)
@@ -686,7 +876,8 @@ def decode_attention(
         HAS_SINK=has_sink, HAS_MID=has_mid, HAS_WINDOW=has_window,
         CAUSAL=NQ > 1, USE_DOT=use_dot, DOT_FP32=interp, DTYPE=tl_dtype, MAGIC=magic, MAGIC_VAL=magic_val,
         V_DTYPE=v_dtype, V_MAGIC=v_magic, V_MAGIC_VAL=v_magic_val, DIRECT_OUT=direct,
-        FAST_ASM=fast_asm and not interp, num_warps=num_warps, num_stages=num_stages,
+        FAST_ASM=fast_asm and not interp, SUB=sub, FP_CONTIG=bool(fp_contig), FP_SPLIT=fp_split,
+        num_warps=num_warps, num_stages=num_stages,
     )
     if not direct:
         block_d = 64 if B * Hq * NQ < 4 * _num_sms(dev) else D

@@ -1,0 +1,191 @@
+"""Offline SASS probe for _decode_split_kernel (no GPU): compile for sm_90 with the Triton installed here,
+then print registers / spills and the instruction histogram of the hot loop.
+
+    python -m kvcompile.kernels.sass_probe [--case gqa4|mha|k4|win] [--set KEY=VALUE ...] [--dump DIR]
+
+The launcher runs on CPU tensors with the real kernel replaced by a recorder; the recorded arguments give
+the signature (integer args divisible by 16 get ``tt.divisibility 16`` like the runtime specialization)
+and the constexprs, with the GPU settings (DOT_FP32=False, FAST_ASM=True) forced. Counts come from the
+Triton on this machine (3.9), the GPU runs 3.6: compare variants with each other, not with timings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+import torch
+
+import kvcompile.kernels.decode_attention as da
+
+CASES = {  # B, Hq, Hkv, D, L, k_bits, v_bits, sink, window, NQ
+    "gqa4": (1, 4, 1, 128, 4096, 2, 2, 0, 0, 1),
+    "gqa8": (1, 8, 1, 128, 4096, 2, 2, 0, 0, 1),
+    "mha": (1, 1, 1, 128, 4096, 2, 2, 0, 0, 1),
+    "k4": (1, 4, 1, 128, 4096, 4, 4, 0, 0, 1),
+    "win": (1, 4, 1, 128, 4096, 2, 2, 4, 128, 1),
+}
+
+
+def record_launch(case, **tuning):
+    B, Hq, Hkv, D, L, kb, vb, S, W, NQ = CASES[case]
+    n_quant = L - S - W
+    f16 = torch.float16
+    kw = dict(q=torch.zeros(B, Hq, NQ, D, dtype=f16))
+    for n, bits in (("k", kb), ("v", vb)):
+        kw[f"{n}_codes"] = torch.zeros(B, Hkv, n_quant, D * bits // 8, dtype=torch.uint8)
+        kw[f"{n}_scale"] = torch.zeros(B, Hkv, n_quant, 1, dtype=f16)
+        kw[f"{n}_zero"] = torch.zeros(B, Hkv, n_quant, 1, dtype=f16)
+        kw[f"{n}_sink"] = torch.zeros(B, Hkv, S, D, dtype=f16)
+        kw[f"{n}_window"] = torch.zeros(B, Hkv, W, D, dtype=f16)
+    got = {}
+
+    class Rec:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                got.update(args=args, kwargs=kwargs)
+            return launch
+
+    real = da._decode_split_kernel
+    da._decode_split_kernel = Rec()
+    try:
+        try:
+            da.decode_attention(**kw, n_quant=n_quant, n_window=W, k_bits=kb, v_bits=vb, k_group_size=D,
+                                v_group_size=D, num_splits=2, **tuning)
+        except Exception:
+            if not got:
+                raise
+    finally:
+        da._decode_split_kernel = real
+    return real, got
+
+
+def compile_sass(fn, args, kwargs, overrides):
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    fn = getattr(fn, "fn", fn) if not hasattr(fn, "arg_names") else fn
+    names = fn.arg_names
+    kwargs = dict(kwargs)
+    num_warps = kwargs.pop("num_warps", 4)
+    num_stages = kwargs.pop("num_stages", 3)
+    kwargs.update(DOT_FP32=False, FAST_ASM=True)
+    kwargs.update(overrides)
+    sig, consts, attrs = {}, {}, {}
+    for i, name in enumerate(names):
+        if i < len(args):
+            a = args[i]
+            if torch.is_tensor(a):
+                sig[name] = "*" + {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32",
+                                   torch.uint8: "u8"}[a.dtype]
+                attrs[(i,)] = [["tt.divisibility", 16]]
+            elif isinstance(a, bool):
+                sig[name] = "i1"
+            elif isinstance(a, int):
+                sig[name] = "i32"
+                if a % 16 == 0 and a != 0 and name not in ("n_sink", "n_quant", "n_window", "chunk"):
+                    attrs[(i,)] = [["tt.divisibility", 16]]
+                if a == 1 and name not in ("n_sink", "n_quant", "n_window", "chunk"):
+                    sig[name] = "constexpr"
+                    consts[name] = 1
+            else:
+                sig[name] = "fp32"
+        else:
+            sig[name] = "constexpr"
+            v = kwargs.get(name, fn.params[i].default)
+            consts[name] = v
+    src = ASTSource(fn, sig, consts, attrs)
+    k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps, num_stages=num_stages))
+    return k
+
+
+def analyse(k, dump=None, tag="k"):
+    d = tempfile.mkdtemp()
+    cubin = os.path.join(d, "k.cubin")
+    with open(cubin, "wb") as f:
+        f.write(k.asm["cubin"])
+    import triton
+    bindir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    sass = subprocess.run([os.path.join(bindir, "cuobjdump"), "-sass", cubin], capture_output=True, text=True).stdout
+    res = subprocess.run([os.path.join(bindir, "cuobjdump"), "-res-usage", cubin], capture_output=True, text=True).stdout
+    if dump:
+        os.makedirs(dump, exist_ok=True)
+        open(os.path.join(dump, tag + ".sass"), "w").write(sass)
+        open(os.path.join(dump, tag + ".ptx"), "w").write(k.asm["ptx"])
+        open(os.path.join(dump, tag + ".ttgir"), "w").write(k.asm["ttgir"])
+    # instructions with address; loops = backward branches
+    ins = []
+    for line in sass.splitlines():
+        m = re.match(r"\s*/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)\s*(.*?);", line)
+        if m:
+            ins.append((int(m.group(1), 16), m.group(3), m.group(4)))
+    addr = {a: i for i, (a, _, _) in enumerate(ins)}
+    loops = []
+    for i, (a, op, rest) in enumerate(ins):
+        if op.startswith("BRA"):
+            m = re.search(r"0x([0-9a-f]+)", rest)
+            if m and int(m.group(1), 16) < a and int(m.group(1), 16) in addr:
+                loops.append((addr[int(m.group(1), 16)], i))
+    regs = re.search(r"REG:(\d+)", res)
+    stack = re.search(r"STACK:(\d+)", res)
+    shared = re.search(r"SHARED:(\d+)", res)
+    print(f"[{tag}] regs={regs and regs.group(1)} stack={stack and stack.group(1)} shared={shared and shared.group(1)} "
+          f"total_instr={len(ins)}")
+    for lo, hi in sorted(loops, key=lambda x: x[1] - x[0], reverse=True)[:3]:
+        body = ins[lo:hi + 1]
+        hist = collections.Counter(op.split(".")[0] for _, op, _ in body)
+        top = " ".join(f"{o}:{c}" for o, c in hist.most_common(18))
+        print(f"  loop {hi - lo + 1} instr: {top}")
+    return len(ins)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--case", default="gqa4")
+    ap.add_argument("--tune", action="append", default=[], help="launcher kwarg KEY=VALUE (python literal)")
+    ap.add_argument("--set", action="append", default=[], help="kernel constexpr KEY=VALUE (python literal)")
+    ap.add_argument("--dump", default=None)
+    ap.add_argument("--tag", default=None)
+    a = ap.parse_args(argv)
+    tuning = {k: eval(v) for k, v in (s.split("=", 1) for s in a.tune)}
+    over = {k: eval(v) for k, v in (s.split("=", 1) for s in a.set)}
+    fn, got = record_launch(a.case, **tuning)
+    k = compile_sass(fn, got["args"], got["kwargs"], over)
+    analyse(k, a.dump, a.tag or a.case)
+
+
+if __name__ == "__main__":
+    main()
+
+
+def line_histogram(cubin_bytes, src_file_hint="decode_attention.py", lo_hi=None):
+    """Instruction count per source line (nvdisasm --print-line-info), for the hot loop if lo_hi given."""
+    import triton
+    bindir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    d = tempfile.mkdtemp()
+    cubin = os.path.join(d, "k.cubin")
+    open(cubin, "wb").write(cubin_bytes)
+    txt = subprocess.run([os.path.join(bindir, "nvdisasm"), "--print-line-info", "-c", cubin],
+                         capture_output=True, text=True).stdout
+    cur = None
+    hist = collections.Counter()
+    ops = collections.defaultdict(collections.Counter)
+    for line in txt.splitlines():
+        m = re.search(r'line (\d+)', line)
+        if "//## File" in line and m:
+            cur = int(m.group(1))
+            inl = re.search(r'inlined at ".*?", line (\d+)', line)
+            continue
+        m = re.match(r"\s*/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", line)
+        if m and cur is not None:
+            a = int(m.group(1), 16)
+            if lo_hi is None or lo_hi[0] <= a <= lo_hi[1]:
+                hist[cur] += 1
+                ops[cur][m.group(3).split(".")[0]] += 1
+    return hist, ops
