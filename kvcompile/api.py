@@ -26,6 +26,7 @@ class _State:
     packed_attention: bool = False
     compiled: bool = False
     previous_attn: Any = None
+    rope_inv_freq: Any = None
     handle: Any = None
     last_cache: Any = None  # the newest cache this model made (held until the next one, or remove())
     warned: set = field(default_factory=set)
@@ -41,6 +42,19 @@ def _head_dims(config) -> tuple[int, int]:
     return d, d
 
 
+def rope_inv_freq(model: torch.nn.Module) -> torch.Tensor | None:
+    """The model's rotary inverse frequencies (from its ``*RotaryEmbedding`` module), or None.
+
+    Used to quantize keys before RoPE (``pre_rope``): the cache un-rotates keys by position on write and
+    rotates them back on read, in transformers' rotate-half convention.
+    """
+    for module in model.modules():
+        inv = getattr(module, "inv_freq", None)
+        if isinstance(inv, torch.Tensor) and type(module).__name__.endswith("RotaryEmbedding"):
+            return inv.detach().float()
+    return None
+
+
 def make_cache(model_or_config, scheme: str | Scheme = "skvq", *, max_cache_len: int | None = None,
                packed_attention: bool = False, **overrides) -> KVCompileCache:
     """A fresh packed cache for this model (or config). Pass it as the model's cache argument.
@@ -48,8 +62,9 @@ def make_cache(model_or_config, scheme: str | Scheme = "skvq", *, max_cache_len:
     ``packed_attention=True`` needs a model whose attention implementation is "kvcompile" (``apply`` sets it).
     """
     config = getattr(model_or_config, "config", model_or_config)
+    rope = rope_inv_freq(model_or_config) if isinstance(model_or_config, torch.nn.Module) else None
     return KVCompileCache(config, scheme, max_cache_len=max_cache_len, packed_attention=packed_attention,
-                          **overrides)
+                          rope_inv_freq=rope, **overrides)
 
 
 def apply(model: torch.nn.Module, scheme: str | Scheme = "skvq", *, max_cache_len: int | None = None,
@@ -109,7 +124,12 @@ def apply(model: torch.nn.Module, scheme: str | Scheme = "skvq", *, max_cache_le
     if packed_attention is None:
         packed_attention = next(model.parameters()).device.type == "cuda"
     state = _State(scheme=cfg, max_cache_len=max_cache_len, cache_kw=cache_kw, packed_attention=packed_attention,
-                   compiled=compile)
+                   compiled=compile, rope_inv_freq=rope_inv_freq(model))
+    if any(spec.k_pre_rope for spec in cfg.layer_specs(1)) and state.rope_inv_freq is None:
+        raise ValueError(
+            f"scheme {cfg.name!r} with pre_rope=True needs a model with rotary embeddings (a *RotaryEmbedding "
+            f"module with inv_freq); {type(model).__name__} has none: pass pre_rope=False"
+        )
     if packed_attention:
         from .attention import register
 
@@ -154,7 +174,7 @@ def _pre_hook(module, args, kwargs):
         for k in ("cache", "past_key_values"):
             kwargs.pop(k, None)
         cache = KVCompileCache(module.config, state.scheme, max_cache_len=state.max_cache_len,
-                               packed_attention=state.packed_attention)
+                               packed_attention=state.packed_attention, rope_inv_freq=state.rope_inv_freq)
         if state.compiled:
             _allocate(module, cache, args, kwargs)
         state.last_cache = cache

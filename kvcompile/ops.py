@@ -8,17 +8,21 @@ Both take the packed storage as its plain inner tensors (what ``PackedKV.__tenso
 static quantization config as scalars, so a compiled graph sees ordinary tensors; the number of valid tokens
 is the ``counts`` tensor, never a Python int, so decode steps do not recompile. Each op has a fake (meta)
 implementation, a CPU implementation on the PyTorch references, and a CUDA implementation that uses the fused
-Triton kernel where it supports the layout and falls back to the reference (logged once) where it does not.
+Triton kernel where it supports the layout and is expected to win (``fused_decode_is_profitable``: called
+eagerly, its launch overhead loses to SDPA below very long contexts), and dequantize + SDPA otherwise.
+``KVCOMPILE_FUSED=always|never`` overrides that choice (``auto`` by default).
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import os
 from typing import Optional
 
 import torch
 from torch import Tensor
+from torch._dynamo.utils import counters
 
 from .cache.packed import PackedKV
 from .schemes.base import TensorQuant
@@ -32,10 +36,10 @@ def _quant(kind: str, bits: float, group_size: int, axis: str, clip_ratio: float
     return TensorQuant(kind, bits if bits != int(bits) else int(bits), group_size or None, axis, clip_ratio, permuted)
 
 
-def _packed(codes, scale, zero, sink, window, perm, counts, kind, bits, group_size, axis, clip_ratio, n_sink,
+def _packed(codes, scale, zero, sink, window, perm, counts, rope, kind, bits, group_size, axis, clip_ratio, n_sink,
             window_size) -> PackedKV:
     q = _quant(kind, bits, group_size, axis, clip_ratio, perm is not None)
-    return PackedKV(codes, scale, zero, sink, window, perm, counts, q, sink.shape[-1], n_sink, window_size,
+    return PackedKV(codes, scale, zero, sink, window, perm, counts, rope, q, sink.shape[-1], n_sink, window_size,
                     sink.dtype)
 
 
@@ -47,17 +51,17 @@ def _packed(codes, scale, zero, sink, window, perm, counts, kind, bits, group_si
 )
 def quantize_kv_write_(
     new: Tensor, codes: Tensor, scale: Tensor, zero: Optional[Tensor], sink: Tensor, window: Tensor,
-    perm: Optional[Tensor], counts: Tensor, kind: str, bits: float, group_size: int, axis: str, clip_ratio: float,
-    n_sink: int, window_size: int,
+    perm: Optional[Tensor], counts: Tensor, rope: Optional[Tensor], kind: str, bits: float, group_size: int,
+    axis: str, clip_ratio: float, n_sink: int, window_size: int,
 ) -> None:
     """Append ``new`` [B, H, T, D] to the packed storage; tokens leaving the window are quantized."""
-    pk = _packed(codes, scale, zero, sink, window, perm, counts, kind, bits, group_size, axis, clip_ratio, n_sink,
+    pk = _packed(codes, scale, zero, sink, window, perm, counts, rope, kind, bits, group_size, axis, clip_ratio, n_sink,
                  window_size)
     pk.append(new)
 
 
 @quantize_kv_write_.register_fake
-def _(new, codes, scale, zero, sink, window, perm, counts, kind, bits, group_size, axis, clip_ratio, n_sink,
+def _(new, codes, scale, zero, sink, window, perm, counts, rope, kind, bits, group_size, axis, clip_ratio, n_sink,
       window_size):
     return None
 
@@ -66,7 +70,7 @@ def write(pk: PackedKV, new: Tensor) -> None:
     """``quantize_kv_write_`` on a PackedKV's storage."""
     q = pk.quant
     torch.ops.kvcompile.quantize_kv_write_(
-        new, pk.codes, pk.scale, pk.zero, pk.sink, pk.window, pk.perm, pk.counts, q.kind, float(q.bits),
+        new, pk.codes, pk.scale, pk.zero, pk.sink, pk.window, pk.perm, pk.counts, pk.rope, q.kind, float(q.bits),
         q.group_size or 0, q.axis, q.clip_ratio, pk.n_sink, pk.window_size,
     )
     pk._host = None  # the op wrote counts
@@ -100,17 +104,17 @@ def attention_reference(q: Tensor, k: Tensor, v: Tensor, scale: float, mask: Opt
 def dequant_attention(
     q: Tensor,
     k_codes: Tensor, k_scale: Tensor, k_zero: Optional[Tensor], k_sink: Tensor, k_window: Tensor,
-    k_perm: Optional[Tensor], k_counts: Tensor,
+    k_perm: Optional[Tensor], k_counts: Tensor, k_rope: Optional[Tensor],
     v_codes: Tensor, v_scale: Tensor, v_zero: Optional[Tensor], v_sink: Tensor, v_window: Tensor,
-    v_perm: Optional[Tensor], v_counts: Tensor,
+    v_perm: Optional[Tensor], v_counts: Tensor, v_rope: Optional[Tensor],
     k_kind: str, k_bits: float, k_group_size: int, k_axis: str,
     v_kind: str, v_bits: float, v_group_size: int, v_axis: str,
     n_sink: int, window_size: int, scale: float, mask: Optional[Tensor], is_causal: bool,
 ) -> Tensor:
     """Attention of q [B, Hq, Nq, D] over packed K/V; returns [B, Hq, Nq, D] contiguous, in q's dtype."""
-    kp = _packed(k_codes, k_scale, k_zero, k_sink, k_window, k_perm, k_counts, k_kind, k_bits, k_group_size,
+    kp = _packed(k_codes, k_scale, k_zero, k_sink, k_window, k_perm, k_counts, k_rope, k_kind, k_bits, k_group_size,
                  k_axis, 1.0, n_sink, window_size)
-    vp = _packed(v_codes, v_scale, v_zero, v_sink, v_window, v_perm, v_counts, v_kind, v_bits, v_group_size,
+    vp = _packed(v_codes, v_scale, v_zero, v_sink, v_window, v_perm, v_counts, v_rope, v_kind, v_bits, v_group_size,
                  v_axis, 1.0, n_sink, window_size)
     if q.is_cuda:
         out = _fused_cuda(q, kp, vp, scale, mask, is_causal)
@@ -120,8 +124,8 @@ def dequant_attention(
 
 
 @dequant_attention.register_fake
-def _(q, k_codes, k_scale, k_zero, k_sink, k_window, k_perm, k_counts, v_codes, v_scale, v_zero, v_sink, v_window,
-      v_perm, v_counts, k_kind, k_bits, k_group_size, k_axis, v_kind, v_bits, v_group_size, v_axis, n_sink,
+def _(q, k_codes, k_scale, k_zero, k_sink, k_window, k_perm, k_counts, k_rope, v_codes, v_scale, v_zero, v_sink,
+      v_window, v_perm, v_counts, v_rope, k_kind, k_bits, k_group_size, k_axis, v_kind, v_bits, v_group_size, v_axis, n_sink,
       window_size, scale, mask, is_causal):
     return q.new_empty(q.shape)  # contiguous, as the real implementations return
 
@@ -133,8 +137,8 @@ def attention(q: Tensor, k: PackedKV, v: PackedKV, *, scale: float | None = None
         scale = 1.0 / math.sqrt(q.shape[-1])
     kq, vq = k.quant, v.quant
     return torch.ops.kvcompile.dequant_attention(
-        q, k.codes, k.scale, k.zero, k.sink, k.window, k.perm, k.counts,
-        v.codes, v.scale, v.zero, v.sink, v.window, v.perm, v.counts,
+        q, k.codes, k.scale, k.zero, k.sink, k.window, k.perm, k.counts, k.rope,
+        v.codes, v.scale, v.zero, v.sink, v.window, v.perm, v.counts, v.rope,
         kq.kind, float(kq.bits), kq.group_size or 0, kq.axis,
         vq.kind, float(vq.bits), vq.group_size or 0, vq.axis,
         k.n_sink, k.window_size, float(scale), mask, bool(is_causal),
@@ -146,6 +150,8 @@ def _fused_unsupported(q: Tensor, kp: PackedKV, vp: PackedKV, mask: Optional[Ten
     from .kernels import decode_attention as k
 
     for p in (kp, vp):
+        if p.rope is not None:
+            return "K/V quantized before RoPE (the kernel does not re-apply RoPE yet)"
         qt = p.quant
         if qt.kind != "affine" or qt.axis != "token":
             return f"{qt.kind} quantization with {qt.axis}-axis groups"
@@ -181,7 +187,10 @@ def _fused_cuda(q: Tensor, kp: PackedKV, vp: PackedKV, scale: float, mask: Optio
 
     n_s, n_q, n_w = kp.lengths()
     b, hq, nq, d = q.shape
-    if not fused_decode_is_profitable(batch=b, kv_heads=kp.shape[1], head_dim=d, seq_len=n_s + n_q + n_w,
+    policy = os.environ.get("KVCOMPILE_FUSED", "auto")  # auto | always | never
+    if policy == "never":
+        return None
+    if policy != "always" and not fused_decode_is_profitable(batch=b, kv_heads=kp.shape[1], head_dim=d, seq_len=n_s + n_q + n_w,
                                       k_bits=int(kp.quant.bits), v_bits=int(vp.quant.bits)):
         return None  # short context: dequantize + SDPA is as fast
     r = hq // kp.shape[1]
@@ -198,6 +207,8 @@ def _fused_cuda(q: Tensor, kp: PackedKV, vp: PackedKV, scale: float, mask: Optio
     if vp.perm is not None:  # values were stored in their permuted order: put the output channels back
         inv = torch.argsort(vp.perm, dim=-1).repeat_interleave(r, dim=0)[None, :, None, :].expand_as(out)
         out = torch.gather(out, -1, inv)
+    if not torch.compiler.is_compiling():
+        counters["kvcompile"]["fused_attention_calls"] += 1
     return out.contiguous()
 
 

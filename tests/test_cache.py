@@ -215,3 +215,35 @@ def test_layer_spec_validation_errors():
         TensorQuant("affine", 5, 32)
     with pytest.raises(ValueError, match="n_sink"):
         LayerSpec(TensorQuant(), TensorQuant(), n_sink=-1)
+
+
+@pytest.mark.parametrize("pre_rope", [False, True])
+def test_permuted_and_pre_rope_storage_round_trips(pre_rope):
+    """Sink and window come back exact; the middle is the reference quantization in the stored channel order
+    (and before RoPE); every stored part is in the permuted order, as the fused kernel assumes."""
+    from kvcompile.cache.packed import rotate
+
+    torch.manual_seed(0)
+    q = TensorQuant("affine", 2, 8, "token", permute=True)
+    inv = 1.0 / (10000 ** (torch.arange(0, 16, 2).float() / 16)) if pre_rope else None
+    x = torch.randn(1, 2, 60, 16) * torch.exp(torch.randn(16))
+    pk = PackedKV.empty(1, 2, 16, q, capacity=64, n_sink=3, window=5, dtype=torch.float32, rope_inv_freq=inv)
+    pk.append(x[:, :, :2])
+    pk.append(x[:, :, 2:41])
+    pk.append(x[:, :, 41:])
+    n_s, n_q, n_w = pk.lengths()
+    assert (n_s, n_q, n_w) == (3, 52, 5)
+    assert not torch.equal(pk.perm, torch.arange(16).repeat(2, 1))
+    out = pk.dequantize()
+    torch.testing.assert_close(out[:, :, :3], x[:, :, :3], rtol=0, atol=0)
+    torch.testing.assert_close(out[:, :, -5:], x[:, :, -5:], rtol=0, atol=0)
+    assert torch.equal(pk.sink, quant.apply_perm(x[:, :, :3], pk.perm))
+    assert torch.equal(pk.window, quant.apply_perm(x[:, :, -5:], pk.perm))
+    mid = x[:, :, 3:55]
+    if pre_rope:
+        mid = rotate(mid, torch.arange(3, 55), inv, inverse=True)
+    c, s, z = quant.quantize_affine(quant.apply_perm(mid, pk.perm), 2, 8)
+    expect = quant.unapply_perm(quant.dequantize_affine(c, s, z, 8), pk.perm)
+    if pre_rope:
+        expect = rotate(expect, torch.arange(3, 55), inv)
+    torch.testing.assert_close(out[:, :, 3:55], expect, rtol=1e-5, atol=1e-5)

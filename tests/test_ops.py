@@ -31,14 +31,14 @@ def _filled(q, length, *, b=2, h=2, d=16, n_sink=2, window=4, dtype=torch.float3
 
 def _write_args(pk, new):
     q = pk.quant
-    return (new, pk.codes, pk.scale, pk.zero, pk.sink, pk.window, pk.perm, pk.counts, q.kind, float(q.bits),
+    return (new, pk.codes, pk.scale, pk.zero, pk.sink, pk.window, pk.perm, pk.counts, pk.rope, q.kind, float(q.bits),
             q.group_size or 0, q.axis, q.clip_ratio, pk.n_sink, pk.window_size)
 
 
 def _attn_args(q, k, v, mask=None, is_causal=False, scale=0.25):
     kq, vq = k.quant, v.quant
-    return (q, k.codes, k.scale, k.zero, k.sink, k.window, k.perm, k.counts,
-            v.codes, v.scale, v.zero, v.sink, v.window, v.perm, v.counts,
+    return (q, k.codes, k.scale, k.zero, k.sink, k.window, k.perm, k.counts, k.rope,
+            v.codes, v.scale, v.zero, v.sink, v.window, v.perm, v.counts, v.rope,
             kq.kind, float(kq.bits), kq.group_size or 0, kq.axis, vq.kind, float(vq.bits), vq.group_size or 0,
             vq.axis, k.n_sink, k.window_size, scale, mask, is_causal)
 
@@ -99,14 +99,14 @@ def test_decode_steps_compile_once_with_no_graph_break():
     kr, vr = k.clone(), v.clone()
 
     def step(q, new_k, new_v, k_parts, v_parts):
-        torch.ops.kvcompile.quantize_kv_write_(new_k, *k_parts[:7], "affine", 2.0, 8, "token", 1.0, 2, 4)
-        torch.ops.kvcompile.quantize_kv_write_(new_v, *v_parts[:7], "affine", 2.0, 8, "token", 1.0, 2, 4)
+        torch.ops.kvcompile.quantize_kv_write_(new_k, *k_parts[:8], "affine", 2.0, 8, "token", 1.0, 2, 4)
+        torch.ops.kvcompile.quantize_kv_write_(new_v, *v_parts[:8], "affine", 2.0, 8, "token", 1.0, 2, 4)
         return torch.ops.kvcompile.dequant_attention(
             q, *k_parts, *v_parts, "affine", 2.0, 8, "token", "affine", 2.0, 8, "token", 2, 4, 0.25, None, False)
 
     counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
     compiled = torch.compile(step, backend=counter, fullgraph=True)
-    parts = lambda p: (p.codes, p.scale, p.zero, p.sink, p.window, p.perm, p.counts)  # noqa: E731
+    parts = lambda p: (p.codes, p.scale, p.zero, p.sink, p.window, p.perm, p.counts, p.rope)  # noqa: E731
     for _ in range(12):
         q = torch.randn(1, 2, 1, 16)
         nk, nv = torch.randn(1, 2, 1, 16), torch.randn(1, 2, 1, 16)
@@ -125,7 +125,8 @@ def test_decode_steps_compile_once_with_no_graph_break():
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("permute", [False, True])
 @pytest.mark.parametrize("nq,r", [(1, 4), (3, 3), (1, 1)])
-def test_cuda_fused_path_matches_reference(dtype, permute, nq, r):
+def test_cuda_fused_path_matches_reference(dtype, permute, nq, r, monkeypatch):
+    monkeypatch.setenv("KVCOMPILE_FUSED", "always")
     torch.manual_seed(0)
     q_ = TensorQuant("affine", 2, 32, "token", permute=permute)
     v_ = TensorQuant("affine", 4, 64, "token", permute=permute)

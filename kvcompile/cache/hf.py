@@ -27,8 +27,15 @@ class PackedLayer(CacheLayerMixin):
     is_croppable = False
 
     def __init__(self, spec: LayerSpec, *, meta_dtype: str = "float16", max_cache_len: int | None = None,
-                 packed_attention: bool = False):
+                 packed_attention: bool = False, rope_inv_freq: torch.Tensor | None = None):
         super().__init__()
+        if spec.k_pre_rope and rope_inv_freq is None:
+            raise ValueError(
+                "this scheme quantizes keys before RoPE (pre_rope=True), which needs the model's rotary "
+                "frequencies: build the cache from the model (kvcompile.make_cache(model, ...) or "
+                "kvcompile.apply(model, ...)), or pass pre_rope=False"
+            )
+        self.rope_inv_freq = rope_inv_freq if spec.k_pre_rope else None
         self.packed_attention = packed_attention
         self.spec = spec
         self.meta_dtype = meta_dtype
@@ -51,7 +58,7 @@ class PackedLayer(CacheLayerMixin):
             device=key_states.device,
             meta_dtype=self.meta_dtype,
         )
-        self.k = PackedKV.empty(b, h, d, self.spec.k, **common)
+        self.k = PackedKV.empty(b, h, d, self.spec.k, rope_inv_freq=self.rope_inv_freq, **common)
         self.v = PackedKV.empty(b, value_states.shape[1], dv, self.spec.v, **common)
         self.device = key_states.device
         self.dtype = key_states.dtype
@@ -190,13 +197,13 @@ class KVCompileCache(Cache):
     """
 
     def __init__(self, config, scheme: str | Scheme = "skvq", *, max_cache_len: int | None = None,
-                 packed_attention: bool = False, **overrides):
+                 packed_attention: bool = False, rope_inv_freq: torch.Tensor | None = None, **overrides):
         self.scheme = get_scheme(scheme, **overrides)
         text_config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
         num_layers = text_config.num_hidden_layers
         layers = [
             PackedLayer(spec, meta_dtype=self.scheme.meta_dtype, max_cache_len=max_cache_len,
-                        packed_attention=packed_attention)
+                        packed_attention=packed_attention, rope_inv_freq=rope_inv_freq)
             for spec in self.scheme.layer_specs(num_layers)
         ]
         super().__init__(layers=layers)

@@ -46,12 +46,12 @@ def _round_up(n: int, m: int) -> int:
 
 
 class PackedKV(torch.Tensor):
-    tensor_data_names = ("codes", "scale", "zero", "sink", "window", "perm", "counts")
+    tensor_data_names = ("codes", "scale", "zero", "sink", "window", "perm", "counts", "rope")
     tensor_attribute_names = ("quant", "head_dim", "n_sink", "window_size", "kv_dtype")
 
     # ------------------------------------------------------------------ construction
     @staticmethod
-    def __new__(cls, codes, scale, zero, sink, window, perm, counts, quant, head_dim, n_sink, window_size,
+    def __new__(cls, codes, scale, zero, sink, window, perm, counts, rope, quant, head_dim, n_sink, window_size,
                 kv_dtype):
         b, h = sink.shape[:2]
         capacity = n_sink + codes.shape[2] + window_size
@@ -59,7 +59,7 @@ class PackedKV(torch.Tensor):
             cls, (b, h, capacity, head_dim), dtype=kv_dtype, device=sink.device, requires_grad=False
         )
 
-    def __init__(self, codes, scale, zero, sink, window, perm, counts, quant, head_dim, n_sink, window_size,
+    def __init__(self, codes, scale, zero, sink, window, perm, counts, rope, quant, head_dim, n_sink, window_size,
                  kv_dtype):
         self.codes = codes
         self.scale = scale
@@ -68,6 +68,7 @@ class PackedKV(torch.Tensor):
         self.window = window
         self.perm = perm
         self.counts = counts
+        self.rope = rope
         self.quant = quant
         self.head_dim = head_dim
         self.n_sink = n_sink
@@ -90,8 +91,15 @@ class PackedKV(torch.Tensor):
         dtype: torch.dtype = torch.float16,
         device: torch.device | str = "cpu",
         meta_dtype: str | torch.dtype = "float16",
+        rope_inv_freq: torch.Tensor | None = None,
     ) -> PackedKV:
-        """Allocate storage for ``capacity`` tokens (sink + quantized middle + window)."""
+        """Allocate storage for ``capacity`` tokens (sink + quantized middle + window).
+
+        ``rope_inv_freq`` (the model's rotary inverse frequencies, [rotary_dim / 2]): quantize the middle
+        *before* RoPE. Tokens are un-rotated by their position on the way in and rotated back on the way out
+        (the same angle both ways, so only quantization error remains); pre-RoPE keys keep a stable
+        per-channel structure that channel grouping can use (SKVQ's pre_rope, KVQuant).
+        """
         meta = _meta_dtype(meta_dtype)
         if not dtype.is_floating_point:
             raise ValueError(f"PackedKV holds floating-point K/V; got dtype {dtype}")
@@ -107,7 +115,12 @@ class PackedKV(torch.Tensor):
         if quant.permute:
             perm = torch.arange(head_dim, device=device).repeat(heads, 1)
         counts = torch.zeros(3, dtype=torch.int64, device=device)
-        out = cls(codes, scale, zero, sink, win, perm, counts, quant, head_dim, n_sink, window, dtype)
+        rope = None
+        if rope_inv_freq is not None:
+            rope = rope_inv_freq.detach().to(device=device, dtype=torch.float32).clone()
+            if 2 * rope.numel() > head_dim:
+                raise ValueError(f"rope_inv_freq has {rope.numel()} frequencies, more than head_dim/2 = {head_dim // 2}")
+        out = cls(codes, scale, zero, sink, win, perm, counts, rope, quant, head_dim, n_sink, window, dtype)
         out._host = [0, 0, 0]
         return out
 
@@ -178,7 +191,7 @@ class PackedKV(torch.Tensor):
             fit(self.codes, mid), fit(self.scale, mid // per_meta),
             None if self.zero is None else fit(self.zero, mid // per_meta),
             self.sink.clone(), self.window.clone(), None if self.perm is None else self.perm.clone(),
-            self.counts.clone(), *(getattr(self, a) for a in self.tensor_attribute_names),
+            self.counts.clone(), self.rope, *(getattr(self, a) for a in self.tensor_attribute_names),
         )
         out._host = list(self.lengths())
         return out
@@ -195,8 +208,19 @@ class PackedKV(torch.Tensor):
         self.counts.copy_(torch.tensor(self._host, dtype=torch.int64))
 
     # ------------------------------------------------------------------ quantize-on-write
+    def _stored(self, x: torch.Tensor) -> torch.Tensor:
+        """Full-precision tokens as stored: in the channel order ``perm`` (identity until it is calibrated)."""
+        return x if self.perm is None else quant.apply_perm(x, self.perm)
+
+    def _unstored(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.perm is None else quant.unapply_perm(x, self.perm)
+
     def append(self, x: torch.Tensor) -> None:
-        """Append new tokens ``x`` of shape [B, H, T, D]; tokens leaving the window are quantized."""
+        """Append new tokens ``x`` of shape [B, H, T, D]; tokens leaving the window are quantized.
+
+        With a channel permutation, every part (sink, middle, window) is stored in the permuted channel order,
+        so that an attention kernel can fold the permutation into q and the output once for all parts.
+        """
         b, h, cap, d = self.shape
         if x.dim() != 4 or x.shape[0] != b or x.shape[1] != h or x.shape[3] != d:
             raise ValueError(f"append expects [B={b}, H={h}, T, D={d}], got {tuple(x.shape)}")
@@ -204,22 +228,36 @@ class PackedKV(torch.Tensor):
         n_s, n_q, n_w = self.lengths()
         take = min(x.shape[2], self.n_sink - n_s)
         if take > 0:
-            self.sink[:, :, n_s : n_s + take] = x[:, :, :take]
+            self.sink[:, :, n_s : n_s + take] = self._stored(x[:, :, :take])
             n_s += take
         rest = x[:, :, max(take, 0):]
         if rest.shape[2] == 0:
             self._set_counts(n_s, n_q, n_w)
             return
-        pending = torch.cat([self.window[:, :, :n_w], rest], dim=2) if n_w else rest
+        pending = torch.cat([self._unstored(self.window[:, :, :n_w]), rest], dim=2) if n_w else rest
         flush = self.quant.flush
         n_move = max(0, (pending.shape[2] - self.window_size) // flush * flush)
         if n_move:
+            if self.perm is not None and n_q == 0:
+                self._calibrate_perm(pending[:, :, :n_move], n_s)
             self._quantize_into(pending[:, :, :n_move], n_q)
             n_q += n_move
         keep = pending[:, :, n_move:]
         n_w = keep.shape[2]
-        self.window[:, :, :n_w] = keep
+        self.window[:, :, :n_w] = self._stored(keep)
         self._set_counts(n_s, n_q, n_w)
+
+    def _calibrate_perm(self, x: torch.Tensor, n_s: int) -> None:
+        """SKVQ channel order, uncalibrated: taken from the first tokens that get quantized (the prefill).
+        Before this, ``perm`` is the identity, so the sink tokens already stored are re-stored in the new order."""
+        if self.rope is not None:
+            pos = torch.arange(self.n_sink, self.n_sink + x.shape[2], device=x.device)
+            x = rotate(x.float(), pos, self.rope, inverse=True)
+        g = self.quant.group_for(self.head_dim)
+        self.perm.copy_(quant.channel_perm_by_range(x.float(), g, bits=self.quant.bits,
+                                                    clip_ratio=self.quant.clip_ratio))
+        if n_s:
+            self.sink[:, :, :n_s] = quant.apply_perm(self.sink[:, :, :n_s], self.perm)
 
     def _check_capacity(self, needed: int) -> None:
         if needed > self.codes.shape[2]:
@@ -235,11 +273,11 @@ class PackedKV(torch.Tensor):
         n = x.shape[2]
         self._check_capacity(start + n)
         d = self.head_dim
+        if self.rope is not None:  # quantize before RoPE: undo the rotation of these positions
+            pos = torch.arange(self.n_sink + start, self.n_sink + start + n, device=x.device)
+            x = rotate(x.float(), pos, self.rope, inverse=True)
         g = q.group_for(d)  # along channels; along tokens (axis="channel") the group is q.group_size
         gs = q.group_size if q.axis == "channel" else g
-        if self.perm is not None and start == 0:
-            # SKVQ channel order, uncalibrated: taken from the first tokens that get quantized (the prefill)
-            self.perm.copy_(quant.channel_perm_by_range(x.float(), g, bits=q.bits, clip_ratio=q.clip_ratio))
         if self.perm is not None:
             x = quant.apply_perm(x, self.perm)
         meta = self.scale.dtype
@@ -283,16 +321,18 @@ class PackedKV(torch.Tensor):
             x = quant.dequantize_fp8(codes, scale)
         if self.perm is not None:
             x = quant.unapply_perm(x, self.perm)
+        if self.rope is not None:
+            x = rotate(x, torch.arange(self.n_sink, self.n_sink + n_q, device=x.device), self.rope)
         return x
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The logical [B, H, L, D] tensor: sink ++ dequantized middle ++ window."""
         dtype = dtype or self.kv_dtype
         n_s, n_q, n_w = self.lengths()
-        parts = [self.sink[:, :, :n_s].to(dtype)]
+        parts = [self._unstored(self.sink[:, :, :n_s]).to(dtype)]
         if n_q:
             parts.append(self.dequantize_middle().to(dtype))
-        parts.append(self.window[:, :, :n_w].to(dtype))
+        parts.append(self._unstored(self.window[:, :, :n_w]).to(dtype))
         return torch.cat(parts, dim=2)
 
     # ------------------------------------------------------------------ batch reordering (beam search)
@@ -301,7 +341,7 @@ class PackedKV(torch.Tensor):
         index = index.to(self.sink.device)
 
         def pick(t: torch.Tensor) -> torch.Tensor:
-            return t if t is self.perm or t is self.counts else t.index_select(0, index)
+            return t if t is self.perm or t is self.counts or t is self.rope else t.index_select(0, index)
 
         return self._with_data(pick)
 
@@ -358,6 +398,21 @@ def _to_copy(func, types, args, kwargs):
         return type(self)(*(getattr(out, n) for n in self.tensor_data_names),
                           *(getattr(out, a) for a in self.tensor_attribute_names))
     return out
+
+
+def rotate(x: torch.Tensor, pos: torch.Tensor, inv_freq: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+    """Rotary embedding in transformers' rotate-half convention on the first ``2 * len(inv_freq)`` channels of
+    ``x [..., T, D]`` at positions ``pos [T]`` (float32); ``inverse`` rotates by minus the angle."""
+    rd = 2 * inv_freq.numel()
+    freqs = pos.to(torch.float32)[:, None] * inv_freq[None, :]
+    emb = torch.cat([freqs, freqs], dim=-1)
+    cos, sin = emb.cos(), emb.sin()
+    if inverse:
+        sin = -sin
+    xr, rest = x[..., :rd], x[..., rd:]
+    half = rd // 2
+    rot = torch.cat([-xr[..., half:], xr[..., :half]], dim=-1)
+    return torch.cat([xr * cos + rot * sin, rest], dim=-1)
 
 
 def _bytes_per_token(q: TensorQuant, head_dim: int) -> int:

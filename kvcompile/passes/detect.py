@@ -328,7 +328,7 @@ def _match_sdpa(node: fx.Node, ctx: _Ctx) -> AttentionSite:
 
 
 # kvcompile::dequant_attention's arguments: q, 7 K storage tensors, 7 V storage tensors, then scalars
-_DA_K, _DA_V, _DA_SCALE, _DA_MASK, _DA_CAUSAL = 1, 8, 25, 26, 27
+_DA_K, _DA_V, _DA_SCALE, _DA_MASK, _DA_CAUSAL = 1, 9, 27, 28, 29
 
 
 def _match_packed(node: fx.Node, ctx: _Ctx) -> AttentionSite:

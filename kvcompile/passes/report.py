@@ -236,9 +236,14 @@ def build_graph_report(detection: DetectionReport, plan: Any, scheme: Any, gm: A
     return GraphReport(detection.name, detection, tuple(rows), counts, gm.code)
 
 
+from .detect import _DA_SCALE  # noqa: E402
+
+
 def _packed_bits(gm: Any, site: SiteReport) -> tuple[str | None, float | None, float | None]:
     """(scheme label, K bits, V bits) of a site already on dequant_attention, from its arguments."""
     for node in gm.graph.nodes:
-        if node.name == site.output and len(node.args) > 23:
-            return f"cache ({node.args[15]}/{node.args[19]})", float(node.args[16]), float(node.args[20])
+        if node.name == site.output and len(node.args) > _DA_SCALE:
+            kk = _DA_SCALE - 10  # k_kind; then k_bits, k_group_size, k_axis, v_kind, v_bits, ...
+            return (f"cache ({node.args[kk]}/{node.args[kk + 4]})", float(node.args[kk + 1]),
+                    float(node.args[kk + 5]))
     return None, None, None

@@ -462,17 +462,20 @@ def _position_fn(gm: fx.GraphModule, pos: Any, placeholders: list[fx.Node], cach
 
 def _packed_site_bytes(site: AttentionSite, example_inputs: list[Any]) -> tuple[int, int]:
     """(packed bytes, full-precision bytes for the same capacity) of a site that already reads packed storage."""
+    from .detect import _DA_K, _DA_SCALE, _DA_V
+
+    n_parts = len(PackedKV.tensor_data_names)
     packed = full = 0
     node = site.output
-    for first in (1, 8):
-        parts = node.args[first:first + 7]
+    for first in (_DA_K, _DA_V):
+        parts = node.args[first:first + n_parts]
         tensors = [tensor_meta(p) for p in parts if p is not None]
         if any(t is None for t in tensors):
             return 0, 0
         packed += sum(t.numel() * t.element_size() for t in tensors)
         sink, window = tensor_meta(parts[3]), tensor_meta(parts[4])
         codes = tensor_meta(parts[0])
-        n_sink, win = node.args[23], node.args[24]
+        n_sink, win = node.args[_DA_SCALE - 2], node.args[_DA_SCALE - 1]
         cap = n_sink + codes.shape[2] + win
         b, h, _, d = sink.shape
         full += b * h * cap * d * sink.element_size()

@@ -82,6 +82,7 @@ class LayerSpec:
     v: TensorQuant
     n_sink: int = 0
     window: int = 0
+    k_pre_rope: bool = False  # quantize keys before RoPE (needs the model's rotary frequencies)
 
     def __post_init__(self):
         if self.n_sink < 0 or self.window < 0:
