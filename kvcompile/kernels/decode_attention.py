@@ -183,6 +183,25 @@ def _load_fp_planes(base, offs_t, tmask, st, sc, PER: tl.constexpr, D: tl.conste
 
 
 @triton.jit
+def _load_fp_tile(base, offs_t, tmask, st, sc, PER: tl.constexpr, D: tl.constexpr, FP_CONTIG: tl.constexpr):
+    """The PER channel planes of a full-precision [tokens, D] tile: one strided load per plane, or (FP_CONTIG)
+    one contiguous load split in registers. With PER == 2 the last two are the first two again (unused)."""
+    if FP_CONTIG:
+        x0, x1, x2, x3 = _load_fp_planes(base, offs_t, tmask, st, sc, PER, D)
+    else:
+        DP: tl.constexpr = D // PER
+        x0 = _load_fp_plane(base, offs_t, tmask, st, sc, 0, PER, DP)
+        x1 = _load_fp_plane(base, offs_t, tmask, st, sc, 1, PER, DP)
+        if PER == 4:
+            x2 = _load_fp_plane(base, offs_t, tmask, st, sc, 2, PER, DP)
+            x3 = _load_fp_plane(base, offs_t, tmask, st, sc, 3, PER, DP)
+        else:
+            x2 = x0
+            x3 = x1
+    return x0, x1, x2, x3
+
+
+@triton.jit
 def _bc(x, SUB: tl.constexpr):
     """Score-domain per-token vectors: [BLOCK_N] broadcast over rows (SUB == 1) or already [M, BLOCK_N // SUB]."""
     if SUB == 1:
@@ -249,24 +268,12 @@ def _fp_tile(q0, q1, q2, q3, m_i, l_i, acc0, acc1, acc2, acc3,
     planes hold 2**(j * bits) * out_j, so p is scaled by that (exact) factor. offs_s / smask / pos_s are
     the score-domain tokens (see _bc); with FP_CONTIG the tile is loaded contiguously and split into
     planes in registers instead of one strided load per plane."""
-    DPK: tl.constexpr = D // PER_K
-    DPV: tl.constexpr = D // PER_V
     KB: tl.constexpr = 8 // PER_K
     VB: tl.constexpr = 8 // PER_V
     KF1: tl.constexpr = (1 << KB) if K_SHIFTED else 1
     KF2: tl.constexpr = (1 << (2 * KB)) if K_SHIFTED else 1
     KF3: tl.constexpr = (1 << (3 * KB)) if K_SHIFTED else 1
-    if FP_CONTIG:
-        k0, k1, k2, k3 = _load_fp_planes(k_base, offs_t, tmask, skt, skc, PER_K, D)
-    else:
-        k0 = _load_fp_plane(k_base, offs_t, tmask, skt, skc, 0, PER_K, DPK)
-        k1 = _load_fp_plane(k_base, offs_t, tmask, skt, skc, 1, PER_K, DPK)
-        if PER_K == 4:
-            k2 = _load_fp_plane(k_base, offs_t, tmask, skt, skc, 2, PER_K, DPK)
-            k3 = _load_fp_plane(k_base, offs_t, tmask, skt, skc, 3, PER_K, DPK)
-        else:
-            k2 = k0
-            k3 = k1
+    k0, k1, k2, k3 = _load_fp_tile(k_base, offs_t, tmask, skt, skc, PER_K, D, FP_CONTIG)
     raw = _mm(q0, tl.trans(k0), USE_DOT, DOT_FP32)
     raw += KF1 * _mm(q1, tl.trans(k1), USE_DOT, DOT_FP32)
     if PER_K == 4:
@@ -278,17 +285,7 @@ def _fp_tile(q0, q1, q2, q3, m_i, l_i, acc0, acc1, acc2, acc3,
     VF1: tl.constexpr = (1 << VB) if V_SHIFTED else 1
     VF2: tl.constexpr = (1 << (2 * VB)) if V_SHIFTED else 1
     VF3: tl.constexpr = (1 << (3 * VB)) if V_SHIFTED else 1
-    if FP_CONTIG:
-        v0, v1, v2, v3 = _load_fp_planes(v_base, offs_t, tmask, svt, svc, PER_V, D)
-    else:
-        v0 = _load_fp_plane(v_base, offs_t, tmask, svt, svc, 0, PER_V, DPV)
-        v1 = _load_fp_plane(v_base, offs_t, tmask, svt, svc, 1, PER_V, DPV)
-        if PER_V == 4:
-            v2 = _load_fp_plane(v_base, offs_t, tmask, svt, svc, 2, PER_V, DPV)
-            v3 = _load_fp_plane(v_base, offs_t, tmask, svt, svc, 3, PER_V, DPV)
-        else:
-            v2 = v0
-            v3 = v1
+    v0, v1, v2, v3 = _load_fp_tile(v_base, offs_t, tmask, svt, svc, PER_V, D, FP_CONTIG)
     acc0 = acc0 * alpha[:, None] + _mm(_rows_expand(p.to(DTYPE), sbr, SUB), v0, USE_DOT, DOT_FP32)
     acc1 = acc1 * alpha[:, None] + _mm(_rows_expand((p * VF1).to(DTYPE), sbr, SUB), v1, USE_DOT, DOT_FP32)
     if PER_V == 4:
