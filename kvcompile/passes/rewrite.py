@@ -41,6 +41,7 @@ them); on this route the packed storage is in addition to them. ``kvcompile.appl
 from __future__ import annotations
 
 import math
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -212,6 +213,10 @@ def restart_at_position_zero(counts: torch.Tensor, position: torch.Tensor) -> No
     counts.mul_(position.reshape(-1)[:1].ne(0).to(counts.dtype))
 
 
+log = logging.getLogger("kvcompile")
+_WARNED: set[str] = set()
+
+
 def rewrite(gm: fx.GraphModule, detection: Detection, example_inputs: list[Any], scheme: Scheme) -> RewritePlan:
     """Rewrite every site of ``detection`` whose K and V come from index writes into persistent buffers.
 
@@ -223,6 +228,12 @@ def rewrite(gm: fx.GraphModule, detection: Detection, example_inputs: list[Any],
     plan = RewritePlan(n_inputs=len(placeholders))
     rewritable = [s for s in detection.sites if s.kind != "packed"]
     specs = scheme.layer_specs(max(1, len(rewritable)))
+    if rewritable and any(sp.k_pre_rope for sp in specs) and "pre_rope" not in _WARNED:
+        # the graph does not hand the passes the model's rotary frequencies: keys are quantized after RoPE here
+        _WARNED.add("pre_rope")
+        log.warning("kvcompile backend: %s asks for keys quantized before RoPE (pre_rope), which the rewrite of "
+                    "model-owned caches does not do yet: its keys are quantized after RoPE (use "
+                    "kvcompile.apply(model, ..., compile=True) for pre-RoPE keys)", scheme.name)
     layer = 0
     position_ids: dict[fx.Node, int] = {}
     last_placeholder = placeholders[-1] if placeholders else None
