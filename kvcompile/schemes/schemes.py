@@ -6,6 +6,7 @@ Where a paper leaves a choice open, the default here says what was chosen and wh
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 from .base import LayerSpec, Scheme, TensorQuant, register_scheme
 
@@ -89,32 +90,35 @@ class NQKV(Scheme):
         return LayerSpec(k=q, v=q, n_sink=self.n_sink, window=self.window)
 
 
+@dataclass(frozen=True)
+class _PerToken8Bit(Scheme):
+    """8 bits per element with one absmax scale per token, for K and V alike (``kind`` says which format)."""
+
+    kind: ClassVar[str] = ""
+    window: int = 0
+    n_sink: int = 0
+
+    def layer_spec(self, layer_idx: int, num_layers: int) -> LayerSpec:
+        q = TensorQuant(self.kind, 8)
+        return LayerSpec(k=q, v=q, n_sink=self.n_sink, window=self.window)
+
+
 @register_scheme
 @dataclass(frozen=True)
-class Int8(Scheme):
+class Int8(_PerToken8Bit):
     """int8 per token, symmetric absmax scale: the production baseline."""
 
     name = "int8"
-    window: int = 0
-    n_sink: int = 0
-
-    def layer_spec(self, layer_idx: int, num_layers: int) -> LayerSpec:
-        q = TensorQuant("int8", 8)
-        return LayerSpec(k=q, v=q, n_sink=self.n_sink, window=self.window)
+    kind = "int8"
 
 
 @register_scheme
 @dataclass(frozen=True)
-class FP8(Scheme):
+class FP8(_PerToken8Bit):
     """fp8 (e4m3) per token with an absmax scale: the production baseline."""
 
     name = "fp8"
-    window: int = 0
-    n_sink: int = 0
-
-    def layer_spec(self, layer_idx: int, num_layers: int) -> LayerSpec:
-        q = TensorQuant("fp8", 8)
-        return LayerSpec(k=q, v=q, n_sink=self.n_sink, window=self.window)
+    kind = "fp8"
 
 
 @register_scheme
