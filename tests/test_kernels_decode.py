@@ -24,16 +24,8 @@ if not ON_GPU and type(da._decode_split_kernel).__name__ != "InterpretedFunction
     # imported earlier in this process without the interpreter: decorate again under it
     da = importlib.reload(da)
 
-from kvcompile.kernels.reference import (  # noqa: E402
-    decode_attention_reference,
-    dequantize_per_token_reference,
-    unpack_codes_reference,
-)
-
-try:
-    from kvcompile.quant import pack_codes, quantize_affine, unpack_codes, dequantize_affine
-except ImportError:  # pragma: no cover - only while kvcompile.quant is being written
-    pack_codes = quantize_affine = unpack_codes = dequantize_affine = None
+from kvcompile.kernels.reference import decode_attention_reference  # noqa: E402
+from kvcompile.quant import pack_codes, quantize_affine  # noqa: E402
 
 DEVICE = "cuda" if ON_GPU else "cpu"
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -42,24 +34,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 # ----------------------------------------------------------------------------------------- inputs
 
 
-def _quantize_local(x: torch.Tensor, bits: int, g: int):
-    """docs/format.md affine per-token groups, packed little-endian (used only without kvcompile.quant)."""
-    levels = 2**bits - 1
-    xg = x.float().reshape(*x.shape[:-1], x.shape[-1] // g, g)
-    mn, mx = xg.amin(-1), xg.amax(-1)
-    scale = ((mx - mn) / levels).clamp_min(1e-5).half()
-    zero = mn.half()
-    c = ((xg - zero.float()[..., None]) / scale.float()[..., None]).round().clamp(0, levels).to(torch.int32)
-    c = c.reshape(x.shape)
-    per = 8 // bits
-    c = c.reshape(*c.shape[:-1], c.shape[-1] // per, per)
-    packed = sum(c[..., j] << (j * bits) for j in range(per)).to(torch.uint8)
-    return packed, scale, zero
-
-
 def quantize_packed(x: torch.Tensor, bits: int, g: int):
-    if quantize_affine is None:
-        return _quantize_local(x, bits, g)
     codes, scale, zero = quantize_affine(x, bits, g, axis="token")
     return pack_codes(codes, bits), scale, zero
 
@@ -183,21 +158,6 @@ def test_single_new_token_uses_all_history():
     kw["k_codes"][:, :, 40:] = 255
     kw["k_zero"][:, :, 40:] = 1e4
     check_against_reference(kw, block_n=16)
-
-
-def test_reference_unpack_matches_quant():
-    if unpack_codes is None:
-        pytest.skip("kvcompile.quant not available")
-    gen = torch.Generator().manual_seed(0)
-    for bits in (2, 4):
-        for g in (32, 64, 128):
-            x = torch.randn(2, 3, 5, 128, generator=gen)
-            codes, scale, zero = quantize_affine(x, bits, g, axis="token")
-            packed = pack_codes(codes, bits)
-            assert torch.equal(unpack_codes_reference(packed, bits, 128), codes)
-            assert torch.equal(unpack_codes(packed, bits, 128), codes)
-            ref = dequantize_per_token_reference(packed, scale, zero, bits, g, 128)
-            torch.testing.assert_close(ref, dequantize_affine(codes, scale, zero, g, axis="token"))
 
 
 def _small_kw(**over):

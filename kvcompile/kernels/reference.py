@@ -1,8 +1,8 @@
 """Pure-PyTorch float32 reference for :func:`kvcompile.kernels.decode_attention.decode_attention`.
 
-Same keyword signature; dequantizes the packed middle (docs/format.md: per-token affine groups, codes
-little-endian within the byte), concatenates sink ++ middle ++ window, repeats the KV heads for GQA and
-runs a masked softmax in float32. This is the spec the Triton kernel is tested against.
+Same keyword signature; dequantizes the packed middle with the project's reference quantizer
+(``kvcompile.quant``: per-token affine groups, codes little-endian within the byte, docs/format.md),
+concatenates sink ++ middle ++ window, repeats the KV heads for GQA and runs a masked softmax in float32. This is the spec the Triton kernel is tested against.
 """
 
 from __future__ import annotations
@@ -11,27 +11,9 @@ import math
 
 import torch
 
-__all__ = ["decode_attention_reference", "unpack_codes_reference", "dequantize_per_token_reference"]
+from ..quant import dequantize_affine, unpack_codes
 
-
-def unpack_codes_reference(packed: torch.Tensor, bits: int, d: int) -> torch.Tensor:
-    """uint8 [..., d * bits / 8] -> uint8 codes [..., d]; code j of byte i is element i * (8 // bits) + j
-    and sits at bits j * bits .. (j + 1) * bits - 1 (bits in {1, 2, 4, 8})."""
-    if bits not in (1, 2, 4, 8):
-        raise ValueError(f"unpack_codes_reference: bits={bits} unsupported")
-    per = 8 // bits
-    shifts = torch.arange(per, device=packed.device, dtype=torch.int32) * bits
-    codes = (packed.to(torch.int32)[..., None] >> shifts) & ((1 << bits) - 1)
-    return codes.reshape(*packed.shape[:-1], packed.shape[-1] * per)[..., :d].to(torch.uint8)
-
-
-def dequantize_per_token_reference(codes_packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
-                                   bits: int, group_size: int, d: int) -> torch.Tensor:
-    """float32 [..., T, d] = code * scale + zero per group of group_size consecutive channels."""
-    c = unpack_codes_reference(codes_packed, bits, d).float()
-    g = c.reshape(*c.shape[:-1], d // group_size, group_size)
-    x = g * scale.float()[..., None] + zero.float()[..., None]
-    return x.reshape(c.shape)
+__all__ = ["decode_attention_reference"]
 
 
 def decode_attention_reference(
@@ -65,8 +47,8 @@ def decode_attention_reference(
     n_quant, n_window = int(n_quant), int(n_window)
 
     def logical(sink, codes, scale, zero, window, bits, g):
-        mid = dequantize_per_token_reference(codes[:, :, :n_quant], scale[:, :, :n_quant],
-                                             zero[:, :, :n_quant], bits, g, D)
+        c = unpack_codes(codes[:, :, :n_quant], bits, D)
+        mid = dequantize_affine(c, scale[:, :, :n_quant], zero[:, :, :n_quant], g, axis="token")
         return torch.cat([sink.float(), mid, window[:, :, :n_window].float()], dim=2)
 
     k = logical(k_sink, k_codes, k_scale, k_zero, k_window, k_bits, k_group_size)
