@@ -3,11 +3,14 @@
     python examples/compile_backend.py                       # inductor (first compile takes a while on CPU)
     python examples/compile_backend.py --compiler aot_eager  # same passes, quick to compile
 
-Two routes into the same two ops (kvcompile::quantize_kv_write_ and kvcompile::dequant_attention):
+Routes into the same two ops (kvcompile::quantize_kv_write_ and kvcompile::dequant_attention):
 
 1. ``torch.compile(model, backend="kvcompile")`` on the unchanged model with transformers' StaticCache: the
    passes find each attention site and the ``index_copy_`` that writes its K/V buffer, and rewrite them into
    the kvcompile ops on packed storage that lives outside the graph (keyed to the buffer it replaces).
+1b. The same compiled model with transformers' DynamicCache (``torch.cat`` of past and new K/V, stored back
+   on the cache): the decode graphs append to packed storage and hand the cache layers handles to it, so
+   the cache holds no full-precision K/V after the first decode step.
 2. ``kvcompile.apply(model, scheme, compile=True)``: the cache itself is packed (no full-precision buffers);
    the compiled graph already holds the ops, and ``generate`` works as usual.
 
@@ -22,7 +25,7 @@ import inspect
 import time
 
 import torch
-from transformers import StaticCache
+from transformers import DynamicCache, StaticCache
 
 import kvcompile
 from kvcompile.assets import load_model, paul_graham_essays
@@ -68,13 +71,25 @@ def main() -> None:
     # -- route 1: the backend by name, on the unchanged model and a StaticCache. The by-name backend uses the
     #    default scheme; a factory picks another: kvcompile.backend(scheme, **options, compiler=...)
     by_name = args.compiler == "inductor" and args.scheme == "skvq" and not options
-    backend = "kvcompile" if by_name else kvcompile.backend(args.scheme, compiler=args.compiler, **options)
+    backend = "kvcompile" if by_name else kvcompile.backend(args.scheme, compiler=args.compiler, capacity=capacity,
+                                                            **options)
     compiled = torch.compile(model, backend=backend, fullgraph=True)
     cache = StaticCache(config=model.config, max_cache_len=capacity)
     t0 = time.perf_counter()
     out1 = greedy(lambda x: compiled(x, **{cache_kw: cache}, use_cache=True).logits, ids, args.new_tokens)
     t_1 = time.perf_counter() - t0
     report1 = kvcompile.compile_report()
+    kvcompile.passes.clear_reports()
+
+    # -- route 1b: the same compiled model with a DynamicCache (concatenation, returned on the cache)
+    dyn = DynamicCache(config=model.config)
+    t0 = time.perf_counter()
+    out1b = greedy(lambda x: compiled(x, **{cache_kw: dyn}, use_cache=True).logits, ids, args.new_tokens)
+    t_1b = time.perf_counter() - t0
+    stores = [kvcompile.passes.packed_storage(t) for layer in dyn.layers for t in (layer.keys, layer.values)]
+    packed_1b = sum(pk.storage_nbytes() for pk in stores)
+    fp_1b = sum(pk.length * pk.shape[1] * pk.shape[0] * pk.head_dim * pk.kv_dtype.itemsize for pk in stores)
+    report1b = kvcompile.compile_report().graphs[-1]
     kvcompile.passes.clear_reports()
 
     # -- route 2: apply(compile=True): a packed transformers cache, compiled forward, generate as usual
@@ -92,9 +107,14 @@ def main() -> None:
           f"{kvcompile.get_scheme(args.scheme, **options).describe()}, compiler {args.compiler}")
     print(f"\n[full precision, eager]  ({t_ref:.1f} s)\n{text(ref)}")
     print(f"\n[torch.compile(backend=kvcompile), StaticCache rewritten]  ({t_1:.1f} s incl. compile)\n{text(out1)}")
+    print(f"\n[torch.compile(backend=kvcompile), DynamicCache rewritten]  ({t_1b:.1f} s incl. compile)\n{text(out1b)}")
     print(f"\n[kvcompile.apply(compile=True) + generate]  ({t_2:.1f} s incl. compile)\n{text(out2)}")
     print("\nWhat the passes did (route 1):")
     print(report1.to_text())
+    print("\nWhat the passes did (route 1b, the last decode graph):")
+    print(report1b.to_text())
+    print(f"route 1b cache: {len(stores)} packed storages, {packed_1b:,} bytes (capacity {capacity} tokens each) "
+          f"for {stores[0].length} tokens that take {fp_1b:,} bytes in full precision")
     print("\nWhat the passes did (route 2):")
     print(report2.to_text())
     print("\nKV cache held by route 2 (bytes measured from the storage tensors):")

@@ -1,5 +1,6 @@
 """The "kvcompile" torch.compile backend: registration, the rewrite of index-written caches (gpt-fast, and
-transformers' StaticCache in six architectures, sdpa and eager attention), the cache-API route
+transformers' StaticCache in six architectures, sdpa and eager attention), of concatenated caches returned to
+the caller (nanoGPT's present; transformers' DynamicCache in the same six), the cache-API route
 (``kvcompile.apply(..., compile=True)``), recompiles, graph breaks, the report, and logits.
 
 Logits are compared with the uncompiled full-precision model at 8 bits and with the eager packed path at 2 bits.
@@ -23,9 +24,11 @@ from kvcompile.passes.debug import ENV_VAR
 
 try:  # tests/ has no __init__.py: pytest's default import mode puts tests/ itself on sys.path
     from models.gptfast import GPTFast
+    from models.llamaref import LlamaRef
     from models.nanogpt import NanoGPT
 except ImportError:
     from tests.models.gptfast import GPTFast
+    from tests.models.llamaref import LlamaRef
     from tests.models.nanogpt import NanoGPT
 
 transformers = pytest.importorskip("transformers")
@@ -202,27 +205,203 @@ def test_gptfast_compiled_decode_takes_over_an_eager_prefill():
     assert _rel(got, expect) < 0.01
 
 
-# ---------------------------------------------------------------- nanoGPT: the returned "present" (not rewritten yet)
+# ---------------------------------------------------------------- Meta's reference Llama: slice writes, prefix reads
+
+
+def _llamaref_pair():
+    torch.manual_seed(0)
+    model = LlamaRef().eval()
+    ref = LlamaRef().eval()
+    ref.load_state_dict(model.state_dict())
+    return model, ref
+
+
+def _llamaref_run(fn, ids):
+    with torch.no_grad():
+        fn(ids[:, :PROMPT], 0)
+        return torch.cat([fn(ids[:, t:t + 1], t) for t in range(PROMPT, PROMPT + STEPS)], 1)
+
+
+def test_llamaref_slice_writes_are_rewritten_and_match():
+    """Token-major buffers [B, S, H, D] written by slice at an int start, read as the prefix [:start + T], eager
+    attention after a head repeat: rewritten (prefill and decode), 16 steps, one recompile (the int start
+    becomes dynamic), and the same logits as the uncompiled model at 8 bits."""
+    model, ref = _llamaref_pair()
+    ids = _ids(vocab=64)
+    counter = torch._dynamo.testing.CompileCounterWithBackend(kvcompile.backend("kivi", **EIGHT))
+    got = _llamaref_run(torch.compile(model, backend=counter, fullgraph=True), ids)
+    assert counter.frame_count == 2
+    assert _rel(got, _llamaref_run(ref, ids)) < 0.01
+    rep = compile_report()
+    assert all(g.counts["rewritten"] == 2 for g in rep.graphs)
+    for graph in rep.graphs:
+        _ops_in(graph.code)
+    assert rep.graphs[-1].sites[0].matched.startswith("K: setitem_slice")
+    pk = packed_storage(model.layers[0].cache_k)
+    assert pk.length == PROMPT + STEPS and pk.shape[1] == 2  # [B, H_kv, S, D] although the buffer is token-major
+
+
+def test_llamaref_two_bit_matches_the_eager_packed_graph_and_positions_are_checked():
+    model, _ = _llamaref_pair()
+    ids = _ids(vocab=64)
+    got = _llamaref_run(torch.compile(model, backend=kvcompile.backend("kivi", compiler="aot_eager", **TWO),
+                                      fullgraph=True), ids)
+    torch._dynamo.reset()
+    clear_storage()
+    compiled = torch.compile(model, backend=kvcompile.backend("kivi", compiler="eager", **TWO), fullgraph=True)
+    eager = _llamaref_run(compiled, ids)
+    torch.testing.assert_close(got, eager, rtol=1e-4, atol=1e-4)
+    again = _llamaref_run(compiled, ids)  # start_pos 0 again: a new sequence (the counts reset on the host)
+    torch.testing.assert_close(again, eager, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="continue the sequence"):
+        with torch.no_grad():
+            compiled(ids[:, :1], 3)
+
+
+# ---------------------------------------------------------------- concatenated caches returned to the caller
+
+
+def _nanogpt_run(fn, ids, steps=STEPS):
+    """Prefill PROMPT tokens, then `steps` one-token steps threading the returned presents; decode logits."""
+    with torch.no_grad():
+        _, past = fn(ids[:, :PROMPT])
+        outs = []
+        for t in range(PROMPT, PROMPT + steps):
+            logits, past = fn(ids[:, t:t + 1], past)
+            outs.append(logits)
+    return torch.cat(outs, 1), past
 
 
 @pytest.mark.parametrize("flash", [True, False], ids=["sdpa", "manual"])
-def test_nanogpt_is_found_reported_and_stays_correct(flash):
+def test_nanogpt_present_is_rewritten_compiles_once_and_matches(flash):
+    """nanoGPT's `cat([past, k])` returned as the present: rewritten into the ops; the caller gets handles that
+    stand for packed storage and passes them back. Prefill, the first decode step (a full-precision past,
+    taken over) and the decode steps with handles (dynamic length) are three frames; 16 steps, no more."""
     torch.manual_seed(0)
     model = NanoGPT(flash=flash).eval()
     ids = _ids(vocab=64)
-    compiled = torch.compile(model, backend=kvcompile.backend("kivi", compiler="eager", **EIGHT), fullgraph=True)
+    counter = torch._dynamo.testing.CompileCounterWithBackend(kvcompile.backend("kivi", capacity=CAP, **EIGHT))
+    got, past = _nanogpt_run(torch.compile(model, backend=counter, fullgraph=True), ids)
     with torch.no_grad():
-        ref, _ = model(ids[:, :PROMPT + 3])
-        _, past = compiled(ids[:, :PROMPT])
-        outs = []
-        for t in range(PROMPT, PROMPT + 3):
-            logits, past = compiled(ids[:, t:t + 1], past)
-            outs.append(logits)
-    torch.testing.assert_close(torch.cat(outs, 1), ref[:, PROMPT:], rtol=1e-4, atol=1e-4)
+        ref, _ = model(ids)
+    assert counter.frame_count == 3
+    assert _rel(got, ref[:, PROMPT:]) < 0.01
+    c = counters["kvcompile"]
+    assert c["rewritten_sites"] == 4 and c["full_precision_sites"] == 2  # the prefill has no past to append to
+    rep = compile_report()
+    for graph in rep.graphs[1:]:
+        _ops_in(graph.code)
+        assert "torch.cat" not in graph.code
+    site = rep.graphs[-1].sites[0]
+    assert site.status == "rewritten" and site.matched.startswith("K: cat")
+    assert 0 < site.packed_bytes < site.full_precision_bytes
+    k = past[0][0]
+    assert k.shape == (1, 4, PROMPT + STEPS, 8) and k.stride() == (0, 0, 0, 0) and torch.isnan(k).all()
+    pk = packed_storage(k)
+    assert pk.length == PROMPT + STEPS and pk.capacity >= CAP  # the tokens live here, packed
+    with torch.no_grad():
+        full = model(ids[:, :PROMPT + STEPS])[1][0][0]
+    assert _rel(pk.dequantize(), full) < 0.01
+
+
+def test_nanogpt_two_bit_matches_the_eager_packed_graph():
+    torch.manual_seed(0)
+    model = NanoGPT(flash=True).eval()
+    ids = _ids(vocab=64)
+    got, _ = _nanogpt_run(torch.compile(model, backend=kvcompile.backend("kivi", capacity=CAP, **TWO),
+                                        fullgraph=True), ids)
+    torch._dynamo.reset()
+    clear_storage()
+    eager, _ = _nanogpt_run(torch.compile(model, backend=kvcompile.backend("kivi", compiler="eager", capacity=CAP,
+                                                                           **TWO)), ids)
+    torch.testing.assert_close(got, eager, rtol=1e-4, atol=1e-4)
+
+
+def test_nanogpt_handles_are_checked():
+    """A stale handle, a handle changed outside the graph, and a sequence past the capacity: clear errors."""
+    torch.manual_seed(0)
+    model = NanoGPT(flash=True).eval()
+    ids = _ids(vocab=64)
+    compiled = torch.compile(model, backend=kvcompile.backend("int8", compiler="eager", capacity=CAP), fullgraph=True)
+    with torch.no_grad():
+        _, p0 = compiled(ids[:, :PROMPT])
+        _, p1 = compiled(ids[:, PROMPT:PROMPT + 1], p0)
+        _, p2 = compiled(ids[:, PROMPT + 1:PROMPT + 2], p1)
+        with pytest.raises(ValueError, match="pass back the cache the previous call returned"):
+            compiled(ids[:, PROMPT + 1:PROMPT + 2], p1)  # p1 is one token behind its storage now
+        beams = tuple((k.index_select(0, torch.tensor([0])), v) for k, v in p2)  # beam-search style reorder
+        with pytest.raises(ValueError, match="holds NaN"):
+            compiled(ids[:, PROMPT + 2:PROMPT + 3], beams)
+        torch._dynamo.reset()
+        detect_only = torch.compile(model, backend=kvcompile.backend("int8", compiler="eager", rewrite=False))
+        with pytest.raises(ValueError, match="holds no values"):
+            detect_only(ids[:, PROMPT + 2:PROMPT + 3], p2)  # a graph that did not rewrite the site gets a handle
+        _, p0 = compiled(ids[:, :PROMPT])  # a new sequence: a new storage, seeded from the full-precision prefill
+        _, past = compiled(ids[:, PROMPT:PROMPT + 1], p0)
+        with pytest.raises(kvcompile.CacheCapacityError, match="capacity=N"):
+            for t in range(CAP):
+                _, past = compiled(ids[:, :1], past)
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+@pytest.mark.parametrize("arch", list(CONFIGS))
+def test_dynamic_cache_rewrite(arch, impl):
+    """transformers' DynamicCache (cat, stored back on the layer: a graph output) without kvcompile.apply: the
+    decode graphs are rewritten and the layers end up holding handles to packed storage."""
+    from transformers import DynamicCache
+
+    model, cfg = _model(arch, impl)
+    counter = torch._dynamo.testing.CompileCounterWithBackend(
+        kvcompile.backend("kivi", compiler="aot_eager", capacity=CAP, **EIGHT))
+    key = _cache_key(model)
+    kv = DynamicCache(config=cfg)
+    got = _decode(torch.compile(model, backend=counter, fullgraph=True), _ids(), **{key: kv}, use_cache=True)
+    ref = _decode(model, _ids(), **{key: DynamicCache(config=cfg)}, use_cache=True)
+    assert counter.frame_count == 3
+    assert _rel(got, ref) < 0.01
     decode = compile_report().graphs[-1]
-    assert len(decode.sites) == 2 and decode.counts["unmatched"] == 2
-    assert all(s.matched.startswith("K: cat") for s in decode.sites)
-    assert all(any("returned 'present'" in r for r in s.reasons) for s in decode.sites), decode.to_text()
+    assert decode.counts["rewritten"] == 2 and decode.counts["unmatched"] == 0, decode.to_text()
+    assert packed_storage(kv.layers[0].keys).length == kv.get_seq_length() == PROMPT + STEPS
+
+
+@pytest.mark.parametrize("arch,impl", [("llama", "sdpa"), ("gpt2", "eager")])
+def test_dynamic_cache_two_bit_matches_the_eager_packed_graph(arch, impl):
+    from transformers import DynamicCache
+
+    model, cfg = _model(arch, impl)
+    key = _cache_key(model)
+    runs = {}
+    for compiler in ("aot_eager", "eager"):
+        torch._dynamo.reset()
+        clear_storage()
+        backend = kvcompile.backend("kivi", compiler=compiler, capacity=CAP, **TWO)
+        runs[compiler] = _decode(torch.compile(model, backend=backend, fullgraph=True), _ids(),
+                                 **{key: DynamicCache(config=cfg)}, use_cache=True)
+    torch.testing.assert_close(runs["aot_eager"], runs["eager"], rtol=1e-4, atol=1e-4)
+    full = _decode(model, _ids(), **{key: DynamicCache(config=cfg)}, use_cache=True)
+    assert _rel(runs["eager"], full) > 1e-3  # 2 bits really is quantized
+
+
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+def test_pre_rope_keys_on_the_rewrite_routes(cache):
+    """skvq's pre_rope on model-owned caches: the pass feeds the rotary `inv_freq` buffer to the key storage,
+    which un-rotates keys before quantizing and rotates them back on read (exact at 8 bits)."""
+    from transformers import DynamicCache
+
+    model, cfg = _model("llama", "sdpa")
+    key = _cache_key(model)
+    backend = kvcompile.backend("skvq", compiler="eager", capacity=CAP, k_bits=8, v_bits=8, group_size=4, window=2,
+                                n_sink=1)
+    kv = DynamicCache(config=cfg) if cache == "dynamic" else StaticCache(config=cfg, max_cache_len=CAP)
+    got = _decode(torch.compile(model, backend=backend, fullgraph=True), _ids(), **{key: kv}, use_cache=True)
+    fresh = DynamicCache(config=cfg) if cache == "dynamic" else StaticCache(config=cfg, max_cache_len=CAP)
+    ref = _decode(model, _ids(), **{key: fresh}, use_cache=True)
+    assert _rel(got, ref) < 0.01
+    pk = packed_storage(kv.layers[0].keys)
+    inv_freq = model.model.rotary_emb.inv_freq
+    assert pk.rope is not None and torch.equal(pk.rope, inv_freq.float())
+    assert packed_storage(kv.layers[0].values).rope is None
+    assert pk.length == PROMPT + STEPS and pk.lengths()[1] > 0  # tokens did reach the quantized middle
 
 
 # ---------------------------------------------------------------- transformers StaticCache: six architectures

@@ -53,10 +53,13 @@ class BackendOptions:
     compiler: str = "inductor"
     check_positions: bool = True
     rewrite: bool = True
+    capacity: int = 4096
 
     def __post_init__(self):
         if self.compiler not in _COMPILERS:
             raise ValueError(f"unknown compiler {self.compiler!r}; valid: {', '.join(_COMPILERS)}")
+        if not isinstance(self.capacity, int) or self.capacity < 1:
+            raise ValueError(f"capacity must be a positive number of tokens, got {self.capacity!r}")
 
 
 class _CacheKey(CustomGraphPass):
@@ -93,7 +96,7 @@ class KVCompileBackend:
         return h.hexdigest()
 
     def __call__(self, gm: fx.GraphModule, example_inputs: list[Any]) -> Callable:
-        from .rewrite import RewritePlan, rewrite
+        from .rewrite import RewritePlan, cat_pasts, rewrite
 
         graph_id = next_graph_id()
         dump_graph(gm, graph_id, "before")
@@ -103,9 +106,9 @@ class KVCompileBackend:
         _REPORTS.append(before)
         n_inputs = len([n for n in gm.graph.nodes if n.op == "placeholder"])
         if self.options.rewrite:
-            plan = rewrite(gm, detection, list(example_inputs), self.options.scheme)
+            plan = rewrite(gm, detection, list(example_inputs), self.options.scheme, capacity=self.options.capacity)
         else:
-            plan = RewritePlan(n_inputs=n_inputs)
+            plan = RewritePlan(n_inputs=n_inputs, guarded=cat_pasts(detection, "the backend's rewrite=False"))
         report = build_graph_report(before, plan, self.options.scheme, gm)
         _GRAPH_REPORTS.append(report)
         c = counters[COUNTER]
@@ -117,7 +120,7 @@ class KVCompileBackend:
         dump_graph(gm, graph_id, "after")
         inner = self._compile(gm, list(example_inputs) + plan.example_extra)
         if plan.empty:
-            return inner
+            return _guarded(inner, plan) if plan.guarded else inner
         return _with_packed_inputs(inner, plan, self.options.check_positions)
 
     def _compile(self, gm: fx.GraphModule, example_inputs: list[Any]) -> Callable:
@@ -156,13 +159,24 @@ def _with_packed_inputs(inner: Callable, plan, check_positions: bool) -> Callabl
     backend's function with positional arguments, and so does this wrapper)."""
 
     def run(*args: Any) -> Any:
-        return inner(*args, *plan.extra_inputs(args, check_positions=check_positions))
+        extra, entries = plan.extra_inputs(args, check_positions=check_positions)
+        return plan.outputs(args, inner(*args, *extra), entries)
+
+    return run
+
+
+def _guarded(inner: Callable, plan) -> Callable:
+    """A graph with nothing rewritten whose cat sites could still be handed a packed cache handle."""
+
+    def run(*args: Any) -> Any:
+        plan.check_guarded(args)
+        return inner(*args)
 
     return run
 
 
 def backend(scheme: str | Scheme = "skvq", *, compiler: str = "inductor", check_positions: bool = True,
-            rewrite: bool = True, **overrides: Any) -> KVCompileBackend:
+            rewrite: bool = True, capacity: int = 4096, **overrides: Any) -> KVCompileBackend:
     """A kvcompile torch.compile backend with these options.
 
     ``scheme`` (a name or config) and ``overrides`` (``k_bits=4``, ...) decide how rewritten caches are packed;
@@ -171,8 +185,12 @@ def backend(scheme: str | Scheme = "skvq", *, compiler: str = "inductor", check_
     ``check_positions``: verify on the host, per call, that each rewritten cache write continues the sequence
     (one small read of the position tensor per call; turn off for CUDA graphs once the caller is trusted).
     ``rewrite=False``: detect and report only.
+    ``capacity``: tokens (prompt + generated) that each packed storage replacing a concatenated cache holds
+    (nanoGPT's returned "present", transformers' DynamicCache); a persistent buffer's storage takes the buffer's
+    own length instead. Exceeding it raises ``CacheCapacityError``.
     """
-    return KVCompileBackend(BackendOptions(get_scheme(scheme, **overrides), compiler, check_positions, rewrite))
+    return KVCompileBackend(BackendOptions(get_scheme(scheme, **overrides), compiler, check_positions, rewrite,
+                                           capacity))
 
 
 kvcompile_backend = backend()

@@ -55,9 +55,9 @@ COUNTER = "kvcompile"
 # Ops a K/V operand may pass through between the cache write and attention without changing which tokens
 # it holds: layout, dtype and copies. Each is handled by `_step_back`, which also tracks the token dim.
 _RESHAPES = {"view", "reshape", "_unsafe_view", "flatten"}
-_SAME_DIMS = {"contiguous", "expand", "expand_as", "to", "type", "float", "half", "bfloat16", "clone", "detach",
+_SAME_DIMS = {"contiguous", "expand", "expand_as", "to", "type", "type_as", "float", "half", "bfloat16", "clone", "detach",
               "_to_copy", "alias"}
-_CASTS = {"to", "type", "float", "half", "bfloat16", "_to_copy"}
+_CASTS = {"to", "type", "type_as", "float", "half", "bfloat16", "_to_copy"}
 _SDPA_PARAMS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
 _MAX_PEEL = 10
 
