@@ -34,6 +34,20 @@ CASES = {
     "k2v2_b8_gqa4_1k": (8, 32, 8, 128, 1024, 2, 2, 128, None),
 }
 
+# --extra rows (NOTES.md v9, v10): per-channel keys and lengths read on the device.
+# name: (CASES row it derives from, run_case keywords)
+EXTRA_CASES = {
+    # KIVI's layout: K per channel in groups of 32 tokens, V per token in groups of 32 channels, 128 recent
+    "kivi_k2v2_b8_gqa4_32k_w128": ("k2v2_b8_gqa4_32k", dict(k_axis="channel", k_group=32, v_group=32, window=128)),
+    # per-channel K alone (V as the first row: one group per token)
+    "kchan32_k2v2_b8_gqa4_32k": ("k2v2_b8_gqa4_32k", dict(k_axis="channel", k_group=32)),
+    # lengths as a [B, 3] device tensor, every row full: the CUDA-graph-capturable launch of the first row
+    "devlen_k2v2_b8_gqa4_32k": ("k2v2_b8_gqa4_32k", dict(lens="full")),
+    # per-sequence lengths 32k, 28k, ..., 4k in a 32k-capacity cache (mean 18k): each row's length spread
+    # over the splits; SDPA / dequant+SDPA columns are at the full 32k (a padded batch)
+    "ragged_k2v2_b8_gqa4_32k": ("k2v2_b8_gqa4_32k", dict(lens="ragged")),
+}
+
 
 def bench(fn, reps=200):
     return triton.testing.do_bench(fn, warmup=25, rep=reps, return_mode="median") * 1e3  # us
@@ -80,32 +94,59 @@ def copy_bandwidth():
     return 2 * n / (t * 1e-6) / 1e9  # GB/s, read + write
 
 
-def make_case(B, Hq, Hkv, D, L, kb, vb, g, sink=0, window=0, dtype=torch.float16, seed=0):
+def make_case(B, Hq, Hkv, D, L, kb, vb, g, sink=0, window=0, dtype=torch.float16, seed=0, k_axis="token",
+              k_group=None, v_group=None, lens=None):
+    """Random packed KV. lens: None (host ints n_quant / n_window), "full" (a [B, 3] device lengths tensor,
+    every row full) or "ragged" (row i holds L * (B - i) / B tokens, window full)."""
     gen = torch.Generator(device="cuda").manual_seed(seed)
     n_quant = L - sink - window
-    ng = D // g
+    k_group, v_group = k_group or g, v_group or g
 
-    def packed(bits):
+    def packed(bits, axis, grp):
         codes = torch.randint(0, 256, (B, Hkv, n_quant, D * bits // 8), dtype=torch.uint8, device="cuda",
                               generator=gen)
-        scale = (torch.rand(B, Hkv, n_quant, ng, device="cuda", generator=gen) * 0.5 + 0.05).half()
-        zero = (torch.randn(B, Hkv, n_quant, ng, device="cuda", generator=gen)).half()
+        shape = (B, Hkv, n_quant // grp, D) if axis == "channel" else (B, Hkv, n_quant, D // grp)
+        scale = (torch.rand(*shape, device="cuda", generator=gen) * 0.5 + 0.05).half()
+        zero = (torch.randn(*shape, device="cuda", generator=gen)).half()
         return codes, scale, zero
 
     kw = dict(q=torch.randn(B, Hq, 1, D, device="cuda", dtype=dtype, generator=gen))
-    for n, bits in (("k", kb), ("v", vb)):
-        c, s, z = packed(bits)
+    for n, bits, axis, grp in (("k", kb, k_axis, k_group), ("v", vb, "token", v_group)):
+        c, s, z = packed(bits, axis, grp)
         kw.update({f"{n}_codes": c, f"{n}_scale": s, f"{n}_zero": z,
                    f"{n}_sink": torch.randn(B, Hkv, sink, D, device="cuda", dtype=dtype, generator=gen),
                    f"{n}_window": torch.randn(B, Hkv, window, D, device="cuda", dtype=dtype, generator=gen)})
-    kw.update(n_quant=n_quant, n_window=window, k_bits=kb, v_bits=vb, k_group_size=g, v_group_size=g)
+    kw.update(k_bits=kb, v_bits=vb, k_group_size=k_group, v_group_size=v_group)
+    if k_axis != "token":
+        kw["k_axis"] = k_axis
+    if lens is None:
+        kw.update(n_quant=n_quant, n_window=window)
+    else:
+        rows = [(sink, n_quant if lens == "full" else (n_quant * (B - i)) // B, window) for i in range(B)]
+        kw["lengths"] = torch.tensor(rows, dtype=torch.int32, device="cuda")
     return kw
 
 
+def row_lengths(kw):
+    """[(n_sink, n_quant, n_window)] per batch row (host ints; for the benchmark's own checks)."""
+    B = kw["q"].shape[0]
+    if "lengths" in kw:
+        return [tuple(r) for r in kw["lengths"].tolist()]
+    return [(kw["k_sink"].shape[2], kw["n_quant"], kw["n_window"])] * B
+
+
 def packed_bytes(kw):
-    t = [kw[f"{n}_{p}"] for n in "kv" for p in ("codes", "scale", "zero", "sink")]
-    t += [kw[f"{n}_window"][:, :, : kw["n_window"]] for n in "kv"] + [kw["q"], kw["q"]]  # q in, out
-    return sum(x.numel() * x.element_size() for x in t)
+    """Bytes the fused kernel must read: the valid tokens' codes, scales / zeros, sink and window, + q / out."""
+    rows = row_lengths(kw)
+    n = 0
+    for nm in "kv":
+        codes, scale, window = kw[f"{nm}_codes"], kw[f"{nm}_scale"], kw[f"{nm}_window"]
+        per_row = lambda t: t[0].numel() * t.element_size()  # noqa: E731
+        for n_s, n_q, n_w in rows:
+            frac = n_q / max(1, codes.shape[2])
+            n += per_row(codes) * frac + 2 * per_row(scale) * frac  # scale + zero
+            n += per_row(window) * n_w / max(1, window.shape[2]) + per_row(kw[f"{nm}_sink"])
+    return n + 2 * kw["q"].numel() * kw["q"].element_size()  # q in, out
 
 
 def dequantize_fp16(codes, scale, zero, bits, g):
@@ -118,13 +159,42 @@ def dequantize_fp16(codes, scale, zero, bits, g):
     return (c * scale[..., None] + zero[..., None]).reshape(*c.shape[:-2], -1)
 
 
+def dequantize_fp16_channel(codes, scale, zero, bits, g):
+    """Per-channel keys (KIVI): scale / zero [B, H, T // g, D] over groups of g tokens."""
+    per = 8 // bits
+    shifts = torch.arange(per, device=codes.device, dtype=torch.uint8) * bits
+    c = ((codes[..., None] >> shifts) & ((1 << bits) - 1)).reshape(*codes.shape[:-1], -1).to(torch.float16)
+    return (c * scale.repeat_interleave(g, dim=2) + zero.repeat_interleave(g, dim=2))
+
+
 def dequant_sdpa(kw, sm_scale):
-    ks = [kw["k_sink"], dequantize_fp16(kw["k_codes"], kw["k_scale"], kw["k_zero"], kw["k_bits"], kw["k_group_size"]),
-          kw["k_window"][:, :, : kw["n_window"]]]
+    """The whole packed cache dequantized to fp16, then SDPA (every row full). Reads no device lengths:
+    it runs inside CUDA-graph capture (make_case's device-length rows always hold their full window)."""
+    n_w = kw["n_window"] if "n_window" in kw else kw["k_window"].shape[2]
+    deq_k = dequantize_fp16_channel if kw.get("k_axis") == "channel" else dequantize_fp16
+    ks = [kw["k_sink"], deq_k(kw["k_codes"], kw["k_scale"], kw["k_zero"], kw["k_bits"], kw["k_group_size"]),
+          kw["k_window"][:, :, :n_w]]
     vs = [kw["v_sink"], dequantize_fp16(kw["v_codes"], kw["v_scale"], kw["v_zero"], kw["v_bits"], kw["v_group_size"]),
-          kw["v_window"][:, :, : kw["n_window"]]]
+          kw["v_window"][:, :, :n_w]]
     k, v = torch.cat(ks, 2), torch.cat(vs, 2)
     return F.scaled_dot_product_attention(kw["q"], k, v, scale=sm_scale, enable_gqa=True)
+
+
+def dequant_sdpa_rows(kw, sm_scale):
+    """Reference output with per-row lengths: dequant + SDPA on each row's valid tokens."""
+    outs = []
+    for b, (n_s, n_q, n_w) in enumerate(row_lengths(kw)):
+        one = {k: (v[b : b + 1] if torch.is_tensor(v) and k != "lengths" else v) for k, v in kw.items()}
+        for nm in "kv":
+            one[f"{nm}_codes"] = one[f"{nm}_codes"][:, :, :n_q]
+            one[f"{nm}_window"] = one[f"{nm}_window"][:, :, :n_w]
+            grp = kw[f"{nm}_group_size"] if (nm == "k" and kw.get("k_axis") == "channel") else 1
+            for p in ("scale", "zero"):
+                one[f"{nm}_{p}"] = one[f"{nm}_{p}"][:, :, : n_q // grp]
+        one.pop("lengths", None)
+        one.update(n_quant=n_q, n_window=n_w)
+        outs.append(dequant_sdpa(one, sm_scale))
+    return torch.cat(outs, 0)
 
 
 def kernel_resources():
@@ -154,13 +224,13 @@ VARIANTS = {
 }
 
 
-def run_case(name, spec, bw, sweep, sink=0, window=0, log=print, variants=None):
+def run_case(name, spec, bw, sweep, sink=0, window=0, log=print, variants=None, **layout):
     B, Hq, Hkv, D, L, kb, vb, g, target = spec
     sm_scale = 1.0 / math.sqrt(D)
-    kw = make_case(B, Hq, Hkv, D, L, kb, vb, g, sink=sink, window=window)
+    kw = make_case(B, Hq, Hkv, D, L, kb, vb, g, sink=sink, window=window, **layout)
     nbytes = packed_bytes(kw)
     fp_bytes = 2 * B * Hkv * L * D * 2
-    kws = [kw] + [make_case(B, Hq, Hkv, D, L, kb, vb, g, sink=sink, window=window, seed=i)
+    kws = [kw] + [make_case(B, Hq, Hkv, D, L, kb, vb, g, sink=sink, window=window, seed=i, **layout)
                   for i in range(1, copies_for(nbytes))]
     # fp16 SDPA on a same-length full-precision cache
     kvs = [(torch.randn(B, Hkv, L, D, device="cuda", dtype=torch.float16),
@@ -172,7 +242,7 @@ def run_case(name, spec, bw, sweep, sink=0, window=0, log=print, variants=None):
     del kvs, sdpa
     deq = [lambda c=c: dequant_sdpa(c, sm_scale) for c in kws[: copies_for(fp_bytes, most=8)]]
     t_deq = bench_graph(deq, reps=10)
-    ref = dequant_sdpa(kw, sm_scale).float()
+    ref = (dequant_sdpa_rows(kw, sm_scale) if "lengths" in kw else dequant_sdpa(kw, sm_scale)).float()
     out, _ = decode_attention(**kw, sm_scale=sm_scale)
     rel = ((out.float() - ref).norm() / ref.norm()).item()
 
@@ -212,6 +282,7 @@ def run_case(name, spec, bw, sweep, sink=0, window=0, log=print, variants=None):
             log(f"  {key}: {type(e).__name__}: {str(e)[:200]}")
     best_key = min(variants, key=variants.get)
     row = dict(case=name, B=B, Hq=Hq, Hkv=Hkv, D=D, L=L, k_bits=kb, v_bits=vb, group=g, sink=sink, window=window,
+               layout={k: v for k, v in layout.items() if v is not None},
                copies=len(kws), sdpa_us=t_sdpa, sdpa_eager_us=t_sdpa_eager, dequant_sdpa_us=t_deq,
                fused_us=t_fused, fused_eager_us=t_fused_eager, best_variant=best_key,
                best_us=variants[best_key], vs_sdpa=t_sdpa / t_fused, vs_dequant=t_deq / t_fused,
@@ -271,6 +342,7 @@ def main(argv=None):
     ap.add_argument("--cases", default=",".join(CASES))
     ap.add_argument("--window", action="store_true", help="add a sink=4 + window=128 row for the first case")
     ap.add_argument("--variants", action="store_true", help="also time the VARIANTS flags (NOTES.md v6..v8)")
+    ap.add_argument("--extra", default="", help="comma-separated EXTRA_CASES rows (NOTES.md v9, v10), or 'all'")
     args = ap.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     logf = open(os.path.join(args.out, "bench_attention.log"), "a")
@@ -285,7 +357,7 @@ def main(argv=None):
     bw = copy_bandwidth()
     log(f"copy bandwidth (1 GiB device-to-device, read+write): {bw:.0f} GB/s")
     rows = []
-    for name in args.cases.split(","):
+    for name in [c for c in args.cases.split(",") if c]:
         var = None
         if args.variants:
             var = VARIANTS["mha"] if CASES[name][1] == CASES[name][2] else VARIANTS["gqa"]
@@ -299,6 +371,14 @@ def main(argv=None):
                            variants=VARIANTS["window"] if args.variants else None)
             rows.append(row)
             log(json.dumps(row))
+    extra = list(EXTRA_CASES) if args.extra == "all" else [e for e in args.extra.split(",") if e]
+    for name in extra:
+        base, layout = EXTRA_CASES[name]
+        layout = dict(layout)
+        sink, window = layout.pop("sink", 0), layout.pop("window", 0)
+        row = run_case(name, CASES[base], bw, False, sink=sink, window=window, log=log, **layout)
+        rows.append(row)
+        log(json.dumps(row))
     log("split kernels compiled: " + "; ".join(kernel_resources()))
     t = table(rows)
     log(f"\n{dev}; copy {bw:.0f} GB/s; command: python {' '.join(sys.argv)}\n{t}")

@@ -54,9 +54,18 @@ def quantize_kv_write_(
     perm: Optional[Tensor], counts: Tensor, rope: Optional[Tensor], kind: str, bits: float, group_size: int,
     axis: str, clip_ratio: float, n_sink: int, window_size: int,
 ) -> None:
-    """Append ``new`` [B, H, T, D] to the packed storage; tokens leaving the window are quantized."""
+    """Append ``new`` [B, H, T, D] to the packed storage; tokens leaving the window are quantized.
+
+    CPU: the reference (``PackedKV.append``). CUDA: the quantize-on-write Triton kernel
+    (kvcompile/kernels/quantize_write.py; counts read on the device, no host sync) where it covers the layout,
+    else the reference (``_write_fused`` says why, logged once per reason)."""
     pk = _packed(codes, scale, zero, sink, window, perm, counts, rope, kind, bits, group_size, axis, clip_ratio, n_sink,
                  window_size)
+    if new.is_cuda:
+        reason = _write_fused(new, pk)
+        if reason is None:
+            return
+        _log_write_fallback(reason)
     pk.append(new)
 
 
@@ -69,11 +78,81 @@ def _(new, codes, scale, zero, sink, window, perm, counts, rope, kind, bits, gro
 def write(pk: PackedKV, new: Tensor) -> None:
     """``quantize_kv_write_`` on a PackedKV's storage."""
     q = pk.quant
+    if pk._host is not None and not torch.compiler.is_compiling():
+        # the host knows the length: raise before writing (the CUDA kernel cannot raise; past capacity it
+        # writes nothing and keeps the counts)
+        pk._check_capacity(pk.quantized_after(new.shape[2]))
     torch.ops.kvcompile.quantize_kv_write_(
         new, pk.codes, pk.scale, pk.zero, pk.sink, pk.window, pk.perm, pk.counts, pk.rope, q.kind, float(q.bits),
         q.group_size or 0, q.axis, q.clip_ratio, pk.n_sink, pk.window_size,
     )
     pk._host = None  # the op wrote counts
+
+
+_WRITE_FALLBACK_LOGGED: set[str] = set()
+# perm tensors that a write outside graph capture found calibrated (n_quant > 0); see _write_fused
+_PERM_CALIBRATED = None
+
+
+def _log_write_fallback(reason: str) -> None:
+    if reason not in _WRITE_FALLBACK_LOGGED:
+        _WRITE_FALLBACK_LOGGED.add(reason)
+        log.warning("kvcompile: the quantize-on-write kernel does not cover %s; writing with the PyTorch "
+                    "reference instead (correct, slower, syncs with the host)", reason)
+
+
+def _write_unsupported(new: Tensor, pk: PackedKV) -> str | None:
+    """Why the quantize-on-write kernel cannot take this layout (None: it can). The static rule; the
+    channel-order calibration is decided per call in ``_write_fused``."""
+    from .kernels.quantize_write import unsupported_reason
+
+    q = pk.quant
+    if new.dim() != 4 or not new.is_floating_point():
+        return f"new tokens of shape {tuple(new.shape)} and dtype {new.dtype}"
+    return unsupported_reason(kind=q.kind, bits=q.bits, group_size=q.group_size or 0, axis=q.axis,
+                              head_dim=pk.head_dim, kv_dtype=pk.kv_dtype, meta_dtype=pk.scale.dtype,
+                              has_rope=pk.rope is not None)
+
+
+def _write_fused(new: Tensor, pk: PackedKV) -> str | None:
+    """Run the quantize-on-write kernel; returns None, or why the caller must use the reference instead.
+
+    The SKVQ channel order (``perm``) is calibrated on the host (``PackedKV._calibrate_perm``, a search over
+    candidate orders) by the first write that quantizes anything (``n_quant == 0``). Outside CUDA graph capture
+    a layout with ``perm`` therefore reads ``n_quant`` on the host (8 bytes; the only sync of this path) and
+    sends the calls with ``n_quant == 0`` to the reference. During capture nothing may be read: the kernel runs
+    if an earlier uncaptured write saw this ``perm`` calibrated (the warm-up steps before a capture do), else
+    this raises. A captured graph that resets ``counts`` to a new sequence keeps the channel order it has
+    (it cannot re-calibrate on the device)."""
+    global _PERM_CALIBRATED
+    reason = _write_unsupported(new, pk)
+    if reason is not None:
+        return reason
+    if pk.perm is not None:
+        if _PERM_CALIBRATED is None:
+            from torch.utils.weak import WeakIdKeyDictionary
+
+            _PERM_CALIBRATED = WeakIdKeyDictionary()
+        if new.is_cuda and torch.cuda.is_current_stream_capturing():
+            if pk.perm not in _PERM_CALIBRATED:
+                raise RuntimeError(
+                    "kvcompile: capturing a CUDA graph that writes a channel-permuted (SKVQ) layer whose channel "
+                    "order was not seen calibrated: the order is calibrated on the host by the first write that "
+                    "quantizes tokens. Run the prefill and one decode step through kvcompile.ops.write (or the "
+                    "compiled model) before capturing, as CUDA graph warm-up does, or use reorder=False")
+        elif int(pk.counts[1]) == 0:
+            return "the write that may calibrate the channel order (n_quant == 0; a host-side search)"
+        else:
+            _PERM_CALIBRATED[pk.perm] = True
+    from .kernels.quantize_write import quantize_write
+
+    q = pk.quant
+    quantize_write(new=new, codes=pk.codes, scale=pk.scale, zero=pk.zero, sink=pk.sink, window=pk.window,
+                   perm=pk.perm, counts=pk.counts, kind=q.kind, bits=q.bits, group_size=q.group_size or 0,
+                   axis=q.axis, clip_ratio=q.clip_ratio, n_sink=pk.n_sink, window_size=pk.window_size)
+    if not torch.compiler.is_compiling():
+        counters["kvcompile"]["fused_write_calls"] += 1
+    return None
 
 
 # ---------------------------------------------------------------------------------------------- attention
@@ -118,6 +197,8 @@ def dequant_attention(
                  v_axis, 1.0, n_sink, window_size)
     if q.is_cuda:
         out = _fused_cuda(q, kp, vp, scale, mask, is_causal)
+        if out is None and q.shape[2] > 1:  # a chunk of new tokens: the chunked-prefill kernel
+            out = _prefill_cuda(q, kp, vp, scale, mask, is_causal)
         return out if out is not None else _dequant_sdpa(q, kp, vp, scale, mask, is_causal)
     return attention_reference(q, kp.dequantize(torch.float32), vp.dequantize(torch.float32), scale, mask,
                                is_causal).to(q.dtype).contiguous()
@@ -153,13 +234,21 @@ def _fused_unsupported(q: Tensor, kp: PackedKV, vp: PackedKV, mask: Optional[Ten
         if p.rope is not None:
             return "K/V quantized before RoPE (the kernel does not re-apply RoPE yet)"
         qt = p.quant
-        if qt.kind != "affine" or qt.axis != "token":
-            return f"{qt.kind} quantization with {qt.axis}-axis groups"
+        if qt.kind != "affine":
+            return f"{qt.kind} quantization"
         if qt.bits not in k.SUPPORTED_BITS:
             return f"{qt.bits}-bit codes"
-        g = qt.group_for(p.head_dim)
-        if not (g == p.head_dim or g in k.SUPPORTED_GROUP_SIZES):
-            return f"group size {g}"
+        if qt.axis == "channel":  # KIVI keys: per-channel groups of group_size tokens
+            if p is vp:
+                return "per-channel (axis='channel') values"
+            if qt.group_size not in k.SUPPORTED_TOKEN_GROUPS:
+                return f"per-channel keys in groups of {qt.group_size} tokens"
+        else:
+            g = qt.group_for(p.head_dim)
+            if not (g == p.head_dim or g in k.SUPPORTED_GROUP_SIZES):
+                return f"group size {g}"
+    if vp.quant.flush > kp.quant.flush:  # the kernel needs V's packed middle at least as long as K's
+        return "values flushed in larger token groups than keys"
     if q.shape[-1] not in k.SUPPORTED_HEAD_DIMS or vp.head_dim != q.shape[-1]:
         return f"head dim {q.shape[-1]}"
     if q.dtype not in k.SUPPORTED_DTYPES or kp.kv_dtype != q.dtype:
@@ -173,6 +262,24 @@ def _fused_unsupported(q: Tensor, kp: PackedKV, vp: PackedKV, mask: Optional[Ten
     return None
 
 
+def _fused_decode_wins(q: Tensor, kp: PackedKV, vp: PackedKV) -> bool:
+    """``fused_decode_is_profitable`` without a host sync. Inside CUDA-graph capture: always (the fallback
+    reads the lengths on the host, which capture forbids, and a replay has no launch overhead). Otherwise
+    the length the host already knows (``_host``), else the capacity (``kp.shape[2]``: sink + middle +
+    window storage), never ``counts.tolist()``. The capacity over-estimates the length of a cache
+    preallocated far ahead (``max_cache_len``), so a short sequence in a big static cache may take the
+    fused kernel eagerly; it then costs its launch (~60-130 us of host time, BENCHMARKS.md) where the
+    fallback would cost a host sync plus a dequantize of the valid cache (that trade-off is not measured).
+    Caches that grow on demand keep capacity within one growth step of the length."""
+    from .kernels.decode_attention import fused_decode_is_profitable
+
+    if q.is_cuda and torch.cuda.is_current_stream_capturing():
+        return True
+    seq_len = sum(kp._host) if kp._host is not None else kp.shape[2]
+    return fused_decode_is_profitable(batch=q.shape[0], kv_heads=kp.shape[1], head_dim=q.shape[-1], seq_len=seq_len,
+                                      k_bits=int(kp.quant.bits), v_bits=int(vp.quant.bits))
+
+
 def _fused_cuda(q: Tensor, kp: PackedKV, vp: PackedKV, scale: float, mask: Optional[Tensor],
                 is_causal: bool) -> Tensor | None:
     """The Triton path, or None where it does not apply or would not win (the caller then dequantizes)."""
@@ -180,29 +287,32 @@ def _fused_cuda(q: Tensor, kp: PackedKV, vp: PackedKV, scale: float, mask: Optio
     if reason is not None:
         if reason not in _FALLBACK_LOGGED:
             _FALLBACK_LOGGED.add(reason)
-            log.warning("kvcompile: the fused attention kernel does not support %s yet; dequantizing + SDPA "
-                        "instead (correct, slower)", reason)
+            log.warning("kvcompile: the fused decode-attention kernel does not support %s yet; using the "
+                        "chunked-prefill kernel where it applies, else dequantize + SDPA (correct, slower)", reason)
         return None
-    from .kernels.decode_attention import decode_attention, fused_decode_is_profitable
+    from .kernels.decode_attention import decode_attention
 
-    n_s, n_q, n_w = kp.lengths()
     b, hq, nq, d = q.shape
     policy = os.environ.get("KVCOMPILE_FUSED", "auto")  # auto | always | never
     if policy == "never":
         return None
-    if policy != "always" and not fused_decode_is_profitable(batch=b, kv_heads=kp.shape[1], head_dim=d, seq_len=n_s + n_q + n_w,
-                                      k_bits=int(kp.quant.bits), v_bits=int(vp.quant.bits)):
+    if policy != "always" and not _fused_decode_wins(q, kp, vp):
         return None  # short context: dequantize + SDPA is as fast
     r = hq // kp.shape[1]
     qq = q
     if kp.perm is not None:  # fold the key channel order into q: q . k == q[perm] . k[perm]
         idx = kp.perm.repeat_interleave(r, dim=0)[None, :, None, :].expand(b, hq, nq, d)
         qq = torch.gather(q, -1, idx)
+    # lengths stay on the device (``counts``): no host sync, so the step can be captured in a CUDA graph.
+    # K and V count separately when they flush differently (KIVI: V's middle runs ahead of K's).
+    k_channel = kp.quant.axis == "channel"
     out, _ = decode_attention(
-        q=qq, k_sink=kp.sink[:, :, :n_s], k_codes=kp.codes, k_scale=kp.scale, k_zero=kp.zero,
-        k_window=kp.window, v_sink=vp.sink[:, :, :n_s], v_codes=vp.codes, v_scale=vp.scale, v_zero=vp.zero,
-        v_window=vp.window, n_quant=n_q, n_window=n_w, k_bits=int(kp.quant.bits), v_bits=int(vp.quant.bits),
-        k_group_size=kp.quant.group_for(d), v_group_size=vp.quant.group_for(vp.head_dim), sm_scale=scale,
+        q=qq, k_sink=kp.sink, k_codes=kp.codes, k_scale=kp.scale, k_zero=kp.zero,
+        k_window=kp.window, v_sink=vp.sink, v_codes=vp.codes, v_scale=vp.scale, v_zero=vp.zero,
+        v_window=vp.window, lengths=kp.counts, v_lengths=vp.counts if vp.quant.flush != kp.quant.flush else None,
+        k_bits=int(kp.quant.bits), v_bits=int(vp.quant.bits), k_axis=kp.quant.axis,
+        k_group_size=kp.quant.group_size if k_channel else kp.quant.group_for(d),
+        v_group_size=vp.quant.group_for(vp.head_dim), sm_scale=scale,
     )
     if vp.perm is not None:  # values were stored in their permuted order: put the output channels back
         inv = torch.argsort(vp.perm, dim=-1).repeat_interleave(r, dim=0)[None, :, None, :].expand_as(out)
@@ -232,3 +342,74 @@ def _dequant_sdpa(q: Tensor, kp: PackedKV, vp: PackedKV, scale: float, mask: Opt
     return torch.nn.functional.scaled_dot_product_attention(
         q, k, v, attn_mask=attn_mask, scale=scale, enable_gqa=k.shape[1] != q.shape[1]
     ).contiguous()
+
+
+def _prefill_unsupported(q: Tensor, kp: PackedKV, vp: PackedKV, mask: Optional[Tensor]) -> str | None:
+    """Why the chunked-prefill kernel cannot run this call (None: it can)."""
+    from .kernels import prefill_attention as pa
+
+    for p in (kp, vp):
+        if p.rope is not None:
+            return "K/V quantized before RoPE (the prefill kernel does not re-apply RoPE yet)"
+        qt = p.quant
+        if qt.kind != "affine" or qt.axis != "token":
+            return f"{qt.kind} quantization with {qt.axis}-axis groups (prefill kernel: per-token affine only)"
+        if qt.bits not in pa.SUPPORTED_BITS:
+            return f"{qt.bits}-bit codes (prefill kernel: {pa.SUPPORTED_BITS})"
+        g = qt.group_for(p.head_dim)
+        if not (g == p.head_dim or g in pa.SUPPORTED_GROUP_SIZES):
+            return f"group size {g} (prefill kernel: the head dim, 32 or 64)"
+    if q.shape[-1] not in pa.SUPPORTED_HEAD_DIMS or vp.head_dim != q.shape[-1]:
+        return f"head dim {q.shape[-1]} (prefill kernel: {pa.SUPPORTED_HEAD_DIMS})"
+    if q.dtype not in pa.SUPPORTED_DTYPES or kp.kv_dtype != q.dtype:
+        return f"{q.dtype} queries over {kp.kv_dtype} K/V (prefill kernel: float16 / bfloat16, same dtype)"
+    if mask is not None:
+        return "an explicit attention mask (prefill kernel: causal or none)"
+    return None
+
+
+def _prefill_cuda(q: Tensor, kp: PackedKV, vp: PackedKV, scale: float, mask: Optional[Tensor],
+                  is_causal: bool) -> Tensor | None:
+    """The chunked-prefill Triton kernel (many query rows per KV head), or None where it does not apply or is
+    not expected to win (``prefill_is_profitable``; ``KVCOMPILE_FUSED=always|never`` overrides): the caller
+    then dequantizes + SDPA. The channel permutation is folded into q and the output, as in ``_fused_cuda``."""
+    policy = os.environ.get("KVCOMPILE_FUSED", "auto")  # auto | always | never
+    if policy == "never":
+        return None
+    reason = _prefill_unsupported(q, kp, vp, mask)
+    if reason is not None:
+        key = "prefill: " + reason
+        if key not in _FALLBACK_LOGGED:
+            _FALLBACK_LOGGED.add(key)
+            log.warning("kvcompile: the chunked-prefill kernel does not support %s; dequantizing + SDPA instead "
+                        "(correct, slower)", reason)
+        return None
+    from .kernels.prefill_attention import prefill_attention, prefill_is_profitable
+
+    n_s, n_q, n_w = kp.lengths()
+    b, hq, nq, d = q.shape
+    hkv = kp.shape[1]
+    causal = bool(is_causal) and nq > 1
+    if causal and n_s + n_q + n_w < nq:
+        return None  # the chunk's own K/V are not in the cache: not this kernel's contract
+    if policy != "always" and not prefill_is_profitable(batch=b, kv_heads=hkv, rows=(hq // hkv) * nq, new_tokens=nq,
+                                                         seq_len=n_s + n_q + n_w, head_dim=d):
+        return None
+    r = hq // hkv
+    qq = q
+    if kp.perm is not None:  # fold the key channel order into q: q . k == q[perm] . k[perm]
+        idx = kp.perm.repeat_interleave(r, dim=0)[None, :, None, :].expand(b, hq, nq, d)
+        qq = torch.gather(q, -1, idx)
+    out, _ = prefill_attention(
+        q=qq, k_sink=kp.sink[:, :, :n_s], k_codes=kp.codes, k_scale=kp.scale, k_zero=kp.zero,
+        k_window=kp.window, v_sink=vp.sink[:, :, :n_s], v_codes=vp.codes, v_scale=vp.scale, v_zero=vp.zero,
+        v_window=vp.window, n_quant=n_q, n_window=n_w, k_bits=int(kp.quant.bits), v_bits=int(vp.quant.bits),
+        k_group_size=kp.quant.group_for(d), v_group_size=vp.quant.group_for(vp.head_dim), sm_scale=scale,
+        causal=causal,
+    )
+    if vp.perm is not None:  # values were stored in their permuted order: put the output channels back
+        inv = torch.argsort(vp.perm, dim=-1).repeat_interleave(r, dim=0)[None, :, None, :].expand_as(out)
+        out = torch.gather(out, -1, inv)
+    if not torch.compiler.is_compiling():
+        counters["kvcompile"]["prefill_attention_calls"] += 1
+    return out.contiguous()

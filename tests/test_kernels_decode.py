@@ -34,14 +34,21 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 # ----------------------------------------------------------------------------------------- inputs
 
 
-def quantize_packed(x: torch.Tensor, bits: int, g: int):
-    codes, scale, zero = quantize_affine(x, bits, g, axis="token")
+def quantize_packed(x: torch.Tensor, bits: int, g: int, axis: str = "token"):
+    codes, scale, zero = quantize_affine(x, bits, g, axis=axis)
     return pack_codes(codes, bits), scale, zero
 
 
 def make_inputs(*, B, Hkv, r, NQ, D, S, n_quant, n_window, k_bits, v_bits, k_group, v_group, dtype,
-                cap_extra=3, win_extra=2, amp=1.0, q_noncontig=False, seed=0, device=DEVICE):
-    """Random (not zero) inputs; capacity-sized middle and window with garbage past the valid tokens."""
+                cap_extra=3, win_extra=2, amp=1.0, q_noncontig=False, seed=0, device=DEVICE, k_axis="token",
+                lens=None, v_lag=None, lens_form="B3"):
+    """Random (not zero) inputs; capacity-sized middle and window with garbage past the valid tokens.
+
+    lens: per-sequence [(n_sink, n_quant, n_window)] * B, passed as a device ``lengths`` tensor ([B, 3],
+    or [3] with lens_form="3" when all rows agree); S / n_quant / n_window then only size the capacities
+    (at least the longest row). v_lag: per row, how many tokens of K's window V already holds packed
+    (KIVI: V flushes every token, K a token group at a time): passed as ``v_lengths``.
+    k_axis="channel": keys quantized per channel over groups of k_group tokens (capacity rounded up)."""
     gen = torch.Generator().manual_seed(seed)
 
     def randn(*shape):
@@ -53,16 +60,33 @@ def make_inputs(*, B, Hkv, r, NQ, D, S, n_quant, n_window, k_bits, v_bits, k_gro
     else:
         q = randn(B, Hq, NQ, D).to(dtype)
     kw = {"q": q}
+    if lens is not None:
+        S = max([S] + [ls[0] for ls in lens])
+        n_quant = max([n_quant] + [ls[1] for ls in lens])
+        n_window = max([n_window] + [ls[2] for ls in lens])
+    lag = max(v_lag) if v_lag else 0
     cap, W = n_quant + cap_extra, n_window + win_extra
     for name, bits, g in (("k", k_bits, k_group), ("v", v_bits, v_group)):
+        axis = k_axis if name == "k" else "token"
+        c = cap + (lag if name == "v" else 0)
+        if axis == "channel":
+            c = -(-c // g) * g
         kw[f"{name}_sink"] = randn(B, Hkv, S, D).to(dtype)
-        x = randn(B, Hkv, cap, D) + randn(B, Hkv, 1, D)  # per-channel offsets, like real keys
-        codes, scale, zero = quantize_packed(x, bits, g)
+        x = randn(B, Hkv, c, D) + randn(B, Hkv, 1, D)  # per-channel offsets, like real keys
+        codes, scale, zero = quantize_packed(x, bits, g, axis)
         kw[f"{name}_codes"], kw[f"{name}_scale"], kw[f"{name}_zero"] = codes, scale, zero
         kw[f"{name}_window"] = randn(B, Hkv, W, D).to(dtype)
+    if lens is not None:
+        t = torch.tensor(lens, dtype=torch.int64 if seed % 2 else torch.int32)
+        kw["lengths"] = t[0] if lens_form == "3" else t
+        if v_lag is not None:
+            kw["v_lengths"] = torch.tensor([(ls[0], ls[1] + d, ls[2] - d) for ls, d in zip(lens, v_lag)])
     kw = {k: v.to(device) for k, v in kw.items()}
-    kw.update(n_quant=n_quant, n_window=n_window, k_bits=k_bits, v_bits=v_bits,
-              k_group_size=k_group, v_group_size=v_group)
+    if lens is None:
+        kw.update(n_quant=n_quant, n_window=n_window)
+    kw.update(k_bits=k_bits, v_bits=v_bits, k_group_size=k_group, v_group_size=v_group)
+    if k_axis != "token":
+        kw["k_axis"] = k_axis
     return kw
 
 
@@ -75,13 +99,18 @@ def check_against_reference(kw, **tuning):
     q = kw["q"]
     assert out.shape == q.shape and out.dtype == q.dtype and out.is_contiguous()
     assert lse.shape == q.shape[:3] and lse.dtype == torch.float32
-    assert torch.isfinite(out).all() and torch.isfinite(lse).all()
     out, lse = out.float().cpu(), lse.cpu()
+    # rows that see no token (per-sequence lengths: an empty or too short sequence): out 0, lse -inf
+    seen = torch.isfinite(ref_lse)
+    assert torch.isfinite(out).all()
+    assert torch.equal(torch.isfinite(lse), seen), (lse, ref_lse)
+    assert (out[~seen] == 0).all()
     rel = ((out - ref_out).norm() / ref_out.norm().clamp_min(1e-6)).item()
-    lse_err = (lse - ref_lse).abs().max().item()
     tol_out, tol_lse = TOL[q.dtype]
     assert rel < tol_out, f"output relative error {rel:.3e}"
-    assert lse_err < tol_lse * max(1.0, ref_lse.abs().max().item() / 8), f"lse error {lse_err:.3e}"
+    if seen.any():
+        lse_err = (lse[seen] - ref_lse[seen]).abs().max().item()
+        assert lse_err < tol_lse * max(1.0, ref_lse[seen].abs().max().item() / 8), f"lse error {lse_err:.3e}"
 
 
 # ----------------------------------------------------------------------------------------- tests
@@ -250,3 +279,254 @@ def test_fp_split_only_fp_parts_and_empty_middle():
         kw = make_inputs(B=1, Hkv=1, r=4, NQ=2, D=64, S=4, n_quant=n_quant, n_window=9, k_bits=2, v_bits=2,
                          k_group=64, v_group=64, dtype=torch.float16, seed=n_quant)
         check_against_reference(kw, block_n=16, fp_split=True, fill_rows=True)
+
+
+# ------------------------------------------------- lengths on the device, per sequence (no host sync)
+# lengths= [B, 3] / [3] device tensors of (n_sink, n_quant, n_window); the grid is sized from the
+# capacities and each program derives its row's chunk in the kernel.
+
+PART = [0, 1, 7, 97] if not ON_GPU else [0, 1, 7, 97, 1000, 4099]
+
+
+@st.composite
+def per_sequence_configs(draw):
+    cfg, tuning = draw(configs())
+    B = draw(st.integers(2, 3 if not ON_GPU else 5))
+    s_cap = draw(st.sampled_from([0, 4, 7]))
+    lens = [(draw(st.sampled_from(sorted({0, min(1, s_cap), s_cap}))), draw(st.sampled_from(PART)),
+             draw(st.sampled_from(PART[:4]))) for _ in range(B)]
+    cfg.update(B=B, S=s_cap, n_quant=0, n_window=0, lens=lens, NQ=draw(st.sampled_from([1, 1, 2, 3])),
+               lens_form="B3")
+    if not ON_GPU:
+        cfg.update(Hkv=1, r=draw(st.sampled_from([1, 4, 8])))
+    if draw(st.booleans()):  # per-channel keys (KIVI) in the same draw
+        cfg["k_axis"] = "channel"
+        cfg["k_group"] = draw(st.sampled_from([16, 32]))
+        tuning["block_n"] = draw(st.sampled_from([None, 16]))
+        if ON_GPU and cfg["k_group"] == 32:
+            tuning["block_n"] = draw(st.sampled_from([None, 16, 32]))
+    tuning.update(fp_split=draw(st.sampled_from([None, False, True])), fill_rows=draw(st.sampled_from([None, True])),
+                  use_dot=draw(st.sampled_from([None, True])))
+    return cfg, tuning
+
+
+@settings(deadline=None, max_examples=30 if ON_GPU else 14, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(per_sequence_configs())
+def test_per_sequence_lengths_match_reference(case):
+    cfg, tuning = case
+    check_against_reference(make_inputs(**cfg), **tuning)
+
+
+@pytest.mark.parametrize("fp_split", [False, True])
+def test_per_sequence_odd_lengths_and_empty_middle(fp_split):
+    # lengths 1, 7, 97 in one batch, a zero-length middle in the middle row, a sink shorter than its capacity
+    lens = [(4, 97, 7), (1, 0, 7), (0, 7, 1), (4, 1, 97)]
+    kw = make_inputs(B=4, Hkv=1, r=3, NQ=1, D=64, S=4, n_quant=0, n_window=0, k_bits=2, v_bits=4, k_group=64,
+                     v_group=32, dtype=torch.float16, q_noncontig=True, lens=lens, seed=11)
+    check_against_reference(kw, block_n=16, fp_split=fp_split)
+
+
+def test_lengths_tensor_forms_and_host_ints_agree():
+    # the [3] form, the [B, 3] form with equal rows and the host-int API give the same result
+    base = dict(B=2, Hkv=1, r=4, NQ=2, D=64, S=3, n_quant=33, n_window=5, k_bits=2, v_bits=2, k_group=64,
+                v_group=64, dtype=torch.float16, seed=4, cap_extra=0, win_extra=0)
+    host = make_inputs(**base)
+    dev = make_inputs(**base, lens=[(3, 33, 5)] * 2)
+    dev3 = make_inputs(**base, lens=[(3, 33, 5)] * 2, lens_form="3")
+    assert dev3["lengths"].shape == (3,) and dev["lengths"].shape == (2, 3)
+    o_h, l_h = da.decode_attention(**host, block_n=16)
+    for kw in (dev, dev3):
+        o_d, l_d = da.decode_attention(**kw, block_n=16)
+        torch.testing.assert_close(o_d.float(), o_h.float(), rtol=2e-3, atol=2e-3)
+        torch.testing.assert_close(l_d, l_h, rtol=1e-4, atol=1e-4)
+
+
+def test_rows_that_see_nothing():
+    # an empty sequence and one shorter than its new tokens: out 0 and lse -inf for rows with no token
+    lens = [(0, 0, 0), (0, 0, 1), (2, 7, 3)]
+    kw = make_inputs(B=3, Hkv=1, r=2, NQ=2, D=64, S=2, n_quant=0, n_window=0, k_bits=2, v_bits=2, k_group=64,
+                     v_group=64, dtype=torch.bfloat16, lens=lens, seed=5)
+    for tuning in (dict(block_n=16, num_splits=1), dict(block_n=16, num_splits=3), dict(block_n=16, fp_split=True)):
+        check_against_reference(kw, **tuning)
+    out, lse = da.decode_attention(**kw, block_n=16)
+    assert torch.isinf(lse[0]).all() and (out[0] == 0).all()
+    assert torch.isinf(lse[1, :, 0]).all() and torch.isfinite(lse[1, :, 1]).all()
+
+
+def test_lengths_past_capacity_are_clamped():
+    # the kernel cannot raise on device values: it clamps to the capacities (never reads out of bounds)
+    kw = make_inputs(B=1, Hkv=1, r=4, NQ=1, D=64, S=2, n_quant=16, n_window=4, k_bits=2, v_bits=2, k_group=64,
+                     v_group=64, dtype=torch.float16, lens=[(2, 16, 4)], cap_extra=0, win_extra=0, seed=6)
+    want, _ = da.decode_attention(**kw, block_n=16)
+    kw["lengths"] = torch.tensor([[9, 10**6, 99]], device=DEVICE)
+    got, _ = da.decode_attention(**kw, block_n=16)
+    torch.testing.assert_close(got, want)
+    with pytest.raises(ValueError, match=r"n_sink=9 outside \[0, 2\]"):
+        decode_attention_reference(**{k: (v.cpu() if torch.is_tensor(v) else v) for k, v in kw.items()})
+
+
+# --------------------------------------------------------------- per-channel keys (KIVI, k_axis="channel")
+# scale / zero [B, H, cap // G, D]; each tile lies in one token group: q' = q * s_g, plus q . z_g per row.
+
+@st.composite
+def channel_configs(draw):
+    cfg, tuning = draw(configs())
+    g = draw(st.sampled_from([16, 32, 64] if not ON_GPU else [16, 32, 64, 128]))
+    cfg.update(k_axis="channel", k_group=g, n_quant=draw(st.sampled_from([g, 2 * g, 97] + ([4096] if ON_GPU else []))),
+               NQ=draw(st.sampled_from([1, 1, 2, 3])))
+    if cfg["S"] + cfg["n_quant"] + cfg["n_window"] < cfg["NQ"]:
+        cfg["n_window"] = 7
+    bns = [b for b in ([16, 32] if not ON_GPU else [16, 32, 64]) if g % b == 0]
+    tuning.update(block_n=draw(st.sampled_from([None] + bns)), fill_rows=draw(st.sampled_from([None, True])),
+                  fp_split=draw(st.sampled_from([None, False, True])))
+    if draw(st.booleans()):  # V quantized further than K (KIVI's per-token V flushes every token)
+        n_w = cfg["n_window"]
+        cfg["lens"] = [(cfg["S"], cfg["n_quant"], n_w)]
+        cfg["v_lag"] = [draw(st.integers(0, n_w))]
+    return cfg, tuning
+
+
+@settings(deadline=None, max_examples=30 if ON_GPU else 14, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(channel_configs())
+def test_channel_keys_match_reference(case):
+    cfg, tuning = case
+    check_against_reference(make_inputs(**cfg), **tuning)
+
+
+@pytest.mark.parametrize("r", [1, 3, 4, 8])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_kivi_layout_gqa_ratios(r, dtype):
+    # KIVI's layout: per-channel 2-bit K in groups of 32 tokens, per-token 2-bit V in groups of 32 channels,
+    # a full-precision residual in which K lags V by < 32 tokens, per-sequence lengths, D = 128
+    g = 32
+    lens = [(0, 2 * g, 40), (0, g, 33)] if not ON_GPU else [(0, 64 * g, 140), (0, 7 * g, 159), (0, 0, 97)]
+    lag = [8, 31] if not ON_GPU else [12, 31, 0]
+    kw = make_inputs(B=len(lens), Hkv=2 if ON_GPU else 1, r=r, NQ=1, D=128, S=0, n_quant=0, n_window=0, k_bits=2,
+                     v_bits=2, k_group=g, v_group=32, dtype=dtype, q_noncontig=True, k_axis="channel", lens=lens,
+                     v_lag=lag, seed=r)
+    check_against_reference(kw)
+
+
+def test_channel_keys_group_boundaries_inside_splits():
+    # splits and the sink put the middle's split boundaries mid-group: tiles stay group-aligned (masked)
+    kw = make_inputs(B=1, Hkv=1, r=4, NQ=1, D=64, S=3, n_quant=96, n_window=5, k_bits=4, v_bits=2, k_group=32,
+                     v_group=64, dtype=torch.float16, k_axis="channel", seed=9)
+    for tuning in (dict(block_n=16, num_splits=5, fp_split=False), dict(block_n=32, num_splits=4, fp_split=True)):
+        check_against_reference(kw, **tuning)
+
+
+@pytest.mark.parametrize("mutate,match", [
+    (lambda kw: kw.update(lengths=torch.zeros(2, 3, dtype=torch.int64, device=DEVICE)), "lengths shape"),
+    (lambda kw: kw.update(lengths=torch.zeros(3, device=DEVICE)), "lengths dtype"),
+    (lambda kw: kw.update(n_quant=5), "either lengths"),
+    (lambda kw: kw.update(v_lengths=kw["lengths"].clone()[None].expand(3, 3)), "v_lengths shape"),
+    (lambda kw: kw.update(k_axis="rows"), "k_axis"),
+])
+def test_lengths_validation_errors(mutate, match):
+    kw = make_inputs(B=1, Hkv=1, r=1, NQ=1, D=64, S=0, n_quant=5, n_window=0, k_bits=2, v_bits=2, k_group=64,
+                     v_group=64, dtype=torch.float16, lens=[(0, 5, 0)], lens_form="3")
+    mutate(kw)
+    with pytest.raises(ValueError, match=match):
+        da.decode_attention(**kw)
+
+
+def test_channel_validation_errors():
+    kw = make_inputs(B=1, Hkv=1, r=4, NQ=1, D=64, S=0, n_quant=32, n_window=0, k_bits=2, v_bits=2, k_group=32,
+                     v_group=64, dtype=torch.float16, k_axis="channel")
+    with pytest.raises(ValueError, match="block_n=64 must divide the key token group 32"):
+        da.decode_attention(**kw, block_n=64)
+    with pytest.raises(ValueError, match="k_scale shape"):
+        da.decode_attention(**{**kw, "k_scale": kw["k_scale"][:, :, :0]})
+    with pytest.raises(ValueError, match="token group k_group_size=48"):
+        da.decode_attention(**{**kw, "k_group_size": 48})
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="needs CUDA")
+@pytest.mark.parametrize("k_axis", ["token", "channel"])
+def test_device_lengths_no_host_sync_and_cuda_graph(k_axis):
+    # the launcher with device lengths never synchronises (sync debug mode raises on a sync), and a
+    # captured decode step replays correctly after the lengths change in place
+    g = 32 if k_axis == "channel" else 128
+    lens = [(4, 4096, 100), (4, 1024, 7), (0, 0, 1)]
+    kw = make_inputs(B=3, Hkv=8, r=4, NQ=1, D=128, S=4, n_quant=0, n_window=0, k_bits=2, v_bits=2, k_group=g,
+                     v_group=128, dtype=torch.float16, k_axis=k_axis, lens=lens, cap_extra=60, win_extra=28, seed=2)
+    da.decode_attention(**kw)  # compile outside the checks
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        da.decode_attention(**kw)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    graph = torch.cuda.CUDAGraph()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        da.decode_attention(**kw)
+    torch.cuda.current_stream().wait_stream(s)
+    with torch.cuda.graph(graph):
+        out, lse = da.decode_attention(**kw)
+    for new in ([(4, 4100, 110), (4, 64, 3), (1, 7, 0)], [(0, 0, 0), (4, 2048, 128), (4, 4150, 128)]):
+        kw["lengths"].copy_(torch.tensor(new))
+        graph.replay()
+        ref_out, ref_lse = decode_attention_reference(**{k: (v.cpu() if torch.is_tensor(v) else v) for k, v in kw.items()})
+        seen = torch.isfinite(ref_lse)
+        assert torch.equal(torch.isfinite(lse.cpu()), seen)
+        rel = ((out.float().cpu() - ref_out).norm() / ref_out.norm()).item()
+        assert rel < 3e-3, rel
+        assert (lse.cpu()[seen] - ref_lse[seen]).abs().max().item() < 5e-3
+
+
+@pytest.mark.parametrize("scheme", ["kivi", "token_perm"])
+def test_ops_fused_path_reads_counts_on_device(scheme, monkeypatch):
+    # kvcompile.ops._fused_cuda on real PackedKV caches (under the interpreter on CPU): the lengths go to
+    # the kernel as the counts tensors (K and V separately for KIVI, whose V middle runs ahead of K's)
+    from kvcompile import ops
+    from kvcompile.cache.packed import PackedKV
+    from kvcompile.schemes.base import TensorQuant
+
+    monkeypatch.setenv("KVCOMPILE_FUSED", "always")
+    torch.manual_seed(0)
+    b, hkv, r, d, dtype = 2, 1, 4, 64, torch.float16
+    if scheme == "kivi":
+        kq, vq, n_sink, window, length = (TensorQuant("affine", 2, 16, "channel"), TensorQuant("affine", 2, 32, "token"),
+                                          0, 16, 75)
+    else:
+        kq, vq, n_sink, window, length = (TensorQuant("affine", 2, 32, "token", permute=True),
+                                          TensorQuant("affine", 4, 64, "token", permute=True), 4, 8, 61)
+    k = PackedKV.empty(b, hkv, d, kq, capacity=128, n_sink=n_sink, window=window, dtype=dtype, device=DEVICE)
+    v = PackedKV.empty(b, hkv, d, vq, capacity=128, n_sink=n_sink, window=window, dtype=dtype, device=DEVICE)
+    for n in (length - 1, 1):  # a prefill, then one decode token
+        k.append(torch.randn(b, hkv, n, d, dtype=dtype, device=DEVICE))
+        v.append(torch.randn(b, hkv, n, d, dtype=dtype, device=DEVICE))
+    if scheme == "kivi":
+        assert k.lengths() != v.lengths()  # K keeps 16..31 in its window, V 16
+    q = torch.randn(b, hkv * r, 1, d, dtype=dtype, device=DEVICE)
+    assert ops._fused_unsupported(q, k, v, None, True) is None
+    k._host = v._host = None  # as inside the op: nothing known on the host
+    fused = ops._fused_cuda(q, k, v, 0.125, None, True)
+    assert k._host is None and v._host is None  # the counts were never read back to the host
+    ref = ops.attention_reference(q, k.dequantize(torch.float32), v.dequantize(torch.float32), 0.125, None, True)
+    rel = ((fused.float() - ref).norm() / ref.norm()).item()
+    assert rel < 5e-3, rel
+
+
+def test_ops_fused_decision_is_sync_free():
+    # eager decision without reading counts: the host-known length, else the capacity (kvcompile.ops)
+    from kvcompile import ops
+    from kvcompile.cache.packed import PackedKV
+    from kvcompile.schemes.base import TensorQuant
+
+    tq = TensorQuant("affine", 2, None, "token")
+    q = torch.zeros(1, 32, 1, 128, dtype=torch.float16, device=DEVICE)
+    big = [PackedKV.empty(1, 8, 128, tq, capacity=131072, dtype=torch.float16, device=DEVICE) for _ in "kv"]
+    small = [PackedKV.empty(1, 8, 128, tq, capacity=256, dtype=torch.float16, device=DEVICE) for _ in "kv"]
+    big[0]._host = None
+    assert ops._fused_decode_wins(q, *big)  # 128k capacity: fused, as fused_decode_is_profitable says
+    assert big[0]._host is None  # decided without reading the counts
+    big[0]._host = [0, 64, 0]  # the host knows it is short: fall back
+    assert not ops._fused_decode_wins(q, *big)
+    small[0]._host = None
+    assert not ops._fused_decode_wins(q, *small)

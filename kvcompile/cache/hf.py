@@ -74,8 +74,14 @@ class PackedLayer(CacheLayerMixin):
         if self.max_cache_len is None:
             self.k = self._grown(self.k, t)
             self.v = self._grown(self.v, t)
-        self.k.append(key_states)
-        self.v.append(value_states)
+        if key_states.is_cuda:  # the quantize-on-write kernel (through the op), where it covers the layout
+            from ..ops import write
+
+            write(self.k, key_states)
+            write(self.v, value_states)
+        else:
+            self.k.append(key_states)
+            self.v.append(value_states)
         if self.packed_attention:  # attention reads the packed storage (attn_implementation="kvcompile")
             return self.k, self.v
         return self.k.dequantize(), self.v.dequantize()

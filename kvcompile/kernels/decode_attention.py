@@ -22,6 +22,12 @@ bytes into fp16 lanes with two PRMTs and one LOP3 per two codes (``FAST_ASM``; t
 same math in plain Triton). With one group per token (``G == D``) scales and zeros stay out of the inner
 products: ``score = s * (q . c) + z * sum(q)`` and ``out = (p * s) . C + sum(p * z)``. Smaller groups
 (``G`` in {32, 64}) dequantize in registers (slower, same kernel, a constexpr branch).
+
+Lengths come either as host ints (the split partition chosen on the host) or (``DEV_LENS``) as a device
+``[3]`` / ``[B, 3]`` tensor per sequence: the grid is sized from the capacities and each program derives its
+row's chunk, so the launcher never synchronises and a decode step can be captured in a CUDA graph.
+Per-channel keys (``K_CHANNEL``, KIVI) fold each tile's token-group scale into q (``q' = q * s_g``) and add
+``q . z_g`` per row; ``KV_MIXED`` lets V's packed middle run ahead of K's (KIVI's per-token V). NOTES.md v9, v10.
 """
 
 from __future__ import annotations
@@ -41,11 +47,13 @@ __all__ = [
     "SUPPORTED_BITS",
     "SUPPORTED_HEAD_DIMS",
     "SUPPORTED_GROUP_SIZES",
+    "SUPPORTED_TOKEN_GROUPS",
 ]
 
 SUPPORTED_BITS = (2, 4)
 SUPPORTED_HEAD_DIMS = (64, 128)
 SUPPORTED_GROUP_SIZES = (32, 64, 128)  # and G == D
+SUPPORTED_TOKEN_GROUPS = (16, 32, 64, 128)  # per-channel keys (k_axis="channel"): tokens per group
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
 _META_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _MAX_ROWS = 64  # r * Nq query rows per KV head
@@ -258,16 +266,58 @@ def _mask_scores(s, tmask, pos, row_lim, CAUSAL: tl.constexpr, SUB: tl.constexpr
 
 
 @triton.jit
+def _v_mixed_plane(vb, vs, vz, w, in_mid, J: tl.constexpr, V_BITS: tl.constexpr, DTYPE: tl.constexpr):
+    return tl.where(in_mid[:, None], _plane_f32(vb, J, V_BITS) * vs + vz, w.to(tl.float32)).to(DTYPE)
+
+
+@triton.jit
+def _load_v_mixed(vw_base, svt, svc, offs_t, tmask, v_lag, v_wcap, vc_base, svc_t, svc_c, vs_base, svs_t, svs_g,
+                  vz_base, svz_t, svz_g, v_mid0, PER_V: tl.constexpr, D: tl.constexpr, V_GROUP: tl.constexpr,
+                  DTYPE: tl.constexpr):
+    """The V planes of a tile of K's window (KV_MIXED): V quantizes earlier than K (KIVI: keys flush a
+    whole token group at a time, values every token), so the first ``v_lag`` tokens of K's window are
+    still packed in V's middle (at ``v_mid0 + t``, dequantized here in float32) and the rest sit in V's
+    window at ``t - v_lag``."""
+    V_BITS: tl.constexpr = 8 // PER_V
+    DPV: tl.constexpr = D // PER_V
+    in_win = tmask & (offs_t >= v_lag) & (offs_t - v_lag < v_wcap)
+    w0, w1, w2, w3 = _load_fp_tile(vw_base, offs_t - v_lag, in_win, svt, svc, PER_V, D, False)
+    in_mid = tmask & (offs_t < v_lag)
+    tm = (v_mid0 + offs_t).to(tl.int64)
+    vb = tl.load(vc_base + tm[:, None] * svc_t + tl.arange(0, DPV)[None, :] * svc_c, mask=in_mid[:, None],
+                 other=0).to(tl.int16)
+    if V_GROUP == D:
+        vs = tl.load(vs_base + tm * svs_t, mask=in_mid, other=0.0).to(tl.float32)[:, None]
+        vz = tl.load(vz_base + tm * svz_t, mask=in_mid, other=0.0).to(tl.float32)[:, None]
+    else:
+        offs_g = (tl.arange(0, DPV) // (V_GROUP // PER_V)).to(tl.int64)
+        vs = tl.load(vs_base + tm[:, None] * svs_t + offs_g[None, :] * svs_g, mask=in_mid[:, None], other=0.0).to(tl.float32)
+        vz = tl.load(vz_base + tm[:, None] * svz_t + offs_g[None, :] * svz_g, mask=in_mid[:, None], other=0.0).to(tl.float32)
+    v0 = _v_mixed_plane(vb, vs, vz, w0, in_mid, 0, V_BITS, DTYPE)
+    v1 = _v_mixed_plane(vb, vs, vz, w1, in_mid, 1, V_BITS, DTYPE)
+    if PER_V == 4:
+        v2 = _v_mixed_plane(vb, vs, vz, w2, in_mid, 2, V_BITS, DTYPE)
+        v3 = _v_mixed_plane(vb, vs, vz, w3, in_mid, 3, V_BITS, DTYPE)
+    else:
+        v2 = v0
+        v3 = v1
+    return v0, v1, v2, v3
+
+
+@triton.jit
 def _fp_tile(q0, q1, q2, q3, m_i, l_i, acc0, acc1, acc2, acc3,
              k_base, skt, skc, v_base, svt, svc, offs_t, tmask, offs_s, smask, pos_s, sbr, row_lim, qk_scale,
              PER_K: tl.constexpr, PER_V: tl.constexpr, D: tl.constexpr, K_SHIFTED: tl.constexpr,
              V_SHIFTED: tl.constexpr, CAUSAL: tl.constexpr, USE_DOT: tl.constexpr, DOT_FP32: tl.constexpr,
-             DTYPE: tl.constexpr, SUB: tl.constexpr, FP_CONTIG: tl.constexpr):
+             DTYPE: tl.constexpr, SUB: tl.constexpr, FP_CONTIG: tl.constexpr,
+             v_lag=0, v_wcap=0, vc_base=None, svc_t=0, svc_c=0, vs_base=None, svs_t=0, svs_g=0,
+             vz_base=None, svz_t=0, svz_g=0, v_mid0=0, V_MIXED: tl.constexpr = False, V_GROUP: tl.constexpr = 0):
     """One tile of full-precision tokens (sink or window). With K_SHIFTED the q planes hold
     q_j * 2**-(j * bits): each plane's product is scaled back in float32; with V_SHIFTED the output
     planes hold 2**(j * bits) * out_j, so p is scaled by that (exact) factor. offs_s / smask / pos_s are
     the score-domain tokens (see _bc); with FP_CONTIG the tile is loaded contiguously and split into
-    planes in registers instead of one strided load per plane."""
+    planes in registers instead of one strided load per plane. V_MIXED (K's window when V quantized
+    more of the sequence than K): V comes from _load_v_mixed."""
     KB: tl.constexpr = 8 // PER_K
     VB: tl.constexpr = 8 // PER_V
     KF1: tl.constexpr = (1 << KB) if K_SHIFTED else 1
@@ -285,7 +335,12 @@ def _fp_tile(q0, q1, q2, q3, m_i, l_i, acc0, acc1, acc2, acc3,
     VF1: tl.constexpr = (1 << VB) if V_SHIFTED else 1
     VF2: tl.constexpr = (1 << (2 * VB)) if V_SHIFTED else 1
     VF3: tl.constexpr = (1 << (3 * VB)) if V_SHIFTED else 1
-    v0, v1, v2, v3 = _load_fp_tile(v_base, offs_t, tmask, svt, svc, PER_V, D, FP_CONTIG)
+    if V_MIXED:
+        v0, v1, v2, v3 = _load_v_mixed(v_base, svt, svc, offs_t, tmask, v_lag, v_wcap, vc_base, svc_t, svc_c,
+                                       vs_base, svs_t, svs_g, vz_base, svz_t, svz_g, v_mid0, PER_V, D, V_GROUP,
+                                       DTYPE)
+    else:
+        v0, v1, v2, v3 = _load_fp_tile(v_base, offs_t, tmask, svt, svc, PER_V, D, FP_CONTIG)
     acc0 = acc0 * alpha[:, None] + _mm(_rows_expand(p.to(DTYPE), sbr, SUB), v0, USE_DOT, DOT_FP32)
     acc1 = acc1 * alpha[:, None] + _mm(_rows_expand((p * VF1).to(DTYPE), sbr, SUB), v1, USE_DOT, DOT_FP32)
     if PER_V == 4:
@@ -303,9 +358,11 @@ def _packed_tile(q0, q1, q2, q3, qsum, qsum_mag, m_i, l_i, acc0, acc1, acc2, acc
                  D: tl.constexpr, MAGIC: tl.constexpr, MAGIC_VAL: tl.constexpr,
                  V_MAGIC: tl.constexpr, V_MAGIC_VAL: tl.constexpr, V_DTYPE: tl.constexpr,
                  K_SHIFTED: tl.constexpr, V_SHIFTED: tl.constexpr, FAST_ASM: tl.constexpr, CAUSAL: tl.constexpr, USE_DOT: tl.constexpr, DOT_FP32: tl.constexpr, DTYPE: tl.constexpr,
-                 SUB: tl.constexpr):
+                 SUB: tl.constexpr, t0=0, K_CHANNEL: tl.constexpr = False):
     """One tile of packed middle tokens. Codes load per token (offs_t, tmask); scales, zeros and the softmax
-    run in the score domain (offs_s, smask, pos_s: see _bc and _rows_select)."""
+    run in the score domain (offs_s, smask, pos_s: see _bc and _rows_select). K_CHANNEL (per-channel keys,
+    KIVI): the tile [t0, t0 + BLOCK_N) lies inside one token group of K_GROUP tokens, whose per-channel
+    scale s and zero z fold into q: q . (c * s + z) = (q * s) . c + q . z."""
     PER_K: tl.constexpr = 8 // K_BITS
     PER_V: tl.constexpr = 8 // V_BITS
     DPK: tl.constexpr = D // PER_K
@@ -318,7 +375,34 @@ def _packed_tile(q0, q1, q2, q3, qsum, qsum_mag, m_i, l_i, acc0, acc1, acc2, acc
                  mask=tmask[:, None], other=0)
     if not (FAST_ASM and K_SHIFTED):
         kb = kb.to(tl.int16)
-    if K_GROUP == D:
+    if K_CHANNEL:
+        # q planes hold q_j * 2**-(j * bits) when K_SHIFTED (KF_j undoes it for the zero term); plane j's
+        # element i is channel PER_K * i + j
+        KB: tl.constexpr = K_BITS
+        KF1: tl.constexpr = (1 << KB) if K_SHIFTED else 1
+        KF2: tl.constexpr = (1 << (2 * KB)) if K_SHIFTED else 1
+        KF3: tl.constexpr = (1 << (3 * KB)) if K_SHIFTED else 1
+        gi = t0 // K_GROUP  # int32: group row offsets stay far below 2**31
+        chan = tl.arange(0, DPK).to(tl.int64) * PER_K
+        ks_row = ks_base + gi * sks_t
+        kz_row = kz_base + gi * skz_t
+        # per query row, q . z - MAGIC_VAL * sum(q s) summed elementwise over the planes, reduced once
+        qs0 = (q0.to(tl.float32) * tl.load(ks_row + chan * sks_g).to(tl.float32)[None, :]).to(DTYPE)
+        qs1 = (q1.to(tl.float32) * tl.load(ks_row + (chan + 1) * sks_g).to(tl.float32)[None, :]).to(DTYPE)
+        off = q0.to(tl.float32) * tl.load(kz_row + chan * skz_g).to(tl.float32)[None, :] - MAGIC_VAL * qs0.to(tl.float32)
+        off += (KF1 * q1.to(tl.float32)) * tl.load(kz_row + (chan + 1) * skz_g).to(tl.float32)[None, :] - MAGIC_VAL * qs1.to(tl.float32)
+        raw = _mm(qs0, tl.trans(_plane_magic(kb, 0, K_BITS, MAGIC, DTYPE, K_SHIFTED, FAST_ASM)), USE_DOT, DOT_FP32)
+        raw += _mm(qs1, tl.trans(_plane_magic(kb, 1, K_BITS, MAGIC, DTYPE, K_SHIFTED, FAST_ASM)), USE_DOT, DOT_FP32)
+        if PER_K == 4:
+            qs2 = (q2.to(tl.float32) * tl.load(ks_row + (chan + 2) * sks_g).to(tl.float32)[None, :]).to(DTYPE)
+            qs3 = (q3.to(tl.float32) * tl.load(ks_row + (chan + 3) * sks_g).to(tl.float32)[None, :]).to(DTYPE)
+            off += (KF2 * q2.to(tl.float32)) * tl.load(kz_row + (chan + 2) * skz_g).to(tl.float32)[None, :] - MAGIC_VAL * qs2.to(tl.float32)
+            off += (KF3 * q3.to(tl.float32)) * tl.load(kz_row + (chan + 3) * skz_g).to(tl.float32)[None, :] - MAGIC_VAL * qs3.to(tl.float32)
+            raw += _mm(qs2, tl.trans(_plane_magic(kb, 2, K_BITS, MAGIC, DTYPE, K_SHIFTED, FAST_ASM)), USE_DOT, DOT_FP32)
+            raw += _mm(qs3, tl.trans(_plane_magic(kb, 3, K_BITS, MAGIC, DTYPE, K_SHIFTED, FAST_ASM)), USE_DOT, DOT_FP32)
+        # raw = (q s) . c + MAGIC_VAL * sum(q s): the offset and the zero term are per query row
+        s = (_rows_select(raw, sbr, SUB) + tl.sum(off, 1)[:, None]) * qk_scale
+    elif K_GROUP == D:
         ks = tl.load(ks_base + offs_s64 * sks_t, mask=smask, other=0.0).to(tl.float32)
         kz = tl.load(kz_base + offs_s64 * skz_t, mask=smask, other=0.0).to(tl.float32)
         raw = _mm(q0, tl.trans(_plane_magic(kb, 0, K_BITS, MAGIC, DTYPE, K_SHIFTED, FAST_ASM)), USE_DOT, DOT_FP32)
@@ -395,7 +479,7 @@ def _store_planes(acc0, acc1, acc2, acc3, zacc, inv_l, o_base, rows_off, rmask, 
         _store_plane(acc3, zacc, inv_l, o_base, rows_off, rmask, 3, PER, DP, OUT_DTYPE, SHIFTED)
 
 
-@triton.jit(do_not_specialize=["n_sink", "n_quant", "n_window", "chunk"])
+@triton.jit(do_not_specialize=["n_sink", "n_quant", "n_window", "chunk", "v_cap", "v_wcap"])
 def _decode_split_kernel(
     q_ptr, sq_b, sq_h, sq_n, sq_d,
     # K parts
@@ -412,7 +496,11 @@ def _decode_split_kernel(
     vw_ptr, svw_b, svw_h, svw_t, svw_d,
     # outputs: partials [B*Hkv, NUM_SPLITS, ROWS, D] fp32 + lse2 [B*Hkv, NUM_SPLITS, ROWS], or final out/lse
     op_ptr, lp_ptr, out_ptr, lse_ptr,
-    n_sink, n_quant, n_window, chunk, qk_scale,
+    # valid lengths: host scalars, or (DEV_LENS) per-batch-row device tensors [B or 1, 3] of (n_sink, n_quant,
+    # n_window); then the scalars n_sink / n_quant / n_window are the capacities the loaded lengths are
+    # clamped to (never a read out of bounds) and chunk is derived per row in the kernel
+    lens_ptr, slen_b, slen_p, vlens_ptr, svlen_b, svlen_p,
+    n_sink, n_quant, n_window, chunk, v_cap, v_wcap, qk_scale,
     H_KV: tl.constexpr, GQA: tl.constexpr, NQ: tl.constexpr, D: tl.constexpr,
     K_BITS: tl.constexpr, V_BITS: tl.constexpr, K_GROUP: tl.constexpr, V_GROUP: tl.constexpr,
     M_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -421,7 +509,8 @@ def _decode_split_kernel(
     DTYPE: tl.constexpr, MAGIC: tl.constexpr, MAGIC_VAL: tl.constexpr,
     V_DTYPE: tl.constexpr, V_MAGIC: tl.constexpr, V_MAGIC_VAL: tl.constexpr, DIRECT_OUT: tl.constexpr,
     FAST_ASM: tl.constexpr = False, SUB: tl.constexpr = 1, FP_CONTIG: tl.constexpr = False,
-    FP_SPLIT: tl.constexpr = False,
+    FP_SPLIT: tl.constexpr = False, DEV_LENS: tl.constexpr = False, KV_MIXED: tl.constexpr = False,
+    K_CHANNEL: tl.constexpr = False,
 ):
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -457,7 +546,7 @@ def _decode_split_kernel(
     q_rows = (h * GQA + hl) * sq_h + qi.to(tl.int64) * sq_n
     # fp16 codes keep their bits in place (K_SHIFTED / V_SHIFTED, see _plane_magic); the exact
     # power-of-two factors go into the q planes (K) and the output planes (V).
-    K_SHIFTED: tl.constexpr = (MAGIC == 0x6400) and (K_GROUP == D)
+    K_SHIFTED: tl.constexpr = (MAGIC == 0x6400) and (K_CHANNEL or K_GROUP == D)
     V_SHIFTED: tl.constexpr = (V_MAGIC == 0x6400) and (V_GROUP == D)
     KB: tl.constexpr = K_BITS
     q0 = _load_q_plane(q_base, q_rows, rmask, 0, PER_K, DPK, sq_d)
@@ -479,6 +568,18 @@ def _decode_split_kernel(
     if PER_K == 4:
         qsum_mag += tl.sum(q2.to(tl.float32), 1) + tl.sum(q3.to(tl.float32), 1)
 
+    v_lag = 0
+    if DEV_LENS:
+        # this row's lengths, clamped to the capacities (the scalar arguments in this mode)
+        lp = lens_ptr + b * slen_b
+        n_sink = tl.minimum(tl.maximum(tl.load(lp).to(tl.int32), 0), n_sink)
+        n_quant = tl.minimum(tl.maximum(tl.load(lp + slen_p).to(tl.int32), 0), n_quant)
+        n_window = tl.minimum(tl.maximum(tl.load(lp + 2 * slen_p).to(tl.int32), 0), n_window)
+        if KV_MIXED:
+            # V's packed middle runs v_lag tokens past K's (only its n_quant is read: the same n_sink and
+            # total length are the caller's contract)
+            nq_v = tl.load(vlens_ptr + b * svlen_b + svlen_p).to(tl.int32)
+            v_lag = tl.minimum(tl.maximum(nq_v - n_quant, 0), tl.minimum(v_cap - n_quant, n_window))
     L = n_sink + n_quant + n_window
     row_lim = L - NQ + qi  # new token i sees logical positions <= L - NQ + i
     if FP_SPLIT:
@@ -486,11 +587,17 @@ def _decode_split_kernel(
         # (separate branches: the short fp loops add no live registers to the packed loop)
         run_fp = split == tl.num_programs(1) - 1
         run_mid = split != tl.num_programs(1) - 1
+        if DEV_LENS:  # this row's middle spread over all middle programs (the grid is sized for capacity)
+            n_mid_prog = tl.num_programs(1) - 1
+            chunk = ((n_quant + n_mid_prog - 1) // n_mid_prog + BLOCK_N - 1) // BLOCK_N * BLOCK_N
         lo = tl.where(run_fp, 0, n_sink + split * chunk)
         hi = tl.where(run_fp, L, tl.minimum(lo + chunk, n_sink + n_quant))
     else:
         run_fp = True
         run_mid = True
+        if DEV_LENS:  # this row's length spread over all splits; splits past it do no tile
+            n_prog = tl.num_programs(1)
+            chunk = ((L + n_prog - 1) // n_prog + BLOCK_N - 1) // BLOCK_N * BLOCK_N
         lo = split * chunk
         hi = tl.minimum(lo + chunk, L)
 
@@ -534,18 +641,28 @@ def _decode_split_kernel(
             vz_base = vz_ptr + b * svz_b + h * svz_h
             start = tl.maximum(lo, n_sink) - n_sink
             end = tl.minimum(hi, n_sink + n_quant) - n_sink
-            for t0 in range(start, end, BLOCK_N):
+            if K_CHANNEL:
+                # tiles aligned to BLOCK_N in the middle (a divisor of the key token group), so each tile
+                # has one per-channel scale / zero; the first may start before this split's range (masked)
+                t_first = start // BLOCK_N * BLOCK_N
+            else:
+                t_first = start
+            for t0 in range(t_first, end, BLOCK_N):
                 offs_t = t0 + arange_n
-                tmask = offs_t < end
                 offs_s = t0 + score_n
-                smask = offs_s < end
+                if K_CHANNEL:
+                    tmask = (offs_t < end) & (offs_t >= start)
+                    smask = (offs_s < end) & (offs_s >= start)
+                else:
+                    tmask = offs_t < end
+                    smask = offs_s < end
                 m_i, l_i, acc0, acc1, acc2, acc3, zacc = _packed_tile(
                     q0, q1, q2, q3, qsum, qsum_mag, m_i, l_i, acc0, acc1, acc2, acc3, zacc,
                     kc_base, skc_t, skc_c, ks_base, sks_t, sks_g, kz_base, skz_t, skz_g,
                     vc_base, svc_t, svc_c, vs_base, svs_t, svs_g, vz_base, svz_t, svz_g,
                     offs_t, tmask, offs_s, smask, offs_s + n_sink, sbr, row_lim, qk_scale,
                     K_BITS, V_BITS, K_GROUP, V_GROUP, D, MAGIC, MAGIC_VAL, V_MAGIC, V_MAGIC_VAL, V_DTYPE,
-                    K_SHIFTED, V_SHIFTED, FAST_ASM, CAUSAL, USE_DOT, DOT_FP32, DTYPE, SUB)
+                    K_SHIFTED, V_SHIFTED, FAST_ASM, CAUSAL, USE_DOT, DOT_FP32, DTYPE, SUB, t0, K_CHANNEL)
 
     if HAS_WINDOW:
         if run_fp:
@@ -554,6 +671,26 @@ def _decode_split_kernel(
             w0 = n_sink + n_quant
             start = tl.maximum(lo, w0) - w0
             end = tl.minimum(hi, L) - w0
+            if KV_MIXED:
+                # the tiles holding V's first v_lag (< one key token group) tokens, which V already packed,
+                # in their own loop: its registers stay out of the plain window loop below
+                t_plain = start + tl.maximum(v_lag - start + BLOCK_N - 1, 0) // BLOCK_N * BLOCK_N
+                for t0 in range(start, tl.minimum(t_plain, end), BLOCK_N):
+                    offs_t = t0 + arange_n
+                    tmask = offs_t < end
+                    offs_s = t0 + score_n
+                    smask = offs_s < end
+                    m_i, l_i, alpha, acc0, acc1, acc2, acc3 = _fp_tile(
+                        q0, q1, q2, q3, m_i, l_i, acc0, acc1, acc2, acc3,
+                        k_base, skw_t, skw_d, v_base, svw_t, svw_d, offs_t, tmask, offs_s, smask, offs_s + w0, sbr,
+                        row_lim, qk_scale, PER_K, PER_V, D, K_SHIFTED, V_SHIFTED, CAUSAL, USE_DOT, DOT_FP32, DTYPE,
+                        SUB, FP_CONTIG, v_lag, v_wcap,
+                        vc_ptr + b * svc_b + h * svc_h, svc_t, svc_c, vs_ptr + b * svs_b + h * svs_h, svs_t, svs_g,
+                        vz_ptr + b * svz_b + h * svz_h, svz_t, svz_g, n_quant, True, V_GROUP)
+                    zacc = zacc * alpha
+                start = t_plain
+                end = tl.minimum(end, v_wcap + v_lag)  # only binds for lengths that break the contract
+                v_base = v_base - v_lag.to(tl.int64) * svw_t  # past the lag, V's window is K's shifted by v_lag
             for t0 in range(start, end, BLOCK_N):
                 offs_t = t0 + arange_n
                 tmask = offs_t < end
@@ -612,11 +749,13 @@ def _merge_kernel(op_ptr, lp_ptr, out_ptr, lse_ptr, NUM_SPLITS,
     prow = (bh * NUM_SPLITS + offs_s) * ROWS + m
     lse = tl.load(lp_ptr + prow, mask=smask, other=float("-inf"))
     mx = tl.max(lse, 0)
+    # a row that sees no token at all (every split empty: per-row lengths) gives out 0 and lse -inf
+    mx = tl.where(mx == float("-inf"), 0.0, mx)
     w = tl.where(smask, tl.exp2(lse - mx), 0.0)
     denom = tl.sum(w, 0)
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     o = tl.load(op_ptr + prow[:, None] * D + offs_d[None, :], mask=smask[:, None], other=0.0)
-    o = tl.sum(o * w[:, None], 0) / denom
+    o = tl.sum(o * w[:, None], 0) / tl.where(denom == 0.0, 1.0, denom)
     b = bh // H_KV
     h = bh % H_KV
     hq = h * GQA + m // NQ
@@ -624,7 +763,7 @@ def _merge_kernel(op_ptr, lp_ptr, out_ptr, lse_ptr, NUM_SPLITS,
     orow = (b * (H_KV * GQA) + hq) * NQ + qi
     tl.store(out_ptr + orow * D + offs_d, o.to(DTYPE))
     if pid_d == 0:
-        tl.store(lse_ptr + orow, (mx + tl.log2(denom)) * 0.6931471805599453)
+        tl.store(lse_ptr + orow, tl.where(denom == 0.0, float("-inf"), (mx + tl.log2(denom)) * 0.6931471805599453))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -686,6 +825,21 @@ def _fail(msg: str):
     raise ValueError(f"decode_attention: {msg}")
 
 
+def _lengths_arg(name: str, t, B: int, dev) -> tuple[torch.Tensor, int, int]:
+    """(tensor, batch stride, part stride) of a [3] or [B, 3] int tensor of (n_sink, n_quant, n_window)."""
+    if not torch.is_tensor(t):
+        _fail(f"{name} must be a [3] or [B, 3] int32/int64 tensor of (n_sink, n_quant, n_window), got {type(t).__name__}")
+    if t.dtype not in (torch.int32, torch.int64):
+        _fail(f"{name} dtype {t.dtype} unsupported (int32 or int64)")
+    if t.device != dev:
+        _fail(f"{name} must be on q's device {dev} (the kernel reads it there, no host sync), found {t.device}")
+    if t.shape == (3,):
+        return t, 0, t.stride(0)
+    if t.shape == (B, 3):
+        return t, t.stride(0), t.stride(1)
+    _fail(f"{name} shape {tuple(t.shape)} must be (3,) (one length for the batch) or ({B}, 3) (per sequence)")
+
+
 def decode_attention(
     *,
     q: torch.Tensor,
@@ -699,12 +853,15 @@ def decode_attention(
     v_scale: torch.Tensor,
     v_zero: torch.Tensor,
     v_window: torch.Tensor,
-    n_quant: int,
-    n_window: int,
     k_bits: int,
     v_bits: int,
     k_group_size: int,
     v_group_size: int,
+    n_quant: int | None = None,
+    n_window: int | None = None,
+    lengths: torch.Tensor | None = None,
+    v_lengths: torch.Tensor | None = None,
+    k_axis: str = "token",
     sm_scale: float | None = None,
     num_splits: int | None = None,
     block_n: int | None = None,
@@ -720,9 +877,23 @@ def decode_attention(
     """Attention of ``q`` over the packed KV ``sink ++ middle[:n_quant] ++ window[:n_window]``.
 
     q: [B, Hq, Nq, D] fp16/bf16, any strides; the Nq new tokens are the last Nq logical tokens and are
-    causal among themselves. ``*_sink`` [B, Hkv, S, D] (S may be 0) and ``*_window`` [B, Hkv, W, D] in q's
-    dtype; ``*_codes`` uint8 [B, Hkv, cap, D * bits / 8] (little-endian within the byte);
-    ``*_scale`` / ``*_zero`` [B, Hkv, cap, D // group_size] (per-token affine groups: x = c * scale + zero).
+    causal among themselves. ``*_sink`` [B, Hkv, S, D] and ``*_window`` [B, Hkv, W, D] in q's dtype;
+    ``*_codes`` uint8 [B, Hkv, cap, D * bits / 8] (little-endian within the byte); ``*_scale`` / ``*_zero``
+    [B, Hkv, cap, D // group_size] (per-token affine groups: x = c * scale + zero), or for keys with
+    ``k_axis="channel"`` (KIVI: groups of ``k_group_size`` tokens per channel) [B, Hkv, cap // k_group_size, D].
+
+    Lengths, one of:
+    - ``n_quant``, ``n_window`` (host ints): every sequence holds all S sink tokens, ``n_quant`` packed and
+      ``n_window`` window tokens; the split partition is chosen from this length.
+    - ``lengths``: a device int tensor [3] or [B, 3] of (n_sink, n_quant, n_window) per sequence (PackedKV's
+      ``counts`` is the [3] form); the sink / middle / window tensors are capacity-sized. The kernel reads
+      the lengths on the device: no host synchronisation, so a decode step can be captured in a CUDA graph.
+      The grid is sized from the capacities; each program derives its row's chunk from the row's length
+      (splits past it do no tile), and a row that sees no token gets out 0 and lse -inf. Lengths outside
+      [0, capacity] are clamped, never read out of bounds. ``v_lengths`` (same form): V's lengths where
+      V quantized more of the sequence than K (KIVI: keys flush a token group at a time, values every
+      token); the same n_sink and total length, V's n_quant >= K's n_quant.
+
     Returns (out [B, Hq, Nq, D] in q's dtype, contiguous; lse [B, Hq, Nq] float32, natural log of the
     softmax denominator of ``sm_scale * q . k``).
     """
@@ -736,37 +907,53 @@ def decode_attention(
         _fail(f"head dim {D} unsupported (supported: {SUPPORTED_HEAD_DIMS})")
     if k_bits not in SUPPORTED_BITS or v_bits not in SUPPORTED_BITS:
         _fail(f"bits k={k_bits} v={v_bits} unsupported (supported: {SUPPORTED_BITS})")
-    if not (k_group_size == D or k_group_size in (32, 64)) or not (v_group_size == D or v_group_size in (32, 64)):
+    k_channel = k_axis == "channel"
+    if k_axis not in ("token", "channel"):
+        _fail(f"k_axis={k_axis!r} unsupported ('token' or 'channel')")
+    if k_channel:
+        if k_group_size not in SUPPORTED_TOKEN_GROUPS:
+            _fail(f"key token group k_group_size={k_group_size} unsupported for k_axis='channel' "
+                  f"(supported: {SUPPORTED_TOKEN_GROUPS})")
+    elif not (k_group_size == D or k_group_size in (32, 64)):
+        _fail(f"group sizes k={k_group_size} v={v_group_size} unsupported (D={D}, 32 or 64)")
+    if not (v_group_size == D or v_group_size in (32, 64)):
         _fail(f"group sizes k={k_group_size} v={v_group_size} unsupported (D={D}, 32 or 64)")
     if NQ < 1:
         _fail("q must hold at least one new token")
-    if k_codes.dim() != 4:
-        _fail(f"k_codes must be [B, Hkv, cap, D * bits / 8], got shape {tuple(k_codes.shape)}")
-    Hkv, cap = k_codes.shape[1], k_codes.shape[2]
+    if k_codes.dim() != 4 or v_codes.dim() != 4:
+        _fail(f"k_codes / v_codes must be [B, Hkv, cap, D * bits / 8], got shapes {tuple(k_codes.shape)}, "
+              f"{tuple(v_codes.shape)}")
+    Hkv, cap, cap_v = k_codes.shape[1], k_codes.shape[2], v_codes.shape[2]
     if Hkv == 0 or Hq % Hkv:
         _fail(f"Hq={Hq} must be a multiple of Hkv={Hkv}")
     r = Hq // Hkv
     if r * NQ > _MAX_ROWS:
         _fail(f"GQA ratio x new tokens = {r * NQ} > {_MAX_ROWS}")
     for name, t, want in (("k_codes", k_codes, (B, Hkv, cap, D * k_bits // 8)),
-                          ("v_codes", v_codes, (B, Hkv, cap, D * v_bits // 8))):
+                          ("v_codes", v_codes, (B, Hkv, cap_v, D * v_bits // 8))):
         if t.dtype != torch.uint8:
             _fail(f"{name} must be uint8, got {t.dtype}")
         if t.shape != want:
             _fail(f"{name} shape {tuple(t.shape)} != {want}")
-    for name, t, want in (("k_scale", k_scale, (B, Hkv, cap, D // k_group_size)),
-                          ("k_zero", k_zero, (B, Hkv, cap, D // k_group_size)),
-                          ("v_scale", v_scale, (B, Hkv, cap, D // v_group_size)),
-                          ("v_zero", v_zero, (B, Hkv, cap, D // v_group_size))):
+    if k_channel:
+        if cap % k_group_size:
+            _fail(f"k_axis='channel': the key capacity {cap} must be a multiple of the token group {k_group_size}")
+        k_meta_shape = (B, Hkv, cap // k_group_size, D)
+    else:
+        k_meta_shape = (B, Hkv, cap, D // k_group_size)
+    for name, t, want in (("k_scale", k_scale, k_meta_shape), ("k_zero", k_zero, k_meta_shape),
+                          ("v_scale", v_scale, (B, Hkv, cap_v, D // v_group_size)),
+                          ("v_zero", v_zero, (B, Hkv, cap_v, D // v_group_size))):
         if t.dtype not in _META_DTYPES:
             _fail(f"{name} dtype {t.dtype} unsupported ({_META_DTYPES})")
         if t.shape != want:
             _fail(f"{name} shape {tuple(t.shape)} != {want}")
-    if k_sink.dim() != 4 or k_window.dim() != 4:
-        _fail(f"sink and window must be [B, Hkv, n, D], got {tuple(k_sink.shape)}, {tuple(k_window.shape)}")
-    S, W = k_sink.shape[2], k_window.shape[2]
+    if k_sink.dim() != 4 or k_window.dim() != 4 or v_window.dim() != 4:
+        _fail(f"sink and window must be [B, Hkv, n, D], got {tuple(k_sink.shape)}, {tuple(k_window.shape)}, "
+              f"{tuple(v_window.shape)}")
+    S, W, W_v = k_sink.shape[2], k_window.shape[2], v_window.shape[2]
     for name, t, want in (("k_sink", k_sink, (B, Hkv, S, D)), ("v_sink", v_sink, (B, Hkv, S, D)),
-                          ("k_window", k_window, (B, Hkv, W, D)), ("v_window", v_window, (B, Hkv, W, D))):
+                          ("k_window", k_window, (B, Hkv, W, D)), ("v_window", v_window, (B, Hkv, W_v, D))):
         if t.shape != want:
             _fail(f"{name} shape {tuple(t.shape)} != {want}")
         if t.dtype != q.dtype:
@@ -775,14 +962,34 @@ def decode_attention(
     for t in (k_sink, k_codes, k_scale, k_zero, k_window, v_sink, v_codes, v_scale, v_zero, v_window):
         if t.device != dev:
             _fail(f"all inputs must be on q's device {dev}, found one on {t.device}")
-    n_quant, n_window = int(n_quant), int(n_window)
-    if not 0 <= n_quant <= cap:
-        _fail(f"n_quant={n_quant} outside [0, {cap}]")
-    if not 0 <= n_window <= W:
-        _fail(f"n_window={n_window} outside [0, {W}]")
-    L = S + n_quant + n_window
-    if L < NQ:
-        _fail(f"sequence length {L} < new tokens {NQ}")
+    dev_lens = lengths is not None
+    kv_mixed = False
+    if dev_lens:
+        if n_quant is not None or n_window is not None:
+            _fail("pass either lengths= (device tensor) or n_quant= / n_window= (host ints), not both")
+        lens, slen_b, slen_p = _lengths_arg("lengths", lengths, B, dev)
+        vlens, svlen_b, svlen_p = lens, slen_b, slen_p
+        if v_lengths is not None and v_lengths is not lengths:
+            vlens, svlen_b, svlen_p = _lengths_arg("v_lengths", v_lengths, B, dev)
+            kv_mixed = True
+        # capacities: the kernel clamps each row's lengths to them
+        mid_cap = min(cap, cap_v)
+        win_cap = W if kv_mixed else min(W, W_v)
+        n_quant_arg, n_window_arg, L_grid = mid_cap, win_cap, S + mid_cap + win_cap
+    else:
+        if n_quant is None or n_window is None:
+            _fail("pass n_quant= and n_window= (host ints) or lengths= (a [3] / [B, 3] device int tensor)")
+        if v_lengths is not None:
+            _fail("v_lengths= needs lengths= (device tensors)")
+        n_quant, n_window = int(n_quant), int(n_window)
+        if not 0 <= n_quant <= min(cap, cap_v):
+            _fail(f"n_quant={n_quant} outside [0, {min(cap, cap_v)}]")
+        if not 0 <= n_window <= min(W, W_v):
+            _fail(f"n_window={n_window} outside [0, {min(W, W_v)}]")
+        if S + n_quant + n_window < NQ:
+            _fail(f"sequence length {S + n_quant + n_window} < new tokens {NQ}")
+        lens, slen_b, slen_p, vlens, svlen_b, svlen_p = q, 0, 0, q, 0, 0  # unused
+        mid_cap, n_quant_arg, n_window_arg, L_grid = n_quant, n_quant, n_window, S + n_quant + n_window
     if sm_scale is None:
         sm_scale = 1.0 / math.sqrt(D)
 
@@ -809,8 +1016,13 @@ def decode_attention(
         m_pad = max(16, m_pad)
     if block_n is None:
         block_n = 64 if use_dot else 32
+        if k_channel:
+            block_n = min(block_n, k_group_size)
     if block_n % sub:
         _fail(f"block_n={block_n} must be a multiple of the {sub} row-fill sub-blocks")
+    if k_channel and k_group_size % block_n:
+        _fail(f"k_axis='channel': block_n={block_n} must divide the key token group {k_group_size} "
+              "(one per-channel scale per tile)")
     if num_warps is None:
         num_warps = 1
     if num_stages is None:
@@ -818,24 +1030,33 @@ def decode_attention(
     # fp_split: one extra program per (batch, KV head) takes the full-precision sink + window, the other
     # splits only the packed middle (the window no longer lengthens one split, and the packed loop does
     # not carry the fp loops' registers).
-    fp_split = bool(fp_split) and n_quant > 0 and (S > 0 or n_window > 0)
+    fp_split = bool(fp_split) and mid_cap > 0 and (S > 0 or n_window_arg > 0)
     if fp_split and fp_split_default and num_splits is None:
         # by default only where the extra program still fits the one wave (programs_per_sm x SMs)
         fp_split = 2 * B * Hkv <= programs_per_sm * _num_sms(dev)
+    # With device lengths the grid is sized for the capacities (fixed for a CUDA graph) and each program
+    # derives its row's chunk in the kernel; with host lengths the chunk is computed here.
+    chunk = 0
     if fp_split:
         if num_splits is None:
             want = max(1, (programs_per_sm * _num_sms(dev)) // max(1, B * Hkv))
-            mid_splits = max(1, min(_cdiv(n_quant, block_n), want - 1))
+            mid_splits = max(1, min(_cdiv(mid_cap, block_n), want - 1))
         else:
             mid_splits = max(1, num_splits - 1)
-        chunk = _cdiv(_cdiv(n_quant, mid_splits), block_n) * block_n
-        num_splits = _cdiv(n_quant, chunk) + 1
+        if dev_lens:
+            num_splits = mid_splits + 1
+        else:
+            chunk = _cdiv(_cdiv(n_quant, mid_splits), block_n) * block_n
+            num_splits = _cdiv(n_quant, chunk) + 1
     else:
         if num_splits is None:
-            num_splits = choose_num_splits(batch=B, kv_heads=Hkv, seq_len=L, block_n=block_n,
+            num_splits = choose_num_splits(batch=B, kv_heads=Hkv, seq_len=L_grid, block_n=block_n,
                                            num_sms=_num_sms(dev), programs_per_sm=programs_per_sm)
-        chunk = _cdiv(_cdiv(L, num_splits), block_n) * block_n
-        num_splits = _cdiv(L, chunk)
+        if dev_lens:
+            num_splits = max(1, min(num_splits, _cdiv(L_grid, block_n)))
+        else:
+            chunk = _cdiv(_cdiv(L_grid, num_splits), block_n) * block_n
+            num_splits = _cdiv(L_grid, chunk)
 
     out = torch.empty((B, Hq, NQ, D), device=dev, dtype=q.dtype)
     lse = torch.empty((B, Hq, NQ), device=dev, dtype=torch.float32)
@@ -852,7 +1073,7 @@ def decode_attention(
             return (t, *t.stride())
         return (q, 0, 0, 0, 0)
 
-    has_sink, has_mid, has_window = S > 0, n_quant > 0, n_window > 0
+    has_sink, has_mid, has_window = S > 0, mid_cap > 0, n_window_arg > 0
     tl_dtype = tl.float16 if q.dtype == torch.float16 else tl.bfloat16
     magic, magic_val = (0x6400, 1024.0) if q.dtype == torch.float16 else (0x4300, 128.0)
     # The packed V product (p * scale) . codes runs in fp16 whenever the scales are fp16 (p * s <= max
@@ -865,15 +1086,17 @@ def decode_attention(
         *part(k_sink, has_sink), *part(k_codes, has_mid), *part(k_scale, has_mid), *part(k_zero, has_mid),
         *part(k_window, has_window),
         *part(v_sink, has_sink), *part(v_codes, has_mid), *part(v_scale, has_mid), *part(v_zero, has_mid),
-        *part(v_window, has_window),
+        *part(v_window, has_window and W_v > 0),
         o_part, l_part, out, lse,
-        S, n_quant, n_window, chunk, float(sm_scale) * _LOG2E,
+        lens, slen_b, slen_p, vlens, svlen_b, svlen_p,
+        S, n_quant_arg, n_window_arg, chunk, cap_v, W_v, float(sm_scale) * _LOG2E,
         H_KV=Hkv, GQA=r, NQ=NQ, D=D, K_BITS=k_bits, V_BITS=v_bits, K_GROUP=k_group_size, V_GROUP=v_group_size,
         M_PAD=m_pad, BLOCK_N=block_n,
         HAS_SINK=has_sink, HAS_MID=has_mid, HAS_WINDOW=has_window,
         CAUSAL=NQ > 1, USE_DOT=use_dot, DOT_FP32=interp, DTYPE=tl_dtype, MAGIC=magic, MAGIC_VAL=magic_val,
         V_DTYPE=v_dtype, V_MAGIC=v_magic, V_MAGIC_VAL=v_magic_val, DIRECT_OUT=direct,
         FAST_ASM=fast_asm and not interp, SUB=sub, FP_CONTIG=bool(fp_contig), FP_SPLIT=fp_split,
+        DEV_LENS=dev_lens, KV_MIXED=kv_mixed, K_CHANNEL=k_channel,
         num_warps=num_warps, num_stages=num_stages,
     )
     if not direct:

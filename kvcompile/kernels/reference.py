@@ -1,8 +1,11 @@
 """Pure-PyTorch float32 reference for :func:`kvcompile.kernels.decode_attention.decode_attention`.
 
 Same keyword signature; dequantizes the packed middle with the project's reference quantizer
-(``kvcompile.quant``: per-token affine groups, codes little-endian within the byte, docs/format.md),
-concatenates sink ++ middle ++ window, repeats the KV heads for GQA and runs a masked softmax in float32. This is the spec the Triton kernel is tested against.
+(``kvcompile.quant``: affine groups per token, or for keys with ``k_axis="channel"`` per channel over
+``k_group_size`` tokens; codes little-endian within the byte, docs/format.md), then per sequence
+concatenates sink[:n_sink] ++ middle[:n_quant] ++ window[:n_window] with that sequence's lengths, repeats
+the KV heads for GQA and runs a masked softmax in float32. This is the spec the Triton kernel is tested
+against.
 """
 
 from __future__ import annotations
@@ -13,7 +16,23 @@ import torch
 
 from ..quant import dequantize_affine, unpack_codes
 
-__all__ = ["decode_attention_reference"]
+__all__ = ["decode_attention_reference", "lengths_per_row"]
+
+
+def lengths_per_row(lengths, B: int, caps: tuple[int, int, int], name: str = "lengths") -> list[tuple[int, int, int]]:
+    """[(n_sink, n_quant, n_window)] * B from a [3] or [B, 3] int tensor; raises on lengths outside
+    [0, capacity] (the kernel clamps them instead: never a read out of bounds)."""
+    t = torch.as_tensor(lengths).cpu().to(torch.int64)
+    if t.shape == (3,):
+        t = t[None].expand(B, 3)
+    if t.shape != (B, 3):
+        raise ValueError(f"{name} shape {tuple(t.shape)} must be (3,) or ({B}, 3)")
+    rows = [tuple(int(x) for x in row) for row in t.tolist()]
+    for b, row in enumerate(rows):
+        for part, n, c in zip(("n_sink", "n_quant", "n_window"), row, caps):
+            if not 0 <= n <= c:
+                raise ValueError(f"{name}[{b}]: {part}={n} outside [0, {c}]")
+    return rows
 
 
 def decode_attention_reference(
@@ -29,38 +48,60 @@ def decode_attention_reference(
     v_scale: torch.Tensor,
     v_zero: torch.Tensor,
     v_window: torch.Tensor,
-    n_quant: int,
-    n_window: int,
     k_bits: int,
     v_bits: int,
     k_group_size: int,
     v_group_size: int,
+    n_quant: int | None = None,
+    n_window: int | None = None,
+    lengths: torch.Tensor | None = None,
+    v_lengths: torch.Tensor | None = None,
+    k_axis: str = "token",
     sm_scale: float | None = None,
     **_tuning,  # the kernel's tuning knobs (num_splits, block_n, ...) do not change the result
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Returns (out [B, Hq, Nq, D] float32, lse [B, Hq, Nq] float32, natural log)."""
+    """Returns (out [B, Hq, Nq, D] float32, lse [B, Hq, Nq] float32, natural log). A query row that sees
+    no token (a sequence shorter than its new tokens, or empty) gets out 0 and lse -inf."""
     B, Hq, NQ, D = q.shape
     Hkv = k_codes.shape[1]
     r = Hq // Hkv
     if sm_scale is None:
         sm_scale = 1.0 / math.sqrt(D)
-    n_quant, n_window = int(n_quant), int(n_window)
+    S = k_sink.shape[2]
+    if lengths is None:
+        k_rows = [(S, int(n_quant), int(n_window))] * B
+        v_rows = k_rows
+    else:
+        k_rows = lengths_per_row(lengths, B, (S, k_codes.shape[2], k_window.shape[2]))
+        v_rows = k_rows if v_lengths is None else lengths_per_row(
+            v_lengths, B, (S, v_codes.shape[2], v_window.shape[2]), "v_lengths")
+        for b, (kr, vr) in enumerate(zip(k_rows, v_rows)):
+            if kr[0] != vr[0] or sum(kr) != sum(vr) or vr[1] < kr[1]:
+                raise ValueError(f"row {b}: K lengths {kr} and V lengths {vr} must share n_sink and the total, "
+                                 "with V's n_quant >= K's")
 
-    def logical(sink, codes, scale, zero, window, bits, g):
-        c = unpack_codes(codes[:, :, :n_quant], bits, D)
-        mid = dequantize_affine(c, scale[:, :, :n_quant], zero[:, :, :n_quant], g, axis="token")
-        return torch.cat([sink.float(), mid, window[:, :, :n_window].float()], dim=2)
+    def middle(codes, scale, zero, bits, g, axis):  # the whole capacity, dequantized: [B, H, cap, D]
+        return dequantize_affine(unpack_codes(codes, bits, D), scale, zero, g, axis=axis)
 
-    k = logical(k_sink, k_codes, k_scale, k_zero, k_window, k_bits, k_group_size)
-    v = logical(v_sink, v_codes, v_scale, v_zero, v_window, v_bits, v_group_size)
-    L = k.shape[2]
-    k = k.repeat_interleave(r, dim=1)
-    v = v.repeat_interleave(r, dim=1)
-    scores = torch.einsum("bhnd,bhtd->bhnt", q.float(), k) * sm_scale
-    # new token i is logical position L - NQ + i and sees positions <= its own
-    pos = torch.arange(L, device=q.device)
-    lim = L - NQ + torch.arange(NQ, device=q.device)
-    scores = scores.masked_fill(pos[None, :] > lim[:, None], float("-inf"))
-    lse = torch.logsumexp(scores, dim=-1)
-    out = torch.einsum("bhnt,bhtd->bhnd", torch.softmax(scores, dim=-1), v)
+    k_mid = middle(k_codes, k_scale, k_zero, k_bits, k_group_size, k_axis)
+    v_mid = middle(v_codes, v_scale, v_zero, v_bits, v_group_size, "token")
+    out = torch.zeros(B, Hq, NQ, D, dtype=torch.float32, device=q.device)
+    lse = torch.full((B, Hq, NQ), float("-inf"), dtype=torch.float32, device=q.device)
+    for b in range(B):
+        def logical(sink, mid, window, row):
+            n_s, n_q, n_w = row
+            return torch.cat([sink[b, :, :n_s].float(), mid[b, :, :n_q], window[b, :, :n_w].float()], dim=1)
+
+        k = logical(k_sink, k_mid, k_window, k_rows[b]).repeat_interleave(r, dim=0)  # [Hq, L, D]
+        v = logical(v_sink, v_mid, v_window, v_rows[b]).repeat_interleave(r, dim=0)
+        L = k.shape[1]
+        scores = torch.einsum("hnd,htd->hnt", q[b].float(), k) * sm_scale
+        # new token i is logical position L - NQ + i and sees positions <= its own
+        pos = torch.arange(L, device=q.device)
+        lim = L - NQ + torch.arange(NQ, device=q.device)
+        scores = scores.masked_fill(pos[None, :] > lim[:, None], float("-inf"))
+        lse[b] = torch.logsumexp(scores, dim=-1)
+        seen = torch.isfinite(lse[b])[..., None]
+        p = torch.where(seen, torch.softmax(scores, dim=-1), 0.0)
+        out[b] = torch.einsum("hnt,htd->hnd", p, v)
     return out, lse

@@ -1,0 +1,741 @@
+"""Fused chunked-prefill attention over packed low-bit KV (docs/format.md).
+
+A chunk of ``Nq`` new query tokens attends to the packed history ``sink ++ middle ++ window`` and causally
+to itself: the chunk's own K/V are the LAST ``Nq`` logical tokens (they were written to the cache before
+attention, so they sit in the window and / or the quantized middle), and new token ``i`` sees logical
+positions ``<= L - Nq + i``. Same storage, same math, same reference as the decode kernel
+(:func:`kvcompile.kernels.reference.decode_attention_reference`, which already covers ``Nq > 1``).
+
+Flash-attention layout: ``_prefill_kernel`` runs a program per (block of ``BLOCK_M`` query rows, batch x KV
+head, split). The query rows of one KV head are the ``r = Hq // Hkv`` query heads of its GQA group times
+the ``Nq`` new tokens, folded into M **token-major** (row ``m = i * r + head_in_group``), so a block holds
+whole consecutive tokens and its causal limit is tight: the program walks the logical tokens
+``[0, L - Nq + last_token_of_block]`` only. Each K/V tile is loaded and unpacked once per program and
+shared by all ``BLOCK_M`` rows through ``tl.dot``; the online softmax runs per row.
+
+The tile math is the decode kernel's (``_packed_tile`` / ``_fp_tile`` from decode_attention.py, imported,
+not copied): codes stay in their packed "planes" (plane ``j`` = channels ``j, j + PER, ...``, q loaded in
+the same planes with strided pointers), magic-number code -> fp16/bf16 conversion, scales and zeros kept
+out of the inner products when one group spans the head (``G == D``), in-register dequantization for
+``G`` in {32, 64}. With few query blocks (small chunks, small batch) the KV range of each block is cut
+into ``num_splits`` parts whose partial results are merged by ``_prefill_merge_kernel`` (log-sum-exp,
+flash-decoding), so the grid still fills the GPU. The chunk length ``Nq`` and the number of splits are
+runtime arguments of both kernels: a new chunk length does not recompile.
+
+Measured (H100, triton 3.6, benchmarks/results/bench_prefill.md; Hq=32 Hkv=8 D=128, eager, 128-row blocks):
+1.2-8.2x faster than dequantize + SDPA on all 16 cases. Against fp16 SDPA on full-precision K/V: faster only
+for B=1 with 64-token chunks over 32k tokens (2.35-2.65x masked SDPA, 1.4-1.6x flash without a mask; the KV
+splits fill the GPU there); B=8 64-token chunks 0.86-0.96x masked / 0.51-0.63x flash; 512-token chunks
+(compute bound) 0.45-0.57x masked / 0.23-0.33x flash: 120-185 TFLOP/s against flash SDPA's ~650. Estimated
+from the offline SASS count (~850-920 instructions per warp per tile) the issue slots are mostly idle: latency
+bound (only 8 warps fit an SM at ~255 registers, and Triton does not software-pipeline the packed loads).
+64-row blocks (the default) measured 11-17% faster than 128-row blocks on the two cases timed both ways.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from . import decode_attention as _da
+from .decode_attention import _load_q_plane, _mm, _plane_f32, _plane_magic, _softmax_step, _store_planes, _v_plane_exact
+from .reference import decode_attention_reference
+
+__all__ = [
+    "prefill_attention",
+    "prefill_attention_reference",
+    "choose_prefill_config",
+    "prefill_is_profitable",
+    "SUPPORTED_BITS",
+    "SUPPORTED_HEAD_DIMS",
+    "SUPPORTED_GROUP_SIZES",
+    "SUPPORTED_DTYPES",
+]
+
+SUPPORTED_BITS = _da.SUPPORTED_BITS  # (2, 4)
+SUPPORTED_HEAD_DIMS = _da.SUPPORTED_HEAD_DIMS  # (64, 128)
+SUPPORTED_GROUP_SIZES = (32, 64)  # and G == D
+SUPPORTED_DTYPES = _da.SUPPORTED_DTYPES
+_META_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_LOG2E = 1.4426950408889634
+
+
+
+def prefill_attention_reference(*, causal: bool = True, **kw) -> tuple[torch.Tensor, torch.Tensor]:
+    """The pure-PyTorch float32 spec of :func:`prefill_attention` (same keywords; returns float32 out, lse).
+
+    Causal: the decode reference already computes Nq new tokens that are the last Nq logical tokens, causal
+    among themselves. Without ``causal`` every new token sees all L tokens: the Nq tokens are folded into the
+    batch as single-token queries (which the reference does not mask)."""
+    if causal or kw["q"].shape[2] == 1:
+        return decode_attention_reference(**kw)
+    q = kw["q"]
+    B, Hq, NQ, D = q.shape
+    kw = {k: (v.repeat_interleave(NQ, dim=0) if torch.is_tensor(v) and k != "q" else v) for k, v in kw.items()}
+    kw["q"] = q.permute(0, 2, 1, 3).reshape(B * NQ, Hq, 1, D)
+    out, lse = decode_attention_reference(**kw)
+    return (out.reshape(B, NQ, Hq, D).permute(0, 2, 1, 3), lse.reshape(B, NQ, Hq).permute(0, 2, 1))
+
+
+# --------------------------------------------------------------------------------------------------
+# Tiles. The decode kernel's tile math (decode_attention._packed_tile / _fp_tile, SUB = 1, USE_DOT) with one
+# change for prefill: MASKED is a constexpr. Most tiles of a query block lie entirely inside the valid range
+# and below the block's first causal limit; those run without any load mask or score mask (the masked
+# version only runs on the last tile of a part and on the causal band of the chunk's own tokens).
+# --------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _ld_rows(base, offs_t, tmask, st, offs_c, sc, MASKED: tl.constexpr):
+    """A [tokens, channels] tile (rows offs_t, columns offs_c), masked by token only when MASKED."""
+    ptrs = base + offs_t.to(tl.int64)[:, None] * st + offs_c.to(tl.int64)[None, :] * sc
+    if MASKED:
+        x = tl.load(ptrs, mask=tmask[:, None], other=0)
+    else:
+        x = tl.load(ptrs)
+    return x
+
+
+@triton.jit
+def _ld_vec(base, offs_t, tmask, st, MASKED: tl.constexpr):
+    ptrs = base + offs_t.to(tl.int64) * st
+    if MASKED:
+        x = tl.load(ptrs, mask=tmask, other=0.0)
+    else:
+        x = tl.load(ptrs)
+    return x.to(tl.float32)
+
+
+@triton.jit
+def _mask(s, tmask, pos, row_lim, CAUSAL: tl.constexpr, MASKED: tl.constexpr):
+    if MASKED:
+        s = tl.where(tmask[None, :], s, float("-inf"))
+        if CAUSAL:
+            s = tl.where(pos[None, :] <= row_lim[:, None], s, float("-inf"))
+    return s
+
+
+@triton.jit
+def _fp_planes(base, offs_t, tmask, st, sc, PER: tl.constexpr, D: tl.constexpr, MASKED: tl.constexpr):
+    """The PER channel planes (plane j = channels j, j + PER, ...) of a full-precision [tokens, D] tile."""
+    DP: tl.constexpr = D // PER
+    x0 = _ld_rows(base, offs_t, tmask, st, tl.arange(0, DP) * PER, sc, MASKED)
+    x1 = _ld_rows(base, offs_t, tmask, st, tl.arange(0, DP) * PER + 1, sc, MASKED)
+    if PER == 4:
+        x2 = _ld_rows(base, offs_t, tmask, st, tl.arange(0, DP) * PER + 2, sc, MASKED)
+        x3 = _ld_rows(base, offs_t, tmask, st, tl.arange(0, DP) * PER + 3, sc, MASKED)
+    else:
+        x2 = x0
+        x3 = x1
+    return x0, x1, x2, x3
+
+
+@triton.jit
+def _fp_tile(q0, q1, q2, q3, m_i, l_i, zacc, acc0, acc1, acc2, acc3,
+             k_base, skt, skc, v_base, svt, svc, offs_t, end, pos, row_lim, qk_scale,
+             PER_K: tl.constexpr, PER_V: tl.constexpr, D: tl.constexpr, K_SHIFTED: tl.constexpr,
+             V_SHIFTED: tl.constexpr, CAUSAL: tl.constexpr, MASKED: tl.constexpr, DOT_FP32: tl.constexpr,
+             DTYPE: tl.constexpr):
+    """One tile of full-precision tokens (sink or window); see decode_attention._fp_tile for the shifted planes."""
+    KB: tl.constexpr = 8 // PER_K
+    VB: tl.constexpr = 8 // PER_V
+    KF1: tl.constexpr = (1 << KB) if K_SHIFTED else 1
+    KF2: tl.constexpr = (1 << (2 * KB)) if K_SHIFTED else 1
+    KF3: tl.constexpr = (1 << (3 * KB)) if K_SHIFTED else 1
+    tmask = offs_t < end
+    k0, k1, k2, k3 = _fp_planes(k_base, offs_t, tmask, skt, skc, PER_K, D, MASKED)
+    raw = _mm(q0, tl.trans(k0), True, DOT_FP32)
+    raw += KF1 * _mm(q1, tl.trans(k1), True, DOT_FP32)
+    if PER_K == 4:
+        raw += KF2 * _mm(q2, tl.trans(k2), True, DOT_FP32)
+        raw += KF3 * _mm(q3, tl.trans(k3), True, DOT_FP32)
+    s = _mask(raw * qk_scale, tmask, pos, row_lim, CAUSAL, MASKED)
+    p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i)
+    VF1: tl.constexpr = (1 << VB) if V_SHIFTED else 1
+    VF2: tl.constexpr = (1 << (2 * VB)) if V_SHIFTED else 1
+    VF3: tl.constexpr = (1 << (3 * VB)) if V_SHIFTED else 1
+    v0, v1, v2, v3 = _fp_planes(v_base, offs_t, tmask, svt, svc, PER_V, D, MASKED)
+    acc0 = acc0 * alpha[:, None] + _mm(p.to(DTYPE), v0, True, DOT_FP32)
+    acc1 = acc1 * alpha[:, None] + _mm((p * VF1).to(DTYPE), v1, True, DOT_FP32)
+    if PER_V == 4:
+        acc2 = acc2 * alpha[:, None] + _mm((p * VF2).to(DTYPE), v2, True, DOT_FP32)
+        acc3 = acc3 * alpha[:, None] + _mm((p * VF3).to(DTYPE), v3, True, DOT_FP32)
+    return m_i, l_i, zacc * alpha, acc0, acc1, acc2, acc3
+
+
+@triton.jit
+def _packed_load(kc_base, skc_t, skc_c, ks_base, sks_t, sks_g, kz_base, skz_t, skz_g,
+                 vc_base, svc_t, svc_c, vs_base, svs_t, svs_g, vz_base, svz_t, svz_g, offs_t, tmask,
+                 K_BITS: tl.constexpr, V_BITS: tl.constexpr, K_GROUP: tl.constexpr, V_GROUP: tl.constexpr,
+                 D: tl.constexpr, MASKED: tl.constexpr):
+    """The packed bytes, scales and zeros of one tile of middle tokens (as stored: uint8, meta dtype)."""
+    PER_K: tl.constexpr = 8 // K_BITS
+    PER_V: tl.constexpr = 8 // V_BITS
+    DPK: tl.constexpr = D // PER_K
+    DPV: tl.constexpr = D // PER_V
+    kb = _ld_rows(kc_base, offs_t, tmask, skc_t, tl.arange(0, DPK), skc_c, MASKED)
+    vb = _ld_rows(vc_base, offs_t, tmask, svc_t, tl.arange(0, DPV), svc_c, MASKED)
+    if K_GROUP == D:
+        ks = _ld_vec(ks_base, offs_t, tmask, sks_t, MASKED)
+        kz = _ld_vec(kz_base, offs_t, tmask, skz_t, MASKED)
+    else:
+        offs_g = tl.arange(0, DPK) // (K_GROUP // PER_K)  # plane element i is in group i // (G // PER)
+        ks = _ld_rows(ks_base, offs_t, tmask, sks_t, offs_g, sks_g, MASKED).to(tl.float32)
+        kz = _ld_rows(kz_base, offs_t, tmask, skz_t, offs_g, skz_g, MASKED).to(tl.float32)
+    if V_GROUP == D:
+        vs = _ld_vec(vs_base, offs_t, tmask, svs_t, MASKED)
+        vz = _ld_vec(vz_base, offs_t, tmask, svz_t, MASKED)
+    else:
+        offs_g = tl.arange(0, DPV) // (V_GROUP // PER_V)
+        vs = _ld_rows(vs_base, offs_t, tmask, svs_t, offs_g, svs_g, MASKED).to(tl.float32)
+        vz = _ld_rows(vz_base, offs_t, tmask, svz_t, offs_g, svz_g, MASKED).to(tl.float32)
+    return kb, ks, kz, vb, vs, vz
+
+
+@triton.jit
+def _packed_tile(q0, q1, q2, q3, qsum, qsum_mag, m_i, l_i, zacc, acc0, acc1, acc2, acc3,
+                 kb, ks, kz, vb, vs, vz, offs_t, end, pos, row_lim, qk_scale,
+                 K_BITS: tl.constexpr, V_BITS: tl.constexpr, K_GROUP: tl.constexpr, V_GROUP: tl.constexpr,
+                 D: tl.constexpr, MAGIC: tl.constexpr, MAGIC_VAL: tl.constexpr,
+                 V_MAGIC: tl.constexpr, V_MAGIC_VAL: tl.constexpr, V_DTYPE: tl.constexpr,
+                 K_SHIFTED: tl.constexpr, V_SHIFTED: tl.constexpr, FAST_ASM: tl.constexpr, CAUSAL: tl.constexpr,
+                 MASKED: tl.constexpr, DOT_FP32: tl.constexpr, DTYPE: tl.constexpr):
+    """One tile of packed middle tokens, from its loaded bytes / scales / zeros (_packed_load), with
+    decode_attention._packed_tile's math: magic-number planes, scale and zero outside the products when
+    G == D, in-register dequantization for smaller groups."""
+    PER_K: tl.constexpr = 8 // K_BITS
+    PER_V: tl.constexpr = 8 // V_BITS
+    tmask = offs_t < end
+
+    # ---- K: scores --------------------------------------------------------------------------------
+    if not (FAST_ASM and K_SHIFTED):
+        kb = kb.to(tl.int16)
+    if K_GROUP == D:
+        raw = _mm(q0, tl.trans(_plane_magic(kb, 0, K_BITS, MAGIC, DTYPE, K_SHIFTED, FAST_ASM)), True, DOT_FP32)
+        raw += _mm(q1, tl.trans(_plane_magic(kb, 1, K_BITS, MAGIC, DTYPE, K_SHIFTED, FAST_ASM)), True, DOT_FP32)
+        if PER_K == 4:
+            raw += _mm(q2, tl.trans(_plane_magic(kb, 2, K_BITS, MAGIC, DTYPE, K_SHIFTED, FAST_ASM)), True, DOT_FP32)
+            raw += _mm(q3, tl.trans(_plane_magic(kb, 3, K_BITS, MAGIC, DTYPE, K_SHIFTED, FAST_ASM)), True, DOT_FP32)
+        # raw = q . c + MAGIC_VAL * qsum_mag, so s * (raw - MAGIC_VAL * qsum_mag) + z * sum(q) == q . (c s + z)
+        s = (raw - MAGIC_VAL * qsum_mag[:, None]) * (ks * qk_scale)[None, :] + qsum[:, None] * (kz * qk_scale)[None, :]
+    else:
+        raw = _mm(q0, tl.trans((_plane_f32(kb, 0, K_BITS) * ks + kz).to(DTYPE)), True, DOT_FP32)
+        raw += _mm(q1, tl.trans((_plane_f32(kb, 1, K_BITS) * ks + kz).to(DTYPE)), True, DOT_FP32)
+        if PER_K == 4:
+            raw += _mm(q2, tl.trans((_plane_f32(kb, 2, K_BITS) * ks + kz).to(DTYPE)), True, DOT_FP32)
+            raw += _mm(q3, tl.trans((_plane_f32(kb, 3, K_BITS) * ks + kz).to(DTYPE)), True, DOT_FP32)
+        s = raw * qk_scale
+    s = _mask(s, tmask, pos, row_lim, CAUSAL, MASKED)
+    p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i)
+
+    # ---- V: output ----------------------------------------------------------------------------------
+    if not (FAST_ASM and V_SHIFTED):
+        vb = vb.to(tl.int16)
+    if V_GROUP == D:
+        zacc = zacc * alpha + tl.sum(p * vz[None, :], 1)
+        pv = (p * vs[None, :]).to(V_DTYPE)
+        # (MAGIC_VAL + c) - MAGIC_VAL is exact in DTYPE; leaving the offset in accumulates error.
+        acc0 = acc0 * alpha[:, None] + _mm(pv, _v_plane_exact(vb, 0, V_BITS, V_MAGIC, V_MAGIC_VAL, V_DTYPE, DOT_FP32, V_SHIFTED, FAST_ASM), True, DOT_FP32)
+        acc1 = acc1 * alpha[:, None] + _mm(pv, _v_plane_exact(vb, 1, V_BITS, V_MAGIC, V_MAGIC_VAL, V_DTYPE, DOT_FP32, V_SHIFTED, FAST_ASM), True, DOT_FP32)
+        if PER_V == 4:
+            acc2 = acc2 * alpha[:, None] + _mm(pv, _v_plane_exact(vb, 2, V_BITS, V_MAGIC, V_MAGIC_VAL, V_DTYPE, DOT_FP32, V_SHIFTED, FAST_ASM), True, DOT_FP32)
+            acc3 = acc3 * alpha[:, None] + _mm(pv, _v_plane_exact(vb, 3, V_BITS, V_MAGIC, V_MAGIC_VAL, V_DTYPE, DOT_FP32, V_SHIFTED, FAST_ASM), True, DOT_FP32)
+    else:
+        zacc = zacc * alpha
+        pv = p.to(DTYPE)
+        acc0 = acc0 * alpha[:, None] + _mm(pv, (_plane_f32(vb, 0, V_BITS) * vs + vz).to(DTYPE), True, DOT_FP32)
+        acc1 = acc1 * alpha[:, None] + _mm(pv, (_plane_f32(vb, 1, V_BITS) * vs + vz).to(DTYPE), True, DOT_FP32)
+        if PER_V == 4:
+            acc2 = acc2 * alpha[:, None] + _mm(pv, (_plane_f32(vb, 2, V_BITS) * vs + vz).to(DTYPE), True, DOT_FP32)
+            acc3 = acc3 * alpha[:, None] + _mm(pv, (_plane_f32(vb, 3, V_BITS) * vs + vz).to(DTYPE), True, DOT_FP32)
+    return m_i, l_i, zacc, acc0, acc1, acc2, acc3
+
+
+@triton.jit
+def _full_tiles_end(start, end, lim, off, BLOCK_N: tl.constexpr):
+    """End of the run of whole tiles from ``start`` that lie inside [start, end) and at logical positions
+    (part offset ``off``) <= ``lim``, the causal limit of the block's first row: those need no mask."""
+    fe = tl.minimum(end, lim + 1 - off)
+    return start + (tl.maximum(fe - start, 0) // BLOCK_N) * BLOCK_N
+
+
+@triton.jit(do_not_specialize=["n_sink", "n_quant", "n_window", "NQ", "NUM_SPLITS"])
+def _prefill_kernel(
+    q_ptr, sq_b, sq_h, sq_n, sq_d,
+    # K parts
+    ksk_ptr, sksk_b, sksk_h, sksk_t, sksk_d,
+    kc_ptr, skc_b, skc_h, skc_t, skc_c,
+    ks_ptr, sks_b, sks_h, sks_t, sks_g,
+    kz_ptr, skz_b, skz_h, skz_t, skz_g,
+    kw_ptr, skw_b, skw_h, skw_t, skw_d,
+    # V parts
+    vsk_ptr, svsk_b, svsk_h, svsk_t, svsk_d,
+    vc_ptr, svc_b, svc_h, svc_t, svc_c,
+    vs_ptr, svs_b, svs_h, svs_t, svs_g,
+    vz_ptr, svz_b, svz_h, svz_t, svz_g,
+    vw_ptr, svw_b, svw_h, svw_t, svw_d,
+    # outputs: partials [B*Hkv, NUM_SPLITS, ROWS, D] fp32 + lse2 [B*Hkv, NUM_SPLITS, ROWS], or final out/lse
+    op_ptr, lp_ptr, out_ptr, lse_ptr,
+    n_sink, n_quant, n_window, qk_scale, NQ, NUM_SPLITS,
+    H_KV: tl.constexpr, GQA: tl.constexpr, D: tl.constexpr,
+    K_BITS: tl.constexpr, V_BITS: tl.constexpr, K_GROUP: tl.constexpr, V_GROUP: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
+    HAS_SINK: tl.constexpr, HAS_MID: tl.constexpr, HAS_WINDOW: tl.constexpr,
+    CAUSAL: tl.constexpr, DOT_FP32: tl.constexpr,
+    DTYPE: tl.constexpr, MAGIC: tl.constexpr, MAGIC_VAL: tl.constexpr,
+    V_DTYPE: tl.constexpr, V_MAGIC: tl.constexpr, V_MAGIC_VAL: tl.constexpr,
+    FAST_ASM: tl.constexpr = False, PREFETCH: tl.constexpr = False,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    split = tl.program_id(2)
+    b = (pid_bh // H_KV).to(tl.int64)
+    h = (pid_bh % H_KV).to(tl.int64)
+    PER_K: tl.constexpr = 8 // K_BITS
+    PER_V: tl.constexpr = 8 // V_BITS
+    DPK: tl.constexpr = D // PER_K
+    DPV: tl.constexpr = D // PER_V
+    ROWS = GQA * NQ  # NQ and NUM_SPLITS are runtime values: a new chunk length does not recompile
+
+    # rows of this block, token-major: row m is new token m // GQA of query head h * GQA + m % GQA
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rmask = rows < ROWS
+    qi = rows // GQA
+    hl = (rows % GQA).to(tl.int64)
+    q_base = q_ptr + b * sq_b
+    q_rows = (h * GQA + hl) * sq_h + qi.to(tl.int64) * sq_n
+    # fp16 codes keep their bits in place (see decode_attention._plane_magic); the exact power-of-two
+    # factors go into the q planes (K) and the output planes (V).
+    K_SHIFTED: tl.constexpr = (MAGIC == 0x6400) and (K_GROUP == D)
+    V_SHIFTED: tl.constexpr = (V_MAGIC == 0x6400) and (V_GROUP == D)
+    KB: tl.constexpr = K_BITS
+    q0 = _load_q_plane(q_base, q_rows, rmask, 0, PER_K, DPK, sq_d)
+    q1 = _load_q_plane(q_base, q_rows, rmask, 1, PER_K, DPK, sq_d)
+    qsum = tl.sum(q0.to(tl.float32), 1) + tl.sum(q1.to(tl.float32), 1)
+    if K_SHIFTED:
+        q1 = (q1.to(tl.float32) * (1.0 / (1 << KB))).to(DTYPE)
+    if PER_K == 4:
+        q2 = _load_q_plane(q_base, q_rows, rmask, 2, PER_K, DPK, sq_d)
+        q3 = _load_q_plane(q_base, q_rows, rmask, 3, PER_K, DPK, sq_d)
+        qsum += tl.sum(q2.to(tl.float32), 1) + tl.sum(q3.to(tl.float32), 1)
+        if K_SHIFTED:
+            q2 = (q2.to(tl.float32) * (1.0 / (1 << (2 * KB)))).to(DTYPE)
+            q3 = (q3.to(tl.float32) * (1.0 / (1 << (3 * KB)))).to(DTYPE)
+    else:
+        q2 = q0
+        q3 = q0
+    qsum_mag = tl.sum(q0.to(tl.float32), 1) + tl.sum(q1.to(tl.float32), 1)
+    if PER_K == 4:
+        qsum_mag += tl.sum(q2.to(tl.float32), 1) + tl.sum(q3.to(tl.float32), 1)
+
+    L = n_sink + n_quant + n_window
+    if CAUSAL:
+        row_lim = L - NQ + qi  # new token i sees logical positions <= L - NQ + i
+        last_tok = tl.minimum(NQ - 1, (pid_m * BLOCK_M + BLOCK_M - 1) // GQA)
+        kv_end = L - NQ + last_tok + 1  # the block's last token bounds the tokens it must read
+        lim_lo = L - NQ + (pid_m * BLOCK_M) // GQA  # the block's first row: below it no causal mask
+    else:
+        row_lim = L + qi * 0
+        kv_end = L
+        lim_lo = L
+    if not SPLIT:
+        lo = 0
+        hi = kv_end
+    else:
+        # this block's causal range, cut into NUM_SPLITS whole tiles (the last splits may be empty)
+        chunk = tl.cdiv(tl.cdiv(kv_end, NUM_SPLITS), BLOCK_N) * BLOCK_N
+        lo = split * chunk
+        hi = tl.minimum(lo + chunk, kv_end)
+
+    m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)  # finite: fully masked tiles give p = 0, alpha = 1
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    zacc = tl.zeros([BLOCK_M], tl.float32)
+    acc0 = tl.zeros([BLOCK_M, DPV], tl.float32)
+    acc1 = tl.zeros([BLOCK_M, DPV], tl.float32)
+    acc2 = tl.zeros([BLOCK_M, DPV], tl.float32)
+    acc3 = tl.zeros([BLOCK_M, DPV], tl.float32)
+    arange_n = tl.arange(0, BLOCK_N)
+
+    if HAS_SINK:
+        k_base = ksk_ptr + b * sksk_b + h * sksk_h
+        v_base = vsk_ptr + b * svsk_b + h * svsk_h
+        end = tl.minimum(hi, n_sink)
+        mid = _full_tiles_end(lo, end, lim_lo, 0, BLOCK_N)
+        for t0 in range(lo, mid, BLOCK_N):
+            offs_t = t0 + arange_n
+            m_i, l_i, zacc, acc0, acc1, acc2, acc3 = _fp_tile(
+                q0, q1, q2, q3, m_i, l_i, zacc, acc0, acc1, acc2, acc3,
+                k_base, sksk_t, sksk_d, v_base, svsk_t, svsk_d, offs_t, end, offs_t, row_lim, qk_scale,
+                PER_K, PER_V, D, K_SHIFTED, V_SHIFTED, CAUSAL, False, DOT_FP32, DTYPE)
+        for t0 in range(mid, end, BLOCK_N):
+            offs_t = t0 + arange_n
+            m_i, l_i, zacc, acc0, acc1, acc2, acc3 = _fp_tile(
+                q0, q1, q2, q3, m_i, l_i, zacc, acc0, acc1, acc2, acc3,
+                k_base, sksk_t, sksk_d, v_base, svsk_t, svsk_d, offs_t, end, offs_t, row_lim, qk_scale,
+                PER_K, PER_V, D, K_SHIFTED, V_SHIFTED, CAUSAL, True, DOT_FP32, DTYPE)
+
+    if HAS_MID:
+        kc_base = kc_ptr + b * skc_b + h * skc_h
+        ks_base = ks_ptr + b * sks_b + h * sks_h
+        kz_base = kz_ptr + b * skz_b + h * skz_h
+        vc_base = vc_ptr + b * svc_b + h * svc_h
+        vs_base = vs_ptr + b * svs_b + h * svs_h
+        vz_base = vz_ptr + b * svz_b + h * svz_h
+        start = tl.maximum(lo, n_sink) - n_sink
+        end = tl.minimum(hi, n_sink + n_quant) - n_sink
+        mid = _full_tiles_end(start, end, lim_lo, n_sink, BLOCK_N)
+        if PREFETCH:
+            # the next tile's bytes, scales and zeros load while this tile computes (register double
+            # buffer; indices clamped into [0, end - 1], so the prefetch past the last tile stays in bounds)
+            last = tl.maximum(end - 1, 0)
+            offs_n = tl.minimum(start + arange_n, last)
+            kb_n, ks_n, kz_n, vb_n, vs_n, vz_n = _packed_load(
+                kc_base, skc_t, skc_c, ks_base, sks_t, sks_g, kz_base, skz_t, skz_g,
+                vc_base, svc_t, svc_c, vs_base, svs_t, svs_g, vz_base, svz_t, svz_g, offs_n, offs_n < end,
+                K_BITS, V_BITS, K_GROUP, V_GROUP, D, False)
+            for t0 in range(start, mid, BLOCK_N):
+                kb, ks, kz, vb, vs, vz = kb_n, ks_n, kz_n, vb_n, vs_n, vz_n
+                offs_n = tl.minimum(t0 + BLOCK_N + arange_n, last)
+                kb_n, ks_n, kz_n, vb_n, vs_n, vz_n = _packed_load(
+                    kc_base, skc_t, skc_c, ks_base, sks_t, sks_g, kz_base, skz_t, skz_g,
+                    vc_base, svc_t, svc_c, vs_base, svs_t, svs_g, vz_base, svz_t, svz_g, offs_n, offs_n < end,
+                    K_BITS, V_BITS, K_GROUP, V_GROUP, D, False)
+                offs_t = t0 + arange_n
+                m_i, l_i, zacc, acc0, acc1, acc2, acc3 = _packed_tile(
+                    q0, q1, q2, q3, qsum, qsum_mag, m_i, l_i, zacc, acc0, acc1, acc2, acc3,
+                    kb, ks, kz, vb, vs, vz, offs_t, end, offs_t + n_sink, row_lim, qk_scale,
+                    K_BITS, V_BITS, K_GROUP, V_GROUP, D, MAGIC, MAGIC_VAL, V_MAGIC, V_MAGIC_VAL, V_DTYPE,
+                    K_SHIFTED, V_SHIFTED, FAST_ASM, CAUSAL, False, DOT_FP32, DTYPE)
+        else:
+            for t0 in range(start, mid, BLOCK_N):
+                offs_t = t0 + arange_n
+                kb, ks, kz, vb, vs, vz = _packed_load(
+                    kc_base, skc_t, skc_c, ks_base, sks_t, sks_g, kz_base, skz_t, skz_g,
+                    vc_base, svc_t, svc_c, vs_base, svs_t, svs_g, vz_base, svz_t, svz_g, offs_t, offs_t < end,
+                    K_BITS, V_BITS, K_GROUP, V_GROUP, D, False)
+                m_i, l_i, zacc, acc0, acc1, acc2, acc3 = _packed_tile(
+                    q0, q1, q2, q3, qsum, qsum_mag, m_i, l_i, zacc, acc0, acc1, acc2, acc3,
+                    kb, ks, kz, vb, vs, vz, offs_t, end, offs_t + n_sink, row_lim, qk_scale,
+                    K_BITS, V_BITS, K_GROUP, V_GROUP, D, MAGIC, MAGIC_VAL, V_MAGIC, V_MAGIC_VAL, V_DTYPE,
+                    K_SHIFTED, V_SHIFTED, FAST_ASM, CAUSAL, False, DOT_FP32, DTYPE)
+        for t0 in range(mid, end, BLOCK_N):
+            offs_t = t0 + arange_n
+            kb, ks, kz, vb, vs, vz = _packed_load(
+                kc_base, skc_t, skc_c, ks_base, sks_t, sks_g, kz_base, skz_t, skz_g,
+                vc_base, svc_t, svc_c, vs_base, svs_t, svs_g, vz_base, svz_t, svz_g, offs_t, offs_t < end,
+                K_BITS, V_BITS, K_GROUP, V_GROUP, D, True)
+            m_i, l_i, zacc, acc0, acc1, acc2, acc3 = _packed_tile(
+                q0, q1, q2, q3, qsum, qsum_mag, m_i, l_i, zacc, acc0, acc1, acc2, acc3,
+                kb, ks, kz, vb, vs, vz, offs_t, end, offs_t + n_sink, row_lim, qk_scale,
+                K_BITS, V_BITS, K_GROUP, V_GROUP, D, MAGIC, MAGIC_VAL, V_MAGIC, V_MAGIC_VAL, V_DTYPE,
+                K_SHIFTED, V_SHIFTED, FAST_ASM, CAUSAL, True, DOT_FP32, DTYPE)
+
+    if HAS_WINDOW:
+        k_base = kw_ptr + b * skw_b + h * skw_h
+        v_base = vw_ptr + b * svw_b + h * svw_h
+        w0 = n_sink + n_quant
+        start = tl.maximum(lo, w0) - w0
+        end = tl.minimum(hi, L) - w0
+        mid = _full_tiles_end(start, end, lim_lo, w0, BLOCK_N)
+        for t0 in range(start, mid, BLOCK_N):
+            offs_t = t0 + arange_n
+            m_i, l_i, zacc, acc0, acc1, acc2, acc3 = _fp_tile(
+                q0, q1, q2, q3, m_i, l_i, zacc, acc0, acc1, acc2, acc3,
+                k_base, skw_t, skw_d, v_base, svw_t, svw_d, offs_t, end, offs_t + w0, row_lim, qk_scale,
+                PER_K, PER_V, D, K_SHIFTED, V_SHIFTED, CAUSAL, False, DOT_FP32, DTYPE)
+        for t0 in range(mid, end, BLOCK_N):
+            offs_t = t0 + arange_n
+            m_i, l_i, zacc, acc0, acc1, acc2, acc3 = _fp_tile(
+                q0, q1, q2, q3, m_i, l_i, zacc, acc0, acc1, acc2, acc3,
+                k_base, skw_t, skw_d, v_base, svw_t, svw_d, offs_t, end, offs_t + w0, row_lim, qk_scale,
+                PER_K, PER_V, D, K_SHIFTED, V_SHIFTED, CAUSAL, True, DOT_FP32, DTYPE)
+
+    empty = l_i == 0.0
+    inv_l = tl.where(empty, 0.0, 1.0 / tl.where(empty, 1.0, l_i))
+    lse2 = tl.where(empty, float("-inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
+    if not SPLIT:
+        # final output ([B, Hq, NQ, D], q's dtype) and natural-log lse
+        orow = (b * (H_KV * GQA) + h * GQA + hl) * NQ + qi
+        tl.store(lse_ptr + orow, lse2 * 0.6931471805599453, mask=rmask)
+        _store_planes(acc0, acc1, acc2, acc3, zacc, inv_l, out_ptr, orow * D, rmask, PER_V, DPV, DTYPE, V_SHIFTED)
+    else:
+        # partial rows in the decode merge kernel's (head-major) order: m = head_in_group * NQ + token
+        prow = (pid_bh.to(tl.int64) * NUM_SPLITS + split) * ROWS + hl * NQ + qi
+        tl.store(lp_ptr + prow, lse2, mask=rmask)
+        _store_planes(acc0, acc1, acc2, acc3, zacc, inv_l, op_ptr, prow * D, rmask, PER_V, DPV, tl.float32, V_SHIFTED)
+
+
+@triton.jit(do_not_specialize=["NQ", "NUM_SPLITS"])
+def _prefill_merge_kernel(op_ptr, lp_ptr, out_ptr, lse_ptr, NQ, NUM_SPLITS,
+                          H_KV: tl.constexpr, GQA: tl.constexpr, D: tl.constexpr, SPLITS_P2: tl.constexpr,
+                          BLOCK_D: tl.constexpr, DTYPE: tl.constexpr):
+    """Combine the splits of one query row (and one BLOCK_D slice of the head dim): the decode kernel's
+    _merge_kernel with the number of new tokens and splits as runtime values."""
+    ROWS = GQA * NQ
+    row = tl.program_id(0).to(tl.int64)  # (b * H_KV + h) * ROWS + m, m = head_in_group * NQ + token
+    pid_d = tl.program_id(1)
+    bh = row // ROWS
+    m = row % ROWS
+    offs_s = tl.arange(0, SPLITS_P2)
+    smask = offs_s < NUM_SPLITS
+    prow = (bh * NUM_SPLITS + offs_s) * ROWS + m
+    lse = tl.load(lp_ptr + prow, mask=smask, other=float("-inf"))
+    mx = tl.max(lse, 0)
+    w = tl.where(smask, tl.exp2(lse - mx), 0.0)
+    denom = tl.sum(w, 0)
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    o = tl.load(op_ptr + prow[:, None] * D + offs_d[None, :], mask=smask[:, None], other=0.0)
+    o = tl.sum(o * w[:, None], 0) / denom
+    # output row: (b * Hq + h * GQA + head_in_group) * NQ + token == bh * ROWS + m
+    tl.store(out_ptr + row * D + offs_d, o.to(DTYPE))
+    if pid_d == 0:
+        tl.store(lse_ptr + row, (mx + tl.log2(denom)) * 0.6931471805599453)
+
+
+# --------------------------------------------------------------------------------------------------
+# Launcher
+# --------------------------------------------------------------------------------------------------
+
+# Defaults: see choose_prefill_config; kvcompile/kernels/NOTES.md (prefill section) for the H100 sweep.
+# H100 (benchmarks/bench_prefill.py --variants, 2026-11-25): 64 rows x 4 warps per program beat 128 rows x 8
+# warps by 11% (B=1, 64-token chunk, 32k history: 237.9 vs 268.5 us) and 17% (B=8, 512-token chunk, 32k:
+# 11.2 vs 13.5 ms); BLOCK_N 32 was slower (305 / 12334), so were the register-double-buffered prefetch
+# (308 / 14629: it spills) and the portable unpack without PTX (470 / 13516).
+_DEFAULT_BLOCK_M = 64
+_DEFAULT_BLOCK_N = 64
+PREFETCH_DEFAULT = False  # register double buffer of the next packed tile (launcher keyword prefetch=)
+_MAX_PARTIAL_BYTES = 256 << 20  # split only while the fp32 partials stay below this
+
+
+def _fail(msg: str):
+    raise ValueError(f"prefill_attention: {msg}")
+
+
+# Cost model of prefill_is_profitable, fitted to the H100 measurements of benchmarks/bench_prefill.py
+# (2026-11-25, eager calls, Hq=32 Hkv=8 D=128, chunks 64/512 over 4k/32k histories, B=1/8):
+# - the kernel: ~250 us of host time per eager call (two launches + validation; 81 us of GPU time in a
+#   graph for the smallest case) or its GPU time, whichever is larger; GPU time = causal work at 123-164
+#   TFLOP/s measured with 128-row blocks (140 used; the 64-row default measured 145-197);
+# - dequantize + SDPA: ~900 us of host time (PackedKV.dequantize is a chain of float32 ops) or ~20 ps per
+#   dequantized K/V element (537 M elements: 10.9 ms), whichever is larger, plus the masked SDPA, which
+#   computes the whole Nq x L score block (42-314 TFLOP/s measured; 60 us + 300 TFLOP/s used).
+_KERNEL_HOST_S = 250e-6
+_KERNEL_FIXED_S = 15e-6
+_KERNEL_FLOPS = 140e12
+_DEQ_HOST_S = 900e-6
+_DEQ_S_PER_ELEM = 20e-12
+_SDPA_FIXED_S = 60e-6
+_SDPA_FLOPS = 300e12
+
+
+def prefill_is_profitable(*, batch: int, kv_heads: int, rows: int, new_tokens: int, seq_len: int,
+                          head_dim: int) -> bool:
+    """Whether the prefill kernel is expected to beat dequantize + SDPA (``ops._dequant_sdpa``, eager) on
+    this shape. Dequantize + SDPA pays for every K/V element of the whole cache at each chunk and a masked
+    SDPA over the full Nq x L block; the kernel reads the packed bytes once per query block and does only
+    the causal work, but at a lower matrix rate than SDPA's (see the constants above: every shape of the
+    H100 benchmark was faster through the kernel, 1.2-8.2x; chunks of several thousand tokens over long
+    histories are where the model hands back to SDPA)."""
+    q_heads = kv_heads * (rows // max(1, new_tokens))
+    causal_len = seq_len - (new_tokens - 1) / 2 if new_tokens > 1 else seq_len
+    kernel_gpu = _KERNEL_FIXED_S + 4.0 * batch * q_heads * new_tokens * causal_len * head_dim / _KERNEL_FLOPS
+    kernel = max(_KERNEL_HOST_S, kernel_gpu)
+    elems = 2 * batch * kv_heads * seq_len * head_dim
+    sdpa = _SDPA_FIXED_S + 4.0 * batch * q_heads * new_tokens * seq_len * head_dim / _SDPA_FLOPS
+    deq = max(_DEQ_HOST_S, elems * _DEQ_S_PER_ELEM) + sdpa
+    return kernel < deq
+
+
+def choose_prefill_config(*, batch: int, kv_heads: int, rows: int, seq_len: int, head_dim: int,
+                          num_sms: int, block_m: int | None = None, block_n: int | None = None,
+                          num_splits: int | None = None, num_warps: int | None = None,
+                          programs_per_sm: int | None = None) -> dict:
+    """Block sizes, warps and KV splits for ``rows = GQA ratio x new tokens`` query rows per KV head.
+
+    BLOCK_M: the rows of one program (16..128, a power of two); BLOCK_N: tokens per tile. Splits: with fewer
+    programs than one wave (``programs_per_sm x num_sms``; by default 8 warps' worth per SM, the register
+    budget of ~250 registers per thread), each query block's KV range is cut into as many parts as still
+    fit that one wave (rounding down: a nearly empty second wave cost the decode kernel 1.2-1.5x), never a
+    part shorter than one tile, and never more fp32 partial bytes than _MAX_PARTIAL_BYTES."""
+    if block_m is None:
+        block_m = min(_DEFAULT_BLOCK_M, max(16, _da._next_pow2(rows)))
+    if block_n is None:
+        block_n = _DEFAULT_BLOCK_N
+    if num_warps is None:
+        num_warps = 8 if block_m >= 128 else 4
+    if programs_per_sm is None:
+        programs_per_sm = max(1, 8 // num_warps)
+    q_blocks = _da._cdiv(rows, block_m)
+    programs = q_blocks * batch * kv_heads
+    if num_splits is None:
+        tiles = max(1, _da._cdiv(seq_len, block_n))
+        want = (programs_per_sm * num_sms) // programs
+        num_splits = max(1, min(tiles, want))
+        per_split = batch * kv_heads * rows * head_dim * 4
+        num_splits = max(1, min(num_splits, _MAX_PARTIAL_BYTES // max(1, per_split)))
+    return dict(block_m=block_m, block_n=block_n, num_splits=num_splits, q_blocks=q_blocks, num_warps=num_warps)
+
+
+def prefill_attention(
+    *,
+    q: torch.Tensor,
+    k_sink: torch.Tensor,
+    k_codes: torch.Tensor,
+    k_scale: torch.Tensor,
+    k_zero: torch.Tensor,
+    k_window: torch.Tensor,
+    v_sink: torch.Tensor,
+    v_codes: torch.Tensor,
+    v_scale: torch.Tensor,
+    v_zero: torch.Tensor,
+    v_window: torch.Tensor,
+    n_quant: int,
+    n_window: int,
+    k_bits: int,
+    v_bits: int,
+    k_group_size: int,
+    v_group_size: int,
+    sm_scale: float | None = None,
+    causal: bool = True,
+    block_m: int | None = None,
+    block_n: int | None = None,
+    num_splits: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
+    programs_per_sm: int | None = None,
+    fast_asm: bool = True,
+    prefetch: bool | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of a chunk of ``Nq`` new queries over the packed KV ``sink ++ middle[:n_quant] ++ window[:n_window]``.
+
+    Same arguments as :func:`decode_attention` (any number of query rows): q [B, Hq, Nq, D] fp16/bf16, any
+    strides; the Nq new tokens are the last Nq logical tokens and, with ``causal`` (default), new token i
+    sees logical positions <= L - Nq + i (without it every new token sees all L tokens).
+    ``*_sink`` [B, Hkv, S, D] (S may be 0) and ``*_window`` [B, Hkv, W, D] in q's dtype; ``*_codes`` uint8
+    [B, Hkv, cap, D * bits / 8] (little-endian within the byte); ``*_scale`` / ``*_zero``
+    [B, Hkv, cap, D // group_size] (per-token affine groups: x = c * scale + zero). A channel permutation is
+    the caller's to fold into q and the output (as ``kvcompile.ops`` does).
+    Returns (out [B, Hq, Nq, D] in q's dtype, contiguous; lse [B, Hq, Nq] float32, natural log of the
+    softmax denominator of ``sm_scale * q . k``).
+    """
+    if q.dim() != 4:
+        _fail(f"q must be [B, Hq, Nq, D], got shape {tuple(q.shape)}")
+    B, Hq, NQ, D = q.shape
+    if q.dtype not in SUPPORTED_DTYPES:
+        _fail(f"q dtype {q.dtype} unsupported (float16, bfloat16): cast q and the full-precision K/V parts")
+    if D not in SUPPORTED_HEAD_DIMS:
+        _fail(f"head dim {D} unsupported (supported: {SUPPORTED_HEAD_DIMS}); use dequantize + SDPA")
+    if k_bits not in SUPPORTED_BITS or v_bits not in SUPPORTED_BITS:
+        _fail(f"bits k={k_bits} v={v_bits} unsupported (supported: {SUPPORTED_BITS})")
+    for name, g in (("k", k_group_size), ("v", v_group_size)):
+        if not (g == D or g in SUPPORTED_GROUP_SIZES):
+            _fail(f"{name} group size {g} unsupported (D={D}, 32 or 64 channels per group)")
+    if NQ < 1:
+        _fail("q must hold at least one new token")
+    if k_codes.dim() != 4:
+        _fail(f"k_codes must be [B, Hkv, cap, D * bits / 8], got shape {tuple(k_codes.shape)}")
+    Hkv, cap = k_codes.shape[1], k_codes.shape[2]
+    if Hkv == 0 or Hq % Hkv:
+        _fail(f"Hq={Hq} must be a multiple of Hkv={Hkv}")
+    r = Hq // Hkv
+    for name, t, want in (("k_codes", k_codes, (B, Hkv, cap, D * k_bits // 8)),
+                          ("v_codes", v_codes, (B, Hkv, cap, D * v_bits // 8))):
+        if t.dtype != torch.uint8:
+            _fail(f"{name} must be uint8, got {t.dtype}")
+        if tuple(t.shape) != want:
+            _fail(f"{name} shape {tuple(t.shape)} != {want}")
+    for name, t, want in (("k_scale", k_scale, (B, Hkv, cap, D // k_group_size)),
+                          ("k_zero", k_zero, (B, Hkv, cap, D // k_group_size)),
+                          ("v_scale", v_scale, (B, Hkv, cap, D // v_group_size)),
+                          ("v_zero", v_zero, (B, Hkv, cap, D // v_group_size))):
+        if t.dtype not in _META_DTYPES:
+            _fail(f"{name} dtype {t.dtype} unsupported ({_META_DTYPES})")
+        if tuple(t.shape) != want:
+            _fail(f"{name} shape {tuple(t.shape)} != {want}")
+    if k_sink.dim() != 4 or k_window.dim() != 4:
+        _fail(f"sink and window must be [B, Hkv, n, D], got {tuple(k_sink.shape)}, {tuple(k_window.shape)}")
+    S, W = k_sink.shape[2], k_window.shape[2]
+    for name, t, want in (("k_sink", k_sink, (B, Hkv, S, D)), ("v_sink", v_sink, (B, Hkv, S, D)),
+                          ("k_window", k_window, (B, Hkv, W, D)), ("v_window", v_window, (B, Hkv, W, D))):
+        if tuple(t.shape) != want:
+            _fail(f"{name} shape {tuple(t.shape)} != {want}")
+        if t.dtype != q.dtype:
+            _fail(f"{name} dtype {t.dtype} != q dtype {q.dtype}")
+    dev = q.device
+    for t in (k_sink, k_codes, k_scale, k_zero, k_window, v_sink, v_codes, v_scale, v_zero, v_window):
+        if t.device != dev:
+            _fail(f"all inputs must be on q's device {dev}, found one on {t.device}")
+    n_quant, n_window = int(n_quant), int(n_window)
+    if not 0 <= n_quant <= cap:
+        _fail(f"n_quant={n_quant} outside [0, {cap}]")
+    if not 0 <= n_window <= W:
+        _fail(f"n_window={n_window} outside [0, {W}]")
+    L = S + n_quant + n_window
+    if causal and L < NQ:
+        _fail(f"sequence length {L} < new tokens {NQ}: the chunk's own K/V must be written before attention")
+    if L < 1:
+        _fail("no tokens to attend to")
+    if sm_scale is None:
+        sm_scale = 1.0 / math.sqrt(D)
+    if block_m is not None and (block_m < 16 or block_m & (block_m - 1)):
+        _fail(f"block_m={block_m} must be a power of two >= 16")
+    if block_n is not None and (block_n < 16 or block_n & (block_n - 1)):
+        _fail(f"block_n={block_n} must be a power of two >= 16")
+
+    interp = _da._interpreting() or dev.type != "cuda"
+    rows = r * NQ
+    cfg = choose_prefill_config(batch=B, kv_heads=Hkv, rows=rows, seq_len=L, head_dim=D,
+                                num_sms=_da._num_sms(dev), block_m=block_m, block_n=block_n,
+                                num_splits=num_splits, num_warps=num_warps, programs_per_sm=programs_per_sm)
+    block_m, block_n, num_splits, q_blocks = cfg["block_m"], cfg["block_n"], cfg["num_splits"], cfg["q_blocks"]
+    num_warps = cfg["num_warps"]
+    if num_stages is None:
+        num_stages = 2
+
+    out = torch.empty((B, Hq, NQ, D), device=dev, dtype=q.dtype)
+    lse = torch.empty((B, Hq, NQ), device=dev, dtype=torch.float32)
+    if num_splits == 1:
+        o_part, l_part = out, lse  # unused
+    else:
+        o_part = torch.empty((B * Hkv, num_splits, rows, D), device=dev, dtype=torch.float32)
+        l_part = torch.empty((B * Hkv, num_splits, rows), device=dev, dtype=torch.float32)
+
+    def part(t: torch.Tensor, used: bool):
+        # an empty part gets a stand-in pointer (an empty CUDA tensor may have a null pointer); never read
+        return (t, *t.stride()) if used else (q, 0, 0, 0, 0)
+
+    has_sink, has_mid, has_window = S > 0, n_quant > 0, n_window > 0
+    tl_dtype = tl.float16 if q.dtype == torch.float16 else tl.bfloat16
+    magic, magic_val = (0x6400, 1024.0) if q.dtype == torch.float16 else (0x4300, 128.0)
+    # as in the decode kernel: the packed V product runs in fp16 whenever the scales are fp16
+    v_fp16 = v_scale.dtype == torch.float16 or q.dtype == torch.float16
+    v_dtype, v_magic, v_magic_val = (tl.float16, 0x6400, 1024.0) if v_fp16 else (tl_dtype, magic, magic_val)
+    grid = (q_blocks, B * Hkv, num_splits)
+    _prefill_kernel[grid](
+        q, *q.stride(),
+        *part(k_sink, has_sink), *part(k_codes, has_mid), *part(k_scale, has_mid), *part(k_zero, has_mid),
+        *part(k_window, has_window),
+        *part(v_sink, has_sink), *part(v_codes, has_mid), *part(v_scale, has_mid), *part(v_zero, has_mid),
+        *part(v_window, has_window),
+        o_part, l_part, out, lse,
+        S, n_quant, n_window, float(sm_scale) * _LOG2E, NQ, num_splits,
+        H_KV=Hkv, GQA=r, D=D, K_BITS=k_bits, V_BITS=v_bits, K_GROUP=k_group_size, V_GROUP=v_group_size,
+        BLOCK_M=block_m, BLOCK_N=block_n, SPLIT=num_splits > 1,
+        HAS_SINK=has_sink, HAS_MID=has_mid, HAS_WINDOW=has_window,
+        CAUSAL=bool(causal) and NQ > 1, DOT_FP32=interp, DTYPE=tl_dtype, MAGIC=magic, MAGIC_VAL=magic_val,
+        V_DTYPE=v_dtype, V_MAGIC=v_magic, V_MAGIC_VAL=v_magic_val, FAST_ASM=fast_asm and not interp,
+        PREFETCH=PREFETCH_DEFAULT if prefetch is None else bool(prefetch),
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    if num_splits > 1:
+        block_d = 64 if B * Hq * NQ < 4 * _da._num_sms(dev) else D
+        _prefill_merge_kernel[(B * Hkv * rows, D // block_d)](
+            o_part, l_part, out, lse, NQ, num_splits,
+            H_KV=Hkv, GQA=r, D=D,
+            SPLITS_P2=_da._next_pow2(num_splits), BLOCK_D=block_d, DTYPE=tl_dtype,
+            num_warps=4 if block_d * num_splits >= 4096 else 2,
+        )
+    return out, lse

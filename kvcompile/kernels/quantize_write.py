@@ -1,0 +1,575 @@
+"""Quantize-on-write: append new K or V tokens to packed storage in one Triton launch (docs/format.md).
+
+The launch does what ``PackedKV.append`` (kvcompile/cache/packed.py, the pure-PyTorch reference and spec) does,
+on the plain storage tensors, reading the valid lengths from the ``counts`` tensor on the device, so a decode
+step's write needs no host synchronisation and can be captured in a CUDA graph:
+
+1. the first ``min(T, n_sink - n_sink_filled)`` new tokens fill the sink;
+2. the rest enter the window; the pending sequence is ``window[:n_window] ++ rest``, and its oldest
+   ``n_move = floor((n_window + rest - window) / flush) * flush`` tokens are quantized into the middle at
+   ``n_quant`` (codes, scale, zero);
+3. the remaining pending tokens become the new window (the old ones shift down by ``n_move``);
+4. ``counts`` becomes ``[n_sink_filled', n_quant + n_move, pending - n_move]``.
+
+Every part is stored in the channel order ``perm`` (when there is one), as the reference does; window rows are
+already in that order, new rows are gathered through ``perm``.
+
+Grid: one program per (batch, KV head, channel block). A program owns its columns for all tokens, so the
+in-place shift of the window never races with another program; inside a program a barrier separates the loads
+of a tile from the stores that may overwrite them (quantize reads the evicted rows before the shift moves the
+others down). Per-token groups keep a group inside one channel block; ternary codes (5 per byte) and int8 /
+fp8 (one scale per token) use one block spanning the head dim.
+
+Counts without a second launch: every program reads ``counts[1:3]`` with atomics and then "arrives" by adding
+``2**32`` to ``counts[0]`` (acq_rel; the low 32 bits are the sink count it reads). The program that arrives
+last (it sees ``n_programs - 1`` earlier arrivals) knows every program has read the counts and writes the new
+ones, clearing the arrival bits (the "last block" pattern of CUDA's threadFenceReduction sample; here it
+orders reads before the write instead of partial sums before the merge). Between launches ``counts`` holds the
+plain values.
+
+Measured (H100, torch 2.11, triton 3.6, ``python benchmarks/bench_write.py``, B=8 Hkv=8 D=128, one new token,
+K and V of a layer from CUDA-graph replays): 15.2 us for 2-bit groups of 128 with a 128-token window (11.8% of
+that layer's fused K2V2 attention at 32k tokens, 128.7 us; the target is 5%), 13.2 us for groups of 32,
+11.5 us for KIVI (per-channel K), 16.1 us without a window; ``PackedKV.append`` took 0.9-3.0 ms per layer.
+The launch is latency-bound (64 programs of a dependent chain: counts atomics, loads, a scale round trip,
+stores), not bandwidth-bound. (Timed before the switch to the reciprocal multiplication below, which
+replaces one division per group.)
+
+Codes are computed as the float32 references do (docs/format.md "Rounding rules"): true IEEE divisions where
+the reference divides two tensors (``div_rn``; Triton's ``/`` is approximate on the GPU); where it divides by a
+Python number (the level count, 127, 448) it does what PyTorch does on the data's device: on CUDA a
+multiplication by the float32 reciprocal (PyTorch's div_true_kernel_cuda), on CPU a division
+(``scalar_division``; found by the H100 tests: with clip ratio 0.95 and an IEEE division, 1 of 19,200 scales
+in a 300-token prefill differed by one fp16 ulp); no FMA contraction (the launch passes
+``enable_fp_fusion=False``), scale and zero rounded to the meta dtype (round to nearest even; by hand for
+bfloat16, which the interpreter truncates) before the codes, round-half-to-even via the float32
+``(v + 1.5 * 2**23) - 1.5 * 2**23`` identity on values clamped to a small range first, fp8 bits
+assembled by hand (the interpreter's float8 conversion is wrong where rounding carries into the exponent). So the stored bytes
+are bit-identical to the reference's (the tests compare them with ``torch.equal``).
+
+Capacity: the host checks it where it knows the length (``kvcompile.ops.write``); the kernel itself never
+writes out of bounds: when ``n_quant + n_move`` would exceed the middle's capacity, the launch writes nothing
+and leaves ``counts`` as it was (the reference raises ``CacheCapacityError`` there).
+
+Not covered here (the op falls back to the reference, see ``unsupported_reason``): keys quantized before RoPE
+(``rope``), and the call that calibrates an SKVQ channel order (a host-side search; ``kvcompile.ops``
+decides, see ``_write_fused`` there).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["quantize_write", "unsupported_reason", "SUPPORTED_KV_DTYPES", "SUPPORTED_META_DTYPES"]
+
+SUPPORTED_KV_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+SUPPORTED_META_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_AFFINE_BITS = (1, 1.5, 2, 3, 4, 8)
+_NF_BITS = (2, 3, 4)
+_KINDS = {"affine": 0, "nf": 1, "int8": 2, "fp8": 3}
+_META_CODE = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}
+_MAX_HEAD_DIM = 256
+_MAX_FLUSH = 128  # per-channel token groups: one [flush, channels] tile in registers
+
+
+
+def _fail(msg: str):
+    raise ValueError(f"quantize_write: {msg}")
+
+
+def _pow2(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def _unit(bits: float) -> tuple[int, int]:
+    """(codes, bytes) of one packing unit (docs/format.md, "Bit packing")."""
+    if bits == 1.5:
+        return 5, 1
+    if bits == 3:
+        return 8, 3
+    return 8 // int(bits), 1
+
+
+def unsupported_reason(*, kind: str, bits: float, group_size: int, axis: str, head_dim: int,
+                       kv_dtype: torch.dtype, meta_dtype: torch.dtype, has_rope: bool) -> str | None:
+    """Why the write kernel cannot run this layout (None: it can). The caller falls back to the reference."""
+    if has_rope:
+        return "keys quantized before RoPE (the write kernel does not un-rotate by position yet)"
+    if kind not in _KINDS:
+        return f"quantization kind {kind!r}"
+    if kind == "affine" and bits not in _AFFINE_BITS:
+        return f"affine {bits}-bit codes"
+    if kind == "nf" and bits not in _NF_BITS:
+        return f"NF {bits}-bit codes"
+    if not (_pow2(head_dim) and 8 <= head_dim <= _MAX_HEAD_DIM):
+        return f"head dim {head_dim} (the write kernel takes powers of two from 8 to {_MAX_HEAD_DIM})"
+    if kv_dtype not in SUPPORTED_KV_DTYPES:
+        return f"K/V dtype {kv_dtype}"
+    if meta_dtype not in SUPPORTED_META_DTYPES:
+        return f"scale dtype {meta_dtype}"
+    if axis == "channel" and not (_pow2(group_size) and group_size <= _MAX_FLUSH):
+        return f"per-channel groups of {group_size} tokens (the write kernel takes powers of two up to {_MAX_FLUSH})"
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _reciprocal(x: float) -> float:
+    """float32 ``1 / x`` (what PyTorch's CUDA division by a Python number multiplies by), as a Python float."""
+    return float(torch.tensor(1.0, dtype=torch.float32) / torch.tensor(x, dtype=torch.float32))
+
+
+@functools.lru_cache(maxsize=None)
+def _codebook(bits: int, device: str) -> torch.Tensor:
+    from ..quant import nf_codebook
+
+    return nf_codebook(bits, device=device)
+
+
+# --------------------------------------------------------------------------------------------------
+# Triton device functions
+# --------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _to_meta(x, META: tl.constexpr):
+    """float32 -> the meta dtype, round to nearest even (bfloat16 by hand: the interpreter truncates)."""
+    if META == 0:
+        return x.to(tl.float16)
+    elif META == 1:
+        b = x.to(tl.int32, bitcast=True)
+        b = (b + 0x7FFF + ((b >> 16) & 1)) & -65536
+        return b.to(tl.float32, bitcast=True).to(tl.bfloat16)
+    else:
+        return x
+
+
+@triton.jit
+def _div_scalar(a, QDIV: tl.constexpr, INV: tl.constexpr, RECIP: tl.constexpr):
+    """``a / QDIV`` as the reference's ``tensor / python_number`` computes it on the data's device: on CUDA,
+    PyTorch multiplies by the float32 reciprocal (div_true_kernel_cuda, for CPU-scalar divisors); on CPU it
+    divides (IEEE)."""
+    if RECIP:
+        return a * INV
+    else:
+        return tl.math.div_rn(a, QDIV)
+
+
+@triton.jit
+def _rint(v):
+    """Round half to even for |v| < 2**22 (callers clamp first): exact in float32 round-to-nearest."""
+    return (v + 12582912.0) - 12582912.0
+
+
+@triton.jit
+def _e4m3_bits(v):
+    """float32 (|v| <= 448) -> float8_e4m3fn bits, round to nearest even, as torch converts. By hand: the
+    interpreter's conversion is wrong where rounding carries into the exponent (-127.99 gave -64)."""
+    sign = (v.to(tl.int32, bitcast=True) >> 24) & 128
+    a = tl.abs(v)
+    ab = a.to(tl.int32, bitcast=True)
+    normal = ((ab + 0x7FFFF + ((ab >> 20) & 1)) >> 20) - (120 << 3)  # (exponent - 127 + 7) << 3 | 3 mantissa bits
+    sub = _rint(a * 512.0).to(tl.int32)  # below 2**-6: multiples of 2**-9 (8 -> 0x08, the smallest normal)
+    return (tl.where(a < 0.015625, sub, normal) | sign).to(tl.uint8)
+
+
+@triton.jit
+def _load_pending(new_base, win_base, perm_row, rows, cols, rmask, cmask, n_w, take, snt, snd, swt, swd,
+                  HAS_PERM: tl.constexpr):
+    """Pending tokens ``rows`` (window[:n_w] ++ new[take:]) at stored channels ``cols``, in the K/V dtype.
+    Window rows are stored in perm order already; new rows are gathered through perm."""
+    from_win = rows < n_w
+    m = cmask[None, :]
+    xw = tl.load(win_base + rows[:, None].to(tl.int64) * swt + cols[None, :].to(tl.int64) * swd,
+                 mask=(rmask & from_win)[:, None] & m, other=0.0)
+    if HAS_PERM:
+        src = tl.load(perm_row + cols, mask=cmask, other=0)
+    else:
+        src = cols
+    nrow = take + rows - n_w
+    xn = tl.load(new_base + nrow[:, None].to(tl.int64) * snt + src[None, :].to(tl.int64) * snd,
+                 mask=(rmask & (rows >= n_w))[:, None] & m, other=0.0)
+    return tl.where(from_win[:, None], xw, xn)
+
+
+@triton.jit
+def _affine_code(x, s, z, LEVELS: tl.constexpr):
+    v = tl.math.div_rn(x - z, s)
+    v = tl.minimum(tl.maximum(v, -1.0), LEVELS + 1.0)
+    return tl.minimum(tl.maximum(_rint(v), 0.0), LEVELS * 1.0).to(tl.int32)
+
+
+@triton.jit
+def _nf_code(x, s, cb_ptr, BITS: tl.constexpr):
+    """Nearest codebook entry to x / s; ties keep the lower index (strict <, ascending scan)."""
+    y = tl.math.div_rn(x, s)
+    best = tl.full(y.shape, float("inf"), tl.float32)
+    idx = tl.zeros(y.shape, tl.int32)
+    for i in tl.static_range(1 << BITS):
+        d = tl.abs(y - tl.load(cb_ptr + i))
+        better = d < best
+        best = tl.where(better, d, best)
+        idx = tl.where(better, i, idx)
+    return idx
+
+
+@triton.jit
+def _store_units(codes_row_ptr, acc, rows_out, rmask, u, umask, sct, scc, NBY: tl.constexpr):
+    """Store packing units ``acc`` [R, NU] (one byte, or a 24-bit word as three bytes for 3-bit codes)."""
+    base = codes_row_ptr + rows_out[:, None].to(tl.int64) * sct
+    m = rmask[:, None] & umask[None, :]
+    if NBY == 1:
+        tl.store(base + u[None, :].to(tl.int64) * scc, acc.to(tl.uint8), mask=m)
+    else:
+        for bb in tl.static_range(NBY):
+            tl.store(base + (u * NBY + bb)[None, :].to(tl.int64) * scc, ((acc >> (8 * bb)) & 255).to(tl.uint8), mask=m)
+
+
+@triton.jit
+def _quantize_write_kernel(
+    new_ptr, codes_ptr, scale_ptr, zero_ptr, sink_ptr, win_ptr, perm_ptr, counts_ptr, cb_ptr,
+    T, H, cap, WB, n_prog,
+    snb, snh, snt, snd,
+    scb, sch, sct, scc,
+    smb, smh, smt, smc,
+    ssb, ssh, sst, ssd,
+    swb, swh, swt, swd,
+    sph,
+    D: tl.constexpr, S: tl.constexpr, W: tl.constexpr, F: tl.constexpr,
+    KIND: tl.constexpr, BITS: tl.constexpr, NC: tl.constexpr, NBY: tl.constexpr, NUNITS: tl.constexpr,
+    LEVELS: tl.constexpr, G: tl.constexpr, AXIS_CH: tl.constexpr, CLIP: tl.constexpr, EPS: tl.constexpr,
+    META: tl.constexpr, HAS_PERM: tl.constexpr, QDIV: tl.constexpr, INV: tl.constexpr, RECIP: tl.constexpr,
+    BC: tl.constexpr, NU: tl.constexpr, BT: tl.constexpr, BS: tl.constexpr, SHIFT_ONE_TILE: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    cb = tl.program_id(1)
+    b = pid // H
+    h = pid % H
+
+    # ---- counts, read on the device; then arrive (see the module docstring)
+    n_q = tl.atomic_add(counts_ptr + 1, 0, sem="relaxed").to(tl.int32)
+    n_w = tl.atomic_add(counts_ptr + 2, 0, sem="relaxed").to(tl.int32)
+    old0 = tl.atomic_add(counts_ptr, 4294967296, sem="acq_rel")  # one arrival (2**32); ordered after the reads
+    n_s = (old0 & 4294967295).to(tl.int32)
+    arrived = old0 >> 32
+
+    take = tl.minimum(T, S - n_s)
+    rest = T - take
+    pend = n_w + rest
+    n_move = tl.where(rest > 0, tl.maximum(pend - W, 0) // F * F, 0)
+    ok = n_q + n_move <= cap  # else: write nothing, keep counts (never out of bounds)
+    take = tl.where(ok, take, 0)
+    n_move = tl.where(ok, n_move, 0)
+    rest = tl.where(ok, rest, 0)
+
+    new_base = new_ptr + b.to(tl.int64) * snb + h.to(tl.int64) * snh
+    win_base = win_ptr + b.to(tl.int64) * swb + h.to(tl.int64) * swh
+    perm_row = perm_ptr + h.to(tl.int64) * sph
+    cols = cb * BC + tl.arange(0, BC)
+    cmask = cols < D
+    if HAS_PERM:
+        src = tl.load(perm_row + cols, mask=cmask, other=0)
+    else:
+        src = cols
+    # window rows that stay, window[n_move:n_w]: with a window that fits one tile they are loaded now, next to
+    # the rows that get quantized (disjoint rows), and stored after the barrier below (one fewer round trip)
+    shift_end = tl.where(n_move > 0, n_w, 0)
+    if SHIFT_ONE_TILE:
+        srows = n_move + tl.arange(0, BS)
+        smask = ((srows < shift_end) & (srows < WB))[:, None] & cmask[None, :]
+        xs = tl.load(win_base + srows[:, None].to(tl.int64) * swt + cols[None, :].to(tl.int64) * swd,
+                     mask=smask, other=0.0)
+
+    # ---- 1. sink
+    if S > 0:
+        sink_base = sink_ptr + b.to(tl.int64) * ssb + h.to(tl.int64) * ssh
+        for j0 in range(0, take, BT):
+            rows = j0 + tl.arange(0, BT)
+            rm = rows < take
+            x = tl.load(new_base + rows[:, None].to(tl.int64) * snt + src[None, :].to(tl.int64) * snd,
+                        mask=rm[:, None], other=0.0)
+            tl.store(sink_base + (n_s + rows)[:, None].to(tl.int64) * sst + cols[None, :].to(tl.int64) * ssd, x,
+                     mask=(rm & (n_s + rows < S))[:, None])
+
+    # ---- 2. quantize pending[:n_move] into the middle at n_q
+    codes_base = codes_ptr + b.to(tl.int64) * scb + h.to(tl.int64) * sch
+    scale_base = scale_ptr + b.to(tl.int64) * smb + h.to(tl.int64) * smh
+    zero_base = zero_ptr + b.to(tl.int64) * smb + h.to(tl.int64) * smh
+    u = tl.arange(0, NU)
+    ug = cb * NU + u  # packing unit index within the row
+    umask = ug < NUNITS
+    if KIND >= 2:
+        # int8 / fp8: one absmax scale per token, one byte per element (BC == D)
+        for i0 in range(0, n_move, BT):
+            rows = i0 + tl.arange(0, BT)
+            rm = rows < n_move
+            x = _load_pending(new_base, win_base, perm_row, rows, cols, rm, cmask, n_w, take, snt, snd, swt, swd,
+                              HAS_PERM).to(tl.float32)
+            amax = tl.max(tl.abs(x), 1)
+            s = _to_meta(tl.maximum(_div_scalar(amax, QDIV, INV, RECIP), EPS), META)
+            tl.store(scale_base + (n_q + rows).to(tl.int64) * smt, s, mask=rm)
+            v = tl.math.div_rn(x, s.to(tl.float32)[:, None])
+            if KIND == 2:
+                v = tl.minimum(tl.maximum(v, -128.0), 128.0)
+                q = tl.minimum(tl.maximum(_rint(v), -127.0), 127.0).to(tl.int8).to(tl.uint8, bitcast=True)
+            else:
+                q = _e4m3_bits(tl.minimum(tl.maximum(v, -448.0), 448.0))
+            tl.store(codes_base + (n_q + rows)[:, None].to(tl.int64) * sct + cols[None, :].to(tl.int64) * scc, q,
+                     mask=rm[:, None])
+    elif AXIS_CH:
+        # per-channel groups of F tokens (KIVI keys): stats per channel over the group, plane by plane
+        for gi in range(0, n_move // F):
+            rows = gi * F + tl.arange(0, F)
+            rm = rows < n_move
+            grow = n_q // F + gi
+            acc = tl.zeros([F, NU], tl.int32)
+            for j in tl.static_range(NC):
+                c = cb * BC + u * NC + j
+                cm = (c < D) & umask
+                x = _load_pending(new_base, win_base, perm_row, rows, c, rm, cm, n_w, take, snt, snd, swt, swd,
+                                  HAS_PERM).to(tl.float32)
+                mn = tl.min(x, 0) * CLIP
+                mx = tl.max(x, 0) * CLIP
+                s = _to_meta(tl.maximum(_div_scalar(mx - mn, QDIV, INV, RECIP), EPS), META)
+                z = _to_meta(mn, META)
+                tl.store(scale_base + grow.to(tl.int64) * smt + c.to(tl.int64) * smc, s, mask=cm)
+                tl.store(zero_base + grow.to(tl.int64) * smt + c.to(tl.int64) * smc, z, mask=cm)
+                code = _affine_code(x, s.to(tl.float32)[None, :], z.to(tl.float32)[None, :], LEVELS)
+                code = tl.where(cm[None, :], code, 0)
+                if BITS == 15:
+                    acc += code * (3 ** j)
+                else:
+                    acc |= code << (BITS * j)
+            _store_units(codes_base, acc, n_q + rows, rm, ug, umask, sct, scc, NBY)
+    else:
+        # per-token groups of G channels (affine, NF): stats on the natural tile, stored (rounded to the meta
+        # dtype); then the codes plane by plane (plane j = channels NC * u + j), scale/zero read back per channel
+        NGB: tl.constexpr = BC // G
+        gcols = cb * NGB + tl.arange(0, NGB)
+        for i0 in range(0, n_move, BT):
+            rows = i0 + tl.arange(0, BT)
+            rm = rows < n_move
+            mrow = (n_q + rows).to(tl.int64)
+            x = _load_pending(new_base, win_base, perm_row, rows, cols, rm, cmask, n_w, take, snt, snd, swt, swd,
+                              HAS_PERM).to(tl.float32)
+            xg = tl.reshape(x, [BT, NGB, G])
+            if KIND == 0:
+                mn = tl.min(xg, 2) * CLIP
+                mx = tl.max(xg, 2) * CLIP
+                s = _to_meta(tl.maximum(_div_scalar(mx - mn, QDIV, INV, RECIP), EPS), META)
+                tl.store(zero_base + mrow[:, None] * smt + gcols[None, :].to(tl.int64) * smc, _to_meta(mn, META),
+                         mask=rm[:, None])
+            else:
+                s = _to_meta(tl.maximum(tl.max(tl.abs(xg), 2), EPS), META)
+            tl.store(scale_base + mrow[:, None] * smt + gcols[None, :].to(tl.int64) * smc, s, mask=rm[:, None])
+            tl.debug_barrier()  # scale / zero visible to every thread of the program
+            acc = tl.zeros([BT, NU], tl.int32)
+            for j in tl.static_range(NC):
+                c = cb * BC + u * NC + j
+                cm = (c < D) & umask
+                xp = _load_pending(new_base, win_base, perm_row, rows, c, rm, cm, n_w, take, snt, snd, swt, swd,
+                                   HAS_PERM).to(tl.float32)
+                m2 = rm[:, None] & cm[None, :]
+                gi = (c // G).to(tl.int64)
+                sp = tl.load(scale_base + mrow[:, None] * smt + gi[None, :] * smc, mask=m2, other=1.0).to(tl.float32)
+                if KIND == 0:
+                    zp = tl.load(zero_base + mrow[:, None] * smt + gi[None, :] * smc, mask=m2, other=0.0)
+                    code = _affine_code(xp, sp, zp.to(tl.float32), LEVELS)
+                else:
+                    code = _nf_code(xp, sp, cb_ptr, BITS)
+                code = tl.where(cm[None, :], code, 0)
+                if BITS == 15:
+                    acc += code * (3 ** j)
+                else:
+                    acc |= code << (BITS * j)
+            _store_units(codes_base, acc, n_q + rows, rm, ug, umask, sct, scc, NBY)
+
+    # ---- 3. shift the window rows that stay: window[n_move:n_w] -> window[0:n_w - n_move]
+    tl.debug_barrier()  # the quantize loads of evicted window rows are done
+    if SHIFT_ONE_TILE:
+        tl.store(win_base + (srows - n_move)[:, None].to(tl.int64) * swt + cols[None, :].to(tl.int64) * swd, xs,
+                 mask=smask)
+    else:
+        for i0 in range(n_move, shift_end, BS):
+            rows = i0 + tl.arange(0, BS)
+            rm = (rows < shift_end) & (rows < WB)
+            x = tl.load(win_base + rows[:, None].to(tl.int64) * swt + cols[None, :].to(tl.int64) * swd,
+                        mask=rm[:, None] & cmask[None, :], other=0.0)
+            tl.debug_barrier()  # this tile is loaded before any of it is overwritten
+            tl.store(win_base + (rows - n_move)[:, None].to(tl.int64) * swt + cols[None, :].to(tl.int64) * swd, x,
+                     mask=rm[:, None] & cmask[None, :])
+
+    # ---- 4. new tokens that stay in the window: rest[k] -> window[n_w + k - n_move]
+    tl.debug_barrier()  # every shift load is done
+    k0 = tl.maximum(n_move - n_w, 0)
+    for kk in range(k0, rest, BT):
+        ks = kk + tl.arange(0, BT)
+        wrow = n_w + ks - n_move
+        km = (ks < rest) & (wrow < WB)
+        x = tl.load(new_base + (take + ks)[:, None].to(tl.int64) * snt + src[None, :].to(tl.int64) * snd,
+                    mask=km[:, None] & cmask[None, :], other=0.0)
+        tl.store(win_base + wrow[:, None].to(tl.int64) * swt + cols[None, :].to(tl.int64) * swd, x,
+                 mask=km[:, None] & cmask[None, :])
+
+    # ---- 5. counts: the last program to arrive writes them (and clears the arrival bits)
+    last = arrived == n_prog - 1
+    new_w = tl.where(rest > 0, pend - n_move, n_w)
+    tl.atomic_xchg(counts_ptr + 1, (n_q + n_move).to(tl.int64), mask=last)
+    tl.atomic_xchg(counts_ptr + 2, new_w.to(tl.int64), mask=last)
+    tl.atomic_xchg(counts_ptr, (n_s + take).to(tl.int64), mask=last)
+
+
+# --------------------------------------------------------------------------------------------------
+# Launcher
+# --------------------------------------------------------------------------------------------------
+
+
+def _blocking(kind: str, bits: float, group: int, axis: str, d: int) -> tuple[int, int, int]:
+    """(channels per program BC, packing units per program NU, units per row)."""
+    if kind in ("int8", "fp8"):
+        return d, d, d
+    nc, _ = _unit(bits)
+    nunits = -(-d // nc)
+    if not _pow2(nc):  # ternary: 5 codes per byte straddle groups; one block spans the head dim
+        return d, _next_pow2(nunits), nunits
+    base = min(d, 32)
+    bc = max(nc, base) if axis == "channel" else max(group, nc, base)
+    bc = min(bc, max(d, nc))
+    if bc < nc or d % bc:
+        return d, _next_pow2(nunits), nunits
+    return bc, bc // nc, nunits
+
+
+def quantize_write(
+    *,
+    new: torch.Tensor,
+    codes: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor | None,
+    sink: torch.Tensor,
+    window: torch.Tensor,
+    perm: torch.Tensor | None,
+    counts: torch.Tensor,
+    kind: str,
+    bits: float,
+    group_size: int,
+    axis: str,
+    clip_ratio: float,
+    n_sink: int,
+    window_size: int,
+    block_t: int = 16,
+    block_s: int | None = None,
+    num_warps: int | None = None,
+    scalar_division: str | None = None,
+) -> None:
+    """Append ``new`` [B, H, T, D] to the packed storage in place (``PackedKV.append`` on plain tensors).
+
+    ``codes`` [B, H, cap, bytes per token] uint8; ``scale`` / ``zero`` ``[B, H, cap, D // group]`` (per-token
+    groups), ``[B, H, cap // group_size, D]`` (``axis="channel"``) or ``[B, H, cap, 1]`` (int8 / fp8, no zero);
+    ``sink`` [B, H, n_sink, D] and ``window`` [B, H, >= window_size + flush - 1, D] in the K/V dtype; ``perm``
+    [H, D] int64 or None; ``counts`` int64 [3] (read and written on the device). ``group_size`` is the
+    scheme's (0 or None: one group spanning D). No host synchronisation; the launch never writes out of bounds
+    (an append past capacity leaves everything as it was).
+    """
+    if new.dim() != 4 or sink.dim() != 4 or window.dim() != 4 or codes.dim() != 4:
+        _fail(f"new, codes, sink and window must be 4-d, got {tuple(new.shape)}, {tuple(codes.shape)}, "
+              f"{tuple(sink.shape)}, {tuple(window.shape)}")
+    B, H, T, D = new.shape
+    kv_dtype = window.dtype
+    meta = scale.dtype
+    reason = unsupported_reason(kind=kind, bits=bits, group_size=group_size or 0, axis=axis, head_dim=D,
+                                kv_dtype=kv_dtype, meta_dtype=meta, has_rope=False)
+    if reason is not None:
+        _fail(f"unsupported layout: {reason}; use PackedKV.append (the reference) for it")
+    flush = group_size if axis == "channel" else 1
+    g = D if (not group_size or axis == "channel" or kind in ("int8", "fp8")) else group_size
+    if D % g:
+        _fail(f"group_size={g} must divide the head dim {D}")
+    cap = codes.shape[2]
+    nc, nby = _unit(bits) if kind in ("affine", "nf") else (1, 1)
+    nbytes = -(-D // nc) * nby
+    if tuple(codes.shape) != (B, H, cap, nbytes) or codes.dtype != torch.uint8:
+        _fail(f"codes must be uint8 {(B, H, cap, nbytes)}, got {codes.dtype} {tuple(codes.shape)}")
+    if kind in ("int8", "fp8"):
+        want_meta = (B, H, cap, 1)
+    elif axis == "channel":
+        if cap % flush:
+            _fail(f"capacity {cap} must be a multiple of the token group {flush}")
+        want_meta = (B, H, cap // flush, D)
+    else:
+        want_meta = (B, H, cap, D // g)
+    if tuple(scale.shape) != want_meta:
+        _fail(f"scale must be {want_meta}, got {tuple(scale.shape)}")
+    has_zero = kind == "affine"
+    if has_zero:
+        if zero is None or tuple(zero.shape) != want_meta or zero.dtype != meta or zero.stride() != scale.stride():
+            _fail(f"affine layouts need zero shaped, typed and strided like scale {want_meta}, got "
+                  f"{None if zero is None else (zero.dtype, tuple(zero.shape), zero.stride())}")
+    if tuple(sink.shape) != (B, H, n_sink, D) or sink.dtype != kv_dtype:
+        _fail(f"sink must be {kv_dtype} {(B, H, n_sink, D)}, got {sink.dtype} {tuple(sink.shape)}")
+    WB = window.shape[2]
+    if tuple(window.shape[:2]) != (B, H) or window.shape[3] != D or WB < window_size + flush - 1:
+        _fail(f"window must be [B={B}, H={H}, >= {window_size + flush - 1}, D={D}], got {tuple(window.shape)}")
+    if counts.dtype != torch.int64 or counts.numel() != 3:
+        _fail(f"counts must be int64 [3], got {counts.dtype} {tuple(counts.shape)}")
+    if perm is not None and (tuple(perm.shape) != (H, D) or perm.dtype != torch.int64):
+        _fail(f"perm must be int64 [H={H}, D={D}], got {perm.dtype} {tuple(perm.shape)}")
+    dev = new.device
+    for t in (codes, scale, sink, window, counts) + ((zero,) if zero is not None else ()) + \
+            ((perm,) if perm is not None else ()):
+        if t.device != dev:
+            _fail(f"all tensors must be on new's device {dev}, found one on {t.device}")
+    if T == 0:
+        return
+    if new.dtype != kv_dtype:
+        new = new.to(kv_dtype)  # as PackedKV.append does (x.to(kv_dtype)); a device op, no sync
+    counts = counts.view(3)
+    if not counts.is_contiguous():
+        _fail("counts must be contiguous")
+
+    bc, nu, nunits = _blocking(kind, bits, g, axis, D)
+    ncb = D // bc if bc <= D else 1
+    levels = 2 if bits == 1.5 else ((1 << int(bits)) - 1 if kind in ("affine", "nf") else 127)
+    cb = _codebook(int(bits), str(dev)) if kind == "nf" else counts
+    n_prog = B * H * ncb
+    zero_t = zero if zero is not None else scale
+    perm_t = perm if perm is not None else counts
+    grid = (B * H, ncb)
+    # The reference divides by the level count (int8: 127, fp8: 448) with ``tensor / python_number``, which
+    # PyTorch computes as a multiplication by the float32 reciprocal on CUDA and as a division on CPU; the
+    # kernel follows the reference of the data's device (bit-identical there; the two references can differ
+    # by one float32 ulp before the scale is rounded to the meta dtype, visible with clip ratios < 1).
+    if scalar_division is None:
+        scalar_division = "reciprocal" if dev.type == "cuda" else "ieee"
+    if scalar_division not in ("reciprocal", "ieee"):
+        _fail(f"scalar_division must be 'reciprocal' or 'ieee', got {scalar_division!r}")
+    qdiv = float(levels if kind in ("affine", "nf") else (127 if kind == "int8" else 448))
+    inv = _reciprocal(qdiv)
+    # the window shift: one tile when the window buffer fits 256 rows (loaded early, see the kernel), else a
+    # loop over 64-row tiles
+    if block_s is None:
+        block_s = _next_pow2(WB) if WB <= 256 else 64
+    one_tile = block_s >= WB
+    if num_warps is None:
+        num_warps = 8 if block_s * bc >= 16384 else 4
+    _quantize_write_kernel[grid](
+        new, codes, scale, zero_t, sink, window, perm_t, counts, cb,
+        T, H, cap, WB, n_prog,
+        *new.stride(), *codes.stride(), *scale.stride(),
+        *(sink.stride() if sink.numel() else (0, 0, 0, 0)), *window.stride(),
+        perm.stride(0) if perm is not None else 0,
+        D=D, S=n_sink, W=window_size, F=flush,
+        KIND=_KINDS[kind], BITS=15 if bits == 1.5 else int(bits), NC=nc, NBY=nby, NUNITS=nunits,
+        LEVELS=levels, G=g, AXIS_CH=axis == "channel" and kind == "affine", CLIP=float(clip_ratio),
+        EPS=float(torch.finfo(meta).tiny), META=_META_CODE[meta], HAS_PERM=perm is not None,
+        QDIV=qdiv, INV=inv, RECIP=scalar_division == "reciprocal",
+        BC=bc, NU=nu, BT=block_t, BS=max(block_s, 1), SHIFT_ONE_TILE=one_tile,
+        num_warps=num_warps, enable_fp_fusion=False,
+    )

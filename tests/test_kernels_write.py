@@ -1,0 +1,365 @@
+"""Quantize-on-write kernel (kvcompile.kernels.quantize_write) against the reference ``PackedKV.append``.
+
+Without CUDA the kernel runs under the Triton interpreter (TRITON_INTERPRET=1, set by conftest.py before triton
+is imported) on CPU tensors with small shapes; with CUDA the same tests run on the GPU with larger shapes, plus
+the tests marked ``gpu`` (CUDA graph capture of a decode step's write, opcheck of the op's CUDA path).
+Every comparison is bit for bit (``torch.equal``) on the whole storage, not only the valid tokens: the kernel
+must write exactly what the reference writes and nothing else.
+"""
+
+import importlib
+import os
+
+import pytest
+import torch
+
+ON_GPU = torch.cuda.is_available()
+if not ON_GPU:
+    os.environ["TRITON_INTERPRET"] = "1"
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+import kvcompile.kernels.quantize_write as qw  # noqa: E402
+
+if not ON_GPU and type(qw._quantize_write_kernel).__name__ != "InterpretedFunction":
+    qw = importlib.reload(qw)  # imported earlier without the interpreter: decorate again under it
+
+from kvcompile import ops  # noqa: E402
+from kvcompile.cache import PackedKV  # noqa: E402
+from kvcompile.cache.packed import CacheCapacityError  # noqa: E402
+from kvcompile.schemes import TensorQuant  # noqa: E402
+
+DEVICE = "cuda" if ON_GPU else "cpu"
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+QUANTS = [
+    TensorQuant("affine", 2, 16, "token"),
+    TensorQuant("affine", 2, 32, "token", clip_ratio=0.95),
+    TensorQuant("affine", 2, None, "token"),  # one group spanning D
+    TensorQuant("affine", 4, 32, "token"),
+    TensorQuant("affine", 8, 64, "token"),
+    TensorQuant("affine", 1.5, 16, "token"),  # ternary, 5 codes per byte
+    TensorQuant("affine", 3, 16, "token"),  # 8 codes in 3 bytes
+    TensorQuant("affine", 1, 8, "token"),
+    TensorQuant("affine", 2, 16, "token", permute=True),  # SKVQ channel order
+    TensorQuant("affine", 1.5, 16, "token", permute=True),
+    TensorQuant("affine", 2, 8, "channel"),  # KIVI keys: groups of 8 tokens per channel
+    TensorQuant("affine", 4, 4, "channel", clip_ratio=0.9),
+    TensorQuant("nf", 4, 64, "token"),
+    TensorQuant("nf", 3, 32, "token"),
+    TensorQuant("int8", 8),
+    TensorQuant("fp8", 8),
+]
+STORAGE = ("codes", "scale", "zero", "sink", "window", "perm", "counts")
+
+
+def _pair(q, *, b, h, d, n_sink, window, capacity, dtype, meta="float16"):
+    ref = PackedKV.empty(b, h, d, q, capacity=capacity, n_sink=n_sink, window=window, dtype=dtype,
+                         device=DEVICE, meta_dtype=meta)
+    ref.window.normal_()  # garbage past the valid rows: the kernel must leave it as the reference does
+    return ref, ref.clone()
+
+
+def _kernel_write(pk: PackedKV, new: torch.Tensor, **tuning) -> None:
+    """What the op's CUDA implementation does (ops._write_fused), run on this device (the interpreter on CPU):
+    the kernel, or the reference for the call that calibrates a channel order. With ``tuning`` (launcher
+    keywords, e.g. ``block_s`` to force the multi-tile window shift) the launcher is called directly."""
+    if not tuning:
+        reason = ops._write_fused(new, pk)
+    elif pk.perm is not None and int(pk.counts[1]) == 0:
+        reason = "calibrate"
+    else:
+        q = pk.quant
+        qw.quantize_write(new=new, codes=pk.codes, scale=pk.scale, zero=pk.zero, sink=pk.sink, window=pk.window,
+                          perm=pk.perm, counts=pk.counts, kind=q.kind, bits=q.bits, group_size=q.group_size or 0,
+                          axis=q.axis, clip_ratio=q.clip_ratio, n_sink=pk.n_sink, window_size=pk.window_size,
+                          **tuning)
+        reason = None
+    pk._host = None  # the kernel wrote counts on the device
+    if reason is not None:
+        assert "calibrate" in reason, reason
+        pk.append(new)
+
+
+def _assert_same(ref: PackedKV, ker: PackedKV, ctx) -> None:
+    for name in STORAGE:
+        a, k = getattr(ref, name), getattr(ker, name)
+        if a is None:
+            assert k is None
+            continue
+        if not torch.equal(a, k):
+            diff = (a != k).nonzero()[:4].tolist()
+            raise AssertionError(f"{name} differs at {diff} ({ctx})")
+
+
+def _tokens(gen, b, h, t, d, dtype):
+    x = torch.randn(b, h, t, d, generator=gen) * 2 + torch.randn(1, h, 1, d, generator=gen) * 3  # channel offsets
+    x[..., 0] *= 10  # an outlier channel, as real keys have
+    return x.to(dtype).to(DEVICE)
+
+
+@st.composite
+def cases(draw, gpu=ON_GPU):
+    q = draw(st.sampled_from(QUANTS))
+    lengths = [1, 7, 97] if gpu else [1, 7, 23]
+    return dict(
+        q=q,
+        b=draw(st.sampled_from([1, 3] if gpu else [1, 2])),
+        h=draw(st.sampled_from([2, 8] if gpu else [1, 2])),
+        d=draw(st.sampled_from([64, 128])),
+        n_sink=draw(st.sampled_from([0, 4])),
+        window=draw(st.sampled_from([0, 128] if gpu else [0, 8])),
+        dtype=draw(st.sampled_from([torch.float16, torch.bfloat16])),
+        meta=draw(st.sampled_from(["float16", "bfloat16"])),
+        ts=draw(st.lists(st.sampled_from(lengths), min_size=2, max_size=5 if gpu else 3)),
+        seed=draw(st.integers(0, 2**16)),
+        tuning=draw(st.sampled_from([{}, {}, {"block_s": 4}, {"block_s": 8, "num_warps": 1}])),
+    )
+
+
+def _run_case(c):
+    q, d = c["q"], c["d"]
+    total = sum(c["ts"])
+    ref, ker = _pair(q, b=c["b"], h=c["h"], d=d, n_sink=c["n_sink"], window=c["window"],
+                     capacity=total + q.flush, dtype=c["dtype"], meta=c["meta"])
+    gen = torch.Generator().manual_seed(c["seed"])
+    for i, t in enumerate(c["ts"]):
+        x = _tokens(gen, c["b"], c["h"], t, d, c["dtype"])
+        ref.append(x)
+        _kernel_write(ker, x, **c.get("tuning", {}))
+        _assert_same(ref, ker, f"append {i} of {c['ts']}, {q}, d={d}, {c['dtype']}, meta {c['meta']}, "
+                               f"{c.get('tuning')}")
+    assert ker.lengths() == ref.lengths()
+
+
+@settings(deadline=None, max_examples=14, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(cases())
+def test_matches_append(c):
+    _run_case(c)
+
+
+@pytest.mark.parametrize("q", [QUANTS[0], QUANTS[5], QUANTS[9], QUANTS[10], QUANTS[12], QUANTS[15]],
+                         ids=lambda q: f"{q.kind}{q.bits}-{q.axis}-g{q.group_size}-p{int(q.permute)}")
+def test_decode_steps_cross_the_window_flush(q):
+    """A prefill, then single-token decode steps past several flushes (per-token: every step; per-channel:
+    every group_size steps), with sink and window: the state a decode loop runs in."""
+    b, h, d, window = 1, 2, 64, 8
+    ref, ker = _pair(q, b=b, h=h, d=d, n_sink=4, window=window, capacity=64, dtype=torch.float16)
+    gen = torch.Generator().manual_seed(1)
+    steps = [13] + [1] * (2 * q.flush + 3)
+    for i, t in enumerate(steps):
+        x = _tokens(gen, b, h, t, d, torch.float16)
+        ref.append(x)
+        _kernel_write(ker, x)
+        _assert_same(ref, ker, f"step {i}")
+    assert ref.lengths()[1] > 0
+
+
+def test_sink_only_and_exact_window_fill():
+    """Writes that only fill the sink (T < n_sink), then fill the window exactly (nothing to quantize)."""
+    q = QUANTS[0]
+    ref, ker = _pair(q, b=1, h=2, d=64, n_sink=4, window=8, capacity=32, dtype=torch.float16)
+    gen = torch.Generator().manual_seed(2)
+    for t in (2, 1, 1, 8, 1):
+        x = _tokens(gen, 1, 2, t, 64, torch.float16)
+        ref.append(x)
+        _kernel_write(ker, x)
+        _assert_same(ref, ker, f"T={t}")
+    assert ref.lengths() == (4, 1, 8)
+
+
+def test_past_capacity_writes_nothing_and_the_host_check_raises():
+    q = QUANTS[0]
+    ref, ker = _pair(q, b=1, h=2, d=64, n_sink=0, window=4, capacity=12, dtype=torch.float16)
+    gen = torch.Generator().manual_seed(3)
+    x = _tokens(gen, 1, 2, 10, 64, torch.float16)
+    ref.append(x)
+    _kernel_write(ker, x)
+    before = {n: getattr(ker, n).clone() for n in STORAGE if getattr(ker, n) is not None}
+    big = _tokens(gen, 1, 2, 7, 64, torch.float16)  # 17 tokens > capacity 12
+    with pytest.raises(CacheCapacityError):
+        ref.append(big)
+    assert ops._write_fused(big, ker) is None  # the kernel ran: it must not write anything
+    for n, t in before.items():
+        assert torch.equal(getattr(ker, n), t), n
+    ker._host = None
+    assert ker.lengths() == (0, 6, 4)
+    with pytest.raises(CacheCapacityError, match="capacity exceeded"):
+        ops.write(ker, big)  # host knows the length: raises before any write
+
+
+def test_permuted_layout_calibrates_on_the_reference_then_runs_the_kernel():
+    q = QUANTS[8]
+    pk = PackedKV.empty(1, 2, 64, q, capacity=40, n_sink=0, window=4, dtype=torch.float16, device=DEVICE)
+    gen = torch.Generator().manual_seed(4)
+    x = _tokens(gen, 1, 2, 3, 64, torch.float16)
+    assert "calibrate" in ops._write_fused(x, pk)  # n_quant == 0: the reference must run (it may calibrate)
+    pk.append(torch.cat([x, _tokens(gen, 1, 2, 9, 64, torch.float16)], dim=2))
+    assert not torch.equal(pk.perm, torch.arange(64, device=DEVICE).repeat(2, 1))  # calibrated: not identity
+    ref = pk.clone()
+    y = _tokens(gen, 1, 2, 5, 64, torch.float16)
+    assert ops._write_fused(y, pk) is None
+    pk._host = None
+    ref.append(y)
+    _assert_same(ref, pk, "after calibration")
+
+
+def _like_cuda_reference(x, q, meta):
+    """quantize_affine / quantize_int8 as they run on CUDA, where PyTorch computes ``tensor / number`` as a
+    multiplication by the float32 reciprocal (div_true_kernel_cuda): [B, H, T, D] -> (codes, scale, zero)."""
+    from kvcompile.quant import levels, pack_codes
+
+    xf = x.float()
+    eps = torch.finfo(meta).tiny
+    if q.kind == "int8":
+        scale = (xf.abs().amax(-1, keepdim=True) * (torch.tensor(1.0) / 127)).clamp_min(eps).to(meta)
+        codes = torch.round(xf / scale.float()).clamp(-127, 127).to(torch.int8).view(torch.uint8)
+        return codes, scale, None
+    top, g = levels(q.bits), q.group_for(x.shape[-1])
+    xg = xf.reshape(*x.shape[:-1], -1, g)
+    mn, mx = xg.amin(-1, keepdim=True) * q.clip_ratio, xg.amax(-1, keepdim=True) * q.clip_ratio
+    scale = ((mx - mn) * (torch.tensor(1.0) / top)).clamp_min(eps).to(meta)
+    zero = mn.to(meta)
+    codes = torch.round((xg - zero.float()) / scale.float()).clamp(0, top).to(torch.uint8).reshape(x.shape)
+    return pack_codes(codes, q.bits), scale.squeeze(-1), zero.squeeze(-1)
+
+
+@pytest.mark.parametrize("q", [QUANTS[1], QUANTS[14]], ids=["affine2-clip0.95", "int8"])
+def test_scalar_division_follows_the_reference_device(q):
+    """``scalar_division="reciprocal"`` (the default on CUDA) matches the CUDA reference's arithmetic, "ieee"
+    (the default on CPU) the CPU reference; with float32 scales the two differ, so each is checked."""
+    t, d = 16, 64
+    x = _tokens(torch.Generator().manual_seed(6), 1, 2, t, d, torch.float32)  # full mantissas: the modes differ
+    outs = {}
+    for mode in ("reciprocal", "ieee"):
+        pk = PackedKV.empty(1, 2, d, q, capacity=t, dtype=torch.float32, device=DEVICE, meta_dtype="float32")
+        qw.quantize_write(new=x, codes=pk.codes, scale=pk.scale, zero=pk.zero, sink=pk.sink, window=pk.window,
+                          perm=None, counts=pk.counts, kind=q.kind, bits=q.bits, group_size=q.group_size or 0,
+                          axis=q.axis, clip_ratio=q.clip_ratio, n_sink=0, window_size=0, scalar_division=mode)
+        outs[mode] = pk
+    codes, scale, zero = _like_cuda_reference(x, q, torch.float32)
+    rec = outs["reciprocal"]
+    assert torch.equal(rec.codes, codes) and torch.equal(rec.scale, scale)
+    if zero is not None:
+        assert torch.equal(rec.zero, zero)
+    if not ON_GPU:  # here PackedKV.append is the CPU reference: an IEEE division
+        ref = PackedKV.empty(1, 2, d, q, capacity=t, dtype=torch.float32, device=DEVICE, meta_dtype="float32")
+        ref.append(x)
+        _assert_same(ref, outs["ieee"], "ieee")
+    assert not torch.equal(outs["ieee"].scale, rec.scale)  # the data does tell the two apart
+
+
+@pytest.mark.parametrize("q, d, rope, want", [
+    (TensorQuant("affine", 2, 16), 64, True, "RoPE"),
+    (TensorQuant("affine", 2, 16), 80, False, "head dim 80"),
+    (TensorQuant("affine", 2, 6, "channel"), 64, False, "groups of 6 tokens"),
+    (TensorQuant("affine", 2, 16), 64, False, None),
+    (TensorQuant("affine", 1.5, 16, permute=True), 128, False, None),
+    (TensorQuant("affine", 2, 32, "channel"), 128, False, None),
+    (TensorQuant("nf", 4, 64), 64, False, None),
+    (TensorQuant("fp8", 8), 128, False, None),
+])
+def test_fallback_rule(q, d, rope, want):
+    inv = torch.ones(8) if rope else None
+    pk = PackedKV.empty(1, 2, d, q, capacity=16, window=4, dtype=torch.float16, rope_inv_freq=inv)
+    reason = ops._write_unsupported(torch.zeros(1, 2, 1, d, dtype=torch.float16), pk)
+    if want is None:
+        assert reason is None
+    else:
+        assert reason is not None and want in reason
+
+
+def test_launcher_validation_errors():
+    pk = PackedKV.empty(1, 2, 64, QUANTS[0], capacity=16, window=4, dtype=torch.float16, device=DEVICE)
+    kw = dict(codes=pk.codes, scale=pk.scale, zero=pk.zero, sink=pk.sink, window=pk.window, perm=None,
+              counts=pk.counts, kind="affine", bits=2, group_size=16, axis="token", clip_ratio=1.0, n_sink=0,
+              window_size=4)
+    with pytest.raises(ValueError, match="scale must be"):
+        qw.quantize_write(new=torch.zeros(1, 2, 1, 64, device=DEVICE), **{**kw, "group_size": 32})
+    with pytest.raises(ValueError, match="codes must be"):
+        qw.quantize_write(new=torch.zeros(1, 2, 1, 64, device=DEVICE), **{**kw, "bits": 4})
+    with pytest.raises(ValueError, match="RoPE|head dim"):
+        qw.quantize_write(new=torch.zeros(1, 2, 1, 48, device=DEVICE), **kw)
+
+
+# ----------------------------------------------------------------------------------------- GPU only
+
+gpu = pytest.mark.skipif(not ON_GPU, reason="needs CUDA")
+
+
+@pytest.mark.gpu
+@gpu
+@settings(deadline=None, max_examples=6, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@given(q=st.sampled_from(QUANTS), d=st.sampled_from([64, 128]), t=st.sampled_from([300, 513, 1031]),
+       dtype=st.sampled_from([torch.float16, torch.bfloat16]))
+def test_gpu_large_prefill_then_decode(q, d, t, dtype):
+    _run_case(dict(q=q, b=4, h=8, d=d, n_sink=4, window=128, dtype=dtype, meta="float16",
+                   ts=[t, 1, 1, q.flush, 1], seed=t))
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("qi", [0, 9, 10, 12, 14, 15])
+def test_gpu_decode_write_captured_in_a_cuda_graph(qi):
+    """The op's CUDA path does no host sync: one decode step's write (K layout) is captured once and replayed;
+    every replay appends the graph's static input, as the reference does token by token."""
+    q = QUANTS[qi]
+    b, h, d, steps = 2, 8, 128, 2 * q.flush + 5
+    ref, ker = _pair(q, b=b, h=h, d=d, n_sink=4, window=16, capacity=300, dtype=torch.float16)
+    gen = torch.Generator().manual_seed(5)
+    pre = _tokens(gen, b, h, 40, d, torch.float16)
+    ref.append(pre)
+    ops.write(ker, pre)  # eager: calibrates a channel order on the reference path
+    static = _tokens(gen, b, h, 1, d, torch.float16)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):  # warm-up (compiles the kernel; sees a calibrated perm)
+        ops.write(ker, static)
+    torch.cuda.current_stream().wait_stream(s)
+    ref.append(static)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        torch.ops.kvcompile.quantize_kv_write_(static, *ops_args(ker))
+    for i in range(steps):
+        x = _tokens(gen, b, h, 1, d, torch.float16)
+        static.copy_(x)
+        g.replay()
+        ref.append(x)
+    torch.cuda.synchronize()
+    ker._host = None
+    _assert_same(ref, ker, f"{steps} replays")
+
+
+def ops_args(pk):
+    q = pk.quant
+    return (pk.codes, pk.scale, pk.zero, pk.sink, pk.window, pk.perm, pk.counts, pk.rope, q.kind, float(q.bits),
+            q.group_size or 0, q.axis, q.clip_ratio, pk.n_sink, pk.window_size)
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_capture_with_an_unseen_channel_order_raises():
+    q = QUANTS[8]
+    pk = PackedKV.empty(1, 2, 64, q, capacity=64, window=4, dtype=torch.float16, device="cuda")
+    pk.append(torch.randn(1, 2, 20, 64, device="cuda", dtype=torch.float16))  # calibrated via PackedKV.append only
+    new = torch.randn(1, 2, 1, 64, device="cuda", dtype=torch.float16)
+    g = torch.cuda.CUDAGraph()
+    with pytest.raises(RuntimeError, match="channel order"):
+        with torch.cuda.graph(g):
+            torch.ops.kvcompile.quantize_kv_write_(new, *ops_args(pk))
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("qi", [0, 10, 12, 14])
+def test_gpu_opcheck_cuda_path(qi):
+    q = QUANTS[qi]
+    pk = PackedKV.empty(2, 2, 64, q, capacity=64, n_sink=2, window=8, dtype=torch.float16, device="cuda")
+    pk.append(torch.randn(2, 2, 20, 64, device="cuda", dtype=torch.float16))
+    new = torch.randn(2, 2, 3, 64, device="cuda", dtype=torch.float16)
+    torch.library.opcheck(torch.ops.kvcompile.quantize_kv_write_.default, (new, *ops_args(pk)))
+    before = torch._dynamo.utils.counters["kvcompile"]["fused_write_calls"]
+    ops.write(pk, new)
+    assert torch._dynamo.utils.counters["kvcompile"]["fused_write_calls"] == before + 1
