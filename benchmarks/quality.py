@@ -129,12 +129,28 @@ def plan_rows(args) -> list[dict]:
         for overrides in with_args.get(scheme, [{}]):
             rows.append({"kind": "kvcompile", "label": row_label(scheme, overrides),
                          "params": {"scheme": scheme, "overrides": overrides}})
+            if getattr(args, "backend_route", False):
+                rows.append({"kind": "backend", "label": row_label(scheme, overrides) + " [torch.compile backend]",
+                             "params": {"scheme": scheme, "overrides": overrides}})
     return rows
+
+
+def compiled_for(row: dict, model, capacity: int):
+    """The model compiled with the kvcompile backend for this row's scheme: the unchanged model with its own
+    DynamicCache, whose concatenations the backend rewrites (aot_eager: the same passes, quick to compile)."""
+    import torch._dynamo
+
+    import kvcompile
+
+    torch._dynamo.reset()
+    backend = kvcompile.backend(row["params"]["scheme"], compiler="aot_eager", capacity=capacity,
+                                **row["params"]["overrides"])
+    return torch.compile(model, backend=backend, fullgraph=True)
 
 
 def cache_factory_for(row: dict, model, max_cache_len: int | None = None):
     """``(factory_or_None, note)``; a note (and no factory) means the row cannot run here."""
-    if row["kind"] == "fp":
+    if row["kind"] in ("fp", "backend"):
         return None, None
     if row["kind"] == "quanto":
         from kvcompile.eval import quanto_cache_factory
@@ -276,6 +292,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scheme-args", action="append", default=[], type=parse_scheme_args, metavar="SCHEME:K=V,...",
                    help="overrides for one row of SCHEME, e.g. kivi:k_bits=4,v_bits=4 (repeatable)")
     p.add_argument("--no-quanto", action="store_true", help="skip the transformers/quanto QuantizedCache rows")
+    p.add_argument("--backend-route", action="store_true",
+                   help="add, for each scheme, a row through torch.compile(model, backend=kvcompile.backend(...)) "
+                        "on the model's own DynamicCache (the prefill stays full precision there)")
     p.add_argument("--quanto-group-size", type=int, default=64)
     p.add_argument("--quanto-residual-length", type=int, default=128)
     p.add_argument("--out", default="results", help="output directory")
@@ -334,7 +353,8 @@ def main(argv=None) -> int:
             continue
         logger.info("running %s ...", row["label"])
         try:
-            r = evaluate_perplexity(model, windows, factory, prefill=args.prefill, chunk=args.chunk,
+            target = compiled_for(row, model, args.length) if row["kind"] == "backend" else model
+            r = evaluate_perplexity(target, windows, factory, prefill=args.prefill, chunk=args.chunk,
                                     progress=not args.no_progress)
         except Exception as e:  # one broken scheme must not lose the other rows
             if row["kind"] == "fp":

@@ -362,6 +362,13 @@ def test_dynamic_cache_rewrite(arch, impl):
     decode = compile_report().graphs[-1]
     assert decode.counts["rewritten"] == 2 and decode.counts["unmatched"] == 0, decode.to_text()
     assert packed_storage(kv.layers[0].keys).length == kv.get_seq_length() == PROMPT + STEPS
+    if arch == "llama" and impl == "sdpa":  # storage is measured through the handles, not as their logical size
+        from kvcompile.eval.storage import cache_bits_per_element
+
+        stores = [packed_storage(t) for layer in kv.layers for t in (layer.keys, layer.values)]
+        elems = sum(layer.keys.numel() + layer.values.numel() for layer in kv.layers)
+        bits, _ = cache_bits_per_element(kv)
+        assert bits == pytest.approx(8 * sum(pk.storage_nbytes() for pk in stores) / elems) and bits != 32.0
 
 
 @pytest.mark.parametrize("arch,impl", [("llama", "sdpa"), ("gpt2", "eager")])

@@ -109,19 +109,24 @@ def _forward_params(forward_owner: type) -> tuple[frozenset, bool]:
 def cache_kwarg_name(model) -> str:
     """Name of the cache argument of ``model.forward``: ``"cache"`` (transformers >= 5.2x) or
     ``"past_key_values"`` (5.17 and hand-written models in that style)."""
-    names, _ = _forward_params(type(model))
+    names, _ = _forward_params(type(_unwrapped(model)))
     if "cache" in names:
         return "cache"
     if "past_key_values" in names:
         return "past_key_values"
     raise TypeError(
-        f"{type(model).__name__}.forward takes neither `cache` nor `past_key_values`; cannot pass a KV cache"
+        f"{type(_unwrapped(model)).__name__}.forward takes neither `cache` nor `past_key_values`; cannot pass a KV cache"
     )
 
 
 def _accepts(model, name: str) -> bool:
-    names, _ = _forward_params(type(model))
+    names, _ = _forward_params(type(_unwrapped(model)))
     return name in names
+
+
+def _unwrapped(model):
+    """The module ``torch.compile`` wrapped (its ``OptimizedModule`` forwards ``*args, **kwargs``)."""
+    return getattr(model, "_orig_mod", model)
 
 
 def output_cache(output):

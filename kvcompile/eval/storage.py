@@ -3,7 +3,8 @@
 Measured, never computed from a formula: the bytes are the sizes of the tensors the cache keeps
 (packed codes, scales, zero points / shifts, full-precision residual), recursing into tensor
 subclasses (quanto's ``WeightQBitsTensor`` -> ``PackedTensor`` -> ``uint8``) through
-``__tensor_flatten__``; the element count is the number of logical K and V elements they represent.
+``__tensor_flatten__``, and from a torch.compile-rewritten cache's handles to the packed storage they stand
+for; the element count is the number of logical K and V elements they represent.
 """
 
 from __future__ import annotations
@@ -26,6 +27,12 @@ def tensor_storage_bytes(t) -> int:
         names, _ = t.__tensor_flatten__()
         return sum(tensor_storage_bytes(getattr(t, n)) for n in names)
     if isinstance(t, torch.Tensor):
+        if t.numel() > 1 and all(s == 0 for s in t.stride()):  # a handle from the kvcompile backend?
+            from kvcompile.passes.rewrite import packed_storage
+
+            packed = packed_storage(t)
+            if packed is not None:  # it holds no values: its packed storage does
+                return packed.storage_nbytes()
         return t.numel() * t.element_size()
     return 0
 
