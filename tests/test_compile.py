@@ -206,6 +206,34 @@ def test_gptfast_zero_graph_breaks_and_positions_are_checked():
             compiled(ids[:, :1], torch.tensor([3]))  # holds 21 tokens; 3 is neither 21 nor 0
 
 
+def test_release_buffers_frees_the_full_precision_cache():
+    """release_buffers=True: once packed storage holds a buffer's tokens the buffer's memory is given back (it
+    keeps its shape, views one NaN); decoding stays correct, a new sequence restarts at position 0; transformers'
+    StaticCache ends with its layers' buffers freed too."""
+    model, ref = _gptfast_pair()
+    ids = _ids(vocab=64)
+    counter = torch._dynamo.testing.CompileCounterWithBackend(
+        kvcompile.backend("kivi", compiler="aot_eager", release_buffers=True, **EIGHT))
+    compiled = torch.compile(model, backend=counter, fullgraph=True)
+    got = _gptfast_run(compiled, ids)
+    assert _rel(got, _gptfast_run(ref, ids)) < 0.01
+    buf = model.layers[0].kv_cache.k_cache
+    assert buf.shape == (1, 2, 32, 8) and buf.untyped_storage().nbytes() == 4 and torch.isnan(buf).all()
+    assert packed_storage(buf).length == PROMPT + STEPS
+    torch.testing.assert_close(_gptfast_run(compiled, ids), got, rtol=0, atol=0)  # a new sequence
+    assert counter.frame_count == 3  # prefill, decode, and the prefill again for the buffers' new strides
+
+    torch._dynamo.reset()
+    hf, cfg = _model("llama", "sdpa")
+    kv = StaticCache(config=cfg, max_cache_len=CAP)
+    backend = kvcompile.backend("kivi", compiler="aot_eager", release_buffers=True, **EIGHT)
+    got = _decode(torch.compile(hf, backend=backend, fullgraph=True), _ids(), **{_cache_key(hf): kv}, use_cache=True)
+    with torch.no_grad():
+        full = hf(_ids()).logits[:, PROMPT:]
+    assert _rel(got, full) < 0.01
+    assert all(t.untyped_storage().nbytes() <= 4 for layer in kv.layers for t in (layer.keys, layer.values))
+
+
 def test_gptfast_compiled_decode_takes_over_an_eager_prefill():
     """Prefill eagerly (full-precision buffers), then decode compiled: the packed cache is seeded from the buffers."""
     model, ref = _gptfast_pair()

@@ -54,6 +54,7 @@ class BackendOptions:
     check_positions: bool = True
     rewrite: bool = True
     capacity: int = 4096
+    release_buffers: bool = False
 
     def __post_init__(self):
         if self.compiler not in _COMPILERS:
@@ -107,6 +108,7 @@ class KVCompileBackend:
         n_inputs = len([n for n in gm.graph.nodes if n.op == "placeholder"])
         if self.options.rewrite:
             plan = rewrite(gm, detection, list(example_inputs), self.options.scheme, capacity=self.options.capacity)
+            plan.release_buffers = self.options.release_buffers
         else:
             plan = RewritePlan(n_inputs=n_inputs, guarded=cat_pasts(detection, "the backend's rewrite=False"))
         report = build_graph_report(before, plan, self.options.scheme, gm)
@@ -176,7 +178,8 @@ def _guarded(inner: Callable, plan) -> Callable:
 
 
 def backend(scheme: str | Scheme = "skvq", *, compiler: str = "inductor", check_positions: bool = True,
-            rewrite: bool = True, capacity: int = 4096, **overrides: Any) -> KVCompileBackend:
+            rewrite: bool = True, capacity: int = 4096, release_buffers: bool = False,
+            **overrides: Any) -> KVCompileBackend:
     """A kvcompile torch.compile backend with these options.
 
     ``scheme`` (a name or config) and ``overrides`` (``k_bits=4``, ...) decide how rewritten caches are packed;
@@ -188,9 +191,14 @@ def backend(scheme: str | Scheme = "skvq", *, compiler: str = "inductor", check_
     ``capacity``: tokens (prompt + generated) that each packed storage replacing a concatenated cache holds
     (nanoGPT's returned "present", transformers' DynamicCache); a persistent buffer's storage takes the buffer's
     own length instead. Exceeding it raises ``CacheCapacityError``.
+    ``release_buffers=True``: once packed storage has taken over a persistent buffer (index or slice writes:
+    gpt-fast, ``StaticCache``), free the buffer's memory (it keeps its shape and views one NaN), so the packed
+    cache is all that holds the tokens. The buffer then cannot be written outside the compiled graph
+    (``StaticCache.reset()`` raises: use a new cache per sequence, or restart at position 0 through the graph).
+    Dynamo recompiles once for the changed strides.
     """
     return KVCompileBackend(BackendOptions(get_scheme(scheme, **overrides), compiler, check_positions, rewrite,
-                                           capacity))
+                                           capacity, release_buffers))
 
 
 kvcompile_backend = backend()

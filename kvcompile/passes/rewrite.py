@@ -53,9 +53,12 @@ past; then a dynamic length) and never again. The caller's full-precision past i
 handle back: on this route the packed storage is all that holds the cache. A handle reaching a graph that
 could not rewrite its site raises instead of attending over NaN.
 
-Open: on the index route the full-precision buffers are still allocated (Dynamo guards their sizes and the
-model still owns them); there the packed storage is in addition to them. ``kvcompile.apply(model,
-compile=True)`` (the transformers cache-API route) and the cat route hold only packed storage.
+On the index route the full-precision buffers stay allocated by default (Dynamo guards their sizes and the
+model still owns them), so there the packed storage is in addition to them. With the backend's
+``release_buffers=True`` the wrapper frees each buffer once its storage has taken it over: the tensor keeps
+its shape and now views one NaN with zero strides (``release_buffer``); Dynamo recompiles once for the new
+strides. ``kvcompile.apply(model, compile=True)`` (the transformers cache-API route) and the cat route hold
+only packed storage.
 """
 
 from __future__ import annotations
@@ -206,6 +209,7 @@ class RewritePlan:
     example_extra: list[torch.Tensor] = field(default_factory=list)  # fresh storage, for compiling
     # inputs that are the past of a concatenation this graph could not rewrite: a handle there is an error
     guarded: list[tuple[int, str]] = field(default_factory=list)  # (input index, why the site was not rewritten)
+    release_buffers: bool = False  # free the full-precision buffers once packed storage has taken them over
 
     @property
     def empty(self) -> bool:
@@ -227,6 +231,10 @@ class RewritePlan:
         if any(s.family == "index" for s in self.storages) and (
                 check_positions or any(e.fresh for e in entries) or any(g.by_slice for g in self.groups)):
             self._check(args, entries, check_positions)
+        if self.release_buffers:
+            for s in self.storages:
+                if s.family == "index":
+                    release_buffer(args[s.buffer_input])
         extra: list[torch.Tensor] = []
         for s, e in zip(self.storages, entries):
             extra.extend(getattr(e.packed, n) for n in s.inner)
@@ -294,6 +302,17 @@ class RewritePlan:
                     raise ValueError(f"kvcompile: write positions {pos.tolist()} are not consecutive")
                 e.length = None if e.length is None or t is None or not check_positions else e.length + t
                 e.fresh = False
+
+
+def release_buffer(buf: torch.Tensor) -> None:
+    """Give a full-precision cache buffer's memory back once packed storage holds its tokens: the tensor keeps
+    its shape (Dynamo guards it, the model still owns it) but now views one NaN with zero strides, so it holds
+    no tokens and a stray read shows NaN; an in-place write to it (``StaticCache.reset``) raises."""
+    if buf.numel() <= 1 or all(st == 0 for st in buf.stride()):
+        return
+    nan = torch.full((1,), float("nan"), dtype=buf.dtype, device=buf.device)
+    with torch.no_grad():
+        buf.set_(nan.untyped_storage(), 0, buf.shape, (0,) * buf.dim())
 
 
 def cat_pasts(detection: Detection, why: str) -> list[tuple[int, str]]:
