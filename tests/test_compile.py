@@ -413,6 +413,23 @@ def test_dynamic_cache_rewrite(arch, impl):
         assert bits == pytest.approx(8 * sum(pk.storage_nbytes() for pk in stores) / elems) and bits != 32.0
 
 
+def test_generate_with_a_compiled_forward_rewrites_its_dynamic_cache():
+    """model.forward = torch.compile(model.forward, backend=...), then generate(): generate's own DynamicCache is
+    rewritten from the first decode step on; at 8 bits greedy decoding gives the same tokens."""
+    model, _ = _model("llama", "sdpa")
+    ids = _ids()[:, :PROMPT + 3]
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        kw = dict(attention_mask=mask, max_new_tokens=12, min_new_tokens=12, do_sample=False)  # no early EOS
+        ref = model.generate(ids, **kw)
+        model.forward = torch.compile(model.forward, fullgraph=True,
+                                      backend=kvcompile.backend("int8", compiler="aot_eager", capacity=CAP))
+        out = model.generate(ids, **kw)
+    del model.forward
+    assert out.shape[1] == ids.shape[1] + 12 and out.tolist() == ref.tolist()
+    assert compile_report().graphs[-1].counts["rewritten"] == 2
+
+
 @pytest.mark.parametrize("arch,impl", [("llama", "sdpa"), ("gpt2", "eager")])
 def test_dynamic_cache_two_bit_matches_the_eager_packed_graph(arch, impl):
     from transformers import DynamicCache
