@@ -6,7 +6,8 @@
 The name is registered through the ``torch_dynamo_backends`` entry point in pyproject.toml, pointing at
 ``kvcompile_backend`` (the default options). ``backend(...)`` makes one with other options. Per graph
 Dynamo hands it, a backend: dumps the graph (``KVCOMPILE_DEBUG_GRAPHS``), runs ``detect``, runs
-``rewrite`` (index-written persistent caches -> kvcompile ops on packed storage fed as extra inputs), counts
+``rewrite`` (persistent caches written by index or slice, and concatenated caches returned to the caller ->
+kvcompile ops on packed storage fed as extra inputs; the wrapper swaps handles in for returned caches), counts
 in ``torch._dynamo.utils.counters["kvcompile"]``, records a ``GraphReport`` (``kvcompile.compile_report()``),
 then hands the graph to inductor (``compile_fx``; or ``aot_eager`` / ``eager`` for debugging) inside a
 ``config.patch`` that adds a no-op post-grad pass whose ``uuid()`` hashes the pass files and the options, so
