@@ -280,6 +280,23 @@ def _fused_decode_wins(q: Tensor, kp: PackedKV, vp: PackedKV) -> bool:
                                       k_bits=int(kp.quant.bits), v_bits=int(vp.quant.bits))
 
 
+def _fold_key_order(q: Tensor, kp: PackedKV, r: int) -> Tensor:
+    """q in the keys' stored channel order (a kernel then reads permuted keys as they are):
+    q . k == q[perm] . k[perm]. ``r`` query heads share each KV head's order."""
+    if kp.perm is None:
+        return q
+    idx = kp.perm.repeat_interleave(r, dim=0)[None, :, None, :].expand(q.shape)
+    return torch.gather(q, -1, idx)
+
+
+def _unfold_value_order(out: Tensor, vp: PackedKV, r: int) -> Tensor:
+    """A kernel's output over values stored in their permuted channel order, put back in model order."""
+    if vp.perm is None:
+        return out
+    inv = torch.argsort(vp.perm, dim=-1).repeat_interleave(r, dim=0)[None, :, None, :].expand_as(out)
+    return torch.gather(out, -1, inv)
+
+
 def _fused_cuda(q: Tensor, kp: PackedKV, vp: PackedKV, scale: float, mask: Optional[Tensor],
                 is_causal: bool) -> Tensor | None:
     """The Triton path, or None where it does not apply or would not win (the caller then dequantizes)."""
@@ -299,10 +316,7 @@ def _fused_cuda(q: Tensor, kp: PackedKV, vp: PackedKV, scale: float, mask: Optio
     if policy != "always" and not _fused_decode_wins(q, kp, vp):
         return None  # short context: dequantize + SDPA is as fast
     r = hq // kp.shape[1]
-    qq = q
-    if kp.perm is not None:  # fold the key channel order into q: q . k == q[perm] . k[perm]
-        idx = kp.perm.repeat_interleave(r, dim=0)[None, :, None, :].expand(b, hq, nq, d)
-        qq = torch.gather(q, -1, idx)
+    qq = _fold_key_order(q, kp, r)
     # lengths stay on the device (``counts``): no host sync, so the step can be captured in a CUDA graph.
     # K and V count separately when they flush differently (KIVI: V's middle runs ahead of K's).
     k_channel = kp.quant.axis == "channel"
@@ -314,9 +328,7 @@ def _fused_cuda(q: Tensor, kp: PackedKV, vp: PackedKV, scale: float, mask: Optio
         k_group_size=kp.quant.group_size if k_channel else kp.quant.group_for(d),
         v_group_size=vp.quant.group_for(vp.head_dim), sm_scale=scale,
     )
-    if vp.perm is not None:  # values were stored in their permuted order: put the output channels back
-        inv = torch.argsort(vp.perm, dim=-1).repeat_interleave(r, dim=0)[None, :, None, :].expand_as(out)
-        out = torch.gather(out, -1, inv)
+    out = _unfold_value_order(out, vp, r)
     if not torch.compiler.is_compiling():
         counters["kvcompile"]["fused_attention_calls"] += 1
     return out.contiguous()
@@ -396,10 +408,7 @@ def _prefill_cuda(q: Tensor, kp: PackedKV, vp: PackedKV, scale: float, mask: Opt
                                                          seq_len=n_s + n_q + n_w, head_dim=d):
         return None
     r = hq // hkv
-    qq = q
-    if kp.perm is not None:  # fold the key channel order into q: q . k == q[perm] . k[perm]
-        idx = kp.perm.repeat_interleave(r, dim=0)[None, :, None, :].expand(b, hq, nq, d)
-        qq = torch.gather(q, -1, idx)
+    qq = _fold_key_order(q, kp, r)
     out, _ = prefill_attention(
         q=qq, k_sink=kp.sink[:, :, :n_s], k_codes=kp.codes, k_scale=kp.scale, k_zero=kp.zero,
         k_window=kp.window, v_sink=vp.sink[:, :, :n_s], v_codes=vp.codes, v_scale=vp.scale, v_zero=vp.zero,
@@ -407,9 +416,7 @@ def _prefill_cuda(q: Tensor, kp: PackedKV, vp: PackedKV, scale: float, mask: Opt
         k_group_size=kp.quant.group_for(d), v_group_size=vp.quant.group_for(vp.head_dim), sm_scale=scale,
         causal=causal,
     )
-    if vp.perm is not None:  # values were stored in their permuted order: put the output channels back
-        inv = torch.argsort(vp.perm, dim=-1).repeat_interleave(r, dim=0)[None, :, None, :].expand_as(out)
-        out = torch.gather(out, -1, inv)
+    out = _unfold_value_order(out, vp, r)
     if not torch.compiler.is_compiling():
         counters["kvcompile"]["prefill_attention_calls"] += 1
     return out.contiguous()
