@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 import triton
 
+import _timing
+from _timing import bench_graph, copies_for, do_bench_us
 from kvcompile.kernels.decode_attention import decode_attention, fused_decode_is_profitable
 
 CASES = {
@@ -50,48 +52,11 @@ EXTRA_CASES = {
 
 
 def bench(fn, reps=200):
-    return triton.testing.do_bench(fn, warmup=25, rep=reps, return_mode="median") * 1e3  # us
-
-
-def bench_graph(fns, reps=30):
-    """Median time per call of fns (one closure per rotating input copy) replayed from one CUDA graph:
-    the GPU time a decode step captured in a graph sees, without Python launch overhead. The copies
-    together exceed L2 several times, so each call reads its inputs from HBM."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for f in fns:
-            f()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for f in fns:
-            f()
-    g.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        st, en = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        st.record()
-        g.replay()
-        en.record()
-        en.synchronize()
-        times.append(st.elapsed_time(en))
-    del g
-    return sorted(times)[len(times) // 2] * 1e3 / len(fns)
-
-
-def copies_for(nbytes, total=256e6, most=64):
-    return int(max(1, min(most, math.ceil(total / nbytes))))
+    return do_bench_us(fn, reps, warmup=25)
 
 
 def copy_bandwidth():
-    n = 1 << 30  # 1 GiB
-    src = torch.randint(0, 255, (n,), dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    t = bench(lambda: dst.copy_(src))
-    del src, dst
-    return 2 * n / (t * 1e-6) / 1e9  # GB/s, read + write
+    return _timing.copy_bandwidth(bench)
 
 
 def make_case(B, Hq, Hkv, D, L, kb, vb, g, sink=0, window=0, dtype=torch.float16, seed=0, k_axis="token",

@@ -35,6 +35,8 @@ import torch
 import torch.nn.functional as F
 import triton
 
+import _timing
+from _timing import do_bench_us
 from kvcompile import ops
 from kvcompile.cache import PackedKV
 from kvcompile.kernels.prefill_attention import choose_prefill_config, prefill_attention, prefill_is_profitable
@@ -60,7 +62,7 @@ VARIANTS = {
 
 
 def bench(fn, reps=100):
-    return triton.testing.do_bench(fn, warmup=10, rep=reps, return_mode="median") * 1e3  # us
+    return do_bench_us(fn, reps, warmup=10)
 
 
 def rotating(fns):
@@ -75,41 +77,15 @@ def rotating(fns):
 
 def bench_graph(fns, reps=20):
     """Median GPU time per call of fns replayed from one CUDA graph (no host launch overhead)."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for f in fns:
-            f()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for f in fns:
-            f()
-    g.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        st, en = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        st.record()
-        g.replay()
-        en.record()
-        en.synchronize()
-        times.append(st.elapsed_time(en))
-    del g
-    return sorted(times)[len(times) // 2] * 1e3 / len(fns)
+    return _timing.bench_graph(fns, reps=reps)
 
 
 def copies_for(nbytes, total=256e6, most=32):
-    return int(max(1, min(most, math.ceil(total / nbytes))))
+    return _timing.copies_for(nbytes, total=total, most=most)
 
 
 def copy_bandwidth():
-    n = 1 << 30
-    src = torch.randint(0, 255, (n,), dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    t = bench(lambda: dst.copy_(src))
-    del src, dst
-    return 2 * n / (t * 1e-6) / 1e9  # GB/s, read + write
+    return _timing.copy_bandwidth(bench)
 
 
 def matmul_tflops():

@@ -25,6 +25,7 @@ import time
 
 import torch
 
+from _timing import bench_graph
 from kvcompile import ops
 from kvcompile.cache import PackedKV
 from kvcompile.kernels.decode_attention import decode_attention
@@ -71,28 +72,8 @@ def kernel_args(pk: PackedKV) -> dict:
 
 
 def graph_time(fn, steps: int, reps: int = 30) -> float:
-    """Median GPU time (us) per step of ``steps`` calls of fn captured in one CUDA graph."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(steps):
-            fn()
-    g.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        st, en = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        st.record()
-        g.replay()
-        en.record()
-        en.synchronize()
-        times.append(st.elapsed_time(en))
-    del g
-    return statistics.median(times) * 1e3 / steps
+    """Median GPU time (us) per step of ``steps`` calls of fn captured in one CUDA graph (one warm-up call)."""
+    return bench_graph([fn] * steps, reps=reps, warmup_fns=[fn])
 
 
 def wall_time(fn, reps: int = 30) -> float:

@@ -1,0 +1,63 @@
+"""Timing helpers shared by the GPU benchmarks (bench_attention, bench_prefill, bench_write).
+
+Method (the device folder's METHOD.md): time with CUDA events, report medians; replay captured CUDA graphs to
+see GPU time without Python launch overhead; rotate input copies that together exceed L2 so every call reads
+HBM; measure the copy-bandwidth ceiling in the same run.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence
+
+import torch
+
+
+def do_bench_us(fn: Callable, reps: int, warmup: int) -> float:
+    """``triton.testing.do_bench`` median in microseconds (eager calls, L2 flushed, host overhead included)."""
+    import triton
+
+    return triton.testing.do_bench(fn, warmup=warmup, rep=reps, return_mode="median") * 1e3
+
+
+def bench_graph(fns: Sequence[Callable], reps: int = 30, warmup_fns: Sequence[Callable] | None = None) -> float:
+    """Median GPU time (us) per call of ``fns`` (e.g. one closure per rotating input copy) captured in order in
+    one CUDA graph and replayed ``reps`` times. ``warmup_fns`` (default ``fns``) run once on a side stream
+    before the capture."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for f in (fns if warmup_fns is None else warmup_fns):
+            f()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for f in fns:
+            f()
+    g.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        st, en = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        st.record()
+        g.replay()
+        en.record()
+        en.synchronize()
+        times.append(st.elapsed_time(en))
+    del g
+    return sorted(times)[len(times) // 2] * 1e3 / len(fns)
+
+
+def copies_for(nbytes: int, total: float = 256e6, most: int = 64) -> int:
+    """How many input copies to rotate through so that together they hold about ``total`` bytes."""
+    return int(max(1, min(most, math.ceil(total / nbytes))))
+
+
+def copy_bandwidth(bench: Callable[[Callable], float]) -> float:
+    """Device-to-device copy bandwidth in GB/s (1 GiB, read + write), timed with ``bench`` (us per call)."""
+    n = 1 << 30
+    src = torch.randint(0, 255, (n,), dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    t = bench(lambda: dst.copy_(src))
+    del src, dst
+    return 2 * n / (t * 1e-6) / 1e9
