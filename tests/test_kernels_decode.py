@@ -25,72 +25,16 @@ if not ON_GPU and type(da._decode_split_kernel).__name__ != "InterpretedFunction
     da = importlib.reload(da)
 
 from kvcompile.kernels.reference import decode_attention_reference  # noqa: E402
-from kvcompile.quant import pack_codes, quantize_affine  # noqa: E402
+try:  # tests/ has no __init__.py: pytest's default import mode puts tests/ itself on sys.path
+    from kernel_inputs import TOL, make_inputs  # noqa: E402
+except ImportError:
+    from tests.kernel_inputs import TOL, make_inputs  # noqa: E402
 
 DEVICE = "cuda" if ON_GPU else "cpu"
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 
 # ----------------------------------------------------------------------------------------- inputs
-
-
-def quantize_packed(x: torch.Tensor, bits: int, g: int, axis: str = "token"):
-    codes, scale, zero = quantize_affine(x, bits, g, axis=axis)
-    return pack_codes(codes, bits), scale, zero
-
-
-def make_inputs(*, B, Hkv, r, NQ, D, S, n_quant, n_window, k_bits, v_bits, k_group, v_group, dtype,
-                cap_extra=3, win_extra=2, amp=1.0, q_noncontig=False, seed=0, device=DEVICE, k_axis="token",
-                lens=None, v_lag=None, lens_form="B3"):
-    """Random (not zero) inputs; capacity-sized middle and window with garbage past the valid tokens.
-
-    lens: per-sequence [(n_sink, n_quant, n_window)] * B, passed as a device ``lengths`` tensor ([B, 3],
-    or [3] with lens_form="3" when all rows agree); S / n_quant / n_window then only size the capacities
-    (at least the longest row). v_lag: per row, how many tokens of K's window V already holds packed
-    (KIVI: V flushes every token, K a token group at a time): passed as ``v_lengths``.
-    k_axis="channel": keys quantized per channel over groups of k_group tokens (capacity rounded up)."""
-    gen = torch.Generator().manual_seed(seed)
-
-    def randn(*shape):
-        return torch.randn(*shape, generator=gen) * amp
-
-    Hq = Hkv * r
-    if q_noncontig:
-        q = randn(B, NQ, Hq, D).to(dtype).transpose(1, 2)  # [B, Hq, NQ, D], non-contiguous
-    else:
-        q = randn(B, Hq, NQ, D).to(dtype)
-    kw = {"q": q}
-    if lens is not None:
-        S = max([S] + [ls[0] for ls in lens])
-        n_quant = max([n_quant] + [ls[1] for ls in lens])
-        n_window = max([n_window] + [ls[2] for ls in lens])
-    lag = max(v_lag) if v_lag else 0
-    cap, W = n_quant + cap_extra, n_window + win_extra
-    for name, bits, g in (("k", k_bits, k_group), ("v", v_bits, v_group)):
-        axis = k_axis if name == "k" else "token"
-        c = cap + (lag if name == "v" else 0)
-        if axis == "channel":
-            c = -(-c // g) * g
-        kw[f"{name}_sink"] = randn(B, Hkv, S, D).to(dtype)
-        x = randn(B, Hkv, c, D) + randn(B, Hkv, 1, D)  # per-channel offsets, like real keys
-        codes, scale, zero = quantize_packed(x, bits, g, axis)
-        kw[f"{name}_codes"], kw[f"{name}_scale"], kw[f"{name}_zero"] = codes, scale, zero
-        kw[f"{name}_window"] = randn(B, Hkv, W, D).to(dtype)
-    if lens is not None:
-        t = torch.tensor(lens, dtype=torch.int64 if seed % 2 else torch.int32)
-        kw["lengths"] = t[0] if lens_form == "3" else t
-        if v_lag is not None:
-            kw["v_lengths"] = torch.tensor([(ls[0], ls[1] + d, ls[2] - d) for ls, d in zip(lens, v_lag)])
-    kw = {k: v.to(device) for k, v in kw.items()}
-    if lens is None:
-        kw.update(n_quant=n_quant, n_window=n_window)
-    kw.update(k_bits=k_bits, v_bits=v_bits, k_group_size=k_group, v_group_size=v_group)
-    if k_axis != "token":
-        kw["k_axis"] = k_axis
-    return kw
-
-
-TOL = {torch.float16: (3e-3, 5e-3), torch.bfloat16: (1.5e-2, 3e-2)}  # (out rel. L2, lse abs)
 
 
 def check_against_reference(kw, **tuning):

@@ -28,7 +28,10 @@ if not ON_GPU and type(pa._prefill_kernel).__name__ != "InterpretedFunction":
 
 from kvcompile import ops  # noqa: E402
 from kvcompile.cache import PackedKV  # noqa: E402
-from kvcompile.quant import pack_codes, quantize_affine  # noqa: E402
+try:  # tests/ has no __init__.py: pytest's default import mode puts tests/ itself on sys.path
+    from kernel_inputs import TOL, make_inputs  # noqa: E402
+except ImportError:
+    from tests.kernel_inputs import TOL, make_inputs  # noqa: E402
 from kvcompile.schemes import TensorQuant  # noqa: E402
 
 DEVICE = "cuda" if ON_GPU else "cpu"
@@ -36,36 +39,6 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 gpu = pytest.mark.skipif(not ON_GPU, reason="needs CUDA")
 
 # ----------------------------------------------------------------------------------------- inputs
-
-
-def make_inputs(*, B, Hkv, r, NQ, D, S, n_quant, n_window, k_bits, v_bits, k_group, v_group, dtype,
-                cap_extra=3, win_extra=2, amp=1.0, q_noncontig=False, seed=0, device=DEVICE):
-    """Random (not zero) kernel inputs; capacity-sized middle and window with garbage past the valid tokens."""
-    gen = torch.Generator().manual_seed(seed)
-
-    def randn(*shape):
-        return torch.randn(*shape, generator=gen) * amp
-
-    Hq = Hkv * r
-    if q_noncontig:
-        q = randn(B, NQ, Hq, D).to(dtype).transpose(1, 2)  # [B, Hq, NQ, D], non-contiguous
-    else:
-        q = randn(B, Hq, NQ, D).to(dtype)
-    kw = {"q": q}
-    cap, W = n_quant + cap_extra, n_window + win_extra
-    for name, bits, g in (("k", k_bits, k_group), ("v", v_bits, v_group)):
-        kw[f"{name}_sink"] = randn(B, Hkv, S, D).to(dtype)
-        x = randn(B, Hkv, cap, D) + randn(B, Hkv, 1, D)  # per-channel offsets, like real keys
-        codes, scale, zero = quantize_affine(x, bits, g, axis="token")
-        kw[f"{name}_codes"], kw[f"{name}_scale"], kw[f"{name}_zero"] = pack_codes(codes, bits), scale, zero
-        kw[f"{name}_window"] = randn(B, Hkv, W, D).to(dtype)
-    kw = {k: v.to(device) for k, v in kw.items()}
-    kw.update(n_quant=n_quant, n_window=n_window, k_bits=k_bits, v_bits=v_bits,
-              k_group_size=k_group, v_group_size=v_group)
-    return kw
-
-
-TOL = {torch.float16: (3e-3, 5e-3), torch.bfloat16: (1.5e-2, 3e-2)}  # (out rel. L2, lse abs)
 
 
 def check_against_reference(kw, causal=True, **tuning):
