@@ -631,9 +631,7 @@ def _why_not_cat(site: AttentionSite, example_inputs: list[Any], out_slots: dict
             return f"{label}: attention reads a slice of the concatenated cache, not all of it"
         if w.node not in out_slots:
             return f"{label}: the concatenated cache is not returned to the caller, so there is nothing to append to"
-        allowed = set(t.chain) | {site.output, *site.nodes} | set(_size_reads(w.node))
-        others = [u for u in w.node.users if u not in allowed and u.op != "output"]
-        if others or not _only_read_by(w.node, w.node, t.chain, site, out_ok=True):
+        if not _only_read_by(w.node, w.node, t.chain, site, out_ok=True):
             return f"{label}: the concatenated cache is read outside this attention site"
         if any(u is not w.node and u not in _size_reads(w.storage) for u in w.storage.users):
             return f"{label}: the past K/V is read outside the concatenation"
