@@ -221,7 +221,9 @@ def test_release_buffers_frees_the_full_precision_cache():
     assert buf.shape == (1, 2, 32, 8) and buf.untyped_storage().nbytes() == 4 and torch.isnan(buf).all()
     assert packed_storage(buf).length == PROMPT + STEPS
     torch.testing.assert_close(_gptfast_run(compiled, ids), got, rtol=0, atol=0)  # a new sequence
-    assert counter.frame_count == 3  # prefill, decode, and the prefill again for the buffers' new strides
+    # prefill, decode, and (torch >= 2.13) the prefill again for the buffers' new strides; torch 2.11 reuses the
+    # prefill graph there (measured on the H100 machine)
+    assert counter.frame_count in (2, 3)
 
     torch._dynamo.reset()
     hf, cfg = _model("llama", "sdpa")

@@ -326,8 +326,8 @@ def channel_configs(draw):
                   fp_split=draw(st.sampled_from([None, False, True])))
     if draw(st.booleans()):  # V quantized further than K (KIVI's per-token V flushes every token)
         n_w = cfg["n_window"]
-        cfg["lens"] = [(cfg["S"], cfg["n_quant"], n_w)]
-        cfg["v_lag"] = [draw(st.integers(0, n_w))]
+        cfg["lens"] = [(cfg["S"], cfg["n_quant"], n_w)] * cfg["B"]  # one row per sequence
+        cfg["v_lag"] = [draw(st.integers(0, n_w)) for _ in range(cfg["B"])]
     return cfg, tuning
 
 
