@@ -43,6 +43,10 @@ EXTRA_CASES = {
     "kivi_k2v2_b8_gqa4_32k_w128": ("k2v2_b8_gqa4_32k", dict(k_axis="channel", k_group=32, v_group=32, window=128)),
     # per-channel K alone (V as the first row: one group per token)
     "kchan32_k2v2_b8_gqa4_32k": ("k2v2_b8_gqa4_32k", dict(k_axis="channel", k_group=32)),
+    # per-token groups of 32 channels for V (group fill, timed against group_fill=False) and for K and V
+    "vg32_k2v2_b8_gqa4_32k": ("k2v2_b8_gqa4_32k", dict(v_group=32)),
+    "g32_k4v4_b8_gqa4_32k": ("k4v4_b8_gqa4_32k", dict(k_group=32, v_group=32)),
+    "vg32_k2v2_b8_mha_16k": ("k2v2_b8_mha_16k", dict(v_group=32)),
     # lengths as a [B, 3] device tensor, every row full: the CUDA-graph-capturable launch of the first row
     "devlen_k2v2_b8_gqa4_32k": ("k2v2_b8_gqa4_32k", dict(lens="full")),
     # per-sequence lengths 32k, 28k, ..., 4k in a 32k-capacity cache (mean 18k): each row's length spread
@@ -187,6 +191,12 @@ VARIANTS = {
                "fp_split_ns17": dict(fp_split=True, num_splits=17),
                "fp_split_fill": dict(fp_split=True, fill_rows=True), "fp_contig": dict(fp_split=False, fp_contig=True)},
 }
+
+
+# per-token groups below D (NOTES.md v11): group fill against dequantizing in registers, and its load / tile options
+GROUP_VARIANTS = {"no_group_fill": dict(group_fill=False), "gf_bcast": dict(group_bcast=True),
+                  "gf_bn32": dict(block_n=32), "gf_bcast_bn32": dict(group_bcast=True, block_n=32),
+                  "gf_bcast_w2": dict(group_bcast=True, num_warps=2)}
 
 
 def run_case(name, spec, bw, sweep, sink=0, window=0, log=print, variants=None, **layout):
@@ -341,7 +351,10 @@ def main(argv=None):
         base, layout = EXTRA_CASES[name]
         layout = dict(layout)
         sink, window = layout.pop("sink", 0), layout.pop("window", 0)
-        row = run_case(name, CASES[base], bw, False, sink=sink, window=window, log=log, **layout)
+        grouped = (layout.get("v_group") or CASES[base][7]) < CASES[base][3] or (
+            layout.get("k_axis") != "channel" and (layout.get("k_group") or CASES[base][7]) < CASES[base][3])
+        var = GROUP_VARIANTS if grouped else None  # NOTES.md v11
+        row = run_case(name, CASES[base], bw, False, sink=sink, window=window, log=log, variants=var, **layout)
         rows.append(row)
         log(json.dumps(row))
     log("split kernels compiled: " + "; ".join(kernel_resources()))

@@ -24,6 +24,7 @@ class _State:
     max_cache_len: int | None
     cache_kw: str
     packed_attention: bool = False
+    full_precision_prefill: bool = True
     compiled: bool = False
     previous_attn: Any = None
     rope_inv_freq: Any = None
@@ -56,20 +57,23 @@ def rope_inv_freq(model: torch.nn.Module) -> torch.Tensor | None:
 
 
 def make_cache(model_or_config, scheme: str | Scheme = "skvq", *, max_cache_len: int | None = None,
-               packed_attention: bool = False, **overrides) -> KVCompileCache:
+               packed_attention: bool = False, full_precision_prefill: bool = True,
+               **overrides) -> KVCompileCache:
     """A fresh packed cache for this model (or config). Pass it as the model's cache argument.
 
     ``packed_attention=True`` needs a model whose attention implementation is "kvcompile" (``apply`` sets it).
+    ``full_precision_prefill`` (default True): the prefill attends to its own K/V unquantized; later calls
+    attend over the packed cache (see ``KVCompileCache``).
     """
     config = getattr(model_or_config, "config", model_or_config)
     rope = rope_inv_freq(model_or_config) if isinstance(model_or_config, torch.nn.Module) else None
     return KVCompileCache(config, scheme, max_cache_len=max_cache_len, packed_attention=packed_attention,
-                          rope_inv_freq=rope, **overrides)
+                          rope_inv_freq=rope, full_precision_prefill=full_precision_prefill, **overrides)
 
 
 def apply(model: torch.nn.Module, scheme: str | Scheme = "skvq", *, max_cache_len: int | None = None,
           packed_attention: bool | None = None, compile: bool = False, compile_options: dict | None = None,
-          **overrides) -> torch.nn.Module:
+          full_precision_prefill: bool = True, **overrides) -> torch.nn.Module:
     """Set ``model`` up so that ``generate`` and forward calls keep their KV cache packed.
 
     ``scheme`` is a name (``kvcompile.scheme_names()``) or a config object (``kvcompile.SKVQ(k_bits=4)``);
@@ -81,6 +85,11 @@ def apply(model: torch.nn.Module, scheme: str | Scheme = "skvq", *, max_cache_le
     fused Triton kernel on CUDA) instead of getting dequantized K/V; it sets the model's attention
     implementation to "kvcompile" (registered through transformers' ``AttentionInterface``). None (default)
     turns it on for models on a CUDA device, where the fused kernel pays; on CPU both paths compute the same.
+
+    ``full_precision_prefill`` (default True): the call that starts a cache (the prefill) attends to its own
+    K/V unquantized, as KIVI and transformers' ``QuantizedCache`` do; the cache stores them packed and every
+    later call (decode steps, later prefill chunks) attends over the packed cache. False makes the prefill
+    attend over its own quantized K/V as well.
 
     ``compile=True``: also compile the model's forward with the kvcompile torch.compile backend
     (``kvcompile.backend(scheme)``; ``compile_options`` go to ``torch.compile``, e.g. ``{"fullgraph": True}``).
@@ -124,7 +133,8 @@ def apply(model: torch.nn.Module, scheme: str | Scheme = "skvq", *, max_cache_le
     if packed_attention is None:
         packed_attention = next(model.parameters()).device.type == "cuda"
     state = _State(scheme=cfg, max_cache_len=max_cache_len, cache_kw=cache_kw, packed_attention=packed_attention,
-                   compiled=compile, rope_inv_freq=rope_inv_freq(model))
+                   compiled=compile, rope_inv_freq=rope_inv_freq(model),
+                   full_precision_prefill=full_precision_prefill)
     if any(spec.k_pre_rope for spec in cfg.layer_specs(1)) and state.rope_inv_freq is None:
         raise ValueError(
             f"scheme {cfg.name!r} with pre_rope=True needs a model with rotary embeddings (a *RotaryEmbedding "
@@ -174,7 +184,8 @@ def _pre_hook(module, args, kwargs):
         for k in ("cache", "past_key_values"):
             kwargs.pop(k, None)
         cache = KVCompileCache(module.config, state.scheme, max_cache_len=state.max_cache_len,
-                               packed_attention=state.packed_attention, rope_inv_freq=state.rope_inv_freq)
+                               packed_attention=state.packed_attention, rope_inv_freq=state.rope_inv_freq,
+                               full_precision_prefill=state.full_precision_prefill)
         if state.compiled:
             _allocate(module, cache, args, kwargs)
         state.last_cache = cache

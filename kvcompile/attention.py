@@ -32,6 +32,11 @@ def packed_attention_forward(module, query, key, value, attention_mask, dropout:
         return out.transpose(1, 2).contiguous(), None
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+    if attention_mask is not None and attention_mask.shape[-1] > key.shape[-2]:
+        # a compiled packed cache sizes the mask for its capacity; plain K/V here are a prefill's own tokens
+        # (full_precision_prefill), positions 0 .. T - 1 of it
+        attention_mask = attention_mask[..., : key.shape[-2]]
+
     return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                   is_causal=is_causal, **kwargs)
 

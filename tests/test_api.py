@@ -205,3 +205,46 @@ def test_left_padded_batch_generates_like_each_prompt_alone(packed_attention):
     both = model.generate(batch, attention_mask=mask, **gen)
     alone = model.generate(short_ids, attention_mask=torch.ones_like(short_ids), **gen)
     assert torch.equal(both[1, 30:], alone[0, 22:])
+
+
+@pytest.mark.parametrize("packed_attention", [False, True])
+def test_prefill_attends_in_full_precision_and_later_calls_over_the_packed_cache(ids, packed_attention):
+    """The call that starts the cache (the prefill) sees its own K/V unquantized, so its logits are the
+    full-precision model's exactly, even at 2 bits; the storage still holds them packed, and the next calls
+    attend over it. full_precision_prefill=False quantizes what the prefill attends to as well."""
+    model = _llama()
+    kw = _cache_kw(model)
+    with torch.inference_mode():
+        want = model(ids[:, :64]).logits
+        want_next = model(ids[:, :72]).logits[:, 64:]
+    if packed_attention:
+        kvcompile.apply(model, "kivi", packed_attention=True, residual=16)
+    got = {}
+    for fp_prefill in (True, False):
+        cache = kvcompile.make_cache(model, "kivi", packed_attention=packed_attention,
+                                     full_precision_prefill=fp_prefill, residual=16)
+        with torch.inference_mode():
+            first = model(ids[:, :64], use_cache=True, **{kw: cache}).logits
+            nxt = model(ids[:, 64:72], use_cache=True, **{kw: cache}).logits
+        assert cache.layers[0].k.lengths()[1] > 0 and cache.get_seq_length() == 72  # packed all along
+        got[fp_prefill] = first, nxt
+    torch.testing.assert_close(got[True][0], want, rtol=0, atol=0)
+    assert _rel(got[False][0], want) > 1e-3  # attended over 2-bit K/V
+    # the second call attends over the packed cache: not the full-precision logits
+    assert 1e-3 < _rel(got[True][1], want_next) < 0.35
+    # a reset cache starts a new sequence: its first call is a prefill again
+    cache = kvcompile.make_cache(model, "kivi", packed_attention=packed_attention, residual=16)
+    with torch.inference_mode():
+        model(ids[:, 8:40], use_cache=True, **{kw: cache})
+        cache.reset()
+        again = model(ids[:, :64], use_cache=True, **{kw: cache}).logits
+    torch.testing.assert_close(again, want, rtol=0, atol=0)
+
+
+def test_apply_passes_full_precision_prefill_to_its_caches(ids):
+    model = _llama()
+    kvcompile.apply(model, "kivi", residual=16, full_precision_prefill=False)
+    with torch.inference_mode():
+        out = model(ids[:, :40], use_cache=True)
+    cache = getattr(out, _cache_kw(model), None) or out.past_key_values
+    assert not cache.layers[0].full_precision_prefill

@@ -502,14 +502,15 @@ def test_static_cache_rewrite(arch, impl):
     _ops_in(decode.code)
     assert counters["kvcompile"]["rewritten_sites"] == 2 and counters["kvcompile"][f"{impl}_sites"] == 4
     assert _rel(got, full) < 0.01, _rel(got, full)
-    # 2 bits: the same as the eager packed cache (kvcompile.make_cache, the model's own attention); the buffers
-    # are allocated ahead, so the compiled prefill writes the packed cache and attends over it as eagerly
+    # 2 bits: the same as the eager packed cache (kvcompile.make_cache, the model's own attention) with a
+    # quantized prefill: the buffers are allocated ahead, so the compiled prefill writes the packed cache and
+    # attends over it (this route does not attend the prefill in full precision, unlike the eager cache's default)
     torch._dynamo.reset()
     clear_reports()
     got2, counter = _static_run(model, cfg, kvcompile.backend("kivi", compiler="aot_eager", **TWO), early=True)
     assert counter.frame_count == 2 and compile_report().count("rewritten") == 4
-    eager2 = _decode(model, _ids(), **{_cache_key(model): kvcompile.make_cache(model, "kivi", **TWO)},
-                     use_cache=True)
+    eager_cache = kvcompile.make_cache(model, "kivi", full_precision_prefill=False, **TWO)
+    eager2 = _decode(model, _ids(), **{_cache_key(model): eager_cache}, use_cache=True)
     torch.testing.assert_close(got2, eager2, rtol=1e-4, atol=1e-4)
     assert _rel(got2, full) > _rel(got, full)  # 2 bits really is quantized
 
@@ -546,9 +547,14 @@ def test_apply_compile_route_inductor():
                                 for t in range(PROMPT, PROMPT + STEPS)], 1)
         rep = compile_report()
         assert len(rep.graphs) == 2  # prefill and decode, no recompile as the sequence grows
-        assert rep.count("packed") == 4 and rep.count("unmatched") == 0
-        for g in rep.graphs:
-            _ops_in(g.code)
+        # the decode graph's two layers attend over the packed cache; the prefill's over its own full-precision
+        # K/V (full_precision_prefill, as the eager cache does: eager2 below), which the report lists as
+        # attention without a cache behind it
+        prefill, decode = rep.graphs
+        assert decode.counts["unmatched"] == 0 and prefill.counts["unmatched"] == 2
+        assert rep.count("packed") == 2 and rep.count("unmatched") == 2
+        _ops_in(decode.code)
+        assert "kvcompile.quantize_kv_write_" in prefill.code
         assert int(cache.layers[0].get_seq_length()) == PROMPT + STEPS
         assert kvcompile.report(m).layers[0].tokens == PROMPT + STEPS
         if check == "full":

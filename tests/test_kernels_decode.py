@@ -195,6 +195,8 @@ def variant_configs(draw):
         fp_contig=draw(st.sampled_from([False, False, True])),
         use_dot=draw(st.sampled_from([None, True])),  # True: MHA (r = 1) takes the 16-row MMA path too
         num_splits=draw(st.sampled_from([None, 1, 2, 3, 5])),
+        group_fill=draw(st.sampled_from([None, False])),  # per-token groups < D: group fill or registers
+        group_bcast=draw(st.sampled_from([None, False])),  # group fill's scales: broadcast per group or per row
     )
     return cfg, tuning
 
@@ -214,6 +216,24 @@ def test_fill_rows_gqa_ratios(r, NQ, block_n):
     kw = make_inputs(B=1, Hkv=2, r=r, NQ=NQ, D=64, S=3, n_quant=61, n_window=5, k_bits=2, v_bits=4,
                      k_group=64, v_group=64, dtype=torch.float16, seed=r * 100 + NQ)
     check_against_reference(kw, block_n=block_n, num_splits=3, fill_rows=True, use_dot=True, fp_split=True)
+
+
+@pytest.mark.parametrize("r,NQ", [(1, 1), (3, 1), (4, 1), (8, 1), (4, 3), (2, 2)])
+@pytest.mark.parametrize("k_group,v_group", [(128, 32), (128, 64), (32, 32), (64, 128), (64, 64)])
+def test_group_fill_gqa_ratios(r, NQ, k_group, v_group):
+    # group fill (per-token groups below D): MMA rows (channel group, query row), 16 to 64 rows, grouped V,
+    # grouped K or both; sink, window, splits, odd lengths, and KIVI's per-channel keys with V flushed ahead
+    # of K in one case each
+    kw = make_inputs(B=1, Hkv=2, r=r, NQ=NQ, D=128, S=3, n_quant=61, n_window=5, k_bits=2, v_bits=2,
+                     k_group=k_group, v_group=v_group, dtype=torch.float16, seed=r * 100 + NQ + v_group + k_group)
+    check_against_reference(kw, block_n=16, num_splits=3, group_fill=True, fp_split=True)
+    check_against_reference(kw, block_n=32, num_splits=1, group_fill=True)
+    check_against_reference(kw, block_n=16, num_splits=2, group_fill=True, group_bcast=False)
+    if r == 4 and NQ == 1 and k_group == 128:
+        kw = make_inputs(B=2, Hkv=1, r=r, NQ=1, D=128, S=0, n_quant=0, n_window=0, k_bits=2, v_bits=2,
+                         k_group=32, v_group=v_group, dtype=torch.bfloat16, k_axis="channel",
+                         lens=[(0, 64, 40), (0, 32, 33)], v_lag=[8, 31], seed=v_group)
+        check_against_reference(kw, group_fill=True)
 
 
 def test_fp_split_only_fp_parts_and_empty_middle():

@@ -27,7 +27,8 @@ class PackedLayer(CacheLayerMixin):
     is_croppable = False
 
     def __init__(self, spec: LayerSpec, *, meta_dtype: str = "float16", max_cache_len: int | None = None,
-                 packed_attention: bool = False, rope_inv_freq: torch.Tensor | None = None):
+                 packed_attention: bool = False, rope_inv_freq: torch.Tensor | None = None,
+                 full_precision_prefill: bool = True):
         super().__init__()
         if spec.k_pre_rope and rope_inv_freq is None:
             raise ValueError(
@@ -37,6 +38,8 @@ class PackedLayer(CacheLayerMixin):
             )
         self.rope_inv_freq = rope_inv_freq if spec.k_pre_rope else None
         self.packed_attention = packed_attention
+        self.full_precision_prefill = full_precision_prefill
+        self._empty = True  # no token written yet: the next update is the prefill (a Python flag, no device read)
         self.spec = spec
         self.meta_dtype = meta_dtype
         self.max_cache_len = max_cache_len
@@ -67,8 +70,10 @@ class PackedLayer(CacheLayerMixin):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        prefill, self._empty = self._empty, False
         if torch.compiler.is_compiling():
-            return self._compiled_update(key_states, value_states)
+            k, v = self._compiled_update(key_states, value_states)
+            return (key_states, value_states) if prefill and self.full_precision_prefill else (k, v)
         self._refresh_host_counts()
         t = key_states.shape[-2]
         if self.max_cache_len is None:
@@ -82,6 +87,10 @@ class PackedLayer(CacheLayerMixin):
         else:
             self.k.append(key_states)
             self.v.append(value_states)
+        if prefill and self.full_precision_prefill:
+            # the call that starts the cache attends to its own K/V as computed (KIVI and transformers'
+            # QuantizedCache do the same); the storage holds them packed for every later call
+            return key_states, value_states
         if self.packed_attention:  # attention reads the packed storage (attn_implementation="kvcompile")
             return self.k, self.v
         return self.k.dequantize(), self.v.dequantize()
@@ -153,6 +162,7 @@ class PackedLayer(CacheLayerMixin):
     def reset(self) -> None:
         self.k = self.v = None
         self.is_initialized = False
+        self._empty = True
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         if self.is_initialized:
@@ -200,16 +210,23 @@ class KVCompileCache(Cache):
     ``CacheCapacityError`` when exceeded. ``packed_attention=True`` hands attention the ``PackedKV`` tensors
     themselves, for a model whose ``attn_implementation`` is ``"kvcompile"`` (see ``kvcompile.attention``);
     otherwise attention gets the dequantized K/V and any attention implementation works.
+
+    ``full_precision_prefill=True`` (default): the first update of a layer (the prefill, or the first chunk of
+    a chunked prefill) hands attention the K/V it was given, unquantized, as KIVI and transformers'
+    ``QuantizedCache`` do, and as the torch.compile backend's concatenation route does; every later call
+    attends over the packed cache. ``False`` makes the prefill attend over its own quantized K/V too.
     """
 
     def __init__(self, config, scheme: str | Scheme = "skvq", *, max_cache_len: int | None = None,
-                 packed_attention: bool = False, rope_inv_freq: torch.Tensor | None = None, **overrides):
+                 packed_attention: bool = False, rope_inv_freq: torch.Tensor | None = None,
+                 full_precision_prefill: bool = True, **overrides):
         self.scheme = get_scheme(scheme, **overrides)
         text_config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
         num_layers = text_config.num_hidden_layers
         layers = [
             PackedLayer(spec, meta_dtype=self.scheme.meta_dtype, max_cache_len=max_cache_len,
-                        packed_attention=packed_attention, rope_inv_freq=rope_inv_freq)
+                        packed_attention=packed_attention, rope_inv_freq=rope_inv_freq,
+                        full_precision_prefill=full_precision_prefill)
             for spec in self.scheme.layer_specs(num_layers)
         ]
         super().__init__(layers=layers)

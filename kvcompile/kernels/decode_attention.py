@@ -21,7 +21,10 @@ factor is folded into the q planes and the output planes), and on the GPU a few 
 bytes into fp16 lanes with two PRMTs and one LOP3 per two codes (``FAST_ASM``; the interpreter runs the
 same math in plain Triton). With one group per token (``G == D``) scales and zeros stay out of the inner
 products: ``score = s * (q . c) + z * sum(q)`` and ``out = (p * s) . C + sum(p * z)``. Smaller groups
-(``G`` in {32, 64}) dequantize in registers (slower, same kernel, a constexpr branch).
+(``G`` in {32, 64}) keep that form through "group fill" (``GFILL``): the MMA rows are (channel group, query
+row), V's probabilities are scaled per row by its group's scale and each row stores its group's columns; K's
+q rows hold one group's channels each and the rows of one query are summed. Where the rows do not fit (or
+with ``group_fill=False``) the codes are dequantized in registers (slower, a constexpr branch).
 
 Lengths come either as host ints (the split partition chosen on the host) or (``DEV_LENS``) as a device
 ``[3]`` / ``[B, 3]`` tensor per sequence: the grid is sized from the capacities and each program derives its
@@ -67,6 +70,13 @@ FILL_ROWS_DEFAULT = False
 MHA_FILL_DEFAULT = True
 FP_CONTIG_DEFAULT = False
 FP_SPLIT_DEFAULT = True
+# - per-token groups smaller than D (KIVI's V, groups of 32 or 64 channels, for K and / or V): "group fill"
+#   (GFILL), MMA rows (channel group, query row), up to _MAX_GFILL_ROWS rows, the per-token group scales loaded
+#   once per group and broadcast to its rows (GF_BCAST); otherwise the codes are dequantized in registers.
+#   NOTES.md v11: KIVI 376 -> 264 us, V groups of 32 295 -> 147 us, K4V4 groups of 32 2099 -> 246 us.
+GROUP_FILL_DEFAULT = True
+GROUP_BCAST_DEFAULT = True
+_MAX_GFILL_ROWS = 64
 
 _LOG2E = 1.4426950408889634
 _LN2 = 0.6931471805599453
@@ -164,6 +174,13 @@ def _load_q_plane(q_base, rows_off, rmask, J: tl.constexpr, PER: tl.constexpr, D
 
 
 @triton.jit
+def _q_group(qp, grow, J: tl.constexpr, PER: tl.constexpr, DP: tl.constexpr, K_GROUP: tl.constexpr):
+    """Group fill with grouped keys: row (g, m) of q plane J keeps the channels of group g (zeros elsewhere)."""
+    ch = tl.arange(0, DP) * PER + J
+    return tl.where((ch // K_GROUP)[None, :] == grow[:, None], qp, tl.zeros_like(qp))
+
+
+@triton.jit
 def _load_fp_plane(base, offs_t, tmask, st, sc, J: tl.constexpr, PER: tl.constexpr, DP: tl.constexpr):
     offs_c = tl.arange(0, DP) * PER + J
     return tl.load(base + offs_t[:, None].to(tl.int64) * st + offs_c[None, :].to(tl.int64) * sc,
@@ -249,6 +266,33 @@ def _rows_expand(p, sbr, SUB: tl.constexpr):
 
 
 @triton.jit
+def _group_allreduce(x, GFILL: tl.constexpr):
+    """Group fill with grouped keys: rows (g, m) hold the channel group g part of query row m's scores; every
+    row gets the sum over g of its query row's parts: [M, N] -> [M, N]."""
+    M: tl.constexpr = x.shape[0]
+    N: tl.constexpr = x.shape[1]
+    t = tl.sum(tl.reshape(x, [GFILL, M // GFILL, N]), 0)
+    return tl.reshape(tl.broadcast_to(t[None, :, :], [GFILL, M // GFILL, N]), [M, N])
+
+
+@triton.jit
+def _group_rows_load(base, offs_s64, st, sg, smask, grow, M: tl.constexpr, GFILL: tl.constexpr,
+                     GF_BCAST: tl.constexpr):
+    """Per-token scale (or zero) of each row's channel group for a tile, [M, BLOCK_N] float32: loaded per row
+    (a 2D gather, M x BLOCK_N loads), or (GF_BCAST) once per group [GFILL, BLOCK_N] and broadcast to the
+    M // GFILL rows of each group."""
+    if GF_BCAST:
+        gidx = tl.arange(0, GFILL).to(tl.int64)
+        x = tl.load(base + offs_s64[None, :] * st + gidx[:, None] * sg, mask=smask[None, :], other=0.0)
+        N: tl.constexpr = x.shape[1]
+        x = tl.reshape(tl.broadcast_to(x.to(tl.float32)[:, None, :], [GFILL, M // GFILL, N]), [M, N])
+    else:
+        x = tl.load(base + offs_s64[None, :] * st + grow.to(tl.int64)[:, None] * sg, mask=smask[None, :],
+                    other=0.0).to(tl.float32)
+    return x
+
+
+@triton.jit
 def _softmax_step(s, m_i, l_i):
     m_new = tl.maximum(m_i, tl.max(s, 1))
     alpha = tl.exp2(m_i - m_new)
@@ -311,7 +355,8 @@ def _fp_tile(q0, q1, q2, q3, m_i, l_i, acc0, acc1, acc2, acc3,
              V_SHIFTED: tl.constexpr, CAUSAL: tl.constexpr, USE_DOT: tl.constexpr, DOT_FP32: tl.constexpr,
              DTYPE: tl.constexpr, SUB: tl.constexpr, FP_CONTIG: tl.constexpr,
              v_lag=0, v_wcap=0, vc_base=None, svc_t=0, svc_c=0, vs_base=None, svs_t=0, svs_g=0,
-             vz_base=None, svz_t=0, svz_g=0, v_mid0=0, V_MIXED: tl.constexpr = False, V_GROUP: tl.constexpr = 0):
+             vz_base=None, svz_t=0, svz_g=0, v_mid0=0, V_MIXED: tl.constexpr = False, V_GROUP: tl.constexpr = 0,
+             K_GF: tl.constexpr = False, GFILL: tl.constexpr = 1):
     """One tile of full-precision tokens (sink or window). With K_SHIFTED the q planes hold
     q_j * 2**-(j * bits): each plane's product is scaled back in float32; with V_SHIFTED the output
     planes hold 2**(j * bits) * out_j, so p is scaled by that (exact) factor. offs_s / smask / pos_s are
@@ -329,6 +374,8 @@ def _fp_tile(q0, q1, q2, q3, m_i, l_i, acc0, acc1, acc2, acc3,
     if PER_K == 4:
         raw += KF2 * _mm(q2, tl.trans(k2), USE_DOT, DOT_FP32)
         raw += KF3 * _mm(q3, tl.trans(k3), USE_DOT, DOT_FP32)
+    if K_GF:  # the q rows hold one channel group each: sum the groups of each query row
+        raw = _group_allreduce(raw, GFILL)
     raw = _rows_select(raw, sbr, SUB)
     s = _mask_scores(raw * qk_scale, smask, pos_s, row_lim, CAUSAL, SUB)
     p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i)
@@ -358,7 +405,8 @@ def _packed_tile(q0, q1, q2, q3, qsum, qsum_mag, m_i, l_i, acc0, acc1, acc2, acc
                  D: tl.constexpr, MAGIC: tl.constexpr, MAGIC_VAL: tl.constexpr,
                  V_MAGIC: tl.constexpr, V_MAGIC_VAL: tl.constexpr, V_DTYPE: tl.constexpr,
                  K_SHIFTED: tl.constexpr, V_SHIFTED: tl.constexpr, FAST_ASM: tl.constexpr, CAUSAL: tl.constexpr, USE_DOT: tl.constexpr, DOT_FP32: tl.constexpr, DTYPE: tl.constexpr,
-                 SUB: tl.constexpr, t0=0, K_CHANNEL: tl.constexpr = False):
+                 SUB: tl.constexpr, t0=0, K_CHANNEL: tl.constexpr = False, grow=0, GFILL: tl.constexpr = 1,
+                 K_GF: tl.constexpr = False, V_GF: tl.constexpr = False, GF_BCAST: tl.constexpr = False):
     """One tile of packed middle tokens. Codes load per token (offs_t, tmask); scales, zeros and the softmax
     run in the score domain (offs_s, smask, pos_s: see _bc and _rows_select). K_CHANNEL (per-channel keys,
     KIVI): the tile [t0, t0 + BLOCK_N) lies inside one token group of K_GROUP tokens, whose per-channel
@@ -402,6 +450,19 @@ def _packed_tile(q0, q1, q2, q3, qsum, qsum_mag, m_i, l_i, acc0, acc1, acc2, acc
             raw += _mm(qs3, tl.trans(_plane_magic(kb, 3, K_BITS, MAGIC, DTYPE, K_SHIFTED, FAST_ASM)), USE_DOT, DOT_FP32)
         # raw = (q s) . c + MAGIC_VAL * sum(q s): the offset and the zero term are per query row
         s = (_rows_select(raw, sbr, SUB) + tl.sum(off, 1)[:, None]) * qk_scale
+    elif K_GF:
+        # group fill: row (g, m)'s q planes hold query row m's channel group g only (zeros elsewhere), so the
+        # dots give that group's part, scaled by its per-token scale and summed over the groups of the row
+        MK: tl.constexpr = q0.shape[0]
+        ks = _group_rows_load(ks_base, offs_s64, sks_t, sks_g, smask, grow, MK, GFILL, GF_BCAST)
+        kz = _group_rows_load(kz_base, offs_s64, skz_t, skz_g, smask, grow, MK, GFILL, GF_BCAST)
+        raw = _mm(q0, tl.trans(_plane_magic(kb, 0, K_BITS, MAGIC, DTYPE, K_SHIFTED, FAST_ASM)), USE_DOT, DOT_FP32)
+        raw += _mm(q1, tl.trans(_plane_magic(kb, 1, K_BITS, MAGIC, DTYPE, K_SHIFTED, FAST_ASM)), USE_DOT, DOT_FP32)
+        if PER_K == 4:
+            raw += _mm(q2, tl.trans(_plane_magic(kb, 2, K_BITS, MAGIC, DTYPE, K_SHIFTED, FAST_ASM)), USE_DOT, DOT_FP32)
+            raw += _mm(q3, tl.trans(_plane_magic(kb, 3, K_BITS, MAGIC, DTYPE, K_SHIFTED, FAST_ASM)), USE_DOT, DOT_FP32)
+        e = (raw - MAGIC_VAL * qsum_mag[:, None]) * ks + qsum[:, None] * kz
+        s = _group_allreduce(e, GFILL) * qk_scale
     elif K_GROUP == D:
         ks = tl.load(ks_base + offs_s64 * sks_t, mask=smask, other=0.0).to(tl.float32)
         kz = tl.load(kz_base + offs_s64 * skz_t, mask=smask, other=0.0).to(tl.float32)
@@ -434,11 +495,18 @@ def _packed_tile(q0, q1, q2, q3, qsum, qsum_mag, m_i, l_i, acc0, acc1, acc2, acc
                  mask=tmask[:, None], other=0)
     if not (FAST_ASM and V_SHIFTED):
         vb = vb.to(tl.int16)
-    if V_GROUP == D:
-        vs = tl.load(vs_base + offs_s64 * svs_t, mask=smask, other=0.0).to(tl.float32)
-        vz = tl.load(vz_base + offs_s64 * svz_t, mask=smask, other=0.0).to(tl.float32)
-        zacc = zacc * alpha + tl.sum(p * _bc(vz, SUB), 1)
-        pv = _rows_expand((p * _bc(vs, SUB)).to(V_DTYPE), sbr, SUB)
+    if V_GROUP == D or V_GF:
+        if V_GF:
+            # group fill: MMA row (g, m) carries query row m with V's channel group g: its probabilities
+            # are scaled by that group's per-token scale, and only group g's output columns are kept
+            MV: tl.constexpr = q0.shape[0]
+            vs = _group_rows_load(vs_base, offs_s64, svs_t, svs_g, smask, grow, MV, GFILL, GF_BCAST)
+            vz = _group_rows_load(vz_base, offs_s64, svz_t, svz_g, smask, grow, MV, GFILL, GF_BCAST)
+        else:
+            vs = _bc(tl.load(vs_base + offs_s64 * svs_t, mask=smask, other=0.0).to(tl.float32), SUB)
+            vz = _bc(tl.load(vz_base + offs_s64 * svz_t, mask=smask, other=0.0).to(tl.float32), SUB)
+        zacc = zacc * alpha + tl.sum(p * vz, 1)
+        pv = _rows_expand((p * vs).to(V_DTYPE), sbr, SUB)
         # (MAGIC_VAL + c) - MAGIC_VAL is exact in DTYPE; leaving the offset in accumulates error.
         acc0 = acc0 * alpha[:, None] + _mm(pv, _v_plane_exact(vb, 0, V_BITS, V_MAGIC, V_MAGIC_VAL, V_DTYPE, DOT_FP32, V_SHIFTED, FAST_ASM), USE_DOT, DOT_FP32)
         acc1 = acc1 * alpha[:, None] + _mm(pv, _v_plane_exact(vb, 1, V_BITS, V_MAGIC, V_MAGIC_VAL, V_DTYPE, DOT_FP32, V_SHIFTED, FAST_ASM), USE_DOT, DOT_FP32)
@@ -461,22 +529,32 @@ def _packed_tile(q0, q1, q2, q3, qsum, qsum_mag, m_i, l_i, acc0, acc1, acc2, acc
 
 @triton.jit
 def _store_plane(acc, zacc, inv_l, o_base, rows_off, rmask, J: tl.constexpr, PER: tl.constexpr,
-                 DP: tl.constexpr, OUT_DTYPE: tl.constexpr, SHIFTED: tl.constexpr):
+                 DP: tl.constexpr, OUT_DTYPE: tl.constexpr, SHIFTED: tl.constexpr, grow, GFILL: tl.constexpr,
+                 V_GROUP: tl.constexpr, V_GF: tl.constexpr):
     if SHIFTED:
         acc = acc * (1.0 / (1 << (J * (8 // PER))))
     o = (acc + zacc[:, None]) * inv_l[:, None]
     offs_c = (tl.arange(0, DP) * PER + J).to(tl.int64)
-    tl.store(o_base + rows_off[:, None] + offs_c[None, :], o.to(OUT_DTYPE), mask=rmask[:, None])
+    if V_GF:  # row (g, m) holds the output of channel group g only
+        mask = rmask[:, None] & ((offs_c // V_GROUP)[None, :] == grow[:, None])
+    elif GFILL > 1:  # the copies of a query row hold the same output: the first stores it
+        mask = rmask[:, None] & (grow == 0)[:, None]
+    else:
+        mask = rmask[:, None]
+    tl.store(o_base + rows_off[:, None] + offs_c[None, :], o.to(OUT_DTYPE), mask=mask)
 
 
 @triton.jit
 def _store_planes(acc0, acc1, acc2, acc3, zacc, inv_l, o_base, rows_off, rmask, PER: tl.constexpr,
-                  DP: tl.constexpr, OUT_DTYPE: tl.constexpr, SHIFTED: tl.constexpr):
-    _store_plane(acc0, zacc, inv_l, o_base, rows_off, rmask, 0, PER, DP, OUT_DTYPE, SHIFTED)
-    _store_plane(acc1, zacc, inv_l, o_base, rows_off, rmask, 1, PER, DP, OUT_DTYPE, SHIFTED)
+                  DP: tl.constexpr, OUT_DTYPE: tl.constexpr, SHIFTED: tl.constexpr, grow=0,
+                  GFILL: tl.constexpr = 1, V_GROUP: tl.constexpr = 0, V_GF: tl.constexpr = False):
+    _store_plane(acc0, zacc, inv_l, o_base, rows_off, rmask, 0, PER, DP, OUT_DTYPE, SHIFTED, grow, GFILL, V_GROUP, V_GF)
+    _store_plane(acc1, zacc, inv_l, o_base, rows_off, rmask, 1, PER, DP, OUT_DTYPE, SHIFTED, grow, GFILL, V_GROUP, V_GF)
     if PER == 4:
-        _store_plane(acc2, zacc, inv_l, o_base, rows_off, rmask, 2, PER, DP, OUT_DTYPE, SHIFTED)
-        _store_plane(acc3, zacc, inv_l, o_base, rows_off, rmask, 3, PER, DP, OUT_DTYPE, SHIFTED)
+        _store_plane(acc2, zacc, inv_l, o_base, rows_off, rmask, 2, PER, DP, OUT_DTYPE, SHIFTED, grow, GFILL,
+                     V_GROUP, V_GF)
+        _store_plane(acc3, zacc, inv_l, o_base, rows_off, rmask, 3, PER, DP, OUT_DTYPE, SHIFTED, grow, GFILL,
+                     V_GROUP, V_GF)
 
 
 @triton.jit(do_not_specialize=["n_sink", "n_quant", "n_window", "chunk", "v_cap", "v_wcap"])
@@ -510,7 +588,8 @@ def _decode_split_kernel(
     V_DTYPE: tl.constexpr, V_MAGIC: tl.constexpr, V_MAGIC_VAL: tl.constexpr, DIRECT_OUT: tl.constexpr,
     FAST_ASM: tl.constexpr = False, SUB: tl.constexpr = 1, FP_CONTIG: tl.constexpr = False,
     FP_SPLIT: tl.constexpr = False, DEV_LENS: tl.constexpr = False, KV_MIXED: tl.constexpr = False,
-    K_CHANNEL: tl.constexpr = False,
+    K_CHANNEL: tl.constexpr = False, GFILL: tl.constexpr = 1, K_GF: tl.constexpr = False,
+    V_GF: tl.constexpr = False, GF_BCAST: tl.constexpr = False,
 ):
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -533,7 +612,18 @@ def _decode_split_kernel(
     BN_S: tl.constexpr = BLOCK_N // SUB
     G: tl.constexpr = 8 // SUB if SUB <= 8 else 1
     mrow = tl.arange(0, M_PAD)
-    if SUB == 1:
+    # GFILL > 1 ("group fill", per-token groups of D // GFILL channels, SUB == 1): the MMA rows are (channel
+    # group g, query row m), M_PAD // GFILL rows per group, so the magic-number codes stay unscaled as for
+    # one group per head. Grouped V (V_GF): every copy of a query row has the same scores and softmax; the
+    # V product scales its probabilities by its own group's per-token scale and only its group's output
+    # columns are stored. Grouped K (K_GF): row (g, m) holds only group g's channels of q; its dot is scaled
+    # by group g's scale and zero and the rows of one query row are summed (_group_allreduce). Costs no
+    # extra MMA while the copies fit the 16 rows.
+    grow = mrow // (M_PAD // GFILL)
+    if GFILL > 1:
+        rows = mrow % (M_PAD // GFILL)
+        sbr = mrow  # unused
+    elif SUB == 1:
         rows = mrow
         sbr = mrow  # unused
     else:
@@ -546,17 +636,23 @@ def _decode_split_kernel(
     q_rows = (h * GQA + hl) * sq_h + qi.to(tl.int64) * sq_n
     # fp16 codes keep their bits in place (K_SHIFTED / V_SHIFTED, see _plane_magic); the exact
     # power-of-two factors go into the q planes (K) and the output planes (V).
-    K_SHIFTED: tl.constexpr = (MAGIC == 0x6400) and (K_CHANNEL or K_GROUP == D)
-    V_SHIFTED: tl.constexpr = (V_MAGIC == 0x6400) and (V_GROUP == D)
+    K_SHIFTED: tl.constexpr = (MAGIC == 0x6400) and (K_CHANNEL or K_GROUP == D or K_GF)
+    V_SHIFTED: tl.constexpr = (V_MAGIC == 0x6400) and (V_GROUP == D or V_GF)
     KB: tl.constexpr = K_BITS
     q0 = _load_q_plane(q_base, q_rows, rmask, 0, PER_K, DPK, sq_d)
     q1 = _load_q_plane(q_base, q_rows, rmask, 1, PER_K, DPK, sq_d)
+    if K_GF:
+        q0 = _q_group(q0, grow, 0, PER_K, DPK, K_GROUP)
+        q1 = _q_group(q1, grow, 1, PER_K, DPK, K_GROUP)
     qsum = tl.sum(q0.to(tl.float32), 1) + tl.sum(q1.to(tl.float32), 1)
     if K_SHIFTED:
         q1 = (q1.to(tl.float32) * (1.0 / (1 << KB))).to(DTYPE)
     if PER_K == 4:
         q2 = _load_q_plane(q_base, q_rows, rmask, 2, PER_K, DPK, sq_d)
         q3 = _load_q_plane(q_base, q_rows, rmask, 3, PER_K, DPK, sq_d)
+        if K_GF:
+            q2 = _q_group(q2, grow, 2, PER_K, DPK, K_GROUP)
+            q3 = _q_group(q3, grow, 3, PER_K, DPK, K_GROUP)
         qsum += tl.sum(q2.to(tl.float32), 1) + tl.sum(q3.to(tl.float32), 1)
         if K_SHIFTED:
             q2 = (q2.to(tl.float32) * (1.0 / (1 << (2 * KB)))).to(DTYPE)
@@ -628,7 +724,7 @@ def _decode_split_kernel(
                     q0, q1, q2, q3, m_i, l_i, acc0, acc1, acc2, acc3,
                     k_base, sksk_t, sksk_d, v_base, svsk_t, svsk_d, offs_t, tmask, offs_s, smask, offs_s, sbr,
                     row_lim, qk_scale, PER_K, PER_V, D, K_SHIFTED, V_SHIFTED, CAUSAL, USE_DOT, DOT_FP32, DTYPE,
-                    SUB, FP_CONTIG)
+                    SUB, FP_CONTIG, K_GF=K_GF, GFILL=GFILL)
                 zacc = zacc * alpha
 
     if HAS_MID:
@@ -662,7 +758,8 @@ def _decode_split_kernel(
                     vc_base, svc_t, svc_c, vs_base, svs_t, svs_g, vz_base, svz_t, svz_g,
                     offs_t, tmask, offs_s, smask, offs_s + n_sink, sbr, row_lim, qk_scale,
                     K_BITS, V_BITS, K_GROUP, V_GROUP, D, MAGIC, MAGIC_VAL, V_MAGIC, V_MAGIC_VAL, V_DTYPE,
-                    K_SHIFTED, V_SHIFTED, FAST_ASM, CAUSAL, USE_DOT, DOT_FP32, DTYPE, SUB, t0, K_CHANNEL)
+                    K_SHIFTED, V_SHIFTED, FAST_ASM, CAUSAL, USE_DOT, DOT_FP32, DTYPE, SUB, t0, K_CHANNEL,
+                    grow, GFILL, K_GF, V_GF, GF_BCAST)
 
     if HAS_WINDOW:
         if run_fp:
@@ -700,7 +797,7 @@ def _decode_split_kernel(
                     q0, q1, q2, q3, m_i, l_i, acc0, acc1, acc2, acc3,
                     k_base, skw_t, skw_d, v_base, svw_t, svw_d, offs_t, tmask, offs_s, smask, offs_s + w0, sbr,
                     row_lim, qk_scale, PER_K, PER_V, D, K_SHIFTED, V_SHIFTED, CAUSAL, USE_DOT, DOT_FP32, DTYPE,
-                    SUB, FP_CONTIG)
+                    SUB, FP_CONTIG, K_GF=K_GF, GFILL=GFILL)
                 zacc = zacc * alpha
 
     if SUB > 1:
@@ -718,6 +815,7 @@ def _decode_split_kernel(
         m_i = tl.reshape(m_new, [R_PAD])
         rows = tl.arange(0, R_PAD)
         rmask = rows < ROWS
+        grow = rows // R_PAD  # zeros: no group fill with row fill
         hl = (rows // NQ).to(tl.int64)
         qi = rows % NQ
     empty = l_i == 0.0
@@ -726,12 +824,14 @@ def _decode_split_kernel(
     if DIRECT_OUT:
         # one split: write the final output ([B, Hq, NQ, D], q's dtype) and natural-log lse
         orow = (b * (H_KV * GQA) + h * GQA + hl) * NQ + qi
-        tl.store(lse_ptr + orow, lse2 * 0.6931471805599453, mask=rmask)
-        _store_planes(acc0, acc1, acc2, acc3, zacc, inv_l, out_ptr, orow * D, rmask, PER_V, DPV, DTYPE, V_SHIFTED)
+        tl.store(lse_ptr + orow, lse2 * 0.6931471805599453, mask=rmask & (grow == 0))
+        _store_planes(acc0, acc1, acc2, acc3, zacc, inv_l, out_ptr, orow * D, rmask, PER_V, DPV, DTYPE, V_SHIFTED,
+                      grow, GFILL, V_GROUP, V_GF)
     else:
         prow = (pid_bh.to(tl.int64) * tl.num_programs(1) + split) * ROWS + rows
-        tl.store(lp_ptr + prow, lse2, mask=rmask)
-        _store_planes(acc0, acc1, acc2, acc3, zacc, inv_l, op_ptr, prow * D, rmask, PER_V, DPV, tl.float32, V_SHIFTED)
+        tl.store(lp_ptr + prow, lse2, mask=rmask & (grow == 0))
+        _store_planes(acc0, acc1, acc2, acc3, zacc, inv_l, op_ptr, prow * D, rmask, PER_V, DPV, tl.float32,
+                      V_SHIFTED, grow, GFILL, V_GROUP, V_GF)
 
 
 @triton.jit(do_not_specialize=["NUM_SPLITS"])
@@ -873,6 +973,8 @@ def decode_attention(
     fill_rows: bool | None = None,
     fp_contig: bool | None = None,
     fp_split: bool | None = None,
+    group_fill: bool | None = None,
+    group_bcast: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of ``q`` over the packed KV ``sink ++ middle[:n_quant] ++ window[:n_window]``.
 
@@ -1010,6 +1112,18 @@ def decode_attention(
     if fp_split is None:
         fp_split = FP_SPLIT_DEFAULT
     sub = 1
+    gfill, k_gf, v_gf = 1, False, False
+    if group_fill is None:
+        group_fill = GROUP_FILL_DEFAULT
+    k_grouped = not k_channel and k_group_size < D
+    if use_dot and group_fill and (k_grouped or v_group_size < D):
+        # per-token groups below D: MMA rows (channel group, query row) instead of dequantizing in registers;
+        # grouped K and V need the same group size
+        g_min = min(k_group_size if k_grouped else D, v_group_size)
+        if (not k_grouped or k_group_size == g_min) and (D // g_min) * m_pad <= _MAX_GFILL_ROWS:
+            gfill, k_gf, v_gf = D // g_min, k_grouped, v_group_size == g_min
+            m_pad = gfill * m_pad
+            fill_rows = False
     if use_dot:
         if fill_rows and m_pad < 16:
             sub = 16 // max(2, m_pad)  # rows = (token sub-block, query row): no padding rows in the softmax
@@ -1096,7 +1210,8 @@ def decode_attention(
         CAUSAL=NQ > 1, USE_DOT=use_dot, DOT_FP32=interp, DTYPE=tl_dtype, MAGIC=magic, MAGIC_VAL=magic_val,
         V_DTYPE=v_dtype, V_MAGIC=v_magic, V_MAGIC_VAL=v_magic_val, DIRECT_OUT=direct,
         FAST_ASM=fast_asm and not interp, SUB=sub, FP_CONTIG=bool(fp_contig), FP_SPLIT=fp_split,
-        DEV_LENS=dev_lens, KV_MIXED=kv_mixed, K_CHANNEL=k_channel,
+        DEV_LENS=dev_lens, KV_MIXED=kv_mixed, K_CHANNEL=k_channel, GFILL=gfill, K_GF=k_gf,
+        V_GF=v_gf, GF_BCAST=GROUP_BCAST_DEFAULT if group_bcast is None else bool(group_bcast),
         num_warps=num_warps, num_stages=num_stages,
     )
     if not direct:
