@@ -197,6 +197,8 @@ VARIANTS = {
 GROUP_VARIANTS = {"no_group_fill": dict(group_fill=False), "gf_bcast": dict(group_bcast=True),
                   "gf_bn32": dict(block_n=32), "gf_bcast_bn32": dict(group_bcast=True, block_n=32),
                   "gf_bcast_w2": dict(group_bcast=True, num_warps=2)}
+# per-channel keys (NOTES.md v12): the key tile dequantized per plane instead of q scaled per tile
+KCHAN_VARIANTS = {"kc_dequant": dict(kchan_dequant=True), "kc_scale_q": dict(kchan_dequant=False)}
 
 
 def run_case(name, spec, bw, sweep, sink=0, window=0, log=print, variants=None, **layout):
@@ -353,7 +355,9 @@ def main(argv=None):
         sink, window = layout.pop("sink", 0), layout.pop("window", 0)
         grouped = (layout.get("v_group") or CASES[base][7]) < CASES[base][3] or (
             layout.get("k_axis") != "channel" and (layout.get("k_group") or CASES[base][7]) < CASES[base][3])
-        var = GROUP_VARIANTS if grouped else None  # NOTES.md v11
+        var = dict(GROUP_VARIANTS) if grouped else {}  # NOTES.md v11
+        if layout.get("k_axis") == "channel":
+            var.update(KCHAN_VARIANTS)
         row = run_case(name, CASES[base], bw, False, sink=sink, window=window, log=log, variants=var, **layout)
         rows.append(row)
         log(json.dumps(row))

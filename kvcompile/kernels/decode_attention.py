@@ -29,8 +29,9 @@ with ``group_fill=False``) the codes are dequantized in registers (slower, a con
 Lengths come either as host ints (the split partition chosen on the host) or (``DEV_LENS``) as a device
 ``[3]`` / ``[B, 3]`` tensor per sequence: the grid is sized from the capacities and each program derives its
 row's chunk, so the launcher never synchronises and a decode step can be captured in a CUDA graph.
-Per-channel keys (``K_CHANNEL``, KIVI) fold each tile's token-group scale into q (``q' = q * s_g``) and add
-``q . z_g`` per row; ``KV_MIXED`` lets V's packed middle run ahead of K's (KIVI's per-token V). NOTES.md v9, v10.
+Per-channel keys (``K_CHANNEL``, KIVI) dequantize each key tile in registers with its token group's
+per-channel scale and zero (``KC_DEQ``, default; NOTES.md v12), or fold the scale into q (``q' = q * s_g``)
+and add ``q . z_g`` per row (v10); ``KV_MIXED`` lets V's packed middle run ahead of K's (KIVI's per-token V). NOTES.md v9, v10.
 """
 
 from __future__ import annotations
@@ -76,6 +77,7 @@ FP_SPLIT_DEFAULT = True
 #   NOTES.md v11: KIVI 376 -> 264 us, V groups of 32 295 -> 147 us, K4V4 groups of 32 2099 -> 246 us.
 GROUP_FILL_DEFAULT = True
 GROUP_BCAST_DEFAULT = True
+KCHAN_DEQUANT_DEFAULT = True
 _MAX_GFILL_ROWS = 64
 
 _LOG2E = 1.4426950408889634
@@ -397,6 +399,27 @@ def _fp_tile(q0, q1, q2, q3, m_i, l_i, acc0, acc1, acc2, acc3,
 
 
 @triton.jit
+def _kf(J: tl.constexpr, BITS: tl.constexpr, SHIFTED: tl.constexpr):
+    F: tl.constexpr = (1 << (J * BITS)) if SHIFTED else 1
+    return F
+
+
+@triton.jit
+def _kc_plane(kb, ks_row, kz_row, chan, sks_g, skz_g, J: tl.constexpr, BITS: tl.constexpr, MAGIC: tl.constexpr,
+              MAGIC_VAL: tl.constexpr, DTYPE: tl.constexpr, DOT_FP32: tl.constexpr, FAST_ASM: tl.constexpr):
+    """KC_DEQ: plane J of a per-channel-key tile, dequantized in DTYPE: c * s + z per channel. With the fp16
+    magic the codes come shifted (2**(J bits) c, exact), so the scale is divided by that power of two."""
+    SHIFTED: tl.constexpr = MAGIC == 0x6400
+    c = _v_plane_exact(kb, J, BITS, MAGIC, MAGIC_VAL, DTYPE, DOT_FP32, SHIFTED, FAST_ASM)
+    sc = tl.load(ks_row + (chan + J) * sks_g).to(tl.float32) * (1.0 / _kf(J, BITS, SHIFTED))
+    z = tl.load(kz_row + (chan + J) * skz_g).to(tl.float32)
+    if DOT_FP32:
+        return c * sc[None, :] + z[None, :]
+    else:
+        return c * sc.to(DTYPE)[None, :] + z.to(DTYPE)[None, :]
+
+
+@triton.jit
 def _packed_tile(q0, q1, q2, q3, qsum, qsum_mag, m_i, l_i, acc0, acc1, acc2, acc3, zacc,
                  kc_base, skc_t, skc_c, ks_base, sks_t, sks_g, kz_base, skz_t, skz_g,
                  vc_base, svc_t, svc_c, vs_base, svs_t, svs_g, vz_base, svz_t, svz_g,
@@ -406,7 +429,8 @@ def _packed_tile(q0, q1, q2, q3, qsum, qsum_mag, m_i, l_i, acc0, acc1, acc2, acc
                  V_MAGIC: tl.constexpr, V_MAGIC_VAL: tl.constexpr, V_DTYPE: tl.constexpr,
                  K_SHIFTED: tl.constexpr, V_SHIFTED: tl.constexpr, FAST_ASM: tl.constexpr, CAUSAL: tl.constexpr, USE_DOT: tl.constexpr, DOT_FP32: tl.constexpr, DTYPE: tl.constexpr,
                  SUB: tl.constexpr, t0=0, K_CHANNEL: tl.constexpr = False, grow=0, GFILL: tl.constexpr = 1,
-                 K_GF: tl.constexpr = False, V_GF: tl.constexpr = False, GF_BCAST: tl.constexpr = False):
+                 K_GF: tl.constexpr = False, V_GF: tl.constexpr = False, GF_BCAST: tl.constexpr = False,
+                 KC_DEQ: tl.constexpr = False):
     """One tile of packed middle tokens. Codes load per token (offs_t, tmask); scales, zeros and the softmax
     run in the score domain (offs_s, smask, pos_s: see _bc and _rows_select). K_CHANNEL (per-channel keys,
     KIVI): the tile [t0, t0 + BLOCK_N) lies inside one token group of K_GROUP tokens, whose per-channel
@@ -421,9 +445,31 @@ def _packed_tile(q0, q1, q2, q3, qsum, qsum_mag, m_i, l_i, acc0, acc1, acc2, acc
     # ---- K: scores --------------------------------------------------------------------------------
     kb = tl.load(kc_base + offs_t64[:, None] * skc_t + tl.arange(0, DPK)[None, :] * skc_c,
                  mask=tmask[:, None], other=0)
-    if not (FAST_ASM and K_SHIFTED):
+    # the PTX unpack takes the raw bytes (fp16 magic, shifted codes); the other forms work on int16
+    K_RAW: tl.constexpr = FAST_ASM and (K_SHIFTED or (K_CHANNEL and KC_DEQ and V_MAGIC == 0x6400))
+    if not K_RAW:
         kb = kb.to(tl.int16)
-    if K_CHANNEL:
+    if K_CHANNEL and KC_DEQ:
+        # dequantize the key tile per plane (c_j * s + z per channel, see _kc_plane) in the V product's dtype
+        # (fp16 where the scales are: 3 more mantissa bits than bf16 for bf16 models, q converted per tile);
+        # with K_SHIFTED the q planes hold q_j * 2**-(j bits), undone on each plane's product
+        gi = t0 // K_GROUP
+        chan = tl.arange(0, DPK).to(tl.int64) * PER_K
+        ks_row = ks_base + gi * sks_t
+        kz_row = kz_base + gi * skz_t
+        k0 = _kc_plane(kb, ks_row, kz_row, chan, sks_g, skz_g, 0, K_BITS, V_MAGIC, V_MAGIC_VAL, V_DTYPE, DOT_FP32, FAST_ASM)
+        raw = _mm(q0.to(V_DTYPE), tl.trans(k0), USE_DOT, DOT_FP32)
+        k1 = _kc_plane(kb, ks_row, kz_row, chan, sks_g, skz_g, 1, K_BITS, V_MAGIC, V_MAGIC_VAL, V_DTYPE, DOT_FP32, FAST_ASM)
+        raw += _kf(1, K_BITS, K_SHIFTED) * _mm(q1.to(V_DTYPE), tl.trans(k1), USE_DOT, DOT_FP32)
+        if PER_K == 4:
+            k2 = _kc_plane(kb, ks_row, kz_row, chan, sks_g, skz_g, 2, K_BITS, V_MAGIC, V_MAGIC_VAL, V_DTYPE, DOT_FP32,
+                           FAST_ASM)
+            raw += _kf(2, K_BITS, K_SHIFTED) * _mm(q2.to(V_DTYPE), tl.trans(k2), USE_DOT, DOT_FP32)
+            k3 = _kc_plane(kb, ks_row, kz_row, chan, sks_g, skz_g, 3, K_BITS, V_MAGIC, V_MAGIC_VAL, V_DTYPE, DOT_FP32,
+                           FAST_ASM)
+            raw += _kf(3, K_BITS, K_SHIFTED) * _mm(q3.to(V_DTYPE), tl.trans(k3), USE_DOT, DOT_FP32)
+        s = _rows_select(raw, sbr, SUB) * qk_scale
+    elif K_CHANNEL:
         # q planes hold q_j * 2**-(j * bits) when K_SHIFTED (KF_j undoes it for the zero term); plane j's
         # element i is channel PER_K * i + j
         KB: tl.constexpr = K_BITS
@@ -589,7 +635,7 @@ def _decode_split_kernel(
     FAST_ASM: tl.constexpr = False, SUB: tl.constexpr = 1, FP_CONTIG: tl.constexpr = False,
     FP_SPLIT: tl.constexpr = False, DEV_LENS: tl.constexpr = False, KV_MIXED: tl.constexpr = False,
     K_CHANNEL: tl.constexpr = False, GFILL: tl.constexpr = 1, K_GF: tl.constexpr = False,
-    V_GF: tl.constexpr = False, GF_BCAST: tl.constexpr = False,
+    V_GF: tl.constexpr = False, GF_BCAST: tl.constexpr = False, KC_DEQ: tl.constexpr = False,
 ):
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -759,7 +805,7 @@ def _decode_split_kernel(
                     offs_t, tmask, offs_s, smask, offs_s + n_sink, sbr, row_lim, qk_scale,
                     K_BITS, V_BITS, K_GROUP, V_GROUP, D, MAGIC, MAGIC_VAL, V_MAGIC, V_MAGIC_VAL, V_DTYPE,
                     K_SHIFTED, V_SHIFTED, FAST_ASM, CAUSAL, USE_DOT, DOT_FP32, DTYPE, SUB, t0, K_CHANNEL,
-                    grow, GFILL, K_GF, V_GF, GF_BCAST)
+                    grow, GFILL, K_GF, V_GF, GF_BCAST, KC_DEQ)
 
     if HAS_WINDOW:
         if run_fp:
@@ -975,6 +1021,7 @@ def decode_attention(
     fp_split: bool | None = None,
     group_fill: bool | None = None,
     group_bcast: bool | None = None,
+    kchan_dequant: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of ``q`` over the packed KV ``sink ++ middle[:n_quant] ++ window[:n_window]``.
 
@@ -1212,6 +1259,7 @@ def decode_attention(
         FAST_ASM=fast_asm and not interp, SUB=sub, FP_CONTIG=bool(fp_contig), FP_SPLIT=fp_split,
         DEV_LENS=dev_lens, KV_MIXED=kv_mixed, K_CHANNEL=k_channel, GFILL=gfill, K_GF=k_gf,
         V_GF=v_gf, GF_BCAST=GROUP_BCAST_DEFAULT if group_bcast is None else bool(group_bcast),
+        KC_DEQ=k_channel and (KCHAN_DEQUANT_DEFAULT if kchan_dequant is None else bool(kchan_dequant)),
         num_warps=num_warps, num_stages=num_stages,
     )
     if not direct:
