@@ -499,3 +499,22 @@ def test_ops_fused_decision_is_sync_free():
     assert not ops._fused_decode_wins(q, *big)
     small[0]._host = None
     assert not ops._fused_decode_wins(q, *small)
+
+
+def test_layouts_take_their_fast_variants():
+    # the launcher picks group fill (per-token groups below D, scales broadcast per group) and the per-tile key
+    # dequantization (KIVI) by default; a regression here would fall back silently to the slow forms
+    from kvcompile.kernels import sass_probe
+
+    want = {
+        "gqa4": dict(GFILL=1, K_GF=False, V_GF=False, M_PAD=16),
+        "vg32": dict(GFILL=4, K_GF=False, V_GF=True, GF_BCAST=True, M_PAD=16, SUB=1),
+        "g32k4": dict(GFILL=4, K_GF=True, V_GF=True, GF_BCAST=True, M_PAD=16),
+        "kivi": dict(GFILL=4, K_GF=False, V_GF=True, K_CHANNEL=True, KC_DEQ=True, M_PAD=16),
+        "mha": dict(GFILL=1, SUB=8),
+    }
+    for case, flags in want.items():
+        _, got = sass_probe.record_launch(case)
+        assert {k: got["kwargs"][k] for k in flags} == flags, case
+    _, got = sass_probe.record_launch("vg32", group_fill=False)
+    assert got["kwargs"]["GFILL"] == 1

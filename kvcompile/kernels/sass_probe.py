@@ -1,7 +1,8 @@
 """Offline SASS probe for _decode_split_kernel (no GPU): compile for sm_90 with the Triton installed here,
 then print registers / spills and the instruction histogram of the hot loop.
 
-    python -m kvcompile.kernels.sass_probe [--case gqa4|mha|k4|win] [--set KEY=VALUE ...] [--dump DIR]
+    python -m kvcompile.kernels.sass_probe [--case gqa4|mha|k4|win|vg32|g32k4|kivi|kivi_bf16]
+        [--tune KEY=VALUE ...] [--set KEY=VALUE ...] [--dump DIR]
 
 The launcher runs on CPU tensors with the real kernel replaced by a recorder; the recorded arguments give
 the signature (integer args divisible by 16 get ``tt.divisibility 16`` like the runtime specialization)
@@ -23,26 +24,37 @@ import torch
 
 import kvcompile.kernels.decode_attention as da
 
-CASES = {  # B, Hq, Hkv, D, L, k_bits, v_bits, sink, window, NQ
+CASES = {  # B, Hq, Hkv, D, L, k_bits, v_bits, sink, window, NQ[, layout: k_group, v_group, k_axis, dtype]
     "gqa4": (1, 4, 1, 128, 4096, 2, 2, 0, 0, 1),
     "gqa8": (1, 8, 1, 128, 4096, 2, 2, 0, 0, 1),
     "mha": (1, 1, 1, 128, 4096, 2, 2, 0, 0, 1),
     "k4": (1, 4, 1, 128, 4096, 4, 4, 0, 0, 1),
     "win": (1, 4, 1, 128, 4096, 2, 2, 4, 128, 1),
+    # per-token groups of 32 channels (group fill, NOTES.md v11)
+    "vg32": (1, 4, 1, 128, 4096, 2, 2, 0, 0, 1, dict(v_group=32)),
+    "g32k4": (1, 4, 1, 128, 4096, 4, 4, 0, 0, 1, dict(k_group=32, v_group=32)),
+    # KIVI: per-channel keys in groups of 32 tokens, V in groups of 32 channels, 128 window (v10, v12)
+    "kivi": (1, 4, 1, 128, 4096, 2, 2, 0, 128, 1, dict(k_group=32, v_group=32, k_axis="channel")),
+    "kivi_bf16": (1, 4, 1, 128, 4096, 2, 2, 0, 128, 1,
+                  dict(k_group=32, v_group=32, k_axis="channel", dtype=torch.bfloat16)),
 }
 
 
 def record_launch(case, **tuning):
-    B, Hq, Hkv, D, L, kb, vb, S, W, NQ = CASES[case]
+    B, Hq, Hkv, D, L, kb, vb, S, W, NQ, *rest = CASES[case]
+    layout = dict(rest[0]) if rest else {}
+    k_group, v_group = layout.get("k_group", D), layout.get("v_group", D)
+    k_axis = layout.get("k_axis", "token")
     n_quant = L - S - W
     f16 = torch.float16
-    kw = dict(q=torch.zeros(B, Hq, NQ, D, dtype=f16))
-    for n, bits in (("k", kb), ("v", vb)):
+    kw = dict(q=torch.zeros(B, Hq, NQ, D, dtype=layout.get("dtype", f16)))
+    for n, bits, grp in (("k", kb, k_group), ("v", vb, v_group)):
+        meta = (B, Hkv, n_quant // grp, D) if n == "k" and k_axis == "channel" else (B, Hkv, n_quant, D // grp)
         kw[f"{n}_codes"] = torch.zeros(B, Hkv, n_quant, D * bits // 8, dtype=torch.uint8)
-        kw[f"{n}_scale"] = torch.zeros(B, Hkv, n_quant, 1, dtype=f16)
-        kw[f"{n}_zero"] = torch.zeros(B, Hkv, n_quant, 1, dtype=f16)
-        kw[f"{n}_sink"] = torch.zeros(B, Hkv, S, D, dtype=f16)
-        kw[f"{n}_window"] = torch.zeros(B, Hkv, W, D, dtype=f16)
+        kw[f"{n}_scale"] = torch.zeros(*meta, dtype=f16)
+        kw[f"{n}_zero"] = torch.zeros(*meta, dtype=f16)
+        kw[f"{n}_sink"] = torch.zeros(B, Hkv, S, D, dtype=kw["q"].dtype)
+        kw[f"{n}_window"] = torch.zeros(B, Hkv, W, D, dtype=kw["q"].dtype)
     got = {}
 
     class Rec:
@@ -55,8 +67,8 @@ def record_launch(case, **tuning):
     da._decode_split_kernel = Rec()
     try:
         try:
-            da.decode_attention(**kw, n_quant=n_quant, n_window=W, k_bits=kb, v_bits=vb, k_group_size=D,
-                                v_group_size=D, num_splits=2, **tuning)
+            da.decode_attention(**kw, n_quant=n_quant, n_window=W, k_bits=kb, v_bits=vb, k_group_size=k_group,
+                                v_group_size=v_group, k_axis=k_axis, num_splits=2, **tuning)
         except Exception:
             if not got:
                 raise
