@@ -219,7 +219,7 @@ def test_fill_rows_gqa_ratios(r, NQ, block_n):
 
 
 @pytest.mark.parametrize("r,NQ", [(1, 1), (3, 1), (4, 1), (8, 1), (4, 3), (2, 2)])
-@pytest.mark.parametrize("k_group,v_group", [(128, 32), (128, 64), (32, 32), (64, 128), (64, 64)])
+@pytest.mark.parametrize("k_group,v_group", [(128, 32), (128, 64), (32, 32), (64, 128), (64, 64), (32, 64)])
 def test_group_fill_gqa_ratios(r, NQ, k_group, v_group):
     # group fill (per-token groups below D): MMA rows (channel group, query row), 16 to 64 rows, grouped V,
     # grouped K or both; sink, window, splits, odd lengths, and KIVI's per-channel keys with V flushed ahead
