@@ -502,17 +502,20 @@ def test_static_cache_rewrite(arch, impl):
     _ops_in(decode.code)
     assert counters["kvcompile"]["rewritten_sites"] == 2 and counters["kvcompile"][f"{impl}_sites"] == 4
     assert _rel(got, full) < 0.01, _rel(got, full)
-    # 2 bits: the same as the eager packed cache (kvcompile.make_cache, the model's own attention) with a
-    # quantized prefill: the buffers are allocated ahead, so the compiled prefill writes the packed cache and
-    # attends over it (this route does not attend the prefill in full precision, unlike the eager cache's default)
-    torch._dynamo.reset()
-    clear_reports()
-    got2, counter = _static_run(model, cfg, kvcompile.backend("kivi", compiler="aot_eager", **TWO), early=True)
-    assert counter.frame_count == 2 and compile_report().count("rewritten") == 4
-    eager_cache = kvcompile.make_cache(model, "kivi", full_precision_prefill=False, **TWO)
-    eager2 = _decode(model, _ids(), **{_cache_key(model): eager_cache}, use_cache=True)
-    torch.testing.assert_close(got2, eager2, rtol=1e-4, atol=1e-4)
-    assert _rel(got2, full) > _rel(got, full)  # 2 bits really is quantized
+    # 2 bits: the same as the eager packed cache (kvcompile.make_cache, the model's own attention): the buffers
+    # are allocated ahead, so the compiled prefill writes the packed cache; it attends over its own new K/V in
+    # full precision (the write starts at position 0), as the eager cache does by default, and with
+    # full_precision_prefill=False over the packed cache, as that eager cache does
+    for fp_prefill in (True, False):
+        torch._dynamo.reset()
+        clear_reports()
+        be = kvcompile.backend("kivi", compiler="aot_eager", full_precision_prefill=fp_prefill, **TWO)
+        got2, counter = _static_run(model, cfg, be, early=True)
+        assert counter.frame_count == 2 and compile_report().count("rewritten") == 4
+        eager_cache = kvcompile.make_cache(model, "kivi", full_precision_prefill=fp_prefill, **TWO)
+        eager2 = _decode(model, _ids(), **{_cache_key(model): eager_cache}, use_cache=True)
+        torch.testing.assert_close(got2, eager2, rtol=1e-4, atol=1e-4)
+        assert _rel(got2, full) > _rel(got, full)  # 2 bits really is quantized
 
 
 # ---------------------------------------------------------------- the cache-API route: apply(compile=True)

@@ -56,6 +56,7 @@ class BackendOptions:
     rewrite: bool = True
     capacity: int = 4096
     release_buffers: bool = False
+    full_precision_prefill: bool = True
 
     def __post_init__(self):
         if self.compiler not in _COMPILERS:
@@ -108,7 +109,8 @@ class KVCompileBackend:
         _REPORTS.append(before)
         n_inputs = len([n for n in gm.graph.nodes if n.op == "placeholder"])
         if self.options.rewrite:
-            plan = rewrite(gm, detection, list(example_inputs), self.options.scheme, capacity=self.options.capacity)
+            plan = rewrite(gm, detection, list(example_inputs), self.options.scheme, capacity=self.options.capacity,
+                           full_precision_prefill=self.options.full_precision_prefill)
             plan.release_buffers = self.options.release_buffers
         else:
             plan = RewritePlan(n_inputs=n_inputs, guarded=cat_pasts(detection, "the backend's rewrite=False"))
@@ -180,7 +182,7 @@ def _guarded(inner: Callable, plan) -> Callable:
 
 def backend(scheme: str | Scheme = "skvq", *, compiler: str = "inductor", check_positions: bool = True,
             rewrite: bool = True, capacity: int = 4096, release_buffers: bool = False,
-            **overrides: Any) -> KVCompileBackend:
+            full_precision_prefill: bool = True, **overrides: Any) -> KVCompileBackend:
     """A kvcompile torch.compile backend with these options.
 
     ``scheme`` (a name or config) and ``overrides`` (``k_bits=4``, ...) decide how rewritten caches are packed;
@@ -197,9 +199,13 @@ def backend(scheme: str | Scheme = "skvq", *, compiler: str = "inductor", check_
     cache is all that holds the tokens. The buffer then cannot be written outside the compiled graph
     (``StaticCache.reset()`` raises: use a new cache per sequence, or restart at position 0 through the graph).
     Dynamo recompiles once for the changed strides.
+    ``full_precision_prefill`` (default True): a rewritten persistent-buffer write that starts a sequence (first
+    position 0) attends over its own new K/V in full precision, as ``KVCompileCache`` does; its tokens are
+    packed all the same, and later calls attend over the packed storage. (A concatenated cache's prefill has no
+    past and attends in full precision anyway.)
     """
     return KVCompileBackend(BackendOptions(get_scheme(scheme, **overrides), compiler, check_positions, rewrite,
-                                           capacity, release_buffers))
+                                           capacity, release_buffers, full_precision_prefill))
 
 
 kvcompile_backend = backend()

@@ -53,6 +53,13 @@ past; then a dynamic length) and never again. The caller's full-precision past i
 handle back: on this route the packed storage is all that holds the cache. A handle reaching a graph that
 could not rewrite its site raises instead of attending over NaN.
 
+A write that starts a sequence (first position 0: the prefill) is packed like any other, but with
+``full_precision_prefill`` (the backend's default) the site's output there is attention over the written
+tokens themselves in full precision, as ``KVCompileCache`` hands its prefill
+(``prefill_attention_in_full_precision``: both outputs are computed and one is selected in the graph, no
+host read; the full-precision one is T x T). The cat route needs nothing for it: its prefill has no past
+and is not rewritten.
+
 On the index route the full-precision buffers stay allocated by default (Dynamo guards their sizes and the
 model still owns them), so there the packed storage is in addition to them. With the backend's
 ``release_buffers=True`` the wrapper frees each buffer once its storage has taken it over: the tensor keeps
@@ -394,12 +401,33 @@ def restart_at_position_zero(counts: torch.Tensor, position: torch.Tensor) -> No
     counts.mul_(position.reshape(-1)[:1].ne(0).to(counts.dtype))
 
 
+def prefill_attention_in_full_precision(start, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
+                                        packed_out: torch.Tensor, mask: Any, scale: float | None,
+                                        is_causal: bool) -> torch.Tensor:
+    """A rewritten persistent-buffer site's output: the packed attention, or, where the write starts a sequence
+    (``start``, its first position, is 0), attention over the written tokens themselves in full precision (the
+    cache route's ``full_precision_prefill``). Both are computed, so there is no host read; the second is over
+    the T new tokens only (mask columns are positions: the first T)."""
+    t = k_new.shape[-2]
+    if mask is not None:
+        fp = torch.nn.functional.scaled_dot_product_attention(q, k_new, v_new, attn_mask=mask[..., :t], scale=scale,
+                                                              enable_gqa=True)
+    else:
+        fp = torch.nn.functional.scaled_dot_product_attention(q, k_new, v_new, is_causal=is_causal and q.shape[-2] > 1,
+                                                              scale=scale, enable_gqa=True)
+    if isinstance(start, torch.Tensor):
+        first = start.reshape(-1)[:1].eq(0).reshape(())
+    else:
+        first = torch.scalar_tensor(start, device=q.device).eq(0)
+    return torch.where(first, fp.to(packed_out.dtype), packed_out)
+
+
 log = logging.getLogger("kvcompile")
 _WARNED: set[str] = set()
 
 
 def rewrite(gm: fx.GraphModule, detection: Detection, example_inputs: list[Any], scheme: Scheme, *,
-            capacity: int = 4096) -> RewritePlan:
+            capacity: int = 4096, full_precision_prefill: bool = True) -> RewritePlan:
     """Rewrite every site of ``detection`` whose K and V come from index writes into persistent buffers, or
     from concatenations with a past that the graph returns (``capacity``: tokens each such packed storage holds).
 
@@ -484,6 +512,7 @@ def rewrite(gm: fx.GraphModule, detection: Detection, example_inputs: list[Any],
         # ---- the writes: reset on position 0, then quantize_kv_write_, where the original write was
         pos = site.k_write.position
         by_slice = site.k_write.kind in _SLICE_KINDS
+        written = []
         for w, s, nodes in ((site.k_write, ks, knodes), (site.v_write, vs, vnodes)):
             with graph.inserting_before(w.node):
                 if isinstance(pos, fx.Node) and not by_slice:
@@ -492,6 +521,7 @@ def rewrite(gm: fx.GraphModule, detection: Detection, example_inputs: list[Any],
                 new = w.new
                 if s.layout == "bshd":  # token-major buffer: the packed storage is [B, H, T, D]
                     new = graph.call_method("transpose", (new, 1, 2))
+                written.append(new)
                 graph.call_function(_QW, (
                     new, *(nodes[n] for n in PackedKV.tensor_data_names), q.kind, float(q.bits),
                     q.group_size or 0, q.axis, q.clip_ratio, s.n_sink, s.window,
@@ -511,7 +541,13 @@ def rewrite(gm: fx.GraphModule, detection: Detection, example_inputs: list[Any],
             ))
         attn.meta.update({k: v for k, v in site.output.meta.items() if k in ("example_value", "stack_trace",
                                                                              "nn_module_stack", "source_fn_stack")})
-        site.output.replace_all_uses_with(attn)
+        out = attn
+        if full_precision_prefill and not is_cat and (isinstance(pos, fx.Node) or isinstance(pos, int)):
+            with graph.inserting_after(attn):
+                out = graph.call_function(prefill_attention_in_full_precision, (
+                    pos, site.q, written[0], written[1], attn, mask, scale, bool(is_causal)))
+            out.meta.update(attn.meta)
+        site.output.replace_all_uses_with(out)
         for w in (site.k_write, site.v_write):
             if is_cat:  # the caller gets the new tokens there; the backend's wrapper swaps in a handle
                 _detach_cat(graph, w, out_node)
