@@ -496,32 +496,30 @@ def _packed_tile(q0, q1, q2, q3, qsum, qsum_mag, m_i, l_i, acc0, acc1, acc2, acc
             raw += _mm(qs3, tl.trans(_plane_magic(kb, 3, K_BITS, MAGIC, DTYPE, K_SHIFTED, FAST_ASM)), USE_DOT, DOT_FP32)
         # raw = (q s) . c + MAGIC_VAL * sum(q s): the offset and the zero term are per query row
         s = (_rows_select(raw, sbr, SUB) + tl.sum(off, 1)[:, None]) * qk_scale
-    elif K_GF:
-        # group fill: row (g, m)'s q planes hold query row m's channel group g only (zeros elsewhere), so the
-        # dots give that group's part, scaled by its per-token scale and summed over the groups of the row
-        MK: tl.constexpr = q0.shape[0]
-        ks = _group_rows_load(ks_base, offs_s64, sks_t, sks_g, smask, grow, MK, GFILL, GF_BCAST)
-        kz = _group_rows_load(kz_base, offs_s64, skz_t, skz_g, smask, grow, MK, GFILL, GF_BCAST)
-        raw = _mm(q0, tl.trans(_plane_magic(kb, 0, K_BITS, MAGIC, DTYPE, K_SHIFTED, FAST_ASM)), USE_DOT, DOT_FP32)
-        raw += _mm(q1, tl.trans(_plane_magic(kb, 1, K_BITS, MAGIC, DTYPE, K_SHIFTED, FAST_ASM)), USE_DOT, DOT_FP32)
-        if PER_K == 4:
-            raw += _mm(q2, tl.trans(_plane_magic(kb, 2, K_BITS, MAGIC, DTYPE, K_SHIFTED, FAST_ASM)), USE_DOT, DOT_FP32)
-            raw += _mm(q3, tl.trans(_plane_magic(kb, 3, K_BITS, MAGIC, DTYPE, K_SHIFTED, FAST_ASM)), USE_DOT, DOT_FP32)
-        e = (raw - MAGIC_VAL * qsum_mag[:, None]) * ks + qsum[:, None] * kz
-        s = _group_allreduce(e, GFILL) * qk_scale
-    elif K_GROUP == D:
-        ks = tl.load(ks_base + offs_s64 * sks_t, mask=smask, other=0.0).to(tl.float32)
-        kz = tl.load(kz_base + offs_s64 * skz_t, mask=smask, other=0.0).to(tl.float32)
+    elif K_GF or K_GROUP == D:
+        if K_GF:
+            # group fill: row (g, m)'s q planes hold query row m's channel group g only (zeros elsewhere), so
+            # the dots give that group's part, scaled by its per-token scale and summed over the row's groups
+            MK: tl.constexpr = q0.shape[0]
+            ks = _group_rows_load(ks_base, offs_s64, sks_t, sks_g, smask, grow, MK, GFILL, GF_BCAST)
+            kz = _group_rows_load(kz_base, offs_s64, skz_t, skz_g, smask, grow, MK, GFILL, GF_BCAST)
+        else:
+            ks = tl.load(ks_base + offs_s64 * sks_t, mask=smask, other=0.0).to(tl.float32)
+            kz = tl.load(kz_base + offs_s64 * skz_t, mask=smask, other=0.0).to(tl.float32)
         raw = _mm(q0, tl.trans(_plane_magic(kb, 0, K_BITS, MAGIC, DTYPE, K_SHIFTED, FAST_ASM)), USE_DOT, DOT_FP32)
         raw += _mm(q1, tl.trans(_plane_magic(kb, 1, K_BITS, MAGIC, DTYPE, K_SHIFTED, FAST_ASM)), USE_DOT, DOT_FP32)
         if PER_K == 4:
             raw += _mm(q2, tl.trans(_plane_magic(kb, 2, K_BITS, MAGIC, DTYPE, K_SHIFTED, FAST_ASM)), USE_DOT, DOT_FP32)
             raw += _mm(q3, tl.trans(_plane_magic(kb, 3, K_BITS, MAGIC, DTYPE, K_SHIFTED, FAST_ASM)), USE_DOT, DOT_FP32)
         # raw = q . c + MAGIC_VAL * qsum_mag, so s * (raw - MAGIC_VAL * qsum_mag) + z * sum(q) == q . (c s + z)
-        raw = _rows_select(raw, sbr, SUB)
-        a = ks * qk_scale
-        bz = kz * qk_scale
-        s = (raw - MAGIC_VAL * qsum_mag[:, None]) * _bc(a, SUB) + qsum[:, None] * _bc(bz, SUB)
+        if K_GF:
+            e = (raw - MAGIC_VAL * qsum_mag[:, None]) * ks + qsum[:, None] * kz
+            s = _group_allreduce(e, GFILL) * qk_scale
+        else:
+            raw = _rows_select(raw, sbr, SUB)
+            a = ks * qk_scale
+            bz = kz * qk_scale
+            s = (raw - MAGIC_VAL * qsum_mag[:, None]) * _bc(a, SUB) + qsum[:, None] * _bc(bz, SUB)
     else:
         # plane element i holds channel PER * i + j, which is in group i // (K_GROUP // PER_K)
         offs_g = (tl.arange(0, DPK) // (K_GROUP // PER_K)).to(tl.int64)

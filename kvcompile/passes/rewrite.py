@@ -409,12 +409,9 @@ def prefill_attention_in_full_precision(start, q: torch.Tensor, k_new: torch.Ten
     cache route's ``full_precision_prefill``). Both are computed, so there is no host read; the second is over
     the T new tokens only (mask columns are positions: the first T)."""
     t = k_new.shape[-2]
-    if mask is not None:
-        fp = torch.nn.functional.scaled_dot_product_attention(q, k_new, v_new, attn_mask=mask[..., :t], scale=scale,
-                                                              enable_gqa=True)
-    else:
-        fp = torch.nn.functional.scaled_dot_product_attention(q, k_new, v_new, is_causal=is_causal and q.shape[-2] > 1,
-                                                              scale=scale, enable_gqa=True)
+    fp = torch.nn.functional.scaled_dot_product_attention(
+        q, k_new, v_new, attn_mask=None if mask is None else mask[..., :t],
+        is_causal=mask is None and is_causal and q.shape[-2] > 1, scale=scale, enable_gqa=True)
     if isinstance(start, torch.Tensor):
         first = start.reshape(-1)[:1].eq(0).reshape(())
     else:
@@ -542,7 +539,7 @@ def rewrite(gm: fx.GraphModule, detection: Detection, example_inputs: list[Any],
         attn.meta.update({k: v for k, v in site.output.meta.items() if k in ("example_value", "stack_trace",
                                                                              "nn_module_stack", "source_fn_stack")})
         out = attn
-        if full_precision_prefill and not is_cat and (isinstance(pos, fx.Node) or isinstance(pos, int)):
+        if full_precision_prefill and not is_cat and isinstance(pos, (fx.Node, int)):
             with graph.inserting_after(attn):
                 out = graph.call_function(prefill_attention_in_full_precision, (
                     pos, site.q, written[0], written[1], attn, mask, scale, bool(is_causal)))
