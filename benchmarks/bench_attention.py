@@ -199,6 +199,15 @@ GROUP_VARIANTS = {"no_group_fill": dict(group_fill=False), "gf_bcast": dict(grou
                   "gf_bcast_w2": dict(group_bcast=True, num_warps=2)}
 # per-channel keys (NOTES.md v12): the key tile dequantized per plane instead of q scaled per tile
 KCHAN_VARIANTS = {"kc_dequant": dict(kchan_dequant=True), "kc_scale_q": dict(kchan_dequant=False)}
+# head fill (NOTES.md v13): several KV heads per program fill the 16 MMA rows (GQA-4: 4 heads); tile and
+# pipeline options, since each program now holds HFILL heads' code tiles in shared memory
+HEAD_VARIANTS = {"no_head_fill": dict(head_fill=False), "hf_bn64": dict(head_fill=True),
+                 "hf_bn64_st2": dict(head_fill=True, num_stages=2),
+                 "hf_bn32_st2": dict(head_fill=True, block_n=32, num_stages=2),
+                 "hf_bn32_st3": dict(head_fill=True, block_n=32, num_stages=3),
+                 "hf2_bn64_st2": dict(head_fill=2, num_stages=2),
+                 "hf2_bn32_st2": dict(head_fill=2, block_n=32, num_stages=2),
+                 "hf_bn32_st2_pps6": dict(head_fill=True, block_n=32, num_stages=2, programs_per_sm=6)}
 
 
 def run_case(name, spec, bw, sweep, sink=0, window=0, log=print, variants=None, **layout):
@@ -320,6 +329,7 @@ def main(argv=None):
     ap.add_argument("--window", action="store_true", help="add a sink=4 + window=128 row for the first case")
     ap.add_argument("--variants", action="store_true", help="also time the VARIANTS flags (NOTES.md v6..v8)")
     ap.add_argument("--extra", default="", help="comma-separated EXTRA_CASES rows (NOTES.md v9, v10), or 'all'")
+    ap.add_argument("--head-fill", action="store_true", help="time the HEAD_VARIANTS on the --cases rows (NOTES.md v13)")
     args = ap.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     logf = open(os.path.join(args.out, "bench_attention.log"), "a")
@@ -340,12 +350,16 @@ def main(argv=None):
             var = VARIANTS["mha"] if CASES[name][1] == CASES[name][2] else VARIANTS["gqa"]
             if not (name.startswith("k2v2_b8_gqa4_32k") or "mha" in name):
                 var = dict(list(var.items())[:1])  # one variant on the other rows
+        if args.head_fill:
+            var = dict(var or {}, **HEAD_VARIANTS)
         row = run_case(name, CASES[name], bw, args.sweep, log=log, variants=var)
         rows.append(row)
         log(json.dumps(row))
         if args.window and name == "k2v2_b8_gqa4_32k":
-            row = run_case(name + "_s4_w128", CASES[name], bw, False, sink=4, window=128, log=log,
-                           variants=VARIANTS["window"] if args.variants else None)
+            var = VARIANTS["window"] if args.variants else None
+            if args.head_fill:
+                var = dict(var or {}, **HEAD_VARIANTS)
+            row = run_case(name + "_s4_w128", CASES[name], bw, False, sink=4, window=128, log=log, variants=var)
             rows.append(row)
             log(json.dumps(row))
     extra = list(EXTRA_CASES) if args.extra == "all" else [e for e in args.extra.split(",") if e]

@@ -197,6 +197,7 @@ def variant_configs(draw):
         num_splits=draw(st.sampled_from([None, 1, 2, 3, 5])),
         group_fill=draw(st.sampled_from([None, False])),  # per-token groups < D: group fill or registers
         group_bcast=draw(st.sampled_from([None, False])),  # group fill's scales: broadcast per group or per row
+        head_fill=draw(st.sampled_from([None, True, 2])),  # several KV heads per program (one group per token)
     )
     return cfg, tuning
 
@@ -235,6 +236,31 @@ def test_group_fill_gqa_ratios(r, NQ, k_group, v_group):
                          lens=[(0, 64, 40), (0, 32, 33)], v_lag=[8, 31], seed=v_group)
         check_against_reference(kw, group_fill=True)
         check_against_reference(kw, group_fill=True, kchan_dequant=True)
+
+
+@pytest.mark.parametrize("r,NQ,Hkv", [(1, 1, 8), (2, 1, 4), (3, 1, 4), (4, 1, 4), (8, 1, 2), (4, 3, 4), (2, 2, 6)])
+def test_head_fill_gqa_ratios(r, NQ, Hkv):
+    # head fill: rows (KV head, query row) of several heads per program; every rows-per-head shape, Hkv not a
+    # power of two (6: two heads per program), sink + window + splits, fp_split, odd lengths, 4-bit, bf16
+    kw = make_inputs(B=2, Hkv=Hkv, r=r, NQ=NQ, D=64, S=3, n_quant=61, n_window=5, k_bits=2, v_bits=4,
+                     k_group=64, v_group=64, dtype=torch.float16, seed=r * 100 + NQ)
+    check_against_reference(kw, block_n=16, num_splits=3, head_fill=True, fp_split=True)
+    check_against_reference(kw, block_n=32, num_splits=1, head_fill=True)
+    check_against_reference(kw, block_n=16, num_splits=2, head_fill=2)
+    kw = make_inputs(B=2, Hkv=Hkv, r=r, NQ=NQ, D=128, S=0, n_quant=0, n_window=0, k_bits=4, v_bits=2,
+                     k_group=128, v_group=128, dtype=torch.bfloat16, lens=[(0, 40, 7), (0, 13, 0)], seed=NQ)
+    check_against_reference(kw, block_n=16, head_fill=True)
+
+
+def test_head_fill_takes_four_heads_for_gqa4():
+    # the launcher's head count: 16 rows / rows per head, capped, dividing Hkv; off where it does not apply
+    from kvcompile.kernels import sass_probe
+
+    for tune, want in ((dict(head_fill=True), 4), (dict(head_fill=2), 2), (dict(head_fill=False), 1)):
+        _, got = sass_probe.record_launch("hf4", **tune)
+        assert got["kwargs"]["HFILL"] == want and got["kwargs"]["M_PAD"] == 16, tune
+    _, got = sass_probe.record_launch("vg32", head_fill=True)  # grouped V: group fill, not head fill
+    assert got["kwargs"]["HFILL"] == 1 and got["kwargs"]["GFILL"] == 4
 
 
 def test_fp_split_only_fp_parts_and_empty_middle():

@@ -79,6 +79,11 @@ GROUP_FILL_DEFAULT = True
 GROUP_BCAST_DEFAULT = True
 KCHAN_DEQUANT_DEFAULT = True
 _MAX_GFILL_ROWS = 64
+# - head fill (HFILL): one program serves several KV heads, their (head, query row) pairs filling the 16 MMA
+#   rows (GQA-4: 4 heads); off by default until timed on the GPU (NOTES.md v13). HEAD_FILL_MAX caps the heads
+#   per program (each is an unrolled copy of the unpack code).
+HEAD_FILL_DEFAULT = False
+HEAD_FILL_MAX = 8
 
 _LOG2E = 1.4426950408889634
 _LN2 = 0.6931471805599453
@@ -351,6 +356,20 @@ def _load_v_mixed(vw_base, svt, svc, offs_t, tmask, v_lag, v_wcap, vc_base, svc_
 
 
 @triton.jit
+def _fp_k_dot(q0, q1, q2, q3, k_base, offs_t, tmask, skt, skc, PER_K: tl.constexpr, D: tl.constexpr,
+              FP_CONTIG: tl.constexpr, KF1: tl.constexpr, KF2: tl.constexpr, KF3: tl.constexpr,
+              USE_DOT: tl.constexpr, DOT_FP32: tl.constexpr):
+    """q . k over the channel planes of a full-precision key tile (KF_j undo the shifted q planes)."""
+    k0, k1, k2, k3 = _load_fp_tile(k_base, offs_t, tmask, skt, skc, PER_K, D, FP_CONTIG)
+    raw = _mm(q0, tl.trans(k0), USE_DOT, DOT_FP32)
+    raw += KF1 * _mm(q1, tl.trans(k1), USE_DOT, DOT_FP32)
+    if PER_K == 4:
+        raw += KF2 * _mm(q2, tl.trans(k2), USE_DOT, DOT_FP32)
+        raw += KF3 * _mm(q3, tl.trans(k3), USE_DOT, DOT_FP32)
+    return raw
+
+
+@triton.jit
 def _fp_tile(q0, q1, q2, q3, m_i, l_i, acc0, acc1, acc2, acc3,
              k_base, skt, skc, v_base, svt, svc, offs_t, tmask, offs_s, smask, pos_s, sbr, row_lim, qk_scale,
              PER_K: tl.constexpr, PER_V: tl.constexpr, D: tl.constexpr, K_SHIFTED: tl.constexpr,
@@ -358,24 +377,28 @@ def _fp_tile(q0, q1, q2, q3, m_i, l_i, acc0, acc1, acc2, acc3,
              DTYPE: tl.constexpr, SUB: tl.constexpr, FP_CONTIG: tl.constexpr,
              v_lag=0, v_wcap=0, vc_base=None, svc_t=0, svc_c=0, vs_base=None, svs_t=0, svs_g=0,
              vz_base=None, svz_t=0, svz_g=0, v_mid0=0, V_MIXED: tl.constexpr = False, V_GROUP: tl.constexpr = 0,
-             K_GF: tl.constexpr = False, GFILL: tl.constexpr = 1):
+             K_GF: tl.constexpr = False, GFILL: tl.constexpr = 1, hrow=0, HFILL: tl.constexpr = 1, skh=0, svh=0):
     """One tile of full-precision tokens (sink or window). With K_SHIFTED the q planes hold
     q_j * 2**-(j * bits): each plane's product is scaled back in float32; with V_SHIFTED the output
     planes hold 2**(j * bits) * out_j, so p is scaled by that (exact) factor. offs_s / smask / pos_s are
     the score-domain tokens (see _bc); with FP_CONTIG the tile is loaded contiguously and split into
     planes in registers instead of one strided load per plane. V_MIXED (K's window when V quantized
-    more of the sequence than K): V comes from _load_v_mixed."""
+    more of the sequence than K): V comes from _load_v_mixed. HFILL > 1 (head fill): rows (KV head hg, query
+    row m), head hg's K / V at ``base + hg * skh / svh``."""
     KB: tl.constexpr = 8 // PER_K
     VB: tl.constexpr = 8 // PER_V
     KF1: tl.constexpr = (1 << KB) if K_SHIFTED else 1
     KF2: tl.constexpr = (1 << (2 * KB)) if K_SHIFTED else 1
     KF3: tl.constexpr = (1 << (3 * KB)) if K_SHIFTED else 1
-    k0, k1, k2, k3 = _load_fp_tile(k_base, offs_t, tmask, skt, skc, PER_K, D, FP_CONTIG)
-    raw = _mm(q0, tl.trans(k0), USE_DOT, DOT_FP32)
-    raw += KF1 * _mm(q1, tl.trans(k1), USE_DOT, DOT_FP32)
-    if PER_K == 4:
-        raw += KF2 * _mm(q2, tl.trans(k2), USE_DOT, DOT_FP32)
-        raw += KF3 * _mm(q3, tl.trans(k3), USE_DOT, DOT_FP32)
+    if HFILL > 1:
+        raw = tl.zeros([q0.shape[0], offs_t.shape[0]], tl.float32)
+        for hg in tl.static_range(HFILL):
+            rh = _fp_k_dot(q0, q1, q2, q3, k_base + hg * skh, offs_t, tmask, skt, skc, PER_K, D, FP_CONTIG, KF1, KF2,
+                           KF3, USE_DOT, DOT_FP32)
+            raw = tl.where(hrow[:, None] == hg, rh, raw)
+    else:
+        raw = _fp_k_dot(q0, q1, q2, q3, k_base, offs_t, tmask, skt, skc, PER_K, D, FP_CONTIG, KF1, KF2, KF3, USE_DOT,
+                        DOT_FP32)
     if K_GF:  # the q rows hold one channel group each: sum the groups of each query row
         raw = _group_allreduce(raw, GFILL)
     raw = _rows_select(raw, sbr, SUB)
@@ -384,6 +407,25 @@ def _fp_tile(q0, q1, q2, q3, m_i, l_i, acc0, acc1, acc2, acc3,
     VF1: tl.constexpr = (1 << VB) if V_SHIFTED else 1
     VF2: tl.constexpr = (1 << (2 * VB)) if V_SHIFTED else 1
     VF3: tl.constexpr = (1 << (3 * VB)) if V_SHIFTED else 1
+    if HFILL > 1:
+        acc0 = acc0 * alpha[:, None]
+        acc1 = acc1 * alpha[:, None]
+        if PER_V == 4:
+            acc2 = acc2 * alpha[:, None]
+            acc3 = acc3 * alpha[:, None]
+        p0 = p.to(DTYPE)
+        p1 = (p * VF1).to(DTYPE)
+        p2 = (p * VF2).to(DTYPE)
+        p3 = (p * VF3).to(DTYPE)
+        for hg in tl.static_range(HFILL):
+            v0, v1, v2, v3 = _load_fp_tile(v_base + hg * svh, offs_t, tmask, svt, svc, PER_V, D, FP_CONTIG)
+            mine = hrow[:, None] == hg
+            acc0 += _mm(tl.where(mine, p0, tl.zeros_like(p0)), v0, USE_DOT, DOT_FP32)
+            acc1 += _mm(tl.where(mine, p1, tl.zeros_like(p1)), v1, USE_DOT, DOT_FP32)
+            if PER_V == 4:
+                acc2 += _mm(tl.where(mine, p2, tl.zeros_like(p2)), v2, USE_DOT, DOT_FP32)
+                acc3 += _mm(tl.where(mine, p3, tl.zeros_like(p3)), v3, USE_DOT, DOT_FP32)
+        return m_i, l_i, alpha, acc0, acc1, acc2, acc3
     if V_MIXED:
         v0, v1, v2, v3 = _load_v_mixed(v_base, svt, svc, offs_t, tmask, v_lag, v_wcap, vc_base, svc_t, svc_c,
                                        vs_base, svs_t, svs_g, vz_base, svz_t, svz_g, v_mid0, PER_V, D, V_GROUP,
@@ -420,6 +462,41 @@ def _kc_plane(kb, ks_row, kz_row, chan, sks_g, skz_g, J: tl.constexpr, BITS: tl.
 
 
 @triton.jit
+def _load_codes(base, offs_t64, tmask, st, sc, DP: tl.constexpr, RAW: tl.constexpr):
+    """A [tokens, DP] uint8 code tile; as int16 unless the PTX unpack takes the raw bytes (RAW)."""
+    cb = tl.load(base + offs_t64[:, None] * st + tl.arange(0, DP)[None, :] * sc, mask=tmask[:, None], other=0)
+    if not RAW:
+        cb = cb.to(tl.int16)
+    return cb
+
+
+@triton.jit
+def _k_magic_dot(kb, q0, q1, q2, q3, K_BITS: tl.constexpr, MAGIC: tl.constexpr, DTYPE: tl.constexpr,
+                 K_SHIFTED: tl.constexpr, FAST_ASM: tl.constexpr, USE_DOT: tl.constexpr, DOT_FP32: tl.constexpr):
+    """q . (MAGIC_VAL + c) over the planes of a key code tile (scales and the offset are the caller's)."""
+    raw = _mm(q0, tl.trans(_plane_magic(kb, 0, K_BITS, MAGIC, DTYPE, K_SHIFTED, FAST_ASM)), USE_DOT, DOT_FP32)
+    raw += _mm(q1, tl.trans(_plane_magic(kb, 1, K_BITS, MAGIC, DTYPE, K_SHIFTED, FAST_ASM)), USE_DOT, DOT_FP32)
+    if K_BITS == 2:
+        raw += _mm(q2, tl.trans(_plane_magic(kb, 2, K_BITS, MAGIC, DTYPE, K_SHIFTED, FAST_ASM)), USE_DOT, DOT_FP32)
+        raw += _mm(q3, tl.trans(_plane_magic(kb, 3, K_BITS, MAGIC, DTYPE, K_SHIFTED, FAST_ASM)), USE_DOT, DOT_FP32)
+    return raw
+
+
+@triton.jit
+def _v_exact_dot(pv, vb, acc0, acc1, acc2, acc3, V_BITS: tl.constexpr, V_MAGIC: tl.constexpr,
+                 V_MAGIC_VAL: tl.constexpr, V_DTYPE: tl.constexpr, DOT_FP32: tl.constexpr, V_SHIFTED: tl.constexpr,
+                 FAST_ASM: tl.constexpr, USE_DOT: tl.constexpr):
+    """acc_j += pv . plane_j(vb) with the exact codes ((MAGIC_VAL + c) - MAGIC_VAL is exact in V_DTYPE;
+    leaving the offset in accumulates error)."""
+    acc0 += _mm(pv, _v_plane_exact(vb, 0, V_BITS, V_MAGIC, V_MAGIC_VAL, V_DTYPE, DOT_FP32, V_SHIFTED, FAST_ASM), USE_DOT, DOT_FP32)
+    acc1 += _mm(pv, _v_plane_exact(vb, 1, V_BITS, V_MAGIC, V_MAGIC_VAL, V_DTYPE, DOT_FP32, V_SHIFTED, FAST_ASM), USE_DOT, DOT_FP32)
+    if V_BITS == 2:
+        acc2 += _mm(pv, _v_plane_exact(vb, 2, V_BITS, V_MAGIC, V_MAGIC_VAL, V_DTYPE, DOT_FP32, V_SHIFTED, FAST_ASM), USE_DOT, DOT_FP32)
+        acc3 += _mm(pv, _v_plane_exact(vb, 3, V_BITS, V_MAGIC, V_MAGIC_VAL, V_DTYPE, DOT_FP32, V_SHIFTED, FAST_ASM), USE_DOT, DOT_FP32)
+    return acc0, acc1, acc2, acc3
+
+
+@triton.jit
 def _packed_tile(q0, q1, q2, q3, qsum, qsum_mag, m_i, l_i, acc0, acc1, acc2, acc3, zacc,
                  kc_base, skc_t, skc_c, ks_base, sks_t, sks_g, kz_base, skz_t, skz_g,
                  vc_base, svc_t, svc_c, vs_base, svs_t, svs_g, vz_base, svz_t, svz_g,
@@ -430,11 +507,14 @@ def _packed_tile(q0, q1, q2, q3, qsum, qsum_mag, m_i, l_i, acc0, acc1, acc2, acc
                  K_SHIFTED: tl.constexpr, V_SHIFTED: tl.constexpr, FAST_ASM: tl.constexpr, CAUSAL: tl.constexpr, USE_DOT: tl.constexpr, DOT_FP32: tl.constexpr, DTYPE: tl.constexpr,
                  SUB: tl.constexpr, t0=0, K_CHANNEL: tl.constexpr = False, grow=0, GFILL: tl.constexpr = 1,
                  K_GF: tl.constexpr = False, V_GF: tl.constexpr = False, GF_BCAST: tl.constexpr = False,
-                 KC_DEQ: tl.constexpr = False):
+                 KC_DEQ: tl.constexpr = False, hrow=0, HFILL: tl.constexpr = 1, skc_h=0, sks_h=0, skz_h=0,
+                 svc_h=0, svs_h=0, svz_h=0):
     """One tile of packed middle tokens. Codes load per token (offs_t, tmask); scales, zeros and the softmax
     run in the score domain (offs_s, smask, pos_s: see _bc and _rows_select). K_CHANNEL (per-channel keys,
     KIVI): the tile [t0, t0 + BLOCK_N) lies inside one token group of K_GROUP tokens, whose per-channel
-    scale s and zero z fold into q: q . (c * s + z) = (q * s) . c + q . z."""
+    scale s and zero z fold into q: q . (c * s + z) = (q * s) . c + q . z. HFILL > 1 ("head fill", one group
+    per token): the rows are (KV head hg, query row m) of HFILL heads (``*_h`` strides from the bases): each
+    head's tile is unpacked once and multiplied by all rows, and each row keeps its own head's product."""
     PER_K: tl.constexpr = 8 // K_BITS
     PER_V: tl.constexpr = 8 // V_BITS
     DPK: tl.constexpr = D // PER_K
@@ -443,13 +523,23 @@ def _packed_tile(q0, q1, q2, q3, qsum, qsum_mag, m_i, l_i, acc0, acc1, acc2, acc
     offs_s64 = offs_s.to(tl.int64)
 
     # ---- K: scores --------------------------------------------------------------------------------
-    kb = tl.load(kc_base + offs_t64[:, None] * skc_t + tl.arange(0, DPK)[None, :] * skc_c,
-                 mask=tmask[:, None], other=0)
     # the PTX unpack takes the raw bytes (fp16 magic, shifted codes); the other forms work on int16
     K_RAW: tl.constexpr = FAST_ASM and (K_SHIFTED or (K_CHANNEL and KC_DEQ and V_MAGIC == 0x6400))
-    if not K_RAW:
-        kb = kb.to(tl.int16)
-    if K_CHANNEL and KC_DEQ:
+    if HFILL == 1:
+        kb = _load_codes(kc_base, offs_t64, tmask, skc_t, skc_c, DPK, K_RAW)
+    if HFILL > 1:
+        # head fill: every row gets its own head's q . (M + c) (one unpack per head, shared by all rows),
+        # then the same per-token scale / zero form as one head, with the scales broadcast per head
+        MH: tl.constexpr = q0.shape[0]
+        ks = _group_rows_load(ks_base, offs_s64, sks_t, sks_h, smask, hrow, MH, HFILL, True)
+        kz = _group_rows_load(kz_base, offs_s64, skz_t, skz_h, smask, hrow, MH, HFILL, True)
+        raw = tl.zeros([MH, offs_t.shape[0]], tl.float32)
+        for hg in tl.static_range(HFILL):
+            kbh = _load_codes(kc_base + hg * skc_h, offs_t64, tmask, skc_t, skc_c, DPK, K_RAW)
+            rh = _k_magic_dot(kbh, q0, q1, q2, q3, K_BITS, MAGIC, DTYPE, K_SHIFTED, FAST_ASM, USE_DOT, DOT_FP32)
+            raw = tl.where(hrow[:, None] == hg, rh, raw)
+        s = ((raw - MAGIC_VAL * qsum_mag[:, None]) * ks + qsum[:, None] * kz) * qk_scale
+    elif K_CHANNEL and KC_DEQ:
         # dequantize the key tile per plane (c_j * s + z per channel, see _kc_plane) in the V product's dtype
         # (fp16 where the scales are: 3 more mantissa bits than bf16 for bf16 models, q converted per tile);
         # with K_SHIFTED the q planes hold q_j * 2**-(j bits), undone on each plane's product
@@ -506,11 +596,7 @@ def _packed_tile(q0, q1, q2, q3, qsum, qsum_mag, m_i, l_i, acc0, acc1, acc2, acc
         else:
             ks = tl.load(ks_base + offs_s64 * sks_t, mask=smask, other=0.0).to(tl.float32)
             kz = tl.load(kz_base + offs_s64 * skz_t, mask=smask, other=0.0).to(tl.float32)
-        raw = _mm(q0, tl.trans(_plane_magic(kb, 0, K_BITS, MAGIC, DTYPE, K_SHIFTED, FAST_ASM)), USE_DOT, DOT_FP32)
-        raw += _mm(q1, tl.trans(_plane_magic(kb, 1, K_BITS, MAGIC, DTYPE, K_SHIFTED, FAST_ASM)), USE_DOT, DOT_FP32)
-        if PER_K == 4:
-            raw += _mm(q2, tl.trans(_plane_magic(kb, 2, K_BITS, MAGIC, DTYPE, K_SHIFTED, FAST_ASM)), USE_DOT, DOT_FP32)
-            raw += _mm(q3, tl.trans(_plane_magic(kb, 3, K_BITS, MAGIC, DTYPE, K_SHIFTED, FAST_ASM)), USE_DOT, DOT_FP32)
+        raw = _k_magic_dot(kb, q0, q1, q2, q3, K_BITS, MAGIC, DTYPE, K_SHIFTED, FAST_ASM, USE_DOT, DOT_FP32)
         # raw = q . c + MAGIC_VAL * qsum_mag, so s * (raw - MAGIC_VAL * qsum_mag) + z * sum(q) == q . (c s + z)
         if K_GF:
             e = (raw - MAGIC_VAL * qsum_mag[:, None]) * ks + qsum[:, None] * kz
@@ -535,11 +621,28 @@ def _packed_tile(q0, q1, q2, q3, qsum, qsum_mag, m_i, l_i, acc0, acc1, acc2, acc
     p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i)
 
     # ---- V: output ----------------------------------------------------------------------------------
-    vb = tl.load(vc_base + offs_t64[:, None] * svc_t + tl.arange(0, DPV)[None, :] * svc_c,
-                 mask=tmask[:, None], other=0)
-    if not (FAST_ASM and V_SHIFTED):
-        vb = vb.to(tl.int16)
-    if V_GROUP == D or V_GF:
+    V_RAW: tl.constexpr = FAST_ASM and V_SHIFTED
+    if HFILL == 1:
+        vb = _load_codes(vc_base, offs_t64, tmask, svc_t, svc_c, DPV, V_RAW)
+    if HFILL > 1:
+        # head fill: the rows of head hg take p (scaled by their head's per-token scale) against that
+        # head's codes; the other rows' probabilities are zero in its product
+        MV: tl.constexpr = q0.shape[0]
+        vs = _group_rows_load(vs_base, offs_s64, svs_t, svs_h, smask, hrow, MV, HFILL, True)
+        vz = _group_rows_load(vz_base, offs_s64, svz_t, svz_h, smask, hrow, MV, HFILL, True)
+        zacc = zacc * alpha + tl.sum(p * vz, 1)
+        pv = (p * vs).to(V_DTYPE)
+        acc0 = acc0 * alpha[:, None]
+        acc1 = acc1 * alpha[:, None]
+        if PER_V == 4:
+            acc2 = acc2 * alpha[:, None]
+            acc3 = acc3 * alpha[:, None]
+        for hg in tl.static_range(HFILL):
+            vbh = _load_codes(vc_base + hg * svc_h, offs_t64, tmask, svc_t, svc_c, DPV, V_RAW)
+            pvh = tl.where(hrow[:, None] == hg, pv, tl.zeros_like(pv))
+            acc0, acc1, acc2, acc3 = _v_exact_dot(pvh, vbh, acc0, acc1, acc2, acc3, V_BITS, V_MAGIC, V_MAGIC_VAL,
+                                                  V_DTYPE, DOT_FP32, V_SHIFTED, FAST_ASM, USE_DOT)
+    elif V_GROUP == D or V_GF:
         if V_GF:
             # group fill: MMA row (g, m) carries query row m with V's channel group g: its probabilities
             # are scaled by that group's per-token scale, and only group g's output columns are kept
@@ -551,12 +654,13 @@ def _packed_tile(q0, q1, q2, q3, qsum, qsum_mag, m_i, l_i, acc0, acc1, acc2, acc
             vz = _bc(tl.load(vz_base + offs_s64 * svz_t, mask=smask, other=0.0).to(tl.float32), SUB)
         zacc = zacc * alpha + tl.sum(p * vz, 1)
         pv = _rows_expand((p * vs).to(V_DTYPE), sbr, SUB)
-        # (MAGIC_VAL + c) - MAGIC_VAL is exact in DTYPE; leaving the offset in accumulates error.
-        acc0 = acc0 * alpha[:, None] + _mm(pv, _v_plane_exact(vb, 0, V_BITS, V_MAGIC, V_MAGIC_VAL, V_DTYPE, DOT_FP32, V_SHIFTED, FAST_ASM), USE_DOT, DOT_FP32)
-        acc1 = acc1 * alpha[:, None] + _mm(pv, _v_plane_exact(vb, 1, V_BITS, V_MAGIC, V_MAGIC_VAL, V_DTYPE, DOT_FP32, V_SHIFTED, FAST_ASM), USE_DOT, DOT_FP32)
+        acc0 = acc0 * alpha[:, None]
+        acc1 = acc1 * alpha[:, None]
         if PER_V == 4:
-            acc2 = acc2 * alpha[:, None] + _mm(pv, _v_plane_exact(vb, 2, V_BITS, V_MAGIC, V_MAGIC_VAL, V_DTYPE, DOT_FP32, V_SHIFTED, FAST_ASM), USE_DOT, DOT_FP32)
-            acc3 = acc3 * alpha[:, None] + _mm(pv, _v_plane_exact(vb, 3, V_BITS, V_MAGIC, V_MAGIC_VAL, V_DTYPE, DOT_FP32, V_SHIFTED, FAST_ASM), USE_DOT, DOT_FP32)
+            acc2 = acc2 * alpha[:, None]
+            acc3 = acc3 * alpha[:, None]
+        acc0, acc1, acc2, acc3 = _v_exact_dot(pv, vb, acc0, acc1, acc2, acc3, V_BITS, V_MAGIC, V_MAGIC_VAL, V_DTYPE,
+                                              DOT_FP32, V_SHIFTED, FAST_ASM, USE_DOT)
     else:
         offs_g = (tl.arange(0, DPV) // (V_GROUP // PER_V)).to(tl.int64)
         vs = tl.load(vs_base + offs_t64[:, None] * svs_t + offs_g[None, :] * svs_g, mask=tmask[:, None], other=0.0).to(tl.float32)
@@ -634,11 +738,13 @@ def _decode_split_kernel(
     FP_SPLIT: tl.constexpr = False, DEV_LENS: tl.constexpr = False, KV_MIXED: tl.constexpr = False,
     K_CHANNEL: tl.constexpr = False, GFILL: tl.constexpr = 1, K_GF: tl.constexpr = False,
     V_GF: tl.constexpr = False, GF_BCAST: tl.constexpr = False, KC_DEQ: tl.constexpr = False,
+    HFILL: tl.constexpr = 1,
 ):
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
-    b = (pid_bh // H_KV).to(tl.int64)
-    h = (pid_bh % H_KV).to(tl.int64)
+    # HFILL > 1 ("head fill"): a program serves HFILL consecutive KV heads h .. h + HFILL - 1 (H_KV % HFILL == 0)
+    b = (pid_bh // (H_KV // HFILL)).to(tl.int64)
+    h = (pid_bh % (H_KV // HFILL)).to(tl.int64) * HFILL
     PER_K: tl.constexpr = 8 // K_BITS
     PER_V: tl.constexpr = 8 // V_BITS
     DPK: tl.constexpr = D // PER_K
@@ -664,7 +770,16 @@ def _decode_split_kernel(
     # by group g's scale and zero and the rows of one query row are summed (_group_allreduce). Costs no
     # extra MMA while the copies fit the 16 rows.
     grow = mrow // (M_PAD // GFILL)
-    if GFILL > 1:
+    # HFILL > 1 ("head fill", one group per token, SUB == GFILL == 1): the rows are (KV head hg, query row m),
+    # M_PAD // HFILL rows per head. Each head's packed tile is unpacked once and multiplied by all 16 rows;
+    # each row keeps its own head's scores, and head hg's V product sees only its rows' probabilities. The
+    # softmax, the accumulator rescaling and the scale / zero terms then run once for HFILL heads instead of
+    # on 16 rows of which r * Nq are real.
+    hrow = mrow // (M_PAD // HFILL)
+    if HFILL > 1:
+        rows = mrow % (M_PAD // HFILL)
+        sbr = mrow  # unused
+    elif GFILL > 1:
         rows = mrow % (M_PAD // GFILL)
         sbr = mrow  # unused
     elif SUB == 1:
@@ -677,7 +792,8 @@ def _decode_split_kernel(
     hl = (rows // NQ).to(tl.int64)
     qi = rows % NQ
     q_base = q_ptr + b * sq_b
-    q_rows = (h * GQA + hl) * sq_h + qi.to(tl.int64) * sq_n
+    hh = h + hrow.to(tl.int64)  # each row's KV head
+    q_rows = (hh * GQA + hl) * sq_h + qi.to(tl.int64) * sq_n
     # fp16 codes keep their bits in place (K_SHIFTED / V_SHIFTED, see _plane_magic); the exact
     # power-of-two factors go into the q planes (K) and the output planes (V).
     K_SHIFTED: tl.constexpr = (MAGIC == 0x6400) and (K_CHANNEL or K_GROUP == D or K_GF)
@@ -768,7 +884,7 @@ def _decode_split_kernel(
                     q0, q1, q2, q3, m_i, l_i, acc0, acc1, acc2, acc3,
                     k_base, sksk_t, sksk_d, v_base, svsk_t, svsk_d, offs_t, tmask, offs_s, smask, offs_s, sbr,
                     row_lim, qk_scale, PER_K, PER_V, D, K_SHIFTED, V_SHIFTED, CAUSAL, USE_DOT, DOT_FP32, DTYPE,
-                    SUB, FP_CONTIG, K_GF=K_GF, GFILL=GFILL)
+                    SUB, FP_CONTIG, K_GF=K_GF, GFILL=GFILL, hrow=hrow, HFILL=HFILL, skh=sksk_h, svh=svsk_h)
                 zacc = zacc * alpha
 
     if HAS_MID:
@@ -803,7 +919,7 @@ def _decode_split_kernel(
                     offs_t, tmask, offs_s, smask, offs_s + n_sink, sbr, row_lim, qk_scale,
                     K_BITS, V_BITS, K_GROUP, V_GROUP, D, MAGIC, MAGIC_VAL, V_MAGIC, V_MAGIC_VAL, V_DTYPE,
                     K_SHIFTED, V_SHIFTED, FAST_ASM, CAUSAL, USE_DOT, DOT_FP32, DTYPE, SUB, t0, K_CHANNEL,
-                    grow, GFILL, K_GF, V_GF, GF_BCAST, KC_DEQ)
+                    grow, GFILL, K_GF, V_GF, GF_BCAST, KC_DEQ, hrow, HFILL, skc_h, sks_h, skz_h, svc_h, svs_h, svz_h)
 
     if HAS_WINDOW:
         if run_fp:
@@ -841,7 +957,7 @@ def _decode_split_kernel(
                     q0, q1, q2, q3, m_i, l_i, acc0, acc1, acc2, acc3,
                     k_base, skw_t, skw_d, v_base, svw_t, svw_d, offs_t, tmask, offs_s, smask, offs_s + w0, sbr,
                     row_lim, qk_scale, PER_K, PER_V, D, K_SHIFTED, V_SHIFTED, CAUSAL, USE_DOT, DOT_FP32, DTYPE,
-                    SUB, FP_CONTIG, K_GF=K_GF, GFILL=GFILL)
+                    SUB, FP_CONTIG, K_GF=K_GF, GFILL=GFILL, hrow=hrow, HFILL=HFILL, skh=skw_h, svh=svw_h)
                 zacc = zacc * alpha
 
     if SUB > 1:
@@ -860,6 +976,7 @@ def _decode_split_kernel(
         rows = tl.arange(0, R_PAD)
         rmask = rows < ROWS
         grow = rows // R_PAD  # zeros: no group fill with row fill
+        hh = h  # no head fill with row fill
         hl = (rows // NQ).to(tl.int64)
         qi = rows % NQ
     empty = l_i == 0.0
@@ -867,12 +984,12 @@ def _decode_split_kernel(
     lse2 = tl.where(empty, float("-inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
     if DIRECT_OUT:
         # one split: write the final output ([B, Hq, NQ, D], q's dtype) and natural-log lse
-        orow = (b * (H_KV * GQA) + h * GQA + hl) * NQ + qi
+        orow = (b * (H_KV * GQA) + hh * GQA + hl) * NQ + qi
         tl.store(lse_ptr + orow, lse2 * 0.6931471805599453, mask=rmask & (grow == 0))
         _store_planes(acc0, acc1, acc2, acc3, zacc, inv_l, out_ptr, orow * D, rmask, PER_V, DPV, DTYPE, V_SHIFTED,
                       grow, GFILL, V_GROUP, V_GF)
     else:
-        prow = (pid_bh.to(tl.int64) * tl.num_programs(1) + split) * ROWS + rows
+        prow = ((b * H_KV + hh) * tl.num_programs(1) + split) * ROWS + rows
         tl.store(lp_ptr + prow, lse2, mask=rmask & (grow == 0))
         _store_planes(acc0, acc1, acc2, acc3, zacc, inv_l, op_ptr, prow * D, rmask, PER_V, DPV, tl.float32,
                       V_SHIFTED, grow, GFILL, V_GROUP, V_GF)
@@ -1020,6 +1137,7 @@ def decode_attention(
     group_fill: bool | None = None,
     group_bcast: bool | None = None,
     kchan_dequant: bool | None = None,
+    head_fill: bool | int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of ``q`` over the packed KV ``sink ++ middle[:n_quant] ++ window[:n_window]``.
 
@@ -1169,6 +1287,18 @@ def decode_attention(
             gfill, k_gf, v_gf = D // g_min, k_grouped, v_group_size == g_min
             m_pad = gfill * m_pad
             fill_rows = False
+    # head fill: one group per token, fewer than 16 rows per KV head; the heads per program divide Hkv
+    hfill = 1
+    if head_fill is None:
+        head_fill = HEAD_FILL_DEFAULT
+    if head_fill and use_dot and gfill == 1 and not k_channel and not kv_mixed and k_group_size == D \
+            and v_group_size == D and m_pad < 16:
+        hfill = min(16 // m_pad, HEAD_FILL_MAX if head_fill is True else int(head_fill))
+        while Hkv % hfill:
+            hfill //= 2
+        if hfill > 1:
+            fill_rows = False
+            m_pad = 16
     if use_dot:
         if fill_rows and m_pad < 16:
             sub = 16 // max(2, m_pad)  # rows = (token sub-block, query row): no padding rows in the softmax
@@ -1192,13 +1322,13 @@ def decode_attention(
     fp_split = bool(fp_split) and mid_cap > 0 and (S > 0 or n_window_arg > 0)
     if fp_split and fp_split_default and num_splits is None:
         # by default only where the extra program still fits the one wave (programs_per_sm x SMs)
-        fp_split = 2 * B * Hkv <= programs_per_sm * _num_sms(dev)
+        fp_split = 2 * B * (Hkv // hfill) <= programs_per_sm * _num_sms(dev)
     # With device lengths the grid is sized for the capacities (fixed for a CUDA graph) and each program
     # derives its row's chunk in the kernel; with host lengths the chunk is computed here.
     chunk = 0
     if fp_split:
         if num_splits is None:
-            want = max(1, (programs_per_sm * _num_sms(dev)) // max(1, B * Hkv))
+            want = max(1, (programs_per_sm * _num_sms(dev)) // max(1, B * (Hkv // hfill)))
             mid_splits = max(1, min(_cdiv(mid_cap, block_n), want - 1))
         else:
             mid_splits = max(1, num_splits - 1)
@@ -1209,7 +1339,7 @@ def decode_attention(
             num_splits = _cdiv(n_quant, chunk) + 1
     else:
         if num_splits is None:
-            num_splits = choose_num_splits(batch=B, kv_heads=Hkv, seq_len=L_grid, block_n=block_n,
+            num_splits = choose_num_splits(batch=B, kv_heads=Hkv // hfill, seq_len=L_grid, block_n=block_n,
                                            num_sms=_num_sms(dev), programs_per_sm=programs_per_sm)
         if dev_lens:
             num_splits = max(1, min(num_splits, _cdiv(L_grid, block_n)))
@@ -1239,7 +1369,7 @@ def decode_attention(
     # scale then fits fp16): 3 more mantissa bits than bf16 for bf16 models.
     v_fp16 = v_scale.dtype == torch.float16 or q.dtype == torch.float16
     v_dtype, v_magic, v_magic_val = (tl.float16, 0x6400, 1024.0) if v_fp16 else (tl_dtype, magic, magic_val)
-    grid = (B * Hkv, num_splits)
+    grid = (B * (Hkv // hfill), num_splits)
     _decode_split_kernel[grid](
         q, *q.stride(),
         *part(k_sink, has_sink), *part(k_codes, has_mid), *part(k_scale, has_mid), *part(k_zero, has_mid),
@@ -1258,7 +1388,7 @@ def decode_attention(
         DEV_LENS=dev_lens, KV_MIXED=kv_mixed, K_CHANNEL=k_channel, GFILL=gfill, K_GF=k_gf,
         V_GF=v_gf, GF_BCAST=GROUP_BCAST_DEFAULT if group_bcast is None else bool(group_bcast),
         KC_DEQ=k_channel and (KCHAN_DEQUANT_DEFAULT if kchan_dequant is None else bool(kchan_dequant)),
-        num_warps=num_warps, num_stages=num_stages,
+        HFILL=hfill, num_warps=num_warps, num_stages=num_stages,
     )
     if not direct:
         block_d = 64 if B * Hq * NQ < 4 * _num_sms(dev) else D

@@ -37,6 +37,11 @@ CASES = {  # B, Hq, Hkv, D, L, k_bits, v_bits, sink, window, NQ[, layout: k_grou
     "kivi": (1, 4, 1, 128, 4096, 2, 2, 0, 128, 1, dict(k_group=32, v_group=32, k_axis="channel")),
     "kivi_bf16": (1, 4, 1, 128, 4096, 2, 2, 0, 128, 1,
                   dict(k_group=32, v_group=32, k_axis="channel", dtype=torch.bfloat16)),
+    # head fill (NOTES.md v13): four KV heads of GQA-4 per program (--tune head_fill=True)
+    "hf4": (1, 16, 4, 128, 4096, 2, 2, 0, 0, 1),
+    "hf4k4": (1, 16, 4, 128, 4096, 4, 4, 0, 0, 1),
+    "hf4win": (1, 16, 4, 128, 4096, 2, 2, 4, 128, 1),
+    "hf8mha": (1, 8, 8, 128, 4096, 2, 2, 0, 0, 1),
 }
 
 
@@ -147,8 +152,9 @@ def analyse(k, dump=None, tag="k"):
     regs = re.search(r"REG:(\d+)", res)
     stack = re.search(r"STACK:(\d+)", res)
     shared = re.search(r"SHARED:(\d+)", res)
+    smem = getattr(getattr(k, "metadata", None), "shared", None)  # static + dynamic bytes per program
     print(f"[{tag}] regs={regs and regs.group(1)} stack={stack and stack.group(1)} shared={shared and shared.group(1)} "
-          f"total_instr={len(ins)}")
+          f"smem={smem} total_instr={len(ins)}")
     for lo, hi in sorted(loops, key=lambda x: x[1] - x[0], reverse=True)[:3]:
         body = ins[lo:hi + 1]
         hist = collections.Counter(op.split(".")[0] for _, op, _ in body)
