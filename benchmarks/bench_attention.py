@@ -266,6 +266,9 @@ def run_case(name, spec, bw, sweep, sink=0, window=0, log=print, variants=None, 
             log(f"  {name} {key}: {variants[key]:.1f} us, rel err {((o.float() - ref).norm() / ref.norm()).item():.1e}")
         except Exception as e:  # noqa: BLE001
             log(f"  {key}: {type(e).__name__}: {str(e)[:200]}")
+    if extra_variants:  # the default once more, after the variants: the run-to-run spread inside the row
+        variants["default_again"] = fused()
+        log(f"  {name} default_again: {variants['default_again']:.1f} us (first {t_fused:.1f})")
     best_key = min(variants, key=variants.get)
     row = dict(case=name, B=B, Hq=Hq, Hkv=Hkv, D=D, L=L, k_bits=kb, v_bits=vb, group=g, sink=sink, window=window,
                layout={k: v for k, v in layout.items() if v is not None},

@@ -18,7 +18,7 @@ Variants (the only difference is the KV cache and the attention over it):
   why the prefix is the faster fair option. ``--fp-attn mask`` runs that other option (whole buffer + a
   boolean mask) for comparison.
 - ``kvc``: per layer two ``PackedKV`` (K, V) from ``PackedKV.empty(..., capacity=L+1)``, written with
-  ``kvcompile.ops.write`` and read with ``kvcompile.ops.attention``. Default layout: per-token affine 2-bit K
+  ``kvcompile.ops.write_pair`` (one launch for both where their layouts match) and read with ``kvcompile.ops.attention``. Default layout: per-token affine 2-bit K
   and V, groups of 128 channels (= head dim), fp16 scale + zero, 4 full-precision sink tokens and a
   128-token full-precision window (what the fused Triton decode kernel supports today).
 
@@ -282,7 +282,8 @@ def fill_random(pk: PackedKV, context: int, gen=None) -> None:
 
 
 class PackedCache:
-    """Per layer two PackedKV (K, V), written with ``kvcompile.ops.write``, read with ``kvcompile.ops.attention``."""
+    """Per layer two PackedKV (K, V), written with ``kvcompile.ops.write_pair`` (one launch for both where their
+    layouts match), read with ``kvcompile.ops.attention``."""
 
     name = "kvc"
 
@@ -309,8 +310,7 @@ class PackedCache:
         self._base = [(p, p.counts.clone(), list(p.lengths())) for p in self.k + self.v]
 
     def attend(self, i, q, k, v):
-        ops.write(self.k[i], k)
-        ops.write(self.v[i], v)
+        ops.write_pair(self.k[i], k, self.v[i], v)  # one write launch for K and V where their layouts match
         return ops.attention(q, self.k[i], self.v[i], scale=self.scale)
 
     def reset(self):
@@ -328,7 +328,7 @@ class PackedCache:
                    if t is not None) // b
 
     def describe(self) -> str:
-        return "PackedKV K/V per layer (capacity L+1), kvcompile.ops.write + kvcompile.ops.attention"
+        return "PackedKV K/V per layer (capacity L+1), kvcompile.ops.write_pair + kvcompile.ops.attention"
 
 
 # ---------------------------------------------------------------------------------------------- schemes
@@ -540,6 +540,8 @@ class Bench:
         fa, fw = c.get("fused_attention_calls", 0), c.get("fused_write_calls", 0)
         att = "fused Triton attention" if fa == L else ("dequantize+SDPA" if fa == 0 else f"fused in {fa}/{L} layers")
         wr = "write kernel" if fw == 2 * L else ("reference write" if fw == 0 else f"write kernel {fw}/{2 * L} calls")
+        if fw == 2 * L and c.get("fused_write_pair_launches", 0) == L:
+            wr = "write kernel (one launch per layer for K and V)"
         where = "counted during capture" if row.get("mode") == "graph" else "counted in one eager step"
         return f"{att}, {wr} ({where})"
 
@@ -803,7 +805,7 @@ def main(argv=None):
         fp_desc=("static K/V [B, Hkv, L+1, D] per layer written by index, SDPA enable_gqa over the valid prefix (no mask)"
                  if a.fp_attn == "prefix" else "static K/V [B, Hkv, L+1, D] per layer written by index, SDPA enable_gqa "
                  "over the whole buffer with a boolean mask"),
-        kvc_desc="two PackedKV per layer (PackedKV.empty, capacity L+1), kvcompile.ops.write + kvcompile.ops.attention",
+        kvc_desc="two PackedKV per layer (PackedKV.empty, capacity L+1), kvcompile.ops.write_pair + kvcompile.ops.attention",
         model_code="non-attention parts torch.compile'd (--compile)" if a.compile else "eager PyTorch ops (no torch.compile)",
         timing=(f"{a.warmup} eager warm-up steps, then a whole step (all layers, write + attention + MLP + lm_head) "
                 f"captured in one CUDA graph, median of {a.steps} replays between CUDA events (rows marked eager: "

@@ -89,6 +89,49 @@ def write(pk: PackedKV, new: Tensor) -> None:
     pk._host = None  # the op wrote counts
 
 
+def write_pair(k: PackedKV, k_new: Tensor, v: PackedKV, v_new: Tensor) -> None:
+    """A layer's K and V writes. On CUDA, outside ``torch.compile``, one launch of the quantize-on-write kernel
+    writes both where their layouts, shapes and strides match (one launch per layer and step; the kernel's
+    ``pair``); otherwise, and inside compiled graphs (two ``quantize_kv_write_`` ops, which the graph passes
+    match per storage), ``write`` each."""
+    if k_new.is_cuda and not torch.compiler.is_compiling():
+        for pk, new in ((k, k_new), (v, v_new)):
+            if pk._host is not None:
+                pk._check_capacity(pk.quantized_after(new.shape[2]))
+        if _write_pair_fused(k, k_new, v, v_new) is None:
+            return
+    write(k, k_new)
+    write(v, v_new)
+
+
+def _write_pair_fused(k: PackedKV, k_new: Tensor, v: PackedKV, v_new: Tensor) -> str | None:
+    """One write launch for two storages of the same layout; None, or why the caller must write them apart."""
+    from .kernels.quantize_write import pair_compatible, quantize_write
+
+    for pk, new in ((k, k_new), (v, v_new)):
+        reason = _write_unsupported(new, pk)
+        if reason is not None:
+            return reason
+        if pk.perm is not None:
+            return "channel-permuted storage (its order is calibrated on the host per storage)"
+    if k.quant != v.quant or (k.n_sink, k.window_size) != (v.n_sink, v.window_size):
+        return f"different layouts ({k.quant}, sink {k.n_sink}, window {k.window_size} vs {v.quant}, sink " \
+               f"{v.n_sink}, window {v.window_size})"
+    first, second = (dict(new=new, codes=pk.codes, scale=pk.scale, zero=pk.zero, sink=pk.sink, window=pk.window,
+                          perm=pk.perm, counts=pk.counts) for pk, new in ((k, k_new), (v, v_new)))
+    reason = pair_compatible(first, second)
+    if reason is not None:
+        return reason
+    q = k.quant
+    quantize_write(**first, kind=q.kind, bits=q.bits, group_size=q.group_size or 0, axis=q.axis,
+                   clip_ratio=q.clip_ratio, n_sink=k.n_sink, window_size=k.window_size, pair=second)
+    k._host = v._host = None  # the kernel wrote the counts
+    if not torch.compiler.is_compiling():
+        counters["kvcompile"]["fused_write_calls"] += 2
+        counters["kvcompile"]["fused_write_pair_launches"] += 1
+    return None
+
+
 _WRITE_FALLBACK_LOGGED: set[str] = set()
 # perm tensors that a write outside graph capture found calibrated (n_quant > 0); see _write_fused
 _PERM_CALIBRATED = None

@@ -157,6 +157,48 @@ def test_decode_steps_cross_the_window_flush(q):
     assert ref.lengths()[1] > 0
 
 
+@pytest.mark.parametrize("qi", [0, 2, 5, 10, 12, 14])
+def test_one_launch_writes_k_and_v(qi):
+    """ops.write_pair's CUDA path (the kernel's ``pair``): K and V of one layout written by one launch, each bit
+    for bit its own reference, through prefill, decode steps and flushes."""
+    q = QUANTS[qi]
+    b, h, d = 2, 2, 64
+    (kr, kk), (vr, vk) = (_pair(q, b=b, h=h, d=d, n_sink=4, window=8, capacity=96, dtype=torch.float16)
+                          for _ in range(2))
+    gen = torch.Generator().manual_seed(qi)
+    for i, t in enumerate([13, 1, 1, 7] + [1] * (q.flush + 2)):
+        xk, xv = _tokens(gen, b, h, t, d, torch.float16), _tokens(gen, b, h, t, d, torch.float16)
+        kr.append(xk)
+        vr.append(xv)
+        assert ops._write_pair_fused(kk, xk, vk, xv) is None
+        _assert_same(kr, kk, f"K, step {i}")
+        _assert_same(vr, vk, f"V, step {i}")
+    assert kk.lengths() == kr.lengths() and vk.lengths() == vr.lengths() and kr.lengths()[1] > 0
+
+
+def test_one_launch_needs_one_layout():
+    """Storages that differ in layout, strides or channel order are written apart (ops.write_pair falls back to
+    two writes); the launcher's pair rejects them with the reason."""
+    def mk(q, **kw):
+        return PackedKV.empty(1, 2, 64, q, capacity=32, n_sink=0, window=4, dtype=torch.float16, device=DEVICE, **kw)
+
+    x = torch.randn(1, 2, 3, 64, dtype=torch.float16, device=DEVICE)
+    assert "different layouts" in ops._write_pair_fused(mk(QUANTS[10]), x, mk(QUANTS[0]), x)  # KIVI K, token V
+    assert "channel-permuted" in ops._write_pair_fused(mk(QUANTS[8]), x, mk(QUANTS[8]), x)
+    xt = torch.randn(1, 3, 2, 64, dtype=torch.float16, device=DEVICE).transpose(1, 2)  # other strides
+    assert "new tokens" in ops._write_pair_fused(mk(QUANTS[0]), x, mk(QUANTS[0]), xt)
+    k, v = mk(QUANTS[0]), mk(QUANTS[0])
+    q = k.quant
+    second = dict(new=xt, codes=v.codes, scale=v.scale, zero=v.zero, sink=v.sink, window=v.window, perm=v.perm,
+                  counts=v.counts)
+    with pytest.raises(ValueError, match="pair: new tokens"):
+        qw.quantize_write(new=x, codes=k.codes, scale=k.scale, zero=k.zero, sink=k.sink, window=k.window, perm=None,
+                          counts=k.counts, kind=q.kind, bits=q.bits, group_size=q.group_size, axis=q.axis,
+                          clip_ratio=q.clip_ratio, n_sink=0, window_size=4, pair=second)
+    ops.write_pair(k, x, v, xt)  # falls back to two writes (the reference on CPU)
+    assert k.lengths() == v.lengths() == (0, 0, 3)
+
+
 def test_sink_only_and_exact_window_fill():
     """Writes that only fill the sink (T < n_sink), then fill the window exactly (nothing to quantize)."""
     q = QUANTS[0]
@@ -330,6 +372,48 @@ def test_gpu_decode_write_captured_in_a_cuda_graph(qi):
     torch.cuda.synchronize()
     ker._host = None
     _assert_same(ref, ker, f"{steps} replays")
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("qi", [0, 12, 14])
+def test_gpu_one_launch_pair_captured_in_a_cuda_graph(qi):
+    """ops.write_pair in a CUDA graph: one launch for K and V per replay, no host sync, both storages equal to
+    their references token by token."""
+    q = QUANTS[qi]
+    b, h, d, steps = 2, 8, 128, 9
+    (kr, kk), (vr, vk) = (_pair(q, b=b, h=h, d=d, n_sink=4, window=16, capacity=300, dtype=torch.float16)
+                          for _ in range(2))
+    gen = torch.Generator().manual_seed(7)
+    pk_, pv_ = _tokens(gen, b, h, 40, d, torch.float16), _tokens(gen, b, h, 40, d, torch.float16)
+    kr.append(pk_)
+    vr.append(pv_)
+    ops.write_pair(kk, pk_, vk, pv_)
+    sk, sv = _tokens(gen, b, h, 1, d, torch.float16), _tokens(gen, b, h, 1, d, torch.float16)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        ops.write_pair(kk, sk, vk, sv)
+    torch.cuda.current_stream().wait_stream(s)
+    kr.append(sk)
+    vr.append(sv)
+    before = torch._dynamo.utils.counters["kvcompile"]["fused_write_pair_launches"]
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        kk._host = vk._host = None  # capture reads nothing on the host
+        ops.write_pair(kk, sk, vk, sv)
+    assert torch._dynamo.utils.counters["kvcompile"]["fused_write_pair_launches"] == before + 1
+    for _ in range(steps):
+        xk, xv = _tokens(gen, b, h, 1, d, torch.float16), _tokens(gen, b, h, 1, d, torch.float16)
+        sk.copy_(xk)
+        sv.copy_(xv)
+        g.replay()
+        kr.append(xk)
+        vr.append(xv)
+    torch.cuda.synchronize()
+    kk._host = vk._host = None
+    _assert_same(kr, kk, f"K, {steps} replays")
+    _assert_same(vr, vk, f"V, {steps} replays")
 
 
 def ops_args(pk):

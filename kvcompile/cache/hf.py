@@ -79,11 +79,10 @@ class PackedLayer(CacheLayerMixin):
         if self.max_cache_len is None:
             self.k = self._grown(self.k, t)
             self.v = self._grown(self.v, t)
-        if key_states.is_cuda:  # the quantize-on-write kernel (through the op), where it covers the layout
-            from ..ops import write
+        if key_states.is_cuda:  # the quantize-on-write kernel, one launch for K and V where it covers both
+            from ..ops import write_pair
 
-            write(self.k, key_states)
-            write(self.v, value_states)
+            write_pair(self.k, key_states, self.v, value_states)
         else:
             self.k.append(key_states)
             self.v.append(value_states)

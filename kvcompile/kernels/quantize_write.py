@@ -64,7 +64,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["quantize_write", "unsupported_reason", "SUPPORTED_KV_DTYPES", "SUPPORTED_META_DTYPES"]
+__all__ = ["quantize_write", "pair_compatible", "unsupported_reason", "SUPPORTED_KV_DTYPES", "SUPPORTED_META_DTYPES"]
 
 SUPPORTED_KV_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 SUPPORTED_META_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -235,6 +235,9 @@ def _store_units(codes_row_ptr, acc, rows_out, rmask, u, umask, sct, scc, NBY: t
 @triton.jit
 def _quantize_write_kernel(
     new_ptr, codes_ptr, scale_ptr, zero_ptr, sink_ptr, win_ptr, perm_ptr, counts_ptr, cb_ptr,
+    # PAIR: a second storage of the same layout, shapes and strides (a layer's V beside its K), written by the
+    # programs with program_id(2) == 1 (its own counts and arrivals)
+    new2_ptr, codes2_ptr, scale2_ptr, zero2_ptr, sink2_ptr, win2_ptr, perm2_ptr, counts2_ptr,
     T, H, cap, WB, n_prog,
     snb, snh, snt, snd,
     scb, sch, sct, scc,
@@ -247,11 +250,22 @@ def _quantize_write_kernel(
     LEVELS: tl.constexpr, G: tl.constexpr, AXIS_CH: tl.constexpr, CLIP: tl.constexpr, EPS: tl.constexpr,
     META: tl.constexpr, HAS_PERM: tl.constexpr, QDIV: tl.constexpr, INV: tl.constexpr, RECIP: tl.constexpr,
     BC: tl.constexpr, NU: tl.constexpr, BT: tl.constexpr, BS: tl.constexpr, SHIFT_ONE_TILE: tl.constexpr,
+    PAIR: tl.constexpr = False,
 ):
     pid = tl.program_id(0)
     cb = tl.program_id(1)
     b = pid // H
     h = pid % H
+    if PAIR:
+        if tl.program_id(2) == 1:
+            new_ptr = new2_ptr
+            codes_ptr = codes2_ptr
+            scale_ptr = scale2_ptr
+            zero_ptr = zero2_ptr
+            sink_ptr = sink2_ptr
+            win_ptr = win2_ptr
+            perm_ptr = perm2_ptr
+            counts_ptr = counts2_ptr
 
     # ---- counts, read on the device; then arrive (see the module docstring)
     n_q = tl.atomic_add(counts_ptr + 1, 0, sem="relaxed").to(tl.int32)
@@ -352,6 +366,9 @@ def _quantize_write_kernel(
         # per-token groups of G channels (affine, NF): stats on the natural tile, stored (rounded to the meta
         # dtype); then the codes plane by plane (plane j = channels NC * u + j), scale/zero read back per channel
         NGB: tl.constexpr = BC // G
+        # plane element u holds channel NC u + j of the block, in group u // (G // NC) when NC divides G: the
+        # stored scale / zero are broadcast to the planes in registers; otherwise read back from memory
+        REG_META: tl.constexpr = G % NC == 0
         gcols = cb * NGB + tl.arange(0, NGB)
         for i0 in range(0, n_move, BT):
             rows = i0 + tl.arange(0, BT)
@@ -364,12 +381,18 @@ def _quantize_write_kernel(
                 mn = tl.min(xg, 2) * CLIP
                 mx = tl.max(xg, 2) * CLIP
                 s = _to_meta(tl.maximum(_div_scalar(mx - mn, QDIV, INV, RECIP), EPS), META)
-                tl.store(zero_base + mrow[:, None] * smt + gcols[None, :].to(tl.int64) * smc, _to_meta(mn, META),
-                         mask=rm[:, None])
+                zm = _to_meta(mn, META)
+                tl.store(zero_base + mrow[:, None] * smt + gcols[None, :].to(tl.int64) * smc, zm, mask=rm[:, None])
             else:
                 s = _to_meta(tl.maximum(tl.max(tl.abs(xg), 2), EPS), META)
+                zm = s  # unused
             tl.store(scale_base + mrow[:, None] * smt + gcols[None, :].to(tl.int64) * smc, s, mask=rm[:, None])
-            tl.debug_barrier()  # scale / zero visible to every thread of the program
+            if REG_META:
+                # [BT, NGB] -> [BT, NU]: each group's value to its G // NC plane elements (exact: the stored values)
+                sp_r = tl.reshape(tl.broadcast_to(s.to(tl.float32)[:, :, None], [BT, NGB, G // NC]), [BT, NU])
+                zp_r = tl.reshape(tl.broadcast_to(zm.to(tl.float32)[:, :, None], [BT, NGB, G // NC]), [BT, NU])
+            else:
+                tl.debug_barrier()  # scale / zero visible to every thread of the program
             acc = tl.zeros([BT, NU], tl.int32)
             for j in tl.static_range(NC):
                 c = cb * BC + u * NC + j
@@ -378,9 +401,16 @@ def _quantize_write_kernel(
                                    HAS_PERM).to(tl.float32)
                 m2 = rm[:, None] & cm[None, :]
                 gi = (c // G).to(tl.int64)
-                sp = tl.load(scale_base + mrow[:, None] * smt + gi[None, :] * smc, mask=m2, other=1.0).to(tl.float32)
+                if REG_META:
+                    sp = sp_r
+                    zp = zp_r
+                else:
+                    sp = tl.load(scale_base + mrow[:, None] * smt + gi[None, :] * smc, mask=m2, other=1.0).to(tl.float32)
+                    if KIND == 0:
+                        zp = tl.load(zero_base + mrow[:, None] * smt + gi[None, :] * smc, mask=m2, other=0.0)
+                    else:
+                        zp = sp  # unused
                 if KIND == 0:
-                    zp = tl.load(zero_base + mrow[:, None] * smt + gi[None, :] * smc, mask=m2, other=0.0)
                     code = _affine_code(xp, sp, zp.to(tl.float32), LEVELS)
                 else:
                     code = _nf_code(xp, sp, cb_ptr, BITS)
@@ -431,6 +461,31 @@ def _quantize_write_kernel(
 # --------------------------------------------------------------------------------------------------
 
 
+_PAIR_KEYS = ("new", "codes", "scale", "zero", "sink", "window", "perm", "counts")
+
+
+def pair_compatible(first: dict, second: dict) -> str | None:
+    """Why two storages cannot share one write launch (None: they can): every tensor of ``second`` (keys
+    ``new, codes, scale, zero, sink, window, perm, counts``) must match ``first``'s in presence, shape, dtype,
+    strides and device (the kernel takes one set of strides); the layout arguments are the call's."""
+    if set(second) != set(_PAIR_KEYS):
+        return f"the pair needs exactly the keys {_PAIR_KEYS}, got {sorted(second)}"
+    for k in _PAIR_KEYS:
+        a, b = first[k], second[k]
+        if (a is None) != (b is None):
+            return f"{k} is None in one storage only"
+        if a is None:
+            continue
+        if k == "new":  # converted to the K/V dtype like the first's
+            if a.shape != b.shape or a.stride() != b.stride() or a.device != b.device:
+                return f"new tokens {tuple(a.shape)} / {a.stride()} vs {tuple(b.shape)} / {b.stride()}"
+            continue
+        if a.shape != b.shape or a.dtype != b.dtype or a.device != b.device or (a.numel() and a.stride() != b.stride()):
+            return (f"{k}: {a.dtype} {tuple(a.shape)} strides {a.stride()} vs {b.dtype} {tuple(b.shape)} strides "
+                    f"{b.stride()}")
+    return None
+
+
 def _blocking(kind: str, bits: float, group: int, axis: str, d: int) -> tuple[int, int, int]:
     """(channels per program BC, packing units per program NU, units per row)."""
     if kind in ("int8", "fp8"):
@@ -468,6 +523,7 @@ def quantize_write(
     block_s: int | None = None,
     num_warps: int | None = None,
     scalar_division: str | None = None,
+    pair: dict | None = None,
 ) -> None:
     """Append ``new`` [B, H, T, D] to the packed storage in place (``PackedKV.append`` on plain tensors).
 
@@ -477,6 +533,10 @@ def quantize_write(
     [H, D] int64 or None; ``counts`` int64 [3] (read and written on the device). ``group_size`` is the
     scheme's (0 or None: one group spanning D). No host synchronisation; the launch never writes out of bounds
     (an append past capacity leaves everything as it was).
+
+    ``pair``: a second storage written by the same launch (a layer's V beside its K: one launch per layer and
+    step), a dict of ``new, codes, scale, zero, sink, window, perm, counts`` in the same layout, with the same
+    shapes, dtypes and strides as the first (``pair_compatible`` checks); its own ``counts``.
     """
     if new.dim() != 4 or sink.dim() != 4 or window.dim() != 4 or codes.dim() != 4:
         _fail(f"new, codes, sink and window must be 4-d, got {tuple(new.shape)}, {tuple(codes.shape)}, "
@@ -526,6 +586,11 @@ def quantize_write(
             ((perm,) if perm is not None else ()):
         if t.device != dev:
             _fail(f"all tensors must be on new's device {dev}, found one on {t.device}")
+    if pair is not None:
+        why = pair_compatible(dict(new=new, codes=codes, scale=scale, zero=zero, sink=sink, window=window, perm=perm,
+                                   counts=counts), pair)
+        if why is not None:
+            _fail(f"pair: {why}; write the two storages with two calls")
     if T == 0:
         return
     if new.dtype != kv_dtype:
@@ -533,6 +598,10 @@ def quantize_write(
     counts = counts.view(3)
     if not counts.is_contiguous():
         _fail("counts must be contiguous")
+    if pair is not None:
+        p2 = dict(pair, new=pair["new"].to(kv_dtype), counts=pair["counts"].view(3))
+    else:  # unused stand-ins
+        p2 = dict(new=new, codes=codes, scale=scale, zero=zero, sink=sink, window=window, perm=perm, counts=counts)
 
     bc, nu, nunits = _blocking(kind, bits, g, axis, D)
     ncb = D // bc if bc <= D else 1
@@ -541,7 +610,7 @@ def quantize_write(
     n_prog = B * H * ncb
     zero_t = zero if zero is not None else scale
     perm_t = perm if perm is not None else counts
-    grid = (B * H, ncb)
+    grid = (B * H, ncb, 1 if pair is None else 2)
     # The reference divides by the level count (int8: 127, fp8: 448) with ``tensor / python_number``, which
     # PyTorch computes as a multiplication by the float32 reciprocal on CUDA and as a division on CPU; the
     # kernel follows the reference of the data's device (bit-identical there; the two references can differ
@@ -561,6 +630,8 @@ def quantize_write(
         num_warps = 8 if block_s * bc >= 16384 else 4
     _quantize_write_kernel[grid](
         new, codes, scale, zero_t, sink, window, perm_t, counts, cb,
+        p2["new"], p2["codes"], p2["scale"], p2["zero"] if p2["zero"] is not None else p2["scale"], p2["sink"],
+        p2["window"], p2["perm"] if p2["perm"] is not None else p2["counts"], p2["counts"],
         T, H, cap, WB, n_prog,
         *new.stride(), *codes.stride(), *scale.stride(),
         *(sink.stride() if sink.numel() else (0, 0, 0, 0)), *window.stride(),
@@ -570,6 +641,6 @@ def quantize_write(
         LEVELS=levels, G=g, AXIS_CH=axis == "channel" and kind == "affine", CLIP=float(clip_ratio),
         EPS=float(torch.finfo(meta).tiny), META=_META_CODE[meta], HAS_PERM=perm is not None,
         QDIV=qdiv, INV=inv, RECIP=scalar_division == "reciprocal",
-        BC=bc, NU=nu, BT=block_t, BS=max(block_s, 1), SHIFT_ONE_TILE=one_tile,
+        BC=bc, NU=nu, BT=block_t, BS=max(block_s, 1), SHIFT_ONE_TILE=one_tile, PAIR=pair is not None,
         num_warps=num_warps, enable_fp_fusion=False,
     )

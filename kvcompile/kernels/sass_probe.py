@@ -92,6 +92,7 @@ def compile_sass(fn, args, kwargs, overrides):
     kwargs = dict(kwargs)
     num_warps = kwargs.pop("num_warps", 4)
     num_stages = kwargs.pop("num_stages", 3)
+    fp_fusion = kwargs.pop("enable_fp_fusion", True)
     kwargs.update(DOT_FP32=False, FAST_ASM=True)
     kwargs.update(overrides)
     sig, consts, attrs = {}, {}, {}
@@ -100,7 +101,7 @@ def compile_sass(fn, args, kwargs, overrides):
             a = args[i]
             if torch.is_tensor(a):
                 sig[name] = "*" + {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32",
-                                   torch.uint8: "u8"}[a.dtype]
+                                   torch.uint8: "u8", torch.int64: "i64", torch.int32: "i32"}[a.dtype]
                 attrs[(i,)] = [["tt.divisibility", 16]]
             elif isinstance(a, bool):
                 sig[name] = "i1"
@@ -118,7 +119,8 @@ def compile_sass(fn, args, kwargs, overrides):
             v = kwargs.get(name, fn.params[i].default)
             consts[name] = v
     src = ASTSource(fn, sig, consts, attrs)
-    k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps, num_stages=num_stages))
+    k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps, num_stages=num_stages,
+                                                                           enable_fp_fusion=fp_fusion))
     return k
 
 
