@@ -33,7 +33,10 @@ that layer's fused K2V2 attention at 32k tokens, 128.7 us; the target is 5%), 13
 11.5 us for KIVI (per-channel K), 16.1 us without a window; ``PackedKV.append`` took 0.9-3.0 ms per layer.
 The launch is latency-bound (64 programs of a dependent chain: counts atomics, loads, a scale round trip,
 stores), not bandwidth-bound. (Timed before the switch to the reciprocal multiplication below, which
-replaces one division per group.)
+replaces one division per group.) Since then (2026-11-26, same device): the per-token scale / zero reach the code
+planes in registers (``REG_META``; no store / barrier / reload), and ``pair`` writes a layer's K and V in one
+launch (grid axis 2; ``kvcompile.ops.write_pair``): 7.7 us for both at groups of 128 (6.0% of the attention),
+7.3 us at groups of 32 (4.2%), against 14.1 / 12.1 us for two launches (BENCHMARKS.md).
 
 Codes are computed as the float32 references do (docs/format.md "Rounding rules"): true IEEE divisions where
 the reference divides two tensors (``div_rn``; Triton's ``/`` is approximate on the GPU); where it divides by a
