@@ -210,6 +210,36 @@ HEAD_VARIANTS = {"no_head_fill": dict(head_fill=False), "hf_bn64": dict(head_fil
                  "hf_bn32_st2_pps6": dict(head_fill=True, block_n=32, num_stages=2, programs_per_sm=6)}
 
 
+# more warps per program (NOTES.md v14): the 1-warp build holds ~250 registers, so 8 programs (8 warps) share an
+# SM; 2 / 4 warps split the tile across warps at fewer registers each. Every variant sets programs_per_sm to the
+# occupancy its registers allow (offline triton 3.6 builds: sass_probe), so the splits fill exactly one wave
+# (the sweeps of 2026-11-25 kept 8 per SM, which sent 2- and 4-warp builds into a second wave).
+def warp_variants(case):
+    """name -> launcher kwargs for one bench case (its layout decides the register counts)."""
+    if case.startswith("k4v4"):  # 2w 198 regs -> 5 / SM, 4w BN128 168 -> 3
+        return {"w2_pps5": dict(num_warps=2, programs_per_sm=5), "w2_st2_pps5": dict(num_warps=2, num_stages=2,
+                programs_per_sm=5), "w4_bn128_pps3": dict(num_warps=4, block_n=128, programs_per_sm=3)}
+    if "mha" in case:  # 2w 127 regs -> 8, 4w BN128 142 -> 3
+        return {"w2_pps8": dict(num_warps=2, programs_per_sm=8), "w2_pps7": dict(num_warps=2, programs_per_sm=7),
+                "w4_bn128_pps3": dict(num_warps=4, block_n=128, programs_per_sm=3)}
+    if case.startswith("kivi"):  # 2w 144 -> 7
+        return {"w2_pps7": dict(num_warps=2, programs_per_sm=7), "w2_pps6": dict(num_warps=2, programs_per_sm=6)}
+    if case.startswith("vg32"):  # 2w 168 -> 6
+        return {"w2_pps6": dict(num_warps=2, programs_per_sm=6), "w2_pps5": dict(num_warps=2, programs_per_sm=5)}
+    if case.startswith("g32"):  # 2w 212 -> 4
+        return {"w2_pps4": dict(num_warps=2, programs_per_sm=4)}
+    # K2V2 one group per head: 2w BN64 162 regs -> 6 / SM; 2w BN32 128 -> 8; 4w BN64 96 -> 5; 4w BN128 128 -> 4
+    return {"w2_pps6": dict(num_warps=2, programs_per_sm=6), "w2_st2_pps6": dict(num_warps=2, num_stages=2, programs_per_sm=6),
+            "w2_pps5": dict(num_warps=2, programs_per_sm=5), "w2_bn32_pps8": dict(num_warps=2, block_n=32, programs_per_sm=8),
+            "w4_pps5": dict(num_warps=4, programs_per_sm=5), "w4_pps4": dict(num_warps=4, programs_per_sm=4),
+            "w4_bn128_pps4": dict(num_warps=4, block_n=128, programs_per_sm=4),
+            "w2_bn128_pps4": dict(num_warps=2, block_n=128, programs_per_sm=4)}
+
+
+# scales / zeros loaded one tile ahead (NOTES.md v14; the default since), against the loads in the tile
+PREFETCH_VARIANTS = {"no_prefetch": dict(prefetch=False), "prefetch_st2": dict(prefetch=True, num_stages=2)}
+
+
 def run_case(name, spec, bw, sweep, sink=0, window=0, log=print, variants=None, **layout):
     B, Hq, Hkv, D, L, kb, vb, g, target = spec
     sm_scale = 1.0 / math.sqrt(D)
@@ -333,6 +363,8 @@ def main(argv=None):
     ap.add_argument("--variants", action="store_true", help="also time the VARIANTS flags (NOTES.md v6..v8)")
     ap.add_argument("--extra", default="", help="comma-separated EXTRA_CASES rows (NOTES.md v9, v10), or 'all'")
     ap.add_argument("--head-fill", action="store_true", help="time the HEAD_VARIANTS on the --cases rows (NOTES.md v13)")
+    ap.add_argument("--warps", action="store_true", help="time warp_variants() on every row (NOTES.md v14)")
+    ap.add_argument("--prefetch", action="store_true", help="time PREFETCH_VARIANTS on every row (NOTES.md v14)")
     args = ap.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     logf = open(os.path.join(args.out, "bench_attention.log"), "a")
@@ -355,6 +387,10 @@ def main(argv=None):
                 var = dict(list(var.items())[:1])  # one variant on the other rows
         if args.head_fill:
             var = dict(var or {}, **HEAD_VARIANTS)
+        if args.warps:
+            var = dict(var or {}, **warp_variants(name))
+        if args.prefetch:
+            var = dict(var or {}, **PREFETCH_VARIANTS)
         row = run_case(name, CASES[name], bw, args.sweep, log=log, variants=var)
         rows.append(row)
         log(json.dumps(row))
@@ -362,6 +398,10 @@ def main(argv=None):
             var = VARIANTS["window"] if args.variants else None
             if args.head_fill:
                 var = dict(var or {}, **HEAD_VARIANTS)
+            if args.warps:
+                var = dict(var or {}, **warp_variants(name))
+            if args.prefetch:
+                var = dict(var or {}, **PREFETCH_VARIANTS)
             row = run_case(name + "_s4_w128", CASES[name], bw, False, sink=4, window=128, log=log, variants=var)
             rows.append(row)
             log(json.dumps(row))
@@ -375,6 +415,10 @@ def main(argv=None):
         var = dict(GROUP_VARIANTS) if grouped else {}  # NOTES.md v11
         if layout.get("k_axis") == "channel":
             var.update(KCHAN_VARIANTS)
+        if args.warps:
+            var = warp_variants(name)
+        if args.prefetch:
+            var = dict(var, **PREFETCH_VARIANTS)
         row = run_case(name, CASES[base], bw, False, sink=sink, window=window, log=log, variants=var, **layout)
         rows.append(row)
         log(json.dumps(row))

@@ -198,6 +198,7 @@ def variant_configs(draw):
         group_fill=draw(st.sampled_from([None, False])),  # per-token groups < D: group fill or registers
         group_bcast=draw(st.sampled_from([None, False])),  # group fill's scales: broadcast per group or per row
         head_fill=draw(st.sampled_from([None, True, 2])),  # several KV heads per program (one group per token)
+        prefetch=draw(st.sampled_from([None, True, False])),  # per-token scales / zeros loaded one tile ahead
     )
     return cfg, tuning
 
@@ -250,6 +251,19 @@ def test_head_fill_gqa_ratios(r, NQ, Hkv):
     kw = make_inputs(B=2, Hkv=Hkv, r=r, NQ=NQ, D=128, S=0, n_quant=0, n_window=0, k_bits=4, v_bits=2,
                      k_group=128, v_group=128, dtype=torch.bfloat16, lens=[(0, 40, 7), (0, 13, 0)], seed=NQ)
     check_against_reference(kw, block_n=16, head_fill=True)
+
+
+@pytest.mark.parametrize("r,NQ", [(4, 1), (8, 1), (3, 1), (2, 3)])
+def test_prefetch_matches_reference(r, NQ):
+    # scales / zeros loaded one tile ahead: odd lengths (a split's last tile and the tile past its end masked),
+    # sink + window, splits, per-sequence lengths
+    kw = make_inputs(B=2, Hkv=2, r=r, NQ=NQ, D=64, S=3, n_quant=61, n_window=5, k_bits=2, v_bits=4,
+                     k_group=64, v_group=64, dtype=torch.float16, seed=r * 10 + NQ)
+    for tuning in (dict(block_n=16, num_splits=3), dict(block_n=32, num_splits=1), dict(block_n=16, fp_split=True)):
+        check_against_reference(kw, prefetch=True, **tuning)
+    kw = make_inputs(B=2, Hkv=1, r=r, NQ=NQ, D=128, S=0, n_quant=0, n_window=0, k_bits=2, v_bits=2, k_group=128,
+                     v_group=128, dtype=torch.bfloat16, lens=[(0, 45, 3), (0, 17, 0)], seed=NQ)
+    check_against_reference(kw, prefetch=True, block_n=16)
 
 
 def test_head_fill_takes_four_heads_for_gqa4():
@@ -533,11 +547,11 @@ def test_layouts_take_their_fast_variants():
     from kvcompile.kernels import sass_probe
 
     want = {
-        "gqa4": dict(GFILL=1, K_GF=False, V_GF=False, M_PAD=16),
-        "vg32": dict(GFILL=4, K_GF=False, V_GF=True, GF_BCAST=True, M_PAD=16, SUB=1),
-        "g32k4": dict(GFILL=4, K_GF=True, V_GF=True, GF_BCAST=True, M_PAD=16),
-        "kivi": dict(GFILL=4, K_GF=False, V_GF=True, K_CHANNEL=True, KC_DEQ=True, M_PAD=16),
-        "mha": dict(GFILL=1, SUB=8),
+        "gqa4": dict(GFILL=1, K_GF=False, V_GF=False, M_PAD=16, PREFETCH=True),
+        "vg32": dict(GFILL=4, K_GF=False, V_GF=True, GF_BCAST=True, M_PAD=16, SUB=1, PREFETCH=True),
+        "g32k4": dict(GFILL=4, K_GF=True, V_GF=True, GF_BCAST=True, M_PAD=16, PREFETCH=True),
+        "kivi": dict(GFILL=4, K_GF=False, V_GF=True, K_CHANNEL=True, KC_DEQ=True, M_PAD=16, PREFETCH=True),
+        "mha": dict(GFILL=1, SUB=8, PREFETCH=False),  # row fill: score-domain tiles, loads in the tile
     }
     for case, flags in want.items():
         _, got = sass_probe.record_launch(case)

@@ -84,6 +84,8 @@ _MAX_GFILL_ROWS = 64
 #   per program (each is an unrolled copy of the unpack code).
 HEAD_FILL_DEFAULT = False
 HEAD_FILL_MAX = 8
+# - PREFETCH: the per-token scales / zeros of one-group-per-token layouts loaded one tile ahead (NOTES.md v14)
+PREFETCH_DEFAULT = True
 
 _LOG2E = 1.4426950408889634
 _LN2 = 0.6931471805599453
@@ -283,6 +285,13 @@ def _group_allreduce(x, GFILL: tl.constexpr):
 
 
 @triton.jit
+def _group_bcast(x, M: tl.constexpr, GFILL: tl.constexpr):
+    """[GFILL, N] per-group values -> [M, N] float32, each group's row repeated for its M // GFILL MMA rows."""
+    N: tl.constexpr = x.shape[1]
+    return tl.reshape(tl.broadcast_to(x.to(tl.float32)[:, None, :], [GFILL, M // GFILL, N]), [M, N])
+
+
+@triton.jit
 def _group_rows_load(base, offs_s64, st, sg, smask, grow, M: tl.constexpr, GFILL: tl.constexpr,
                      GF_BCAST: tl.constexpr):
     """Per-token scale (or zero) of each row's channel group for a tile, [M, BLOCK_N] float32: loaded per row
@@ -290,9 +299,8 @@ def _group_rows_load(base, offs_s64, st, sg, smask, grow, M: tl.constexpr, GFILL
     M // GFILL rows of each group."""
     if GF_BCAST:
         gidx = tl.arange(0, GFILL).to(tl.int64)
-        x = tl.load(base + offs_s64[None, :] * st + gidx[:, None] * sg, mask=smask[None, :], other=0.0)
-        N: tl.constexpr = x.shape[1]
-        x = tl.reshape(tl.broadcast_to(x.to(tl.float32)[:, None, :], [GFILL, M // GFILL, N]), [M, N])
+        x = _group_bcast(tl.load(base + offs_s64[None, :] * st + gidx[:, None] * sg, mask=smask[None, :], other=0.0),
+                         M, GFILL)
     else:
         x = tl.load(base + offs_s64[None, :] * st + grow.to(tl.int64)[:, None] * sg, mask=smask[None, :],
                     other=0.0).to(tl.float32)
@@ -447,14 +455,39 @@ def _kf(J: tl.constexpr, BITS: tl.constexpr, SHIFTED: tl.constexpr):
 
 
 @triton.jit
-def _kc_plane(kb, ks_row, kz_row, chan, sks_g, skz_g, J: tl.constexpr, BITS: tl.constexpr, MAGIC: tl.constexpr,
-              MAGIC_VAL: tl.constexpr, DTYPE: tl.constexpr, DOT_FP32: tl.constexpr, FAST_ASM: tl.constexpr):
-    """KC_DEQ: plane J of a per-channel-key tile, dequantized in DTYPE: c * s + z per channel. With the fp16
-    magic the codes come shifted (2**(J bits) c, exact), so the scale is divided by that power of two."""
+def _kc_meta(ks_base, sks_t, sks_g, kz_base, skz_t, skz_g, t0, end, K_GROUP: tl.constexpr, DPK: tl.constexpr,
+             PER_K: tl.constexpr):
+    """PREFETCH with per-channel keys: the scale and zero of every channel plane ([DPK] float32 each, planes 2
+    and 3 repeat 0 and 1 for 4-bit keys) of the key token group holding the tile at t0 (zeros past ``end``)."""
+    gi = t0 // K_GROUP
+    chan = tl.arange(0, DPK).to(tl.int64) * PER_K
+    m = (t0 + chan * 0) < end  # (a vector mask: the interpreter takes no scalar one)
+    ks_row = ks_base + gi * sks_t
+    kz_row = kz_base + gi * skz_t
+    s0 = tl.load(ks_row + chan * sks_g, mask=m, other=0.0).to(tl.float32)
+    z0 = tl.load(kz_row + chan * skz_g, mask=m, other=0.0).to(tl.float32)
+    s1 = tl.load(ks_row + (chan + 1) * sks_g, mask=m, other=0.0).to(tl.float32)
+    z1 = tl.load(kz_row + (chan + 1) * skz_g, mask=m, other=0.0).to(tl.float32)
+    if PER_K == 4:
+        s2 = tl.load(ks_row + (chan + 2) * sks_g, mask=m, other=0.0).to(tl.float32)
+        z2 = tl.load(kz_row + (chan + 2) * skz_g, mask=m, other=0.0).to(tl.float32)
+        s3 = tl.load(ks_row + (chan + 3) * sks_g, mask=m, other=0.0).to(tl.float32)
+        z3 = tl.load(kz_row + (chan + 3) * skz_g, mask=m, other=0.0).to(tl.float32)
+    else:
+        s2 = s0
+        z2 = z0
+        s3 = s1
+        z3 = z1
+    return s0, z0, s1, z1, s2, z2, s3, z3
+
+
+@triton.jit
+def _kc_deq(kb, s, z, J: tl.constexpr, BITS: tl.constexpr, MAGIC: tl.constexpr, MAGIC_VAL: tl.constexpr,
+            DTYPE: tl.constexpr, DOT_FP32: tl.constexpr, FAST_ASM: tl.constexpr):
+    """Plane J of a per-channel-key tile with its channels' scale s and zero z ([DP] float32)."""
     SHIFTED: tl.constexpr = MAGIC == 0x6400
     c = _v_plane_exact(kb, J, BITS, MAGIC, MAGIC_VAL, DTYPE, DOT_FP32, SHIFTED, FAST_ASM)
-    sc = tl.load(ks_row + (chan + J) * sks_g).to(tl.float32) * (1.0 / _kf(J, BITS, SHIFTED))
-    z = tl.load(kz_row + (chan + J) * skz_g).to(tl.float32)
+    sc = s * (1.0 / _kf(J, BITS, SHIFTED))
     if DOT_FP32:
         return c * sc[None, :] + z[None, :]
     else:
@@ -497,6 +530,39 @@ def _v_exact_dot(pv, vb, acc0, acc1, acc2, acc3, V_BITS: tl.constexpr, V_MAGIC: 
 
 
 @triton.jit
+def _meta_load(base, st, sg, o64, m, NG: tl.constexpr):
+    """Per-token values of a tile: [BLOCK_N] (NG == 1) or [NG, BLOCK_N] (NG groups at stride sg), float32."""
+    if NG == 1:
+        x = tl.load(base + o64 * st, mask=m, other=0.0).to(tl.float32)
+    else:
+        g = tl.arange(0, NG).to(tl.int64)
+        x = tl.load(base + o64[None, :] * st + g[:, None] * sg, mask=m[None, :], other=0.0).to(tl.float32)
+    return x
+
+
+@triton.jit
+def _tile_meta(ks_base, sks_t, sks_g, kz_base, skz_t, skz_g, vs_base, svs_t, svs_g, vz_base, svz_t, svz_g, t0, end,
+               BLOCK_N: tl.constexpr, KG: tl.constexpr = 1, VG: tl.constexpr = 1, K_META: tl.constexpr = True):
+    """The per-token scales and zeros of the K and V tile at t0, float32: [BLOCK_N] for one group per token,
+    [KG / VG, BLOCK_N] for a side grouped by group fill (broadcast to its rows by the tile). PREFETCH loads
+    them one tile ahead, so their global-memory latency overlaps the tile before instead of stalling the tile
+    that needs them (they are plain loads; only the code tiles go through async copies). Without K_META (keys
+    per channel: _kc_meta) the K part is zeros."""
+    offs = t0 + tl.arange(0, BLOCK_N)
+    m = offs < end
+    o64 = offs.to(tl.int64)
+    if K_META:
+        ks = _meta_load(ks_base, sks_t, sks_g, o64, m, KG)
+        kz = _meta_load(kz_base, skz_t, skz_g, o64, m, KG)
+    else:
+        ks = tl.zeros([BLOCK_N], tl.float32)
+        kz = ks
+    vs = _meta_load(vs_base, svs_t, svs_g, o64, m, VG)
+    vz = _meta_load(vz_base, svz_t, svz_g, o64, m, VG)
+    return ks, kz, vs, vz
+
+
+@triton.jit
 def _packed_tile(q0, q1, q2, q3, qsum, qsum_mag, m_i, l_i, acc0, acc1, acc2, acc3, zacc,
                  kc_base, skc_t, skc_c, ks_base, sks_t, sks_g, kz_base, skz_t, skz_g,
                  vc_base, svc_t, svc_c, vs_base, svs_t, svs_g, vz_base, svz_t, svz_g,
@@ -508,7 +574,8 @@ def _packed_tile(q0, q1, q2, q3, qsum, qsum_mag, m_i, l_i, acc0, acc1, acc2, acc
                  SUB: tl.constexpr, t0=0, K_CHANNEL: tl.constexpr = False, grow=0, GFILL: tl.constexpr = 1,
                  K_GF: tl.constexpr = False, V_GF: tl.constexpr = False, GF_BCAST: tl.constexpr = False,
                  KC_DEQ: tl.constexpr = False, hrow=0, HFILL: tl.constexpr = 1, skc_h=0, sks_h=0, skz_h=0,
-                 svc_h=0, svs_h=0, svz_h=0):
+                 svc_h=0, svs_h=0, svz_h=0, PREFETCH: tl.constexpr = False, pks=None, pkz=None, pvs=None, pvz=None,
+                 pkc=None):
     """One tile of packed middle tokens. Codes load per token (offs_t, tmask); scales, zeros and the softmax
     run in the score domain (offs_s, smask, pos_s: see _bc and _rows_select). K_CHANNEL (per-channel keys,
     KIVI): the tile [t0, t0 + BLOCK_N) lies inside one token group of K_GROUP tokens, whose per-channel
@@ -543,20 +610,19 @@ def _packed_tile(q0, q1, q2, q3, qsum, qsum_mag, m_i, l_i, acc0, acc1, acc2, acc
         # dequantize the key tile per plane (c_j * s + z per channel, see _kc_plane) in the V product's dtype
         # (fp16 where the scales are: 3 more mantissa bits than bf16 for bf16 models, q converted per tile);
         # with K_SHIFTED the q planes hold q_j * 2**-(j bits), undone on each plane's product
-        gi = t0 // K_GROUP
-        chan = tl.arange(0, DPK).to(tl.int64) * PER_K
-        ks_row = ks_base + gi * sks_t
-        kz_row = kz_base + gi * skz_t
-        k0 = _kc_plane(kb, ks_row, kz_row, chan, sks_g, skz_g, 0, K_BITS, V_MAGIC, V_MAGIC_VAL, V_DTYPE, DOT_FP32, FAST_ASM)
+        if PREFETCH:  # the tile's key group's per-channel scale / zero, loaded one tile ahead (_kc_meta)
+            s0, z0, s1, z1, s2, z2, s3, z3 = pkc
+        else:
+            s0, z0, s1, z1, s2, z2, s3, z3 = _kc_meta(ks_base, sks_t, sks_g, kz_base, skz_t, skz_g, t0, t0 + 1, K_GROUP,
+                                                      DPK, PER_K)
+        k0 = _kc_deq(kb, s0, z0, 0, K_BITS, V_MAGIC, V_MAGIC_VAL, V_DTYPE, DOT_FP32, FAST_ASM)
         raw = _mm(q0.to(V_DTYPE), tl.trans(k0), USE_DOT, DOT_FP32)
-        k1 = _kc_plane(kb, ks_row, kz_row, chan, sks_g, skz_g, 1, K_BITS, V_MAGIC, V_MAGIC_VAL, V_DTYPE, DOT_FP32, FAST_ASM)
+        k1 = _kc_deq(kb, s1, z1, 1, K_BITS, V_MAGIC, V_MAGIC_VAL, V_DTYPE, DOT_FP32, FAST_ASM)
         raw += _kf(1, K_BITS, K_SHIFTED) * _mm(q1.to(V_DTYPE), tl.trans(k1), USE_DOT, DOT_FP32)
         if PER_K == 4:
-            k2 = _kc_plane(kb, ks_row, kz_row, chan, sks_g, skz_g, 2, K_BITS, V_MAGIC, V_MAGIC_VAL, V_DTYPE, DOT_FP32,
-                           FAST_ASM)
+            k2 = _kc_deq(kb, s2, z2, 2, K_BITS, V_MAGIC, V_MAGIC_VAL, V_DTYPE, DOT_FP32, FAST_ASM)
             raw += _kf(2, K_BITS, K_SHIFTED) * _mm(q2.to(V_DTYPE), tl.trans(k2), USE_DOT, DOT_FP32)
-            k3 = _kc_plane(kb, ks_row, kz_row, chan, sks_g, skz_g, 3, K_BITS, V_MAGIC, V_MAGIC_VAL, V_DTYPE, DOT_FP32,
-                           FAST_ASM)
+            k3 = _kc_deq(kb, s3, z3, 3, K_BITS, V_MAGIC, V_MAGIC_VAL, V_DTYPE, DOT_FP32, FAST_ASM)
             raw += _kf(3, K_BITS, K_SHIFTED) * _mm(q3.to(V_DTYPE), tl.trans(k3), USE_DOT, DOT_FP32)
         s = _rows_select(raw, sbr, SUB) * qk_scale
     elif K_CHANNEL:
@@ -591,11 +657,19 @@ def _packed_tile(q0, q1, q2, q3, qsum, qsum_mag, m_i, l_i, acc0, acc1, acc2, acc
             # group fill: row (g, m)'s q planes hold query row m's channel group g only (zeros elsewhere), so
             # the dots give that group's part, scaled by its per-token scale and summed over the row's groups
             MK: tl.constexpr = q0.shape[0]
-            ks = _group_rows_load(ks_base, offs_s64, sks_t, sks_g, smask, grow, MK, GFILL, GF_BCAST)
-            kz = _group_rows_load(kz_base, offs_s64, skz_t, skz_g, smask, grow, MK, GFILL, GF_BCAST)
+            if PREFETCH:  # [GFILL, BLOCK_N], loaded one tile ahead
+                ks = _group_bcast(pks, MK, GFILL)
+                kz = _group_bcast(pkz, MK, GFILL)
+            else:
+                ks = _group_rows_load(ks_base, offs_s64, sks_t, sks_g, smask, grow, MK, GFILL, GF_BCAST)
+                kz = _group_rows_load(kz_base, offs_s64, skz_t, skz_g, smask, grow, MK, GFILL, GF_BCAST)
         else:
-            ks = tl.load(ks_base + offs_s64 * sks_t, mask=smask, other=0.0).to(tl.float32)
-            kz = tl.load(kz_base + offs_s64 * skz_t, mask=smask, other=0.0).to(tl.float32)
+            if PREFETCH:  # loaded one tile ahead by the caller (_tile_meta)
+                ks = pks
+                kz = pkz
+            else:
+                ks = tl.load(ks_base + offs_s64 * sks_t, mask=smask, other=0.0).to(tl.float32)
+                kz = tl.load(kz_base + offs_s64 * skz_t, mask=smask, other=0.0).to(tl.float32)
         raw = _k_magic_dot(kb, q0, q1, q2, q3, K_BITS, MAGIC, DTYPE, K_SHIFTED, FAST_ASM, USE_DOT, DOT_FP32)
         # raw = q . c + MAGIC_VAL * qsum_mag, so s * (raw - MAGIC_VAL * qsum_mag) + z * sum(q) == q . (c s + z)
         if K_GF:
@@ -647,11 +721,19 @@ def _packed_tile(q0, q1, q2, q3, qsum, qsum_mag, m_i, l_i, acc0, acc1, acc2, acc
             # group fill: MMA row (g, m) carries query row m with V's channel group g: its probabilities
             # are scaled by that group's per-token scale, and only group g's output columns are kept
             MV: tl.constexpr = q0.shape[0]
-            vs = _group_rows_load(vs_base, offs_s64, svs_t, svs_g, smask, grow, MV, GFILL, GF_BCAST)
-            vz = _group_rows_load(vz_base, offs_s64, svz_t, svz_g, smask, grow, MV, GFILL, GF_BCAST)
+            if PREFETCH:
+                vs = _group_bcast(pvs, MV, GFILL)
+                vz = _group_bcast(pvz, MV, GFILL)
+            else:
+                vs = _group_rows_load(vs_base, offs_s64, svs_t, svs_g, smask, grow, MV, GFILL, GF_BCAST)
+                vz = _group_rows_load(vz_base, offs_s64, svz_t, svz_g, smask, grow, MV, GFILL, GF_BCAST)
         else:
-            vs = _bc(tl.load(vs_base + offs_s64 * svs_t, mask=smask, other=0.0).to(tl.float32), SUB)
-            vz = _bc(tl.load(vz_base + offs_s64 * svz_t, mask=smask, other=0.0).to(tl.float32), SUB)
+            if PREFETCH:
+                vs = _bc(pvs, SUB)
+                vz = _bc(pvz, SUB)
+            else:
+                vs = _bc(tl.load(vs_base + offs_s64 * svs_t, mask=smask, other=0.0).to(tl.float32), SUB)
+                vz = _bc(tl.load(vz_base + offs_s64 * svz_t, mask=smask, other=0.0).to(tl.float32), SUB)
         zacc = zacc * alpha + tl.sum(p * vz, 1)
         pv = _rows_expand((p * vs).to(V_DTYPE), sbr, SUB)
         acc0 = acc0 * alpha[:, None]
@@ -738,7 +820,7 @@ def _decode_split_kernel(
     FP_SPLIT: tl.constexpr = False, DEV_LENS: tl.constexpr = False, KV_MIXED: tl.constexpr = False,
     K_CHANNEL: tl.constexpr = False, GFILL: tl.constexpr = 1, K_GF: tl.constexpr = False,
     V_GF: tl.constexpr = False, GF_BCAST: tl.constexpr = False, KC_DEQ: tl.constexpr = False,
-    HFILL: tl.constexpr = 1,
+    HFILL: tl.constexpr = 1, PREFETCH: tl.constexpr = False,
 ):
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -903,7 +985,26 @@ def _decode_split_kernel(
                 t_first = start // BLOCK_N * BLOCK_N
             else:
                 t_first = start
+            KG: tl.constexpr = GFILL if K_GF else 1
+            VG: tl.constexpr = GFILL if V_GF else 1
+            # PREFETCH (SUB == 1: the score-domain tokens are the tile's tokens): the next tile's scales / zeros
+            # are loaded while this one computes; n* hold the next tile's, c* this tile's
+            nks, nkz, nvs, nvz = _tile_meta(ks_base, sks_t, sks_g, kz_base, skz_t, skz_g, vs_base, svs_t, svs_g,
+                                            vz_base, svz_t, svz_g, t_first, tl.where(PREFETCH, end, t_first), BLOCK_N,
+                                            KG, VG, not K_CHANNEL)
+            ns0, nz0, ns1, nz1, ns2, nz2, ns3, nz3 = _kc_meta(ks_base, sks_t, sks_g, kz_base, skz_t, skz_g, t_first,
+                                                              tl.where(PREFETCH and K_CHANNEL, end, t_first), K_GROUP,
+                                                              DPK, PER_K)
             for t0 in range(t_first, end, BLOCK_N):
+                cks, ckz, cvs, cvz = nks, nkz, nvs, nvz
+                cs0, cz0, cs1, cz1, cs2, cz2, cs3, cz3 = ns0, nz0, ns1, nz1, ns2, nz2, ns3, nz3
+                if PREFETCH:
+                    nks, nkz, nvs, nvz = _tile_meta(ks_base, sks_t, sks_g, kz_base, skz_t, skz_g, vs_base, svs_t,
+                                                    svs_g, vz_base, svz_t, svz_g, t0 + BLOCK_N, end, BLOCK_N, KG, VG,
+                                                    not K_CHANNEL)
+                    if K_CHANNEL:
+                        ns0, nz0, ns1, nz1, ns2, nz2, ns3, nz3 = _kc_meta(ks_base, sks_t, sks_g, kz_base, skz_t, skz_g,
+                                                                          t0 + BLOCK_N, end, K_GROUP, DPK, PER_K)
                 offs_t = t0 + arange_n
                 offs_s = t0 + score_n
                 if K_CHANNEL:
@@ -919,7 +1020,8 @@ def _decode_split_kernel(
                     offs_t, tmask, offs_s, smask, offs_s + n_sink, sbr, row_lim, qk_scale,
                     K_BITS, V_BITS, K_GROUP, V_GROUP, D, MAGIC, MAGIC_VAL, V_MAGIC, V_MAGIC_VAL, V_DTYPE,
                     K_SHIFTED, V_SHIFTED, FAST_ASM, CAUSAL, USE_DOT, DOT_FP32, DTYPE, SUB, t0, K_CHANNEL,
-                    grow, GFILL, K_GF, V_GF, GF_BCAST, KC_DEQ, hrow, HFILL, skc_h, sks_h, skz_h, svc_h, svs_h, svz_h)
+                    grow, GFILL, K_GF, V_GF, GF_BCAST, KC_DEQ, hrow, HFILL, skc_h, sks_h, skz_h, svc_h, svs_h, svz_h,
+                    PREFETCH, cks, ckz, cvs, cvz, (cs0, cz0, cs1, cz1, cs2, cz2, cs3, cz3))
 
     if HAS_WINDOW:
         if run_fp:
@@ -1138,6 +1240,7 @@ def decode_attention(
     group_bcast: bool | None = None,
     kchan_dequant: bool | None = None,
     head_fill: bool | int | None = None,
+    prefetch: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of ``q`` over the packed KV ``sink ++ middle[:n_quant] ++ window[:n_window]``.
 
@@ -1370,6 +1473,13 @@ def decode_attention(
     v_fp16 = v_scale.dtype == torch.float16 or q.dtype == torch.float16
     v_dtype, v_magic, v_magic_val = (tl.float16, 0x6400, 1024.0) if v_fp16 else (tl_dtype, magic, magic_val)
     grid = (B * (Hkv // hfill), num_splits)
+    gf_bcast = GROUP_BCAST_DEFAULT if group_bcast is None else bool(group_bcast)
+    kc_deq = k_channel and (KCHAN_DEQUANT_DEFAULT if kchan_dequant is None else bool(kchan_dequant))
+    # scales / zeros one tile ahead: per-token groups (one per head, or group fill with per-group loads) and
+    # per-channel keys dequantized per tile
+    prefetch = bool(PREFETCH_DEFAULT if prefetch is None else prefetch) and use_dot and sub == 1 and hfill == 1 \
+        and (kc_deq if k_channel else (k_group_size == D or k_gf)) and (v_group_size == D or v_gf) \
+        and (gfill == 1 or gf_bcast)
     _decode_split_kernel[grid](
         q, *q.stride(),
         *part(k_sink, has_sink), *part(k_codes, has_mid), *part(k_scale, has_mid), *part(k_zero, has_mid),
@@ -1386,9 +1496,9 @@ def decode_attention(
         V_DTYPE=v_dtype, V_MAGIC=v_magic, V_MAGIC_VAL=v_magic_val, DIRECT_OUT=direct,
         FAST_ASM=fast_asm and not interp, SUB=sub, FP_CONTIG=bool(fp_contig), FP_SPLIT=fp_split,
         DEV_LENS=dev_lens, KV_MIXED=kv_mixed, K_CHANNEL=k_channel, GFILL=gfill, K_GF=k_gf,
-        V_GF=v_gf, GF_BCAST=GROUP_BCAST_DEFAULT if group_bcast is None else bool(group_bcast),
-        KC_DEQ=k_channel and (KCHAN_DEQUANT_DEFAULT if kchan_dequant is None else bool(kchan_dequant)),
-        HFILL=hfill, num_warps=num_warps, num_stages=num_stages,
+        V_GF=v_gf, GF_BCAST=gf_bcast,
+        KC_DEQ=kc_deq,
+        HFILL=hfill, PREFETCH=prefetch, num_warps=num_warps, num_stages=num_stages,
     )
     if not direct:
         block_d = 64 if B * Hq * NQ < 4 * _num_sms(dev) else D
