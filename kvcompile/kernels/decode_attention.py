@@ -84,7 +84,9 @@ _MAX_GFILL_ROWS = 64
 #   per program (each is an unrolled copy of the unpack code).
 HEAD_FILL_DEFAULT = False
 HEAD_FILL_MAX = 8
-# - PREFETCH: the per-token scales / zeros of one-group-per-token layouts loaded one tile ahead (NOTES.md v14)
+# - PREFETCH: the per-token scales / zeros (group fill: per group; KIVI: the key group's per-channel rows) loaded
+#   one tile ahead instead of inside the tile (NOTES.md v14): H100 K2V2 32k 131.6 -> 109-122 us, KIVI 229 -> 178,
+#   V in groups of 32 146 -> 129, K4V4 in groups of 32 227 -> 169 (with BLOCK_N 32 for grouped keys)
 PREFETCH_DEFAULT = True
 
 _LOG2E = 1.4426950408889634
@@ -1410,6 +1412,10 @@ def decode_attention(
         block_n = 64 if use_dot else 32
         if k_channel:
             block_n = min(block_n, k_group_size)
+        if k_gf:
+            # grouped keys (group fill on both sides): the prefetched [groups, 64] scale / zero tiles spill at
+            # BLOCK_N 64 (H100, K4V4 in groups of 32: 309 against 169 us at 32; NOTES.md v14)
+            block_n = 32
     if block_n % sub:
         _fail(f"block_n={block_n} must be a multiple of the {sub} row-fill sub-blocks")
     if k_channel and k_group_size % block_n:
