@@ -52,6 +52,11 @@ EXTRA_CASES = {
     # per-sequence lengths 32k, 28k, ..., 4k in a 32k-capacity cache (mean 18k): each row's length spread
     # over the splits; SDPA / dequant+SDPA columns are at the full 32k (a padded batch)
     "ragged_k2v2_b8_gqa4_32k": ("k2v2_b8_gqa4_32k", dict(lens="ragged")),
+    # a bf16 model (the whole-model benchmark's dtype): the bf16 magic number, V product in fp16; sink + window
+    "bf16_k2v2_b8_gqa4_32k_s4_w128": ("k2v2_b8_gqa4_32k", dict(dtype=torch.bfloat16, sink=4, window=128)),
+    "bf16_k4v4_b8_gqa4_32k_s4_w128": ("k4v4_b8_gqa4_32k", dict(dtype=torch.bfloat16, sink=4, window=128)),
+    "bf16_kivi_k2v2_b8_gqa4_32k_w128": ("k2v2_b8_gqa4_32k", dict(dtype=torch.bfloat16, k_axis="channel", k_group=32,
+                                                                 v_group=32, window=128)),
 }
 
 
@@ -141,10 +146,11 @@ def dequant_sdpa(kw, sm_scale):
     it runs inside CUDA-graph capture (make_case's device-length rows always hold their full window)."""
     n_w = kw["n_window"] if "n_window" in kw else kw["k_window"].shape[2]
     deq_k = dequantize_fp16_channel if kw.get("k_axis") == "channel" else dequantize_fp16
-    ks = [kw["k_sink"], deq_k(kw["k_codes"], kw["k_scale"], kw["k_zero"], kw["k_bits"], kw["k_group_size"]),
+    dt = kw["q"].dtype
+    ks = [kw["k_sink"], deq_k(kw["k_codes"], kw["k_scale"], kw["k_zero"], kw["k_bits"], kw["k_group_size"]).to(dt),
           kw["k_window"][:, :, :n_w]]
-    vs = [kw["v_sink"], dequantize_fp16(kw["v_codes"], kw["v_scale"], kw["v_zero"], kw["v_bits"], kw["v_group_size"]),
-          kw["v_window"][:, :, :n_w]]
+    vs = [kw["v_sink"], dequantize_fp16(kw["v_codes"], kw["v_scale"], kw["v_zero"], kw["v_bits"],
+                                        kw["v_group_size"]).to(dt), kw["v_window"][:, :, :n_w]]
     k, v = torch.cat(ks, 2), torch.cat(vs, 2)
     return F.scaled_dot_product_attention(kw["q"], k, v, scale=sm_scale, enable_gqa=True)
 
@@ -249,8 +255,9 @@ def run_case(name, spec, bw, sweep, sink=0, window=0, log=print, variants=None, 
     kws = [kw] + [make_case(B, Hq, Hkv, D, L, kb, vb, g, sink=sink, window=window, seed=i, **layout)
                   for i in range(1, copies_for(nbytes))]
     # fp16 SDPA on a same-length full-precision cache
-    kvs = [(torch.randn(B, Hkv, L, D, device="cuda", dtype=torch.float16),
-            torch.randn(B, Hkv, L, D, device="cuda", dtype=torch.float16)) for _ in range(copies_for(fp_bytes))]
+    qdt = kw["q"].dtype  # the full-precision cache in the model's dtype (fp16 unless the row says bf16)
+    kvs = [(torch.randn(B, Hkv, L, D, device="cuda", dtype=qdt),
+            torch.randn(B, Hkv, L, D, device="cuda", dtype=qdt)) for _ in range(copies_for(fp_bytes))]
     sdpa = [lambda k=k, v=v: F.scaled_dot_product_attention(kw["q"], k, v, scale=sm_scale, enable_gqa=True)
             for k, v in kvs]
     t_sdpa = bench_graph(sdpa)
@@ -393,7 +400,7 @@ def main(argv=None):
             var = dict(var or {}, **PREFETCH_VARIANTS)
         row = run_case(name, CASES[name], bw, args.sweep, log=log, variants=var)
         rows.append(row)
-        log(json.dumps(row))
+        log(json.dumps(row, default=str))
         if args.window and name == "k2v2_b8_gqa4_32k":
             var = VARIANTS["window"] if args.variants else None
             if args.head_fill:
@@ -404,7 +411,7 @@ def main(argv=None):
                 var = dict(var or {}, **PREFETCH_VARIANTS)
             row = run_case(name + "_s4_w128", CASES[name], bw, False, sink=4, window=128, log=log, variants=var)
             rows.append(row)
-            log(json.dumps(row))
+            log(json.dumps(row, default=str))
     extra = list(EXTRA_CASES) if args.extra == "all" else [e for e in args.extra.split(",") if e]
     for name in extra:
         base, layout = EXTRA_CASES[name]
@@ -421,14 +428,14 @@ def main(argv=None):
             var = dict(var, **PREFETCH_VARIANTS)
         row = run_case(name, CASES[base], bw, False, sink=sink, window=window, log=log, variants=var, **layout)
         rows.append(row)
-        log(json.dumps(row))
+        log(json.dumps(row, default=str))
     log("split kernels compiled: " + "; ".join(kernel_resources()))
     t = table(rows)
     log(f"\n{dev}; copy {bw:.0f} GB/s; command: python {' '.join(sys.argv)}\n{t}")
     with open(os.path.join(args.out, "bench_attention.md"), "w") as f:
         f.write(f"{dev}; copy {bw:.0f} GB/s; {datetime.date.today()}\n\n{t}\n")
     with open(os.path.join(args.out, "bench_attention.json"), "w") as f:
-        json.dump(dict(device=dev, copy_GBps=bw, rows=rows), f, indent=1)
+        json.dump(dict(device=dev, copy_GBps=bw, rows=rows), f, indent=1, default=str)
     plot(rows, os.path.join(args.out, "bench_attention.png"))
 
 

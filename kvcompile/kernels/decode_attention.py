@@ -1423,6 +1423,7 @@ def decode_attention(
               "(one per-channel scale per tile)")
     if num_warps is None:
         num_warps = 1
+    num_stages_default = num_stages is None
     if num_stages is None:
         num_stages = 3 if use_dot else 2
     # fp_split: one extra program per (batch, KV head) takes the full-precision sink + window, the other
@@ -1486,6 +1487,10 @@ def decode_attention(
     prefetch = bool(PREFETCH_DEFAULT if prefetch is None else prefetch) and use_dot and sub == 1 and hfill == 1 \
         and (kc_deq if k_channel else (k_group_size == D or k_gf)) and (v_group_size == D or v_gf) \
         and (gfill == 1 or gf_bcast)
+    if num_stages_default and prefetch and gfill == 1 and 4 in (k_bits, v_bits):
+        # 4-bit codes with the prefetched scales: two stages (H100, K4V4 per token at 32k: fp16 154 -> 150 us,
+        # bf16 with sink + window 269 -> 222 us, the three-stage build spills; NOTES.md v14)
+        num_stages = 2
     _decode_split_kernel[grid](
         q, *q.stride(),
         *part(k_sink, has_sink), *part(k_codes, has_mid), *part(k_scale, has_mid), *part(k_zero, has_mid),
