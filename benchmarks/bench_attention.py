@@ -242,6 +242,17 @@ def warp_variants(case):
             "w2_bn128_pps4": dict(num_warps=2, block_n=128, programs_per_sm=4)}
 
 
+# with the scales prefetched (v14), BLOCK_N 32 needs 168 registers (one group per token; V in groups of 32: 204),
+# so 12 (10) one-warp programs fit an SM instead of 8; and a fourth pipeline stage for the code tiles
+def occupancy_variants(case):
+    if case.startswith("vg32"):
+        return {"bn32_pps10": dict(block_n=32, programs_per_sm=10)}
+    if case.startswith("k2v2"):
+        return {"bn32_pps12": dict(block_n=32, programs_per_sm=12), "bn32_pps10": dict(block_n=32, programs_per_sm=10),
+                "bn32_pps12_st4": dict(block_n=32, programs_per_sm=12, num_stages=4), "st4": dict(num_stages=4)}
+    return {"st4": dict(num_stages=4)}
+
+
 # scales / zeros loaded one tile ahead (NOTES.md v14; the default since), against the loads in the tile
 PREFETCH_VARIANTS = {"no_prefetch": dict(prefetch=False), "prefetch_st2": dict(prefetch=True, num_stages=2)}
 
@@ -372,6 +383,7 @@ def main(argv=None):
     ap.add_argument("--head-fill", action="store_true", help="time the HEAD_VARIANTS on the --cases rows (NOTES.md v13)")
     ap.add_argument("--warps", action="store_true", help="time warp_variants() on every row (NOTES.md v14)")
     ap.add_argument("--prefetch", action="store_true", help="time PREFETCH_VARIANTS on every row (NOTES.md v14)")
+    ap.add_argument("--occupancy", action="store_true", help="time occupancy_variants() on every row (NOTES.md v14)")
     args = ap.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     logf = open(os.path.join(args.out, "bench_attention.log"), "a")
@@ -398,6 +410,8 @@ def main(argv=None):
             var = dict(var or {}, **warp_variants(name))
         if args.prefetch:
             var = dict(var or {}, **PREFETCH_VARIANTS)
+        if args.occupancy:
+            var = dict(var or {}, **occupancy_variants(name))
         row = run_case(name, CASES[name], bw, args.sweep, log=log, variants=var)
         rows.append(row)
         log(json.dumps(row, default=str))
@@ -409,6 +423,8 @@ def main(argv=None):
                 var = dict(var or {}, **warp_variants(name))
             if args.prefetch:
                 var = dict(var or {}, **PREFETCH_VARIANTS)
+            if args.occupancy:
+                var = dict(var or {}, **occupancy_variants(name))
             row = run_case(name + "_s4_w128", CASES[name], bw, False, sink=4, window=128, log=log, variants=var)
             rows.append(row)
             log(json.dumps(row, default=str))
@@ -426,6 +442,8 @@ def main(argv=None):
             var = warp_variants(name)
         if args.prefetch:
             var = dict(var, **PREFETCH_VARIANTS)
+        if args.occupancy:
+            var = occupancy_variants(name)
         row = run_case(name, CASES[base], bw, False, sink=sink, window=window, log=log, variants=var, **layout)
         rows.append(row)
         log(json.dumps(row, default=str))
