@@ -372,6 +372,15 @@ def plot(rows, path):
     fig.savefig(path, dpi=120)
 
 
+def with_flag_variants(var, name, args):
+    """The variant sets the command-line flags add to a --cases row (NOTES.md v13, v14)."""
+    for on, more in ((args.head_fill, lambda: HEAD_VARIANTS), (args.warps, lambda: warp_variants(name)),
+                     (args.prefetch, lambda: PREFETCH_VARIANTS), (args.occupancy, lambda: occupancy_variants(name))):
+        if on:
+            var = dict(var or {}, **more())
+    return var
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
@@ -404,27 +413,12 @@ def main(argv=None):
             var = VARIANTS["mha"] if CASES[name][1] == CASES[name][2] else VARIANTS["gqa"]
             if not (name.startswith("k2v2_b8_gqa4_32k") or "mha" in name):
                 var = dict(list(var.items())[:1])  # one variant on the other rows
-        if args.head_fill:
-            var = dict(var or {}, **HEAD_VARIANTS)
-        if args.warps:
-            var = dict(var or {}, **warp_variants(name))
-        if args.prefetch:
-            var = dict(var or {}, **PREFETCH_VARIANTS)
-        if args.occupancy:
-            var = dict(var or {}, **occupancy_variants(name))
+        var = with_flag_variants(var, name, args)
         row = run_case(name, CASES[name], bw, args.sweep, log=log, variants=var)
         rows.append(row)
         log(json.dumps(row, default=str))
         if args.window and name == "k2v2_b8_gqa4_32k":
-            var = VARIANTS["window"] if args.variants else None
-            if args.head_fill:
-                var = dict(var or {}, **HEAD_VARIANTS)
-            if args.warps:
-                var = dict(var or {}, **warp_variants(name))
-            if args.prefetch:
-                var = dict(var or {}, **PREFETCH_VARIANTS)
-            if args.occupancy:
-                var = dict(var or {}, **occupancy_variants(name))
+            var = with_flag_variants(VARIANTS["window"] if args.variants else None, name, args)
             row = run_case(name + "_s4_w128", CASES[name], bw, False, sink=4, window=128, log=log, variants=var)
             rows.append(row)
             log(json.dumps(row, default=str))
