@@ -1177,7 +1177,10 @@ def fused_decode_is_profitable(*, batch: int, kv_heads: int, head_dim: int, seq_
     SDPA memory bound (~3.1 TB/s). Eagerly, Python validation + two Triton launches cost ~130 us of
     host time per call, so short contexts only win inside a CUDA graph."""
     elems = 2 * batch * kv_heads * seq_len * head_dim  # K and V
-    fused_gpu = 8e-6 + elems * (0.231e-12 + 0.0228e-12 * (k_bits + v_bits))
+    # fitted 2026-11-26 (prefetched scales, H100 graph timings): K2V2 B=8 32k 110 us, K4V4 150 us, B=1 128k 60 us,
+    # B=8 1k 13 us (the 2026-11-25 fit, 8e-6 + elems * (0.231e-12 + 0.0228e-12 * bits), predicted 181 us for the
+    # first, measured 140 then)
+    fused_gpu = 9.8e-6 + elems * (0.112e-12 + 0.0186e-12 * (k_bits + v_bits))
     sdpa_gpu = 8e-6 + elems * dtype_bytes / 3.1e12
     if cuda_graph:
         fused_s, sdpa_s = fused_gpu, sdpa_gpu
