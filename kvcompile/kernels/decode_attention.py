@@ -32,6 +32,9 @@ row's chunk, so the launcher never synchronises and a decode step can be capture
 Per-channel keys (``K_CHANNEL``, KIVI) dequantize each key tile in registers with its token group's
 per-channel scale and zero (``KC_DEQ``, default; NOTES.md v12), or fold the scale into q (``q' = q * s_g``)
 and add ``q . z_g`` per row (v10); ``KV_MIXED`` lets V's packed middle run ahead of K's (KIVI's per-token V). NOTES.md v9, v10.
+The packed loop loads each tile's scales and zeros one tile ahead (``PREFETCH``, default; v14): only the code
+tiles go through Triton's asynchronous copies, and the scale loads had sat on every tile's critical path.
+``HFILL`` (head fill, off by default; v13) puts several KV heads' query rows into one program's MMA rows.
 """
 
 from __future__ import annotations

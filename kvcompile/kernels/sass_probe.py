@@ -1,13 +1,16 @@
 """Offline SASS probe for _decode_split_kernel (no GPU): compile for sm_90 with the Triton installed here,
 then print registers / spills and the instruction histogram of the hot loop.
 
-    python -m kvcompile.kernels.sass_probe [--case gqa4|mha|k4|win|vg32|g32k4|kivi|kivi_bf16]
+    python -m kvcompile.kernels.sass_probe [--case gqa4|gqa8|mha|k4|win|vg32|g32k4|kivi|kivi_bf16|hf4|hf4k4|hf4win|hf8mha]
         [--tune KEY=VALUE ...] [--set KEY=VALUE ...] [--dump DIR]
 
 The launcher runs on CPU tensors with the real kernel replaced by a recorder; the recorded arguments give
 the signature (integer args divisible by 16 get ``tt.divisibility 16`` like the runtime specialization)
 and the constexprs, with the GPU settings (DOT_FP32=False, FAST_ASM=True) forced. Counts come from the
-Triton on this machine (3.9), the GPU runs 3.6: compare variants with each other, not with timings.
+Triton on this machine (3.9), the GPU runs 3.6: compare variants with each other, not with timings; for the
+GPU's version run it with a triton 3.6 venv (NOTES.md). ``smem`` is the shared memory one program needs (with
+the registers, what decides how many programs share an SM). v13 / v14 showed that fewer instructions need not
+mean a faster kernel: the loop is latency bound.
 """
 
 from __future__ import annotations
