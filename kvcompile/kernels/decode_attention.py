@@ -369,6 +369,17 @@ def _load_v_mixed(vw_base, svt, svc, offs_t, tmask, v_lag, v_wcap, vc_base, svc_
 
 
 @triton.jit
+def _acc_rescale(acc0, acc1, acc2, acc3, alpha, PER_V: tl.constexpr):
+    """The output planes' online-softmax rescale by the tile's alpha (planes 2 and 3 exist for 2-bit V only)."""
+    acc0 = acc0 * alpha[:, None]
+    acc1 = acc1 * alpha[:, None]
+    if PER_V == 4:
+        acc2 = acc2 * alpha[:, None]
+        acc3 = acc3 * alpha[:, None]
+    return acc0, acc1, acc2, acc3
+
+
+@triton.jit
 def _fp_k_dot(q0, q1, q2, q3, k_base, offs_t, tmask, skt, skc, PER_K: tl.constexpr, D: tl.constexpr,
               FP_CONTIG: tl.constexpr, KF1: tl.constexpr, KF2: tl.constexpr, KF3: tl.constexpr,
               USE_DOT: tl.constexpr, DOT_FP32: tl.constexpr):
@@ -421,11 +432,7 @@ def _fp_tile(q0, q1, q2, q3, m_i, l_i, acc0, acc1, acc2, acc3,
     VF2: tl.constexpr = (1 << (2 * VB)) if V_SHIFTED else 1
     VF3: tl.constexpr = (1 << (3 * VB)) if V_SHIFTED else 1
     if HFILL > 1:
-        acc0 = acc0 * alpha[:, None]
-        acc1 = acc1 * alpha[:, None]
-        if PER_V == 4:
-            acc2 = acc2 * alpha[:, None]
-            acc3 = acc3 * alpha[:, None]
+        acc0, acc1, acc2, acc3 = _acc_rescale(acc0, acc1, acc2, acc3, alpha, PER_V)
         p0 = p.to(DTYPE)
         p1 = (p * VF1).to(DTYPE)
         p2 = (p * VF2).to(DTYPE)
@@ -612,7 +619,7 @@ def _packed_tile(q0, q1, q2, q3, qsum, qsum_mag, m_i, l_i, acc0, acc1, acc2, acc
             raw = tl.where(hrow[:, None] == hg, rh, raw)
         s = ((raw - MAGIC_VAL * qsum_mag[:, None]) * ks + qsum[:, None] * kz) * qk_scale
     elif K_CHANNEL and KC_DEQ:
-        # dequantize the key tile per plane (c_j * s + z per channel, see _kc_plane) in the V product's dtype
+        # dequantize the key tile per plane (c_j * s + z per channel, see _kc_deq) in the V product's dtype
         # (fp16 where the scales are: 3 more mantissa bits than bf16 for bf16 models, q converted per tile);
         # with K_SHIFTED the q planes hold q_j * 2**-(j bits), undone on each plane's product
         if PREFETCH:  # the tile's key group's per-channel scale / zero, loaded one tile ahead (_kc_meta)
@@ -711,11 +718,7 @@ def _packed_tile(q0, q1, q2, q3, qsum, qsum_mag, m_i, l_i, acc0, acc1, acc2, acc
         vz = _group_rows_load(vz_base, offs_s64, svz_t, svz_h, smask, hrow, MV, HFILL, True)
         zacc = zacc * alpha + tl.sum(p * vz, 1)
         pv = (p * vs).to(V_DTYPE)
-        acc0 = acc0 * alpha[:, None]
-        acc1 = acc1 * alpha[:, None]
-        if PER_V == 4:
-            acc2 = acc2 * alpha[:, None]
-            acc3 = acc3 * alpha[:, None]
+        acc0, acc1, acc2, acc3 = _acc_rescale(acc0, acc1, acc2, acc3, alpha, PER_V)
         for hg in tl.static_range(HFILL):
             vbh = _load_codes(vc_base + hg * svc_h, offs_t64, tmask, svc_t, svc_c, DPV, V_RAW)
             pvh = tl.where(hrow[:, None] == hg, pv, tl.zeros_like(pv))
@@ -741,11 +744,7 @@ def _packed_tile(q0, q1, q2, q3, qsum, qsum_mag, m_i, l_i, acc0, acc1, acc2, acc
                 vz = _bc(tl.load(vz_base + offs_s64 * svz_t, mask=smask, other=0.0).to(tl.float32), SUB)
         zacc = zacc * alpha + tl.sum(p * vz, 1)
         pv = _rows_expand((p * vs).to(V_DTYPE), sbr, SUB)
-        acc0 = acc0 * alpha[:, None]
-        acc1 = acc1 * alpha[:, None]
-        if PER_V == 4:
-            acc2 = acc2 * alpha[:, None]
-            acc3 = acc3 * alpha[:, None]
+        acc0, acc1, acc2, acc3 = _acc_rescale(acc0, acc1, acc2, acc3, alpha, PER_V)
         acc0, acc1, acc2, acc3 = _v_exact_dot(pv, vb, acc0, acc1, acc2, acc3, V_BITS, V_MAGIC, V_MAGIC_VAL, V_DTYPE,
                                               DOT_FP32, V_SHIFTED, FAST_ASM, USE_DOT)
     else:
