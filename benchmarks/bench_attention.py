@@ -57,6 +57,22 @@ EXTRA_CASES = {
     "bf16_k4v4_b8_gqa4_32k_s4_w128": ("k4v4_b8_gqa4_32k", dict(dtype=torch.bfloat16, sink=4, window=128)),
     "bf16_kivi_k2v2_b8_gqa4_32k_w128": ("k2v2_b8_gqa4_32k", dict(dtype=torch.bfloat16, k_axis="channel", k_group=32,
                                                                  v_group=32, window=128)),
+    # 8-bit codes, one absmax scale per token (the int8 / fp8 schemes) and affine 8-bit; the byte ceiling
+    # against fp16 is 2 * 128 / (128 + 2) = 1.97x (int8 / fp8) and 1.94x (affine: scale + zero)
+    "int8_b8_gqa4_32k": ("k2v2_b8_gqa4_32k", dict(bits=8, fmt="int8")),
+    "fp8_b8_gqa4_32k": ("k2v2_b8_gqa4_32k", dict(bits=8, fmt="fp8")),
+    "k8v8_b8_gqa4_32k": ("k2v2_b8_gqa4_32k", dict(bits=8)),
+    "int8_b8_mha_16k": ("k2v2_b8_mha_16k", dict(bits=8, fmt="int8")),
+    "bf16_int8_b8_gqa4_32k": ("k2v2_b8_gqa4_32k", dict(bits=8, fmt="int8", dtype=torch.bfloat16)),
+    "bf16_fp8_b8_gqa4_32k_s4_w128": ("k2v2_b8_gqa4_32k", dict(bits=8, fmt="fp8", dtype=torch.bfloat16, sink=4,
+                                                              window=128)),
+    # NF4 codebook codes (the nqkv scheme: blocks of 64 channels through group fill; and one block per head), timed
+    # with the affine 4-bit layout of the same groups; byte ceiling 2 * 128 / (64 + 2 * 2) = 3.76x (blocks of 64)
+    "nf4_b8_gqa4_32k": ("k4v4_b8_gqa4_32k", dict(fmt="nf", k_group=64, v_group=64)),
+    "g64_k4v4_b8_gqa4_32k": ("k4v4_b8_gqa4_32k", dict(k_group=64, v_group=64)),
+    "nf4g128_b8_gqa4_32k": ("k4v4_b8_gqa4_32k", dict(fmt="nf")),
+    "bf16_nf4_b8_gqa4_32k_s4_w128": ("k4v4_b8_gqa4_32k", dict(fmt="nf", k_group=64, v_group=64, dtype=torch.bfloat16,
+                                                              sink=4, window=128)),
 }
 
 
@@ -69,19 +85,29 @@ def copy_bandwidth():
 
 
 def make_case(B, Hq, Hkv, D, L, kb, vb, g, sink=0, window=0, dtype=torch.float16, seed=0, k_axis="token",
-              k_group=None, v_group=None, lens=None):
+              k_group=None, v_group=None, lens=None, bits=None, fmt="affine"):
     """Random packed KV. lens: None (host ints n_quant / n_window), "full" (a [B, 3] device lengths tensor,
-    every row full) or "ragged" (row i holds L * (B - i) / B tokens, window full)."""
+    every row full) or "ragged" (row i holds L * (B - i) / B tokens, window full). bits: both sides' bits
+    instead of the row's (8: one group per token); fmt "int8" / "fp8": 8-bit codes with one absmax scale per
+    token and no zero (fp8 codes drawn without NaN); "nf": NF4 codebook codes, an absmax scale per group, no zero."""
     gen = torch.Generator(device="cuda").manual_seed(seed)
     n_quant = L - sink - window
+    if bits is not None:
+        kb = vb = bits
+        if bits == 8:
+            g = D
     k_group, v_group = k_group or g, v_group or g
 
     def packed(bits, axis, grp):
         codes = torch.randint(0, 256, (B, Hkv, n_quant, D * bits // 8), dtype=torch.uint8, device="cuda",
                               generator=gen)
+        if fmt == "fp8":
+            codes &= 0xF7  # e4m3's NaN is 0x7F / 0xFF
         shape = (B, Hkv, n_quant // grp, D) if axis == "channel" else (B, Hkv, n_quant, D // grp)
         scale = (torch.rand(*shape, device="cuda", generator=gen) * 0.5 + 0.05).half()
-        zero = (torch.randn(*shape, device="cuda", generator=gen)).half()
+        zero = None if fmt != "affine" else (torch.randn(*shape, device="cuda", generator=gen)).half()
+        if fmt == "nf":
+            nf4_table(codes.device)
         return codes, scale, zero
 
     kw = dict(q=torch.randn(B, Hq, 1, D, device="cuda", dtype=dtype, generator=gen))
@@ -91,6 +117,8 @@ def make_case(B, Hq, Hkv, D, L, kb, vb, g, sink=0, window=0, dtype=torch.float16
                    f"{n}_sink": torch.randn(B, Hkv, sink, D, device="cuda", dtype=dtype, generator=gen),
                    f"{n}_window": torch.randn(B, Hkv, window, D, device="cuda", dtype=dtype, generator=gen)})
     kw.update(k_bits=kb, v_bits=vb, k_group_size=k_group, v_group_size=v_group)
+    if fmt != "affine":
+        kw.update(k_format=fmt, v_format=fmt)
     if k_axis != "token":
         kw["k_axis"] = k_axis
     if lens is None:
@@ -118,13 +146,31 @@ def packed_bytes(kw):
         per_row = lambda t: t[0].numel() * t.element_size()  # noqa: E731
         for n_s, n_q, n_w in rows:
             frac = n_q / max(1, codes.shape[2])
-            n += per_row(codes) * frac + 2 * per_row(scale) * frac  # scale + zero
+            n += per_row(codes) * frac + (1 if kw.get(f"{nm}_format", "affine") != "affine" else 2) * per_row(scale) * frac
             n += per_row(window) * n_w / max(1, window.shape[2]) + per_row(kw[f"{nm}_sink"])
     return n + 2 * kw["q"].numel() * kw["q"].element_size()  # q in, out
 
 
-def dequantize_fp16(codes, scale, zero, bits, g):
+_NF4_TABLES = {}
+
+
+def nf4_table(device):
+    """The NF4 codebook in fp16 on ``device``, made once (a host copy is not allowed inside graph capture)."""
+    if device not in _NF4_TABLES:
+        from kvcompile.quant import nf_codebook
+
+        _NF4_TABLES[device] = nf_codebook(4, device).half()
+    return _NF4_TABLES[device]
+
+
+def dequantize_fp16(codes, scale, zero, bits, g, fmt="affine"):
     """The unfused path: unpack + dequantize the whole middle to fp16 (what a QuantizedCache does)."""
+    if fmt == "nf":  # NF4: codebook values times the group's scale (the table made outside graph capture)
+        c = torch.stack([codes & 0xF, codes >> 4], -1).reshape(*codes.shape[:-1], -1).long()
+        c = nf4_table(codes.device)[c].reshape(*codes.shape[:-1], -1, g)
+        return (c * scale[..., None]).reshape(*c.shape[:-2], -1)
+    if fmt != "affine":  # int8 / fp8: one scale per token
+        return codes.view(torch.int8 if fmt == "int8" else torch.float8_e4m3fn).to(torch.float16) * scale
     per = 8 // bits
     shifts = torch.arange(per, device=codes.device, dtype=torch.uint8) * bits
     c = (codes[..., None] >> shifts) & ((1 << bits) - 1)
@@ -147,10 +193,11 @@ def dequant_sdpa(kw, sm_scale):
     n_w = kw["n_window"] if "n_window" in kw else kw["k_window"].shape[2]
     deq_k = dequantize_fp16_channel if kw.get("k_axis") == "channel" else dequantize_fp16
     dt = kw["q"].dtype
-    ks = [kw["k_sink"], deq_k(kw["k_codes"], kw["k_scale"], kw["k_zero"], kw["k_bits"], kw["k_group_size"]).to(dt),
-          kw["k_window"][:, :, :n_w]]
+    fk, fv = ({"fmt": kw[f"{n}_format"]} if f"{n}_format" in kw else {} for n in "kv")
+    ks = [kw["k_sink"], deq_k(kw["k_codes"], kw["k_scale"], kw["k_zero"], kw["k_bits"], kw["k_group_size"],
+                              **fk).to(dt), kw["k_window"][:, :, :n_w]]
     vs = [kw["v_sink"], dequantize_fp16(kw["v_codes"], kw["v_scale"], kw["v_zero"], kw["v_bits"],
-                                        kw["v_group_size"]).to(dt), kw["v_window"][:, :, :n_w]]
+                                        kw["v_group_size"], **fv).to(dt), kw["v_window"][:, :, :n_w]]
     k, v = torch.cat(ks, 2), torch.cat(vs, 2)
     return F.scaled_dot_product_attention(kw["q"], k, v, scale=sm_scale, enable_gqa=True)
 
@@ -165,7 +212,8 @@ def dequant_sdpa_rows(kw, sm_scale):
             one[f"{nm}_window"] = one[f"{nm}_window"][:, :, :n_w]
             grp = kw[f"{nm}_group_size"] if (nm == "k" and kw.get("k_axis") == "channel") else 1
             for p in ("scale", "zero"):
-                one[f"{nm}_{p}"] = one[f"{nm}_{p}"][:, :, : n_q // grp]
+                if one[f"{nm}_{p}"] is not None:
+                    one[f"{nm}_{p}"] = one[f"{nm}_{p}"][:, :, : n_q // grp]
         one.pop("lengths", None)
         one.update(n_quant=n_q, n_window=n_w)
         outs.append(dequant_sdpa(one, sm_scale))
@@ -261,6 +309,9 @@ def run_case(name, spec, bw, sweep, sink=0, window=0, log=print, variants=None, 
     B, Hq, Hkv, D, L, kb, vb, g, target = spec
     sm_scale = 1.0 / math.sqrt(D)
     kw = make_case(B, Hq, Hkv, D, L, kb, vb, g, sink=sink, window=window, **layout)
+    kb, vb, g = kw["k_bits"], kw["v_bits"], kw["v_group_size"]  # a layout may change them (bits=8)
+    if layout.get("bits") == 8:
+        target = None  # the issue's targets are for 2- and 4-bit codes; 8-bit's byte ceiling is 1.97x
     nbytes = packed_bytes(kw)
     fp_bytes = 2 * B * Hkv * L * D * 2
     kws = [kw] + [make_case(B, Hq, Hkv, D, L, kb, vb, g, sink=sink, window=window, seed=i, **layout)
@@ -381,6 +432,16 @@ def with_flag_variants(var, name, args):
     return var
 
 
+# 8-bit rows: the launcher's BLOCK_N 32 (BLOCK_N 64 spilled offline) against 64 / 16 and two pipeline stages
+BITS8_VARIANTS = {"bn64": dict(block_n=64), "bn16": dict(block_n=16), "st2": dict(num_stages=2),
+                  "bn64_st2": dict(block_n=64, num_stages=2)}
+
+
+# NF4 rows: the PTX codebook lookup against the plain-Triton select chain, and BLOCK_N around the default 32
+NF4_VARIANTS = {"plain_select": dict(fast_asm=False), "bn64": dict(block_n=64), "bn16": dict(block_n=16),
+                "no_prefetch": dict(prefetch=False)}
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
@@ -432,6 +493,10 @@ def main(argv=None):
         var = dict(GROUP_VARIANTS) if grouped else {}  # NOTES.md v11
         if layout.get("k_axis") == "channel":
             var.update(KCHAN_VARIANTS)
+        if layout.get("bits") == 8:
+            var.update(BITS8_VARIANTS)
+        if layout.get("fmt") == "nf":
+            var = dict(NF4_VARIANTS)
         if args.warps:
             var = warp_variants(name)
         if args.prefetch:

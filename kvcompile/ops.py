@@ -277,10 +277,14 @@ def _fused_unsupported(q: Tensor, kp: PackedKV, vp: PackedKV, mask: Optional[Ten
         if p.rope is not None:
             return "K/V quantized before RoPE (the kernel does not re-apply RoPE yet)"
         qt = p.quant
-        if qt.kind != "affine":
+        if qt.kind not in k.SUPPORTED_FORMATS:
             return f"{qt.kind} quantization"
         if qt.bits not in k.SUPPORTED_BITS:
             return f"{qt.bits}-bit codes"
+        if qt.bits == 8 and (qt.axis != "token" or qt.group_for(p.head_dim) != p.head_dim):
+            return "8-bit codes in groups smaller than the head dim"
+        if qt.kind == "nf" and qt.bits != 4:
+            return f"NF{qt.bits} codes (the kernel takes NF4)"
         if qt.axis == "channel":  # KIVI keys: per-channel groups of group_size tokens
             if p is vp:
                 return "per-channel (axis='channel') values"
@@ -290,6 +294,9 @@ def _fused_unsupported(q: Tensor, kp: PackedKV, vp: PackedKV, mask: Optional[Ten
             g = qt.group_for(p.head_dim)
             if not (g == p.head_dim or g in k.SUPPORTED_GROUP_SIZES):
                 return f"group size {g}"
+    nf_reason = _nf_group_fill_unsupported(q, kp, vp)
+    if nf_reason is not None:
+        return nf_reason
     if vp.quant.flush > kp.quant.flush:  # the kernel needs V's packed middle at least as long as K's
         return "values flushed in larger token groups than keys"
     if q.shape[-1] not in k.SUPPORTED_HEAD_DIMS or vp.head_dim != q.shape[-1]:
@@ -302,6 +309,23 @@ def _fused_unsupported(q: Tensor, kp: PackedKV, vp: PackedKV, mask: Optional[Ten
         return "an explicit attention mask"
     if q.shape[2] > 1 and not is_causal:
         return "several new tokens without causal masking"
+    return None
+
+
+def _nf_group_fill_unsupported(q: Tensor, kp: PackedKV, vp: PackedKV) -> str | None:
+    """NF4 codes in groups below the head dim need the kernel's group fill (the launcher's rule): grouped sides
+    share one group size and (D / group) x the query rows per KV head fit 64 MMA rows."""
+    d = q.shape[-1]
+    gk = kp.quant.group_for(d) if kp.quant.axis == "token" else d
+    gv = vp.quant.group_for(vp.head_dim)
+    nf_grouped = (kp.quant.kind == "nf" and gk < d) or (vp.quant.kind == "nf" and gv < d)
+    if not nf_grouped:
+        return None
+    g_min = min(gk, gv)
+    rows = 1 << max(0, ((q.shape[1] // kp.shape[1]) * q.shape[2] - 1).bit_length())
+    if (gk < d and gk != g_min) or (d // g_min) * rows > 64:
+        return (f"NF4 codes in groups of {gk} (K) / {gv} (V) channels with {q.shape[1] // kp.shape[1]} x "
+                f"{q.shape[2]} query rows per KV head (the kernel's group fill needs equal groups and at most 64 rows)")
     return None
 
 
@@ -369,7 +393,7 @@ def _fused_cuda(q: Tensor, kp: PackedKV, vp: PackedKV, scale: float, mask: Optio
         v_window=vp.window, lengths=kp.counts, v_lengths=vp.counts if vp.quant.flush != kp.quant.flush else None,
         k_bits=int(kp.quant.bits), v_bits=int(vp.quant.bits), k_axis=kp.quant.axis,
         k_group_size=kp.quant.group_size if k_channel else kp.quant.group_for(d),
-        v_group_size=vp.quant.group_for(vp.head_dim), sm_scale=scale,
+        v_group_size=vp.quant.group_for(vp.head_dim), k_format=kp.quant.kind, v_format=vp.quant.kind, sm_scale=scale,
     )
     out = _unfold_value_order(out, vp, r)
     if not torch.compiler.is_compiling():

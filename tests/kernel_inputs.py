@@ -4,25 +4,34 @@ quantizers, never zeros, with garbage past the valid tokens."""
 
 import torch
 
-from kvcompile.quant import pack_codes, quantize_affine
+from kvcompile.quant import pack_codes, quantize_affine, quantize_fp8, quantize_int8, quantize_nf
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
-def quantize_packed(x: torch.Tensor, bits: int, g: int, axis: str = "token"):
+def quantize_packed(x: torch.Tensor, bits: int, g: int, axis: str = "token", fmt: str = "affine"):
+    if fmt == "int8":
+        return (*quantize_int8(x), None)
+    if fmt == "fp8":
+        return (*quantize_fp8(x), None)
+    if fmt == "nf":
+        codes, scale = quantize_nf(x, bits, g)
+        return pack_codes(codes, bits), scale, None
     codes, scale, zero = quantize_affine(x, bits, g, axis=axis)
     return pack_codes(codes, bits), scale, zero
 
 
 def make_inputs(*, B, Hkv, r, NQ, D, S, n_quant, n_window, k_bits, v_bits, k_group, v_group, dtype,
                 cap_extra=3, win_extra=2, amp=1.0, q_noncontig=False, seed=0, device=DEVICE, k_axis="token",
-                lens=None, v_lag=None, lens_form="B3"):
+                lens=None, v_lag=None, lens_form="B3", k_format="affine", v_format="affine"):
     """Random (not zero) inputs; capacity-sized middle and window with garbage past the valid tokens.
 
     lens: per-sequence [(n_sink, n_quant, n_window)] * B, passed as a device ``lengths`` tensor ([B, 3],
     or [3] with lens_form="3" when all rows agree); S / n_quant / n_window then only size the capacities
     (at least the longest row). v_lag: per row, how many tokens of K's window V already holds packed
     (KIVI: V flushes every token, K a token group at a time): passed as ``v_lengths``.
-    k_axis="channel": keys quantized per channel over groups of k_group tokens (capacity rounded up)."""
+    k_axis="channel": keys quantized per channel over groups of k_group tokens (capacity rounded up).
+    k_format / v_format "int8" / "fp8": 8-bit codes with one absmax scale per token (zero None); "nf": NF4
+    codebook codes (4 bits) with an absmax scale per group (zero None)."""
     gen = torch.Generator().manual_seed(seed)
 
     def randn(*shape):
@@ -40,14 +49,14 @@ def make_inputs(*, B, Hkv, r, NQ, D, S, n_quant, n_window, k_bits, v_bits, k_gro
         n_window = max([n_window] + [ls[2] for ls in lens])
     lag = max(v_lag) if v_lag else 0
     cap, W = n_quant + cap_extra, n_window + win_extra
-    for name, bits, g in (("k", k_bits, k_group), ("v", v_bits, v_group)):
+    for name, bits, g, fmt in (("k", k_bits, k_group, k_format), ("v", v_bits, v_group, v_format)):
         axis = k_axis if name == "k" else "token"
         c = cap + (lag if name == "v" else 0)
         if axis == "channel":
             c = -(-c // g) * g
         kw[f"{name}_sink"] = randn(B, Hkv, S, D).to(dtype)
         x = randn(B, Hkv, c, D) + randn(B, Hkv, 1, D)  # per-channel offsets, like real keys
-        codes, scale, zero = quantize_packed(x, bits, g, axis)
+        codes, scale, zero = quantize_packed(x, bits, g, axis, fmt)
         kw[f"{name}_codes"], kw[f"{name}_scale"], kw[f"{name}_zero"] = codes, scale, zero
         kw[f"{name}_window"] = randn(B, Hkv, W, D).to(dtype)
     if lens is not None:
@@ -55,12 +64,16 @@ def make_inputs(*, B, Hkv, r, NQ, D, S, n_quant, n_window, k_bits, v_bits, k_gro
         kw["lengths"] = t[0] if lens_form == "3" else t
         if v_lag is not None:
             kw["v_lengths"] = torch.tensor([(ls[0], ls[1] + d, ls[2] - d) for ls, d in zip(lens, v_lag)])
-    kw = {k: v.to(device) for k, v in kw.items()}
+    kw = {k: (None if v is None else v.to(device)) for k, v in kw.items()}
     if lens is None:
         kw.update(n_quant=n_quant, n_window=n_window)
     kw.update(k_bits=k_bits, v_bits=v_bits, k_group_size=k_group, v_group_size=v_group)
     if k_axis != "token":
         kw["k_axis"] = k_axis
+    if k_format != "affine":
+        kw["k_format"] = k_format
+    if v_format != "affine":
+        kw["v_format"] = v_format
     return kw
 
 

@@ -40,6 +40,10 @@ def _decode_logits(model, ids, cache, prefill):
     ("skvq", {"v_bits": 2, "group_size": 32, "pre_rope": False}),
     ("skvq", {"v_bits": 2, "group_size": 32, "reorder": False, "k_bits": 4, "pre_rope": False}),
     ("kivi", {}),  # per-channel keys (the kernel's K_CHANNEL variant) and values flushed ahead of keys
+    ("int8", {}),  # 8-bit codes, one absmax scale per token, no zero point (K_FMT / V_FMT)
+    ("fp8", {}),
+    ("nqkv", {}),  # NF4 codebook codes, one block per head (head dim 64)
+    ("nqkv", {"block_size": 32}),  # blocks of 32 channels: group fill
 ])
 def test_fused_route_matches_dequantize_route(scheme, overrides, monkeypatch):
     monkeypatch.setenv("KVCOMPILE_FUSED", "always")  # eagerly the launch overhead would pick SDPA here

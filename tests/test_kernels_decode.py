@@ -266,6 +266,156 @@ def test_prefetch_matches_reference(r, NQ):
     check_against_reference(kw, prefetch=True, block_n=16)
 
 
+# ------------------------------------------------- 8-bit codes: int8 / fp8 (one absmax scale per token), affine 8-bit
+
+
+@st.composite
+def eight_bit_configs(draw):
+    D = draw(st.sampled_from([64, 128]))
+    sides = {}
+    for n in "kv":
+        fmt = draw(st.sampled_from(["int8", "fp8", "affine8", "affine8", "other"]))
+        if fmt == "other":  # the other side 2- or 4-bit affine (one group per token or group fill / registers)
+            sides[n] = dict(bits=draw(st.sampled_from([2, 4])), group=draw(st.sampled_from([D, 32])), fmt="affine")
+        else:
+            sides[n] = dict(bits=8, group=D, fmt="affine" if fmt == "affine8" else fmt)
+    if 8 not in (sides["k"]["bits"], sides["v"]["bits"]):
+        sides["k"] = dict(bits=8, group=D, fmt="int8")
+    lens = None
+    S, n_quant, n_window = draw(st.sampled_from([0, 1, 7])), draw(st.sampled_from(LENGTHS)), draw(
+        st.sampled_from(LENGTHS[:4]))
+    B = draw(st.integers(1, 3 if ON_GPU else 2))
+    if draw(st.booleans()):  # per-sequence lengths on the device
+        lens = [(draw(st.sampled_from(sorted({0, S}))), draw(st.sampled_from(LENGTHS)),
+                 draw(st.sampled_from(LENGTHS[:4]))) for _ in range(B)]
+    cfg = dict(B=B, Hkv=draw(st.integers(1, 3 if ON_GPU else 2)), r=draw(st.sampled_from([1, 3, 4, 8])),
+               NQ=draw(st.sampled_from([1, 1, 2, 3])), D=D, S=S, n_quant=n_quant, n_window=n_window,
+               k_bits=sides["k"]["bits"], v_bits=sides["v"]["bits"], k_group=sides["k"]["group"],
+               v_group=sides["v"]["group"], k_format=sides["k"]["fmt"], v_format=sides["v"]["fmt"],
+               dtype=draw(st.sampled_from([torch.float16, torch.bfloat16])), amp=draw(st.sampled_from([0.5, 1.0, 3.0])),
+               q_noncontig=draw(st.booleans()), seed=draw(st.integers(0, 2**31 - 1)), lens=lens)
+    if lens is None and S + n_quant + n_window < cfg["NQ"]:
+        cfg["n_window"] = 7
+    tuning = dict(num_splits=draw(st.sampled_from([None, 1, 3])),
+                  block_n=draw(st.sampled_from([None, 16, 32, 64] if ON_GPU else [16, 32])),
+                  prefetch=draw(st.sampled_from([None, False])), fp_split=draw(st.sampled_from([None, False, True])),
+                  use_dot=draw(st.sampled_from([None, True])), fill_rows=draw(st.sampled_from([None, True])))
+    return cfg, tuning
+
+
+@settings(deadline=None, max_examples=60 if ON_GPU else 24, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(eight_bit_configs())
+def test_eight_bit_matches_reference(case):
+    cfg, tuning = case
+    check_against_reference(make_inputs(**cfg), **tuning)
+
+
+@st.composite
+def nf4_configs(draw):
+    # NF4 codebook codes (the nqkv scheme) on one or both sides, one group per token or groups of 32 / 64
+    # through group fill; the other side NF4, affine or int8
+    D = draw(st.sampled_from([64, 128]))
+    g = draw(st.sampled_from([D, 32, 64]))
+    other = draw(st.sampled_from(["nf", "nf", "affine2", "affine4", "int8"]))
+    nf = dict(bits=4, group=g, fmt="nf")
+    o = {"nf": nf, "affine2": dict(bits=2, group=draw(st.sampled_from([D, g])), fmt="affine"),
+         "affine4": dict(bits=4, group=D, fmt="affine"), "int8": dict(bits=8, group=D, fmt="int8")}[other]
+    k, v = (nf, o) if draw(st.booleans()) else (o, nf)
+    S, n_quant, n_window = draw(st.sampled_from([0, 1, 7])), draw(st.sampled_from(LENGTHS)), draw(
+        st.sampled_from(LENGTHS[:4]))
+    cfg = dict(B=draw(st.integers(1, 3 if ON_GPU else 2)), Hkv=draw(st.integers(1, 3 if ON_GPU else 2)),
+               r=draw(st.sampled_from([1, 3, 4, 8])), NQ=draw(st.sampled_from([1, 1, 2])), D=D, S=S,
+               n_quant=n_quant, n_window=n_window, k_bits=k["bits"], v_bits=v["bits"], k_group=k["group"],
+               v_group=v["group"], k_format=k["fmt"], v_format=v["fmt"],
+               dtype=draw(st.sampled_from([torch.float16, torch.bfloat16])), amp=draw(st.sampled_from([0.5, 1.0, 3.0])),
+               q_noncontig=draw(st.booleans()), seed=draw(st.integers(0, 2**31 - 1)))
+    if S + n_quant + n_window < cfg["NQ"]:
+        cfg["n_window"] = 7
+    tuning = dict(num_splits=draw(st.sampled_from([None, 1, 3])),
+                  block_n=draw(st.sampled_from([None, 16, 32, 64] if ON_GPU else [16, 32])),
+                  prefetch=draw(st.sampled_from([None, False])), fp_split=draw(st.sampled_from([None, False, True])))
+    return cfg, tuning
+
+
+@settings(deadline=None, max_examples=50 if ON_GPU else 20, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(nf4_configs())
+def test_nf4_matches_reference(case):
+    cfg, tuning = case
+    check_against_reference(make_inputs(**cfg), **tuning)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("g", [64, 32])
+def test_nf4_every_code(dtype, g):
+    # all 16 codes in both nibbles of a byte, in every channel position of the planes
+    kw = make_inputs(B=1, Hkv=1, r=4, NQ=1, D=64, S=0, n_quant=0, n_window=0, k_bits=4, v_bits=4, k_group=g,
+                     v_group=g, dtype=dtype, k_format="nf", v_format="nf", cap_extra=64, seed=6)
+    b = torch.arange(256, dtype=torch.uint8)
+    for side in "kv":
+        kw[f"{side}_codes"][0, 0, :64] = b[torch.randperm(256, generator=torch.Generator().manual_seed(2))].view(
+            8, 32).repeat(8, 1).to(kw[f"{side}_codes"].device)
+    kw["n_quant"] = 64
+    check_against_reference(kw, block_n=32)
+
+
+@pytest.mark.parametrize("fmt", ["int8", "fp8", "affine"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_eight_bit_extreme_codes(fmt, dtype):
+    # every byte value a writer produces (int8: -127..127, fp8: all but NaN, subnormals included) in the
+    # middle, against the reference's dequantization; large and tiny scales
+    kw = make_inputs(B=1, Hkv=1, r=4, NQ=1, D=64, S=0, n_quant=0, n_window=0, k_bits=8, v_bits=8, k_group=64,
+                     v_group=64, dtype=dtype, k_format=fmt, v_format=fmt, cap_extra=256, seed=5)
+    codes = torch.arange(256, dtype=torch.int64)
+    if fmt == "int8":
+        codes = codes[codes != 128]  # -128 is never written (clamp to +-127)
+    elif fmt == "fp8":
+        codes = codes[(codes & 0x7F) != 0x7F]  # NaN
+    codes = codes.to(torch.uint8)
+    n = codes.numel()
+    perm = torch.randperm(n * 64, generator=torch.Generator().manual_seed(1)) % n
+    for side in "kv":
+        kw[f"{side}_codes"][0, 0, :n] = codes[perm].view(n, 64).to(kw[f"{side}_codes"].device)
+    kw["n_quant"] = n
+    check_against_reference(kw, block_n=32)
+
+
+def test_eight_bit_launch_defaults():
+    # BLOCK_N 32 (64 spilled offline), no head fill, format codes and the fp16 magic number for bf16 models
+    from kvcompile.kernels import sass_probe
+
+    _, got = sass_probe.record_launch("int8_bf16", head_fill=True)
+    kw = got["kwargs"]
+    assert kw["BLOCK_N"] == 32 and kw["HFILL"] == 1 and kw["K_FMT"] == 1 and kw["V_FMT"] == 1
+    assert kw["MAGIC"] == 0x6400 and kw["MAGIC_VAL"] == 1152.0 and kw["V_MAGIC_VAL"] == 1152.0
+    _, got = sass_probe.record_launch("fp8")
+    assert got["kwargs"]["K_FMT"] == 2 and got["kwargs"]["MAGIC_VAL"] == 0.0
+
+
+def _set(**kv):
+    return lambda kw: kw.update(kv)
+
+
+@pytest.mark.parametrize("build,mutate,match", [
+    (dict(), _set(k_format="int8", k_zero=None), "needs k_bits=8"),  # int8 over 2-bit codes
+    (dict(), _set(v_format="nf4"), "v_format='nf4' unsupported"),
+    (dict(k_bits=8, k_format="int8"), lambda kw: kw.update(k_zero=kw["k_scale"]), "k_zero must be None"),
+    (dict(k_bits=8), _set(k_zero=None), "k_zero must be a tensor"),  # affine 8-bit has a zero point
+    (dict(k_bits=8), lambda kw: kw.update(k_group_size=32, k_scale=kw["k_scale"].expand(1, 1, -1, 2),
+                                          k_zero=kw["k_zero"].expand(1, 1, -1, 2)), "one group per token"),
+    (dict(k_bits=8), lambda kw: kw.update(k_codes=kw["k_codes"][..., 1:]), "k_codes shape"),
+    (dict(), _set(k_format="nf", k_zero=None), "takes 4-bit codes"),  # NF over 2-bit codes
+    # NF4 keys in groups of 64 with affine V in groups of 32: group fill takes one group size
+    (dict(D=128, k_bits=4, k_group=64, v_group=32, k_format="nf"), lambda kw: None, "need group fill"),
+])
+def test_eight_bit_validation_errors(build, mutate, match):
+    kw = _small_kw(**build)
+    mutate(kw)
+    with pytest.raises(ValueError, match=match):
+        da.decode_attention(**kw)
+
+
 def test_head_fill_takes_four_heads_for_gqa4():
     # the launcher's head count: 16 rows / rows per head, capped, dividing Hkv; off where it does not apply
     from kvcompile.kernels import sass_probe
@@ -488,7 +638,7 @@ def test_device_lengths_no_host_sync_and_cuda_graph(k_axis):
         assert (lse.cpu()[seen] - ref_lse[seen]).abs().max().item() < 5e-3
 
 
-@pytest.mark.parametrize("scheme", ["kivi", "token_perm"])
+@pytest.mark.parametrize("scheme", ["kivi", "token_perm", "int8", "fp8", "k8v2", "nqkv"])
 def test_ops_fused_path_reads_counts_on_device(scheme, monkeypatch):
     # kvcompile.ops._fused_cuda on real PackedKV caches (under the interpreter on CPU): the lengths go to
     # the kernel as the counts tensors (K and V separately for KIVI, whose V middle runs ahead of K's)
@@ -502,6 +652,13 @@ def test_ops_fused_path_reads_counts_on_device(scheme, monkeypatch):
     if scheme == "kivi":
         kq, vq, n_sink, window, length = (TensorQuant("affine", 2, 16, "channel"), TensorQuant("affine", 2, 32, "token"),
                                           0, 16, 75)
+    elif scheme in ("int8", "fp8"):  # 8-bit codes, one absmax scale per token, no zero (the int8 / fp8 schemes)
+        kq, vq, n_sink, window, length = TensorQuant(scheme, 8), TensorQuant(scheme, 8), 0, 0, 61
+    elif scheme == "nqkv":  # NF4 codebook codes in groups of 32 channels (group fill), sink and window
+        kq, vq, n_sink, window, length = TensorQuant("nf", 4, 32, "token"), TensorQuant("nf", 4, 32, "token"), 4, 8, 61
+    elif scheme == "k8v2":  # affine 8-bit keys, 2-bit values with sink and window
+        kq, vq, n_sink, window, length = (TensorQuant("affine", 8, None, "token"), TensorQuant("affine", 2, None, "token"),
+                                          4, 8, 61)
     else:
         kq, vq, n_sink, window, length = (TensorQuant("affine", 2, 32, "token", permute=True),
                                           TensorQuant("affine", 4, 64, "token", permute=True), 4, 8, 61)
@@ -520,6 +677,25 @@ def test_ops_fused_path_reads_counts_on_device(scheme, monkeypatch):
     ref = ops.attention_reference(q, k.dequantize(torch.float32), v.dequantize(torch.float32), 0.125, None, True)
     rel = ((fused.float() - ref).norm() / ref.norm()).item()
     assert rel < 5e-3, rel
+
+
+def test_ops_nf4_needs_group_fill():
+    # the op's check mirrors the launcher's: NF4 groups below D only through group fill
+    from kvcompile import ops
+    from kvcompile.cache.packed import PackedKV
+    from kvcompile.schemes.base import TensorQuant
+
+    def pk(q):
+        return PackedKV.empty(1, 2, 128, q, capacity=64, dtype=torch.float16, device=DEVICE)
+
+    q = torch.zeros(1, 8, 1, 128, dtype=torch.float16, device=DEVICE)
+    nf64, nf32 = TensorQuant("nf", 4, 64, "token"), TensorQuant("nf", 4, 32, "token")
+    assert ops._fused_unsupported(q, pk(nf64), pk(nf64), None, True) is None
+    assert ops._fused_unsupported(q, pk(TensorQuant("affine", 2, None, "token")), pk(nf32), None, True) is None
+    assert "group fill" in ops._fused_unsupported(q, pk(nf64), pk(TensorQuant("affine", 2, 32, "token")), None, True)
+    q16 = torch.zeros(1, 64, 1, 128, dtype=torch.float16, device=DEVICE)  # 32 rows x 4 groups > 64
+    assert "group fill" in ops._fused_unsupported(q16, pk(nf32), pk(nf32), None, True)
+    assert "NF2" in ops._fused_unsupported(q, pk(TensorQuant("nf", 2, 64, "token")), pk(nf64), None, True)
 
 
 def test_ops_fused_decision_is_sync_free():

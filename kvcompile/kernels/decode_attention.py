@@ -35,6 +35,9 @@ and add ``q . z_g`` per row (v10); ``KV_MIXED`` lets V's packed middle run ahead
 The packed loop loads each tile's scales and zeros one tile ahead (``PREFETCH``, default; v14): only the code
 tiles go through Triton's asynchronous copies, and the scale loads had sat on every tile's critical path.
 ``HFILL`` (head fill, off by default; v13) puts several KV heads' query rows into one program's MMA rows.
+8-bit codes (v15; affine, or ``k_format`` / ``v_format`` "int8" / "fp8" with one absmax scale per token and no
+zero) take one group per token: the code tiles are read as int16 words, two planes as for 4-bit, and one PRMT
+per two codes (int8: sign bits flipped first; fp8: the hardware's e4m3x2 -> f16x2 conversion) makes the planes.
 """
 
 from __future__ import annotations
@@ -52,12 +55,50 @@ __all__ = [
     "fused_decode_is_profitable",
     "choose_num_splits",
     "SUPPORTED_BITS",
+    "SUPPORTED_FORMATS",
     "SUPPORTED_HEAD_DIMS",
     "SUPPORTED_GROUP_SIZES",
     "SUPPORTED_TOKEN_GROUPS",
 ]
 
-SUPPORTED_BITS = (2, 4)
+SUPPORTED_BITS = (2, 4, 8)  # 8: one group (scale) per token only
+# int8 / fp8 (e4m3): 8 bits, one absmax scale per token, no zero; nf: NF4 codebook (4 bits), absmax scale per group
+SUPPORTED_FORMATS = ("affine", "int8", "fp8", "nf")
+_FMT_CODE = {"affine": 0, "int8": 1, "fp8": 2, "nf": 3}
+
+
+def _nf4_fp16_bits() -> list[int]:
+    """The NF4 codebook (kvcompile.quant.nf, QLoRA's table) as fp16 bit patterns, ascending."""
+    from ..quant.nf import nf_codebook
+
+    return [x & 0xFFFF for x in nf_codebook(4).half().view(torch.int16).tolist()]
+
+
+def _nf4_asm(j: int) -> str:
+    """PTX for plane j (the low nibbles for j == 0) of four packed bytes -> four fp16 NF4 codebook values
+    (two f16x2 registers). The four indices are gathered into one PRMT selector; PRMT picks table bytes by
+    the index's low 3 bits from the entries 0-7 and 8-15 (lo and hi bytes of each fp16 separately), a byte
+    mask from the index's bit 3 (PRMT's sign-replicate mode) chooses between them, and two PRMTs interleave
+    the lo and hi bytes into fp16 lanes: 15 instructions per four codes."""
+    bits = _nf4_fp16_bits()
+    lo = [sum((bits[4 * r + k] & 0xFF) << (8 * k) for k in range(4)) for r in range(4)]
+    hi = [sum((bits[4 * r + k] >> 8) << (8 * k) for k in range(4)) for r in range(4)]
+    src = "$2" if j == 0 else "x"
+    return (
+        "{ .reg .b32 x, t, u, s, m, y, la, lb, ha, hb, lo, hi, l0, l1, l2, l3, h0, h1, h2, h3; "
+        + "".join(f"mov.b32 l{r}, {lo[r]:#x}; mov.b32 h{r}, {hi[r]:#x}; " for r in range(4))
+        + ("" if j == 0 else "shr.b32 x, $2, 4; ")
+        + f"and.b32 t, {src}, 0x0F0F0F0F; shr.b32 u, t, 4; or.b32 u, u, t; prmt.b32 s, u, 0, 0x0020; "
+        + "and.b32 s, s, 0x7777; "
+        + ("shl.b32 y, $2, 4; prmt.b32 m, y, 0, 0xBA98; " if j == 0 else "prmt.b32 m, $2, 0, 0xBA98; ")
+        + "prmt.b32 la, l0, l1, s; prmt.b32 lb, l2, l3, s; prmt.b32 ha, h0, h1, s; prmt.b32 hb, h2, h3, s; "
+        + "lop3.b32 lo, la, lb, m, 0xD8; lop3.b32 hi, ha, hb, m, 0xD8; "
+        + "prmt.b32 $0, lo, hi, 0x5140; prmt.b32 $1, lo, hi, 0x7362; }"
+    )
+
+
+_NF4_ASM_J0 = tl.constexpr(_nf4_asm(0))
+_NF4_ASM_J1 = tl.constexpr(_nf4_asm(1))
 SUPPORTED_HEAD_DIMS = (64, 128)
 SUPPORTED_GROUP_SIZES = (32, 64, 128)  # and G == D
 SUPPORTED_TOKEN_GROUPS = (16, 32, 64, 128)  # per-channel keys (k_axis="channel"): tokens per group
@@ -147,28 +188,112 @@ def _spread_mask_or(b8, J: tl.constexpr, BITS: tl.constexpr):
 
 
 @triton.jit
+def _asm_byte_plane(w16, J: tl.constexpr, FMT: tl.constexpr):
+    """8-bit codes, int16 words of two codes -> fp16 plane J (the low bytes for J == 0), two words per 32-bit
+    register. Affine / int8: one PRMT per two codes puts byte J of each word under 0x64 (1024 + code; int8
+    flips the sign bits first: 1152 + code). fp8: the plane's two bytes, then the hardware's e4m3x2 -> f16x2
+    conversion (the value itself, not times 2**-8 as the plain-Triton form)."""
+    if FMT == 2:
+        if J == 0:
+            r = tl.inline_asm_elementwise(
+                asm="{ .reg .b32 t; .reg .b16 h; prmt.b32 t, $1, 0, 0x20; cvt.u16.u32 h, t; "
+                    "cvt.rn.f16x2.e4m3x2 $0, h; }",
+                constraints="=r,r", args=[w16], dtype=tl.float16, is_pure=True, pack=2)
+        else:
+            r = tl.inline_asm_elementwise(
+                asm="{ .reg .b32 t; .reg .b16 h; prmt.b32 t, $1, 0, 0x31; cvt.u16.u32 h, t; "
+                    "cvt.rn.f16x2.e4m3x2 $0, h; }",
+                constraints="=r,r", args=[w16], dtype=tl.float16, is_pure=True, pack=2)
+    elif FMT == 1:
+        if J == 0:
+            r = tl.inline_asm_elementwise(
+                asm="{ .reg .b32 t; xor.b32 t, $1, 0x80808080; prmt.b32 $0, t, 0x64, 0x4240; }",
+                constraints="=r,r", args=[w16], dtype=tl.float16, is_pure=True, pack=2)
+        else:
+            r = tl.inline_asm_elementwise(
+                asm="{ .reg .b32 t; xor.b32 t, $1, 0x80808080; prmt.b32 $0, t, 0x64, 0x4341; }",
+                constraints="=r,r", args=[w16], dtype=tl.float16, is_pure=True, pack=2)
+    else:
+        if J == 0:
+            r = tl.inline_asm_elementwise(asm="prmt.b32 $0, $1, 0x64, 0x4240;", constraints="=r,r", args=[w16],
+                                          dtype=tl.float16, is_pure=True, pack=2)
+        else:
+            r = tl.inline_asm_elementwise(asm="prmt.b32 $0, $1, 0x64, 0x4341;", constraints="=r,r", args=[w16],
+                                          dtype=tl.float16, is_pure=True, pack=2)
+    return r
+
+
+@triton.jit
+def _nf4_plane(b8, J: tl.constexpr, FAST_ASM: tl.constexpr):
+    """Plane J of a 4-bit code tile as fp16 NF4 codebook values. FAST_ASM (GPU): b8 is the raw uint8 tile and
+    PTX looks the codes up (_nf4_asm); otherwise b8 is the int16 tile and a select chain does (the codebook
+    rounded to fp16, the same values)."""
+    if FAST_ASM:
+        if J == 0:
+            r = tl.inline_asm_elementwise(asm=_NF4_ASM_J0, constraints="=r,=r,r", args=[b8], dtype=tl.float16,
+                                          is_pure=True, pack=4)
+        else:
+            r = tl.inline_asm_elementwise(asm=_NF4_ASM_J1, constraints="=r,=r,r", args=[b8], dtype=tl.float16,
+                                          is_pure=True, pack=4)
+    else:
+        c = (b8 >> (J * 4)) & 0xF
+        r = tl.where(c < 8,
+                     tl.where(c < 4,
+                              tl.where(c < 2, tl.where(c == 0, -1.0, -0.6962890625),
+                                       tl.where(c == 2, -0.52490234375, -0.39501953125)),
+                              tl.where(c < 6, tl.where(c == 4, -0.284423828125, -0.184814453125),
+                                       tl.where(c == 6, -0.091064453125, 0.0))),
+                     tl.where(c < 12,
+                              tl.where(c < 10, tl.where(c == 8, 0.07958984375, 0.160888671875),
+                                       tl.where(c == 10, 0.24609375, 0.337890625)),
+                              tl.where(c < 14, tl.where(c == 12, 0.440673828125, 0.5625),
+                                       tl.where(c == 14, 0.72314453125, 1.0)))).to(tl.float16)
+    return r
+
+
+@triton.jit
 def _plane_magic(b16, J: tl.constexpr, BITS: tl.constexpr, MAGIC: tl.constexpr, DTYPE: tl.constexpr,
-                 SHIFTED: tl.constexpr, FAST_ASM: tl.constexpr = False):
+                 SHIFTED: tl.constexpr, FAST_ASM: tl.constexpr = False, FMT: tl.constexpr = 0):
     """Plane J of an int16 byte tile as DTYPE values without an int->float conversion: MAGIC_VAL + code,
     or with SHIFTED (fp16 only: the code bits stay in place, inside the 10-bit mantissa) MAGIC_VAL +
     2**(J * BITS) * code, which saves the shift; callers fold the exact power-of-two factor elsewhere.
-    With SHIFTED and FAST_ASM (GPU only), b16 is the raw uint8 tile and PTX does the spreading."""
-    if SHIFTED and FAST_ASM:
+    With SHIFTED and FAST_ASM (GPU only), b16 is the raw uint8 tile and PTX does the spreading.
+
+    8-bit codes (BITS == 8) come as int16 words of two codes (plane 0: the low byte, even channels), never
+    shifted, fp16 only. FMT 1 (int8): the sign bit flipped, so the plane is 1024 + 128 + code (MAGIC_VAL
+    1152). FMT 2 (fp8 e4m3): sign and the 7 exponent / mantissa bits moved into fp16's places, which is the
+    value times 2**-8 exactly, subnormals included (MAGIC_VAL 0; callers scale by 256)."""
+    if FMT == 3:
+        out = _nf4_plane(b16, J, FAST_ASM)
+    elif SHIFTED and FAST_ASM:
         out = _spread_mask_or(b16, J, BITS)
+    elif BITS == 8 and FAST_ASM:
+        out = _asm_byte_plane(b16, J, FMT)
     else:
         if SHIFTED:
             c = b16 & (((1 << BITS) - 1) << (J * BITS))
         else:
             c = (b16 >> (J * BITS)) & ((1 << BITS) - 1)
-        out = (c | MAGIC).to(DTYPE, bitcast=True)
+        if FMT == 2:
+            out = (((c & 0x80) << 8) | ((c & 0x7F) << 7)).to(DTYPE, bitcast=True)
+        elif FMT == 1:
+            out = ((c ^ 0x80) | MAGIC).to(DTYPE, bitcast=True)
+        else:
+            out = (c | MAGIC).to(DTYPE, bitcast=True)
     return out
 
 
 @triton.jit
 def _v_plane_exact(b16, J: tl.constexpr, BITS: tl.constexpr, MAGIC: tl.constexpr, MAGIC_VAL: tl.constexpr,
-                   DTYPE: tl.constexpr, DOT_FP32: tl.constexpr, SHIFTED: tl.constexpr, FAST_ASM: tl.constexpr):
+                   DTYPE: tl.constexpr, DOT_FP32: tl.constexpr, SHIFTED: tl.constexpr, FAST_ASM: tl.constexpr,
+                   FMT: tl.constexpr = 0):
     """Plane J as exact code values (times 2**(J * BITS) if SHIFTED): (MAGIC_VAL + c) - MAGIC_VAL is exact."""
-    v = _plane_magic(b16, J, BITS, MAGIC, DTYPE, SHIFTED, FAST_ASM)
+    v = _plane_magic(b16, J, BITS, MAGIC, DTYPE, SHIFTED, FAST_ASM, FMT)
+    if FMT >= 2:  # fp8 (the value, or times 2**-8) and NF4 (the codebook value): no offset
+        if DOT_FP32:
+            return v.to(tl.float32)
+        else:
+            return v
     if DOT_FP32:
         # the interpreter gets bf16 arithmetic wrong: subtract in float32 there
         return v.to(tl.float32) - MAGIC_VAL
@@ -517,10 +642,11 @@ def _load_codes(base, offs_t64, tmask, st, sc, DP: tl.constexpr, RAW: tl.constex
 
 @triton.jit
 def _k_magic_dot(kb, q0, q1, q2, q3, K_BITS: tl.constexpr, MAGIC: tl.constexpr, DTYPE: tl.constexpr,
-                 K_SHIFTED: tl.constexpr, FAST_ASM: tl.constexpr, USE_DOT: tl.constexpr, DOT_FP32: tl.constexpr):
+                 K_SHIFTED: tl.constexpr, FAST_ASM: tl.constexpr, USE_DOT: tl.constexpr, DOT_FP32: tl.constexpr,
+                 FMT: tl.constexpr = 0):
     """q . (MAGIC_VAL + c) over the planes of a key code tile (scales and the offset are the caller's)."""
-    raw = _mm(q0, tl.trans(_plane_magic(kb, 0, K_BITS, MAGIC, DTYPE, K_SHIFTED, FAST_ASM)), USE_DOT, DOT_FP32)
-    raw += _mm(q1, tl.trans(_plane_magic(kb, 1, K_BITS, MAGIC, DTYPE, K_SHIFTED, FAST_ASM)), USE_DOT, DOT_FP32)
+    raw = _mm(q0, tl.trans(_plane_magic(kb, 0, K_BITS, MAGIC, DTYPE, K_SHIFTED, FAST_ASM, FMT)), USE_DOT, DOT_FP32)
+    raw += _mm(q1, tl.trans(_plane_magic(kb, 1, K_BITS, MAGIC, DTYPE, K_SHIFTED, FAST_ASM, FMT)), USE_DOT, DOT_FP32)
     if K_BITS == 2:
         raw += _mm(q2, tl.trans(_plane_magic(kb, 2, K_BITS, MAGIC, DTYPE, K_SHIFTED, FAST_ASM)), USE_DOT, DOT_FP32)
         raw += _mm(q3, tl.trans(_plane_magic(kb, 3, K_BITS, MAGIC, DTYPE, K_SHIFTED, FAST_ASM)), USE_DOT, DOT_FP32)
@@ -530,11 +656,13 @@ def _k_magic_dot(kb, q0, q1, q2, q3, K_BITS: tl.constexpr, MAGIC: tl.constexpr, 
 @triton.jit
 def _v_exact_dot(pv, vb, acc0, acc1, acc2, acc3, V_BITS: tl.constexpr, V_MAGIC: tl.constexpr,
                  V_MAGIC_VAL: tl.constexpr, V_DTYPE: tl.constexpr, DOT_FP32: tl.constexpr, V_SHIFTED: tl.constexpr,
-                 FAST_ASM: tl.constexpr, USE_DOT: tl.constexpr):
+                 FAST_ASM: tl.constexpr, USE_DOT: tl.constexpr, FMT: tl.constexpr = 0):
     """acc_j += pv . plane_j(vb) with the exact codes ((MAGIC_VAL + c) - MAGIC_VAL is exact in V_DTYPE;
     leaving the offset in accumulates error)."""
-    acc0 += _mm(pv, _v_plane_exact(vb, 0, V_BITS, V_MAGIC, V_MAGIC_VAL, V_DTYPE, DOT_FP32, V_SHIFTED, FAST_ASM), USE_DOT, DOT_FP32)
-    acc1 += _mm(pv, _v_plane_exact(vb, 1, V_BITS, V_MAGIC, V_MAGIC_VAL, V_DTYPE, DOT_FP32, V_SHIFTED, FAST_ASM), USE_DOT, DOT_FP32)
+    acc0 += _mm(pv, _v_plane_exact(vb, 0, V_BITS, V_MAGIC, V_MAGIC_VAL, V_DTYPE, DOT_FP32, V_SHIFTED, FAST_ASM, FMT),
+                USE_DOT, DOT_FP32)
+    acc1 += _mm(pv, _v_plane_exact(vb, 1, V_BITS, V_MAGIC, V_MAGIC_VAL, V_DTYPE, DOT_FP32, V_SHIFTED, FAST_ASM, FMT),
+                USE_DOT, DOT_FP32)
     if V_BITS == 2:
         acc2 += _mm(pv, _v_plane_exact(vb, 2, V_BITS, V_MAGIC, V_MAGIC_VAL, V_DTYPE, DOT_FP32, V_SHIFTED, FAST_ASM), USE_DOT, DOT_FP32)
         acc3 += _mm(pv, _v_plane_exact(vb, 3, V_BITS, V_MAGIC, V_MAGIC_VAL, V_DTYPE, DOT_FP32, V_SHIFTED, FAST_ASM), USE_DOT, DOT_FP32)
@@ -587,15 +715,17 @@ def _packed_tile(q0, q1, q2, q3, qsum, qsum_mag, m_i, l_i, acc0, acc1, acc2, acc
                  K_GF: tl.constexpr = False, V_GF: tl.constexpr = False, GF_BCAST: tl.constexpr = False,
                  KC_DEQ: tl.constexpr = False, hrow=0, HFILL: tl.constexpr = 1, skc_h=0, sks_h=0, skz_h=0,
                  svc_h=0, svs_h=0, svz_h=0, PREFETCH: tl.constexpr = False, pks=None, pkz=None, pvs=None, pvz=None,
-                 pkc=None):
+                 pkc=None, K_FMT: tl.constexpr = 0, V_FMT: tl.constexpr = 0):
     """One tile of packed middle tokens. Codes load per token (offs_t, tmask); scales, zeros and the softmax
     run in the score domain (offs_s, smask, pos_s: see _bc and _rows_select). K_CHANNEL (per-channel keys,
     KIVI): the tile [t0, t0 + BLOCK_N) lies inside one token group of K_GROUP tokens, whose per-channel
     scale s and zero z fold into q: q . (c * s + z) = (q * s) . c + q . z. HFILL > 1 ("head fill", one group
     per token): the rows are (KV head hg, query row m) of HFILL heads (``*_h`` strides from the bases): each
-    head's tile is unpacked once and multiplied by all rows, and each row keeps its own head's product."""
-    PER_K: tl.constexpr = 8 // K_BITS
-    PER_V: tl.constexpr = 8 // V_BITS
+    head's tile is unpacked once and multiplied by all rows, and each row keeps its own head's product.
+    8-bit codes (one group per token only): the code tiles are int16 words of two codes (PER 2, like 4-bit);
+    K_FMT / V_FMT 1 (int8) and 2 (fp8) have no zero point, fp8's planes carry a 2**-8 the scales undo."""
+    PER_K: tl.constexpr = 2 if K_BITS == 8 else 8 // K_BITS
+    PER_V: tl.constexpr = 2 if V_BITS == 8 else 8 // V_BITS
     DPK: tl.constexpr = D // PER_K
     DPV: tl.constexpr = D // PER_V
     offs_t64 = offs_t.to(tl.int64)
@@ -603,7 +733,7 @@ def _packed_tile(q0, q1, q2, q3, qsum, qsum_mag, m_i, l_i, acc0, acc1, acc2, acc
 
     # ---- K: scores --------------------------------------------------------------------------------
     # the PTX unpack takes the raw bytes (fp16 magic, shifted codes); the other forms work on int16
-    K_RAW: tl.constexpr = FAST_ASM and (K_SHIFTED or (K_CHANNEL and KC_DEQ and V_MAGIC == 0x6400))
+    K_RAW: tl.constexpr = FAST_ASM and (K_SHIFTED or (K_CHANNEL and KC_DEQ and V_MAGIC == 0x6400) or K_FMT == 3)
     if HFILL == 1:
         kb = _load_codes(kc_base, offs_t64, tmask, skc_t, skc_c, DPK, K_RAW)
     if HFILL > 1:
@@ -682,16 +812,29 @@ def _packed_tile(q0, q1, q2, q3, qsum, qsum_mag, m_i, l_i, acc0, acc1, acc2, acc
             else:
                 ks = tl.load(ks_base + offs_s64 * sks_t, mask=smask, other=0.0).to(tl.float32)
                 kz = tl.load(kz_base + offs_s64 * skz_t, mask=smask, other=0.0).to(tl.float32)
-        raw = _k_magic_dot(kb, q0, q1, q2, q3, K_BITS, MAGIC, DTYPE, K_SHIFTED, FAST_ASM, USE_DOT, DOT_FP32)
+        if K_BITS == 8 or K_FMT == 3:
+            # 1024 + code is exact in fp16 only, and the NF4 planes are fp16 values (bf16 models: q converted, exact
+            # in fp16's normal range)
+            raw = _k_magic_dot(kb, q0.to(tl.float16), q1.to(tl.float16), q2, q3, K_BITS, MAGIC, tl.float16,
+                               K_SHIFTED, FAST_ASM, USE_DOT, DOT_FP32, K_FMT)
+        else:
+            raw = _k_magic_dot(kb, q0, q1, q2, q3, K_BITS, MAGIC, DTYPE, K_SHIFTED, FAST_ASM, USE_DOT, DOT_FP32)
         # raw = q . c + MAGIC_VAL * qsum_mag, so s * (raw - MAGIC_VAL * qsum_mag) + z * sum(q) == q . (c s + z)
         if K_GF:
-            e = (raw - MAGIC_VAL * qsum_mag[:, None]) * ks + qsum[:, None] * kz
+            if K_FMT == 0:
+                e = (raw - MAGIC_VAL * qsum_mag[:, None]) * ks + qsum[:, None] * kz
+            else:  # NF4: codebook values times the group's scale, no zero
+                e = raw * ks
             s = _group_allreduce(e, GFILL) * qk_scale
         else:
             raw = _rows_select(raw, sbr, SUB)
-            a = ks * qk_scale
-            bz = kz * qk_scale
-            s = (raw - MAGIC_VAL * qsum_mag[:, None]) * _bc(a, SUB) + qsum[:, None] * _bc(bz, SUB)
+            if K_FMT == 0:
+                a = ks * qk_scale
+                bz = kz * qk_scale
+                s = (raw - MAGIC_VAL * qsum_mag[:, None]) * _bc(a, SUB) + qsum[:, None] * _bc(bz, SUB)
+            else:  # int8 (MAGIC_VAL holds the sign offset), fp8 (plain-Triton planes times 2**-8), NF4: no zero point
+                a = ks * (qk_scale * (256.0 if (K_FMT == 2 and not FAST_ASM) else 1.0))
+                s = (raw - MAGIC_VAL * qsum_mag[:, None]) * _bc(a, SUB)
     else:
         # plane element i holds channel PER * i + j, which is in group i // (K_GROUP // PER_K)
         offs_g = (tl.arange(0, DPK) // (K_GROUP // PER_K)).to(tl.int64)
@@ -707,7 +850,7 @@ def _packed_tile(q0, q1, q2, q3, qsum, qsum_mag, m_i, l_i, acc0, acc1, acc2, acc
     p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i)
 
     # ---- V: output ----------------------------------------------------------------------------------
-    V_RAW: tl.constexpr = FAST_ASM and V_SHIFTED
+    V_RAW: tl.constexpr = FAST_ASM and (V_SHIFTED or V_FMT == 3)
     if HFILL == 1:
         vb = _load_codes(vc_base, offs_t64, tmask, svc_t, svc_c, DPV, V_RAW)
     if HFILL > 1:
@@ -742,11 +885,15 @@ def _packed_tile(q0, q1, q2, q3, qsum, qsum_mag, m_i, l_i, acc0, acc1, acc2, acc
             else:
                 vs = _bc(tl.load(vs_base + offs_s64 * svs_t, mask=smask, other=0.0).to(tl.float32), SUB)
                 vz = _bc(tl.load(vz_base + offs_s64 * svz_t, mask=smask, other=0.0).to(tl.float32), SUB)
-        zacc = zacc * alpha + tl.sum(p * vz, 1)
-        pv = _rows_expand((p * vs).to(V_DTYPE), sbr, SUB)
+        if V_FMT == 0:
+            zacc = zacc * alpha + tl.sum(p * vz, 1)
+            pv = _rows_expand((p * vs).to(V_DTYPE), sbr, SUB)
+        else:  # int8 / fp8: no zero point; fp8's plain-Triton planes hold the value times 2**-8
+            zacc = zacc * alpha
+            pv = _rows_expand((p * (vs * (256.0 if (V_FMT == 2 and not FAST_ASM) else 1.0))).to(V_DTYPE), sbr, SUB)
         acc0, acc1, acc2, acc3 = _acc_rescale(acc0, acc1, acc2, acc3, alpha, PER_V)
         acc0, acc1, acc2, acc3 = _v_exact_dot(pv, vb, acc0, acc1, acc2, acc3, V_BITS, V_MAGIC, V_MAGIC_VAL, V_DTYPE,
-                                              DOT_FP32, V_SHIFTED, FAST_ASM, USE_DOT)
+                                              DOT_FP32, V_SHIFTED, FAST_ASM, USE_DOT, V_FMT)
     else:
         offs_g = (tl.arange(0, DPV) // (V_GROUP // PER_V)).to(tl.int64)
         vs = tl.load(vs_base + offs_t64[:, None] * svs_t + offs_g[None, :] * svs_g, mask=tmask[:, None], other=0.0).to(tl.float32)
@@ -824,15 +971,16 @@ def _decode_split_kernel(
     FP_SPLIT: tl.constexpr = False, DEV_LENS: tl.constexpr = False, KV_MIXED: tl.constexpr = False,
     K_CHANNEL: tl.constexpr = False, GFILL: tl.constexpr = 1, K_GF: tl.constexpr = False,
     V_GF: tl.constexpr = False, GF_BCAST: tl.constexpr = False, KC_DEQ: tl.constexpr = False,
-    HFILL: tl.constexpr = 1, PREFETCH: tl.constexpr = False,
+    HFILL: tl.constexpr = 1, PREFETCH: tl.constexpr = False, K_FMT: tl.constexpr = 0, V_FMT: tl.constexpr = 0,
 ):
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
     # HFILL > 1 ("head fill"): a program serves HFILL consecutive KV heads h .. h + HFILL - 1 (H_KV % HFILL == 0)
     b = (pid_bh // (H_KV // HFILL)).to(tl.int64)
     h = (pid_bh % (H_KV // HFILL)).to(tl.int64) * HFILL
-    PER_K: tl.constexpr = 8 // K_BITS
-    PER_V: tl.constexpr = 8 // V_BITS
+    # 8-bit codes come as int16 words of two codes: two planes, as for 4-bit
+    PER_K: tl.constexpr = 2 if K_BITS == 8 else 8 // K_BITS
+    PER_V: tl.constexpr = 2 if V_BITS == 8 else 8 // V_BITS
     DPK: tl.constexpr = D // PER_K
     DPV: tl.constexpr = D // PER_V
     ROWS: tl.constexpr = GQA * NQ
@@ -882,8 +1030,8 @@ def _decode_split_kernel(
     q_rows = (hh * GQA + hl) * sq_h + qi.to(tl.int64) * sq_n
     # fp16 codes keep their bits in place (K_SHIFTED / V_SHIFTED, see _plane_magic); the exact
     # power-of-two factors go into the q planes (K) and the output planes (V).
-    K_SHIFTED: tl.constexpr = (MAGIC == 0x6400) and (K_CHANNEL or K_GROUP == D or K_GF)
-    V_SHIFTED: tl.constexpr = (V_MAGIC == 0x6400) and (V_GROUP == D or V_GF)
+    K_SHIFTED: tl.constexpr = (MAGIC == 0x6400) and (K_CHANNEL or K_GROUP == D or K_GF) and K_BITS != 8 and K_FMT == 0
+    V_SHIFTED: tl.constexpr = (V_MAGIC == 0x6400) and (V_GROUP == D or V_GF) and V_BITS != 8 and V_FMT == 0
     KB: tl.constexpr = K_BITS
     q0 = _load_q_plane(q_base, q_rows, rmask, 0, PER_K, DPK, sq_d)
     q1 = _load_q_plane(q_base, q_rows, rmask, 1, PER_K, DPK, sq_d)
@@ -1025,7 +1173,7 @@ def _decode_split_kernel(
                     K_BITS, V_BITS, K_GROUP, V_GROUP, D, MAGIC, MAGIC_VAL, V_MAGIC, V_MAGIC_VAL, V_DTYPE,
                     K_SHIFTED, V_SHIFTED, FAST_ASM, CAUSAL, USE_DOT, DOT_FP32, DTYPE, SUB, t0, K_CHANNEL,
                     grow, GFILL, K_GF, V_GF, GF_BCAST, KC_DEQ, hrow, HFILL, skc_h, sks_h, skz_h, svc_h, svs_h, svz_h,
-                    PREFETCH, cks, ckz, cvs, cvz, (cs0, cz0, cs1, cz1, cs2, cz2, cs3, cz3))
+                    PREFETCH, cks, ckz, cvs, cvz, (cs0, cz0, cs1, cz1, cs2, cz2, cs3, cz3), K_FMT, V_FMT)
 
     if HAS_WINDOW:
         if run_fp:
@@ -1210,18 +1358,26 @@ def _lengths_arg(name: str, t, B: int, dev) -> tuple[torch.Tensor, int, int]:
     _fail(f"{name} shape {tuple(t.shape)} must be (3,) (one length for the batch) or ({B}, 3) (per sequence)")
 
 
+def _int16_words(name: str, t: torch.Tensor) -> torch.Tensor:
+    """8-bit codes [B, H, cap, D] as int16 words [B, H, cap, D // 2] (plane 0: the low bytes, even channels)."""
+    if t.stride(-1) != 1 or t.storage_offset() % 2 or any(st % 2 for st in t.stride()[:-1]):
+        _fail(f"8-bit {name} must have contiguous channels at even byte offsets (strides {t.stride()}); "
+              "pass a contiguous tensor")
+    return t.view(torch.int16)
+
+
 def decode_attention(
     *,
     q: torch.Tensor,
     k_sink: torch.Tensor,
     k_codes: torch.Tensor,
     k_scale: torch.Tensor,
-    k_zero: torch.Tensor,
+    k_zero: torch.Tensor | None,
     k_window: torch.Tensor,
     v_sink: torch.Tensor,
     v_codes: torch.Tensor,
     v_scale: torch.Tensor,
-    v_zero: torch.Tensor,
+    v_zero: torch.Tensor | None,
     v_window: torch.Tensor,
     k_bits: int,
     v_bits: int,
@@ -1232,6 +1388,8 @@ def decode_attention(
     lengths: torch.Tensor | None = None,
     v_lengths: torch.Tensor | None = None,
     k_axis: str = "token",
+    k_format: str = "affine",
+    v_format: str = "affine",
     sm_scale: float | None = None,
     num_splits: int | None = None,
     block_n: int | None = None,
@@ -1256,6 +1414,10 @@ def decode_attention(
     ``*_codes`` uint8 [B, Hkv, cap, D * bits / 8] (little-endian within the byte); ``*_scale`` / ``*_zero``
     [B, Hkv, cap, D // group_size] (per-token affine groups: x = c * scale + zero), or for keys with
     ``k_axis="channel"`` (KIVI: groups of ``k_group_size`` tokens per channel) [B, Hkv, cap // k_group_size, D].
+    ``k_format`` / ``v_format``: "affine" (the above), or 8-bit "int8" / "fp8" (e4m3) codes with one absmax
+    scale per token (``group_size == D``, ``*_zero`` None: x = int8(c) * scale, or fp8(c) * scale), or "nf":
+    4-bit NF4 codebook codes with an absmax scale per group (``*_zero`` None: x = NF4[c] * scale; groups below
+    D through group fill). 8-bit affine codes also take one group per token only.
 
     Lengths, one of:
     - ``n_quant``, ``n_window`` (host ints): every sequence holds all S sink tokens, ``n_quant`` packed and
@@ -1282,9 +1444,23 @@ def decode_attention(
         _fail(f"head dim {D} unsupported (supported: {SUPPORTED_HEAD_DIMS})")
     if k_bits not in SUPPORTED_BITS or v_bits not in SUPPORTED_BITS:
         _fail(f"bits k={k_bits} v={v_bits} unsupported (supported: {SUPPORTED_BITS})")
+    for name, fmt, bits, g, zero in (("k", k_format, k_bits, k_group_size, k_zero),
+                                     ("v", v_format, v_bits, v_group_size, v_zero)):
+        if fmt not in SUPPORTED_FORMATS:
+            _fail(f"{name}_format={fmt!r} unsupported (supported: {SUPPORTED_FORMATS})")
+        if fmt in ("int8", "fp8") and bits != 8:
+            _fail(f"{name}_format={fmt!r} needs {name}_bits=8, got {bits}")
+        if fmt == "nf" and bits != 4:
+            _fail(f"{name}_format='nf' takes 4-bit codes (NF4), got {name}_bits={bits}")
+        if bits == 8 and g != D:
+            _fail(f"8-bit {name} codes take one group per token ({name}_group_size={D}), got {g}")
+        if (zero is None) != (fmt != "affine"):
+            _fail(f"{name}_zero must be {'None' if fmt != 'affine' else 'a tensor'} for {name}_format={fmt!r}")
     k_channel = k_axis == "channel"
     if k_axis not in ("token", "channel"):
         _fail(f"k_axis={k_axis!r} unsupported ('token' or 'channel')")
+    if k_channel and (k_bits == 8 or k_format != "affine"):
+        _fail("k_axis='channel' takes 2- or 4-bit affine keys")
     if k_channel:
         if k_group_size not in SUPPORTED_TOKEN_GROUPS:
             _fail(f"key token group k_group_size={k_group_size} unsupported for k_axis='channel' "
@@ -1319,6 +1495,8 @@ def decode_attention(
     for name, t, want in (("k_scale", k_scale, k_meta_shape), ("k_zero", k_zero, k_meta_shape),
                           ("v_scale", v_scale, (B, Hkv, cap_v, D // v_group_size)),
                           ("v_zero", v_zero, (B, Hkv, cap_v, D // v_group_size))):
+        if t is None:  # int8 / fp8: no zero point (checked above)
+            continue
         if t.dtype not in _META_DTYPES:
             _fail(f"{name} dtype {t.dtype} unsupported ({_META_DTYPES})")
         if t.shape != want:
@@ -1335,7 +1513,7 @@ def decode_attention(
             _fail(f"{name} dtype {t.dtype} != q dtype {q.dtype}")
     dev = q.device
     for t in (k_sink, k_codes, k_scale, k_zero, k_window, v_sink, v_codes, v_scale, v_zero, v_window):
-        if t.device != dev:
+        if t is not None and t.device != dev:
             _fail(f"all inputs must be on q's device {dev}, found one on {t.device}")
     dev_lens = lengths is not None
     kv_mixed = False
@@ -1402,13 +1580,18 @@ def decode_attention(
     if head_fill is None:
         head_fill = HEAD_FILL_DEFAULT
     if head_fill and use_dot and gfill == 1 and not k_channel and not kv_mixed and k_group_size == D \
-            and v_group_size == D and m_pad < 16:
+            and v_group_size == D and m_pad < 16 and 8 not in (k_bits, v_bits) and k_format == v_format == "affine":
         hfill = min(16 // m_pad, HEAD_FILL_MAX if head_fill is True else int(head_fill))
         while Hkv % hfill:
             hfill //= 2
         if hfill > 1:
             fill_rows = False
             m_pad = 16
+    # NF4 codes in groups below D need group fill (the register-dequantizing form is affine only)
+    if (k_format == "nf" and k_grouped and not k_gf) or (v_format == "nf" and v_group_size < D and not v_gf):
+        _fail(f"NF4 codes in groups of k={k_group_size} / v={v_group_size} channels need group fill: equal group "
+              f"sizes where both sides are grouped, (D / group) x GQA ratio x new tokens <= {_MAX_GFILL_ROWS}, "
+              "group_fill not False")
     if use_dot:
         if fill_rows and m_pad < 16:
             sub = 16 // max(2, m_pad)  # rows = (token sub-block, query row): no padding rows in the softmax
@@ -1420,6 +1603,10 @@ def decode_attention(
         if k_gf:
             # grouped keys (group fill on both sides): the prefetched [groups, 64] scale / zero tiles spill at
             # BLOCK_N 64 (H100, K4V4 in groups of 32: 309 against 169 us at 32; NOTES.md v14)
+            block_n = 32
+        if 8 in (k_bits, v_bits) or "nf" in (k_format, v_format):
+            # 8-bit code tiles: [64, D] int16 words of K and V spill one warp's registers at BLOCK_N 64 (offline
+            # triton 3.6 SASS: 64 bytes of stack, 144 with row fill; none at 32); NF4 with one group per token: 8
             block_n = 32
     if block_n % sub:
         _fail(f"block_n={block_n} must be a multiple of the {sub} row-fill sub-blocks")
@@ -1480,10 +1667,31 @@ def decode_attention(
     has_sink, has_mid, has_window = S > 0, mid_cap > 0, n_window_arg > 0
     tl_dtype = tl.float16 if q.dtype == torch.float16 else tl.bfloat16
     magic, magic_val = (0x6400, 1024.0) if q.dtype == torch.float16 else (0x4300, 128.0)
+    # 8-bit codes: 1024 + code is exact in fp16 only (the K product converts q; int8's flipped sign bit adds 128;
+    # fp8's planes are values, no offset)
+    _mv8 = {"affine": 1024.0, "int8": 1152.0, "fp8": 0.0}
+    if k_bits == 8:
+        magic, magic_val = 0x6400, _mv8[k_format]
+    if k_format == "nf":  # fp16 codebook values: no offset
+        magic, magic_val = 0x6400, 0.0
     # The packed V product (p * scale) . codes runs in fp16 whenever the scales are fp16 (p * s <= max
-    # scale then fits fp16): 3 more mantissa bits than bf16 for bf16 models.
-    v_fp16 = v_scale.dtype == torch.float16 or q.dtype == torch.float16
+    # scale then fits fp16): 3 more mantissa bits than bf16 for bf16 models. 8-bit codes need fp16.
+    v_fp16 = v_scale.dtype == torch.float16 or q.dtype == torch.float16 or v_bits == 8 or v_format == "nf"
     v_dtype, v_magic, v_magic_val = (tl.float16, 0x6400, 1024.0) if v_fp16 else (tl_dtype, magic, magic_val)
+    if v_bits == 8:
+        v_magic_val = _mv8[v_format]
+    if v_format == "nf":
+        v_magic_val = 0.0
+    # int8 / fp8 have no zero point: the scale stands in for the pointer (never used)
+    if k_zero is None:
+        k_zero = k_scale
+    if v_zero is None:
+        v_zero = v_scale
+    # 8-bit codes are read as int16 words of two codes (two planes, as for 4-bit)
+    if k_bits == 8:
+        k_codes = _int16_words("k_codes", k_codes)
+    if v_bits == 8:
+        v_codes = _int16_words("v_codes", v_codes)
     grid = (B * (Hkv // hfill), num_splits)
     gf_bcast = GROUP_BCAST_DEFAULT if group_bcast is None else bool(group_bcast)
     kc_deq = k_channel and (KCHAN_DEQUANT_DEFAULT if kchan_dequant is None else bool(kchan_dequant))
@@ -1514,7 +1722,8 @@ def decode_attention(
         DEV_LENS=dev_lens, KV_MIXED=kv_mixed, K_CHANNEL=k_channel, GFILL=gfill, K_GF=k_gf,
         V_GF=v_gf, GF_BCAST=gf_bcast,
         KC_DEQ=kc_deq,
-        HFILL=hfill, PREFETCH=prefetch, num_warps=num_warps, num_stages=num_stages,
+        HFILL=hfill, PREFETCH=prefetch, K_FMT=_FMT_CODE[k_format], V_FMT=_FMT_CODE[v_format],
+        num_warps=num_warps, num_stages=num_stages,
     )
     if not direct:
         block_d = 64 if B * Hq * NQ < 4 * _num_sms(dev) else D

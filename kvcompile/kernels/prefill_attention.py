@@ -55,7 +55,7 @@ __all__ = [
     "SUPPORTED_DTYPES",
 ]
 
-SUPPORTED_BITS = _da.SUPPORTED_BITS  # (2, 4)
+SUPPORTED_BITS = (2, 4)  # the decode kernel also takes 8-bit codes; this one not yet
 SUPPORTED_HEAD_DIMS = _da.SUPPORTED_HEAD_DIMS  # (64, 128)
 SUPPORTED_GROUP_SIZES = (32, 64)  # and G == D
 SUPPORTED_DTYPES = _da.SUPPORTED_DTYPES

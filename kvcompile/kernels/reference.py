@@ -2,7 +2,8 @@
 
 Same keyword signature; dequantizes the packed middle with the project's reference quantizer
 (``kvcompile.quant``: affine groups per token, or for keys with ``k_axis="channel"`` per channel over
-``k_group_size`` tokens; codes little-endian within the byte, docs/format.md), then per sequence
+``k_group_size`` tokens; codes little-endian within the byte, docs/format.md; or ``*_format`` "int8" / "fp8":
+one absmax scale per token; "nf": NF4 codebook values times a per-group absmax scale), then per sequence
 concatenates sink[:n_sink] ++ middle[:n_quant] ++ window[:n_window] with that sequence's lengths, repeats
 the KV heads for GQA and runs a masked softmax in float32. This is the spec the Triton kernel is tested
 against.
@@ -14,7 +15,7 @@ import math
 
 import torch
 
-from ..quant import dequantize_affine, unpack_codes
+from ..quant import dequantize_affine, dequantize_fp8, dequantize_int8, dequantize_nf, unpack_codes
 
 __all__ = ["decode_attention_reference", "lengths_per_row"]
 
@@ -41,12 +42,12 @@ def decode_attention_reference(
     k_sink: torch.Tensor,
     k_codes: torch.Tensor,
     k_scale: torch.Tensor,
-    k_zero: torch.Tensor,
+    k_zero: torch.Tensor | None,
     k_window: torch.Tensor,
     v_sink: torch.Tensor,
     v_codes: torch.Tensor,
     v_scale: torch.Tensor,
-    v_zero: torch.Tensor,
+    v_zero: torch.Tensor | None,
     v_window: torch.Tensor,
     k_bits: int,
     v_bits: int,
@@ -57,6 +58,8 @@ def decode_attention_reference(
     lengths: torch.Tensor | None = None,
     v_lengths: torch.Tensor | None = None,
     k_axis: str = "token",
+    k_format: str = "affine",
+    v_format: str = "affine",
     sm_scale: float | None = None,
     **_tuning,  # the kernel's tuning knobs (num_splits, block_n, ...) do not change the result
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -80,11 +83,17 @@ def decode_attention_reference(
                 raise ValueError(f"row {b}: K lengths {kr} and V lengths {vr} must share n_sink and the total, "
                                  "with V's n_quant >= K's")
 
-    def middle(codes, scale, zero, bits, g, axis):  # the whole capacity, dequantized: [B, H, cap, D]
+    def middle(codes, scale, zero, bits, g, axis, fmt):  # the whole capacity, dequantized: [B, H, cap, D]
+        if fmt == "int8":
+            return dequantize_int8(codes, scale)
+        if fmt == "fp8":
+            return dequantize_fp8(codes, scale)
+        if fmt == "nf":
+            return dequantize_nf(unpack_codes(codes, bits, D), scale, bits, g)
         return dequantize_affine(unpack_codes(codes, bits, D), scale, zero, g, axis=axis)
 
-    k_mid = middle(k_codes, k_scale, k_zero, k_bits, k_group_size, k_axis)
-    v_mid = middle(v_codes, v_scale, v_zero, v_bits, v_group_size, "token")
+    k_mid = middle(k_codes, k_scale, k_zero, k_bits, k_group_size, k_axis, k_format)
+    v_mid = middle(v_codes, v_scale, v_zero, v_bits, v_group_size, "token", v_format)
     out = torch.zeros(B, Hq, NQ, D, dtype=torch.float32, device=q.device)
     lse = torch.full((B, Hq, NQ), float("-inf"), dtype=torch.float32, device=q.device)
     for b in range(B):

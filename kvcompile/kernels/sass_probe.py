@@ -1,7 +1,8 @@
 """Offline SASS probe for _decode_split_kernel (no GPU): compile for sm_90 with the Triton installed here,
 then print registers / spills and the instruction histogram of the hot loop.
 
-    python -m kvcompile.kernels.sass_probe [--case gqa4|gqa8|mha|k4|win|vg32|g32k4|kivi|kivi_bf16|hf4|hf4k4|hf4win|hf8mha]
+    python -m kvcompile.kernels.sass_probe [--case gqa4|gqa8|mha|k4|win|vg32|g32k4|kivi|kivi_bf16|hf4|hf4k4|hf4win|hf8mha|
+    int8|fp8|int8_bf16|int8mha|nf4|nf4g128|nf4_bf16]
         [--tune KEY=VALUE ...] [--set KEY=VALUE ...] [--dump DIR]
 
 The launcher runs on CPU tensors with the real kernel replaced by a recorder; the recorded arguments give
@@ -45,6 +46,16 @@ CASES = {  # B, Hq, Hkv, D, L, k_bits, v_bits, sink, window, NQ[, layout: k_grou
     "hf4k4": (1, 16, 4, 128, 4096, 4, 4, 0, 0, 1),
     "hf4win": (1, 16, 4, 128, 4096, 2, 2, 4, 128, 1),
     "hf8mha": (1, 8, 8, 128, 4096, 2, 2, 0, 0, 1),
+    # 8-bit codes, one scale per token (int8 / fp8 schemes; affine 8-bit)
+    "int8": (1, 4, 1, 128, 4096, 8, 8, 0, 0, 1, dict(k_format="int8", v_format="int8")),
+    "fp8": (1, 4, 1, 128, 4096, 8, 8, 0, 0, 1, dict(k_format="fp8", v_format="fp8")),
+    "int8_bf16": (1, 4, 1, 128, 4096, 8, 8, 0, 0, 1, dict(k_format="int8", v_format="int8", dtype=torch.bfloat16)),
+    "int8mha": (1, 1, 1, 128, 4096, 8, 8, 0, 0, 1, dict(k_format="int8", v_format="int8")),
+    # NF4 codebook codes (nqkv: blocks of 64 channels, group fill; and one block per head)
+    "nf4": (1, 4, 1, 128, 4096, 4, 4, 0, 0, 1, dict(k_format="nf", v_format="nf", k_group=64, v_group=64)),
+    "nf4g128": (1, 4, 1, 128, 4096, 4, 4, 0, 0, 1, dict(k_format="nf", v_format="nf")),
+    "nf4_bf16": (1, 4, 1, 128, 4096, 4, 4, 0, 0, 1, dict(k_format="nf", v_format="nf", k_group=64, v_group=64,
+                                                        dtype=torch.bfloat16)),
 }
 
 
@@ -53,6 +64,7 @@ def record_launch(case, **tuning):
     layout = dict(rest[0]) if rest else {}
     k_group, v_group = layout.get("k_group", D), layout.get("v_group", D)
     k_axis = layout.get("k_axis", "token")
+    fmts = {"k": layout.get("k_format", "affine"), "v": layout.get("v_format", "affine")}
     n_quant = L - S - W
     f16 = torch.float16
     kw = dict(q=torch.zeros(B, Hq, NQ, D, dtype=layout.get("dtype", f16)))
@@ -60,7 +72,7 @@ def record_launch(case, **tuning):
         meta = (B, Hkv, n_quant // grp, D) if n == "k" and k_axis == "channel" else (B, Hkv, n_quant, D // grp)
         kw[f"{n}_codes"] = torch.zeros(B, Hkv, n_quant, D * bits // 8, dtype=torch.uint8)
         kw[f"{n}_scale"] = torch.zeros(*meta, dtype=f16)
-        kw[f"{n}_zero"] = torch.zeros(*meta, dtype=f16)
+        kw[f"{n}_zero"] = torch.zeros(*meta, dtype=f16) if fmts[n] == "affine" else None
         kw[f"{n}_sink"] = torch.zeros(B, Hkv, S, D, dtype=kw["q"].dtype)
         kw[f"{n}_window"] = torch.zeros(B, Hkv, W, D, dtype=kw["q"].dtype)
     got = {}
@@ -76,7 +88,8 @@ def record_launch(case, **tuning):
     try:
         try:
             da.decode_attention(**kw, n_quant=n_quant, n_window=W, k_bits=kb, v_bits=vb, k_group_size=k_group,
-                                v_group_size=v_group, k_axis=k_axis, num_splits=2, **tuning)
+                                v_group_size=v_group, k_axis=k_axis, k_format=fmts["k"], v_format=fmts["v"],
+                                num_splits=2, **tuning)
         except Exception:
             if not got:
                 raise
@@ -104,7 +117,7 @@ def compile_sass(fn, args, kwargs, overrides):
             a = args[i]
             if torch.is_tensor(a):
                 sig[name] = "*" + {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32",
-                                   torch.uint8: "u8", torch.int64: "i64", torch.int32: "i32"}[a.dtype]
+                                   torch.uint8: "u8", torch.int16: "i16", torch.int64: "i64", torch.int32: "i32"}[a.dtype]
                 attrs[(i,)] = [["tt.divisibility", 16]]
             elif isinstance(a, bool):
                 sig[name] = "i1"
