@@ -34,6 +34,8 @@ CASES = {
     "k4v4_b8_gqa4_32k": (8, 32, 8, 128, 32768, 4, 4, 128, 3.3),
     "k2v2_b1_gqa4_128k": (1, 32, 8, 128, 131072, 2, 2, 128, None),
     "k2v2_b8_gqa4_1k": (8, 32, 8, 128, 1024, 2, 2, 128, None),
+    # SmolLM2-135M's attention shape (9 q / 3 kv heads of 64; the quality model), for its layouts (--extra)
+    "k2v2_b8_smollm_32k": (8, 9, 3, 64, 32768, 2, 2, 64, None),
 }
 
 # --extra rows (NOTES.md v9, v10): per-channel keys and lengths read on the device.
@@ -66,6 +68,14 @@ EXTRA_CASES = {
     "bf16_int8_b8_gqa4_32k": ("k2v2_b8_gqa4_32k", dict(bits=8, fmt="int8", dtype=torch.bfloat16)),
     "bf16_fp8_b8_gqa4_32k_s4_w128": ("k2v2_b8_gqa4_32k", dict(bits=8, fmt="fp8", dtype=torch.bfloat16, sink=4,
                                                               window=128)),
+    # per-token groups of 16 channels (SKVQ's group size; here with keys after RoPE): group fill with 8 groups x 4
+    # query rows = 32 MMA rows per KV head, which spills one warp at BLOCK_N 32 (offline: 336 bytes of stack)
+    "g16_k2v2_b8_gqa4_32k": ("k2v2_b8_gqa4_32k", dict(k_group=16, v_group=16)),
+    "g16_k2v2_b8_gqa4_32k_s4_w128": ("k2v2_b8_gqa4_32k", dict(k_group=16, v_group=16, sink=4, window=128)),
+    "vg16_k2v2_b8_gqa4_32k": ("k2v2_b8_gqa4_32k", dict(v_group=16)),
+    # SmolLM2's shape in groups of 16 (skvq's group size there; keys after RoPE, V 2-bit): 4 groups x 4 rows = 16
+    "g16_smollm_32k_s4_w128": ("k2v2_b8_smollm_32k", dict(k_group=16, v_group=16, sink=4, window=128)),
+    "smollm_32k_s4_w128": ("k2v2_b8_smollm_32k", dict(sink=4, window=128)),
     # NF4 codebook codes (the nqkv scheme: blocks of 64 channels through group fill; and one block per head), timed
     # with the affine 4-bit layout of the same groups; byte ceiling 2 * 128 / (64 + 2 * 2) = 3.76x (blocks of 64)
     "nf4_b8_gqa4_32k": ("k4v4_b8_gqa4_32k", dict(fmt="nf", k_group=64, v_group=64)),
@@ -437,6 +447,14 @@ BITS8_VARIANTS = {"bn64": dict(block_n=64), "bn16": dict(block_n=16), "st2": dic
                   "bn64_st2": dict(block_n=64, num_stages=2)}
 
 
+# 32 or more MMA rows per program (groups of 16): more warps per program, the grid sized to their occupancy (offline
+# triton 3.6: 2 or 4 warps at BLOCK_N 32 need 226 registers and no stack; one warp spills at 32 and 16)
+ROWS32_VARIANTS = {"w1_bn16": dict(block_n=16), "w2_pps4": dict(num_warps=2, programs_per_sm=4),
+                   "w4_pps2": dict(num_warps=4, programs_per_sm=2), "w2_bn16_pps6": dict(num_warps=2, block_n=16,
+                                                                                         programs_per_sm=6),
+                   "w4_pps2_bn64": dict(num_warps=4, programs_per_sm=2, block_n=64)}
+
+
 # NF4 rows: the PTX codebook lookup against the plain-Triton select chain, and BLOCK_N around the default 32
 NF4_VARIANTS = {"plain_select": dict(fast_asm=False), "bn64": dict(block_n=64), "bn16": dict(block_n=16),
                 "no_prefetch": dict(prefetch=False)}
@@ -497,6 +515,8 @@ def main(argv=None):
             var.update(BITS8_VARIANTS)
         if layout.get("fmt") == "nf":
             var = dict(NF4_VARIANTS)
+        if 16 in (layout.get("k_group"), layout.get("v_group")):
+            var = dict(ROWS32_VARIANTS)
         if args.warps:
             var = warp_variants(name)
         if args.prefetch:

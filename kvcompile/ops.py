@@ -8,9 +8,10 @@ Both take the packed storage as its plain inner tensors (what ``PackedKV.__tenso
 static quantization config as scalars, so a compiled graph sees ordinary tensors; the number of valid tokens
 is the ``counts`` tensor, never a Python int, so decode steps do not recompile. Each op has a fake (meta)
 implementation, a CPU implementation on the PyTorch references, and a CUDA implementation that uses the fused
-Triton kernel where it supports the layout and is expected to win (``fused_decode_is_profitable``: called
-eagerly, its launch overhead loses to SDPA below very long contexts), and dequantize + SDPA otherwise.
-``KVCOMPILE_FUSED=always|never`` overrides that choice (``auto`` by default).
+Triton kernel wherever it supports the layout, and dequantize + SDPA otherwise. The fused kernel is the faster
+route at every length measured, eagerly too (``benchmarks/bench_eager.py``: 200-410 us per eager call against
+485 us to 13 ms for dequantize + SDPA, whose host cost alone exceeds the kernel launch's).
+``KVCOMPILE_FUSED=never`` forces the fallback (``always`` / ``auto``: the fused kernel where supported).
 """
 
 from __future__ import annotations
@@ -239,10 +240,7 @@ def dequant_attention(
     vp = _packed(v_codes, v_scale, v_zero, v_sink, v_window, v_perm, v_counts, v_rope, v_kind, v_bits, v_group_size,
                  v_axis, 1.0, n_sink, window_size)
     if q.is_cuda:
-        out = _fused_cuda(q, kp, vp, scale, mask, is_causal)
-        if out is None and q.shape[2] > 1:  # a chunk of new tokens: the chunked-prefill kernel
-            out = _prefill_cuda(q, kp, vp, scale, mask, is_causal)
-        return out if out is not None else _dequant_sdpa(q, kp, vp, scale, mask, is_causal)
+        return _attention_cuda(q, kp, vp, scale, mask, is_causal)
     return attention_reference(q, kp.dequantize(torch.float32), vp.dequantize(torch.float32), scale, mask,
                                is_causal).to(q.dtype).contiguous()
 
@@ -254,11 +252,31 @@ def _(q, k_codes, k_scale, k_zero, k_sink, k_window, k_perm, k_counts, k_rope, v
     return q.new_empty(q.shape)  # contiguous, as the real implementations return
 
 
+def _attention_cuda(q: Tensor, kp: PackedKV, vp: PackedKV, scale: float, mask: Optional[Tensor],
+                    is_causal: bool) -> Tensor:
+    """The CUDA implementation: the fused decode kernel, else for a chunk of new tokens the chunked-prefill kernel,
+    else dequantize + SDPA."""
+    out = _fused_cuda(q, kp, vp, scale, mask, is_causal)
+    if out is None and q.shape[2] > 1:  # a chunk of new tokens: the chunked-prefill kernel
+        out = _prefill_cuda(q, kp, vp, scale, mask, is_causal)
+    return out if out is not None else _dequant_sdpa(q, kp, vp, scale, mask, is_causal)
+
+
 def attention(q: Tensor, k: PackedKV, v: PackedKV, *, scale: float | None = None, mask: Tensor | None = None,
               is_causal: bool = False) -> Tensor:
-    """``dequant_attention`` on two PackedKVs."""
+    """``dequant_attention`` on two PackedKVs. Called eagerly on CUDA (plain tensors, nothing tracing, no
+    gradient wanted) it runs the op's CUDA implementation directly: the torch.library dispatch cost about 86 us per
+    call on the H100 host (``benchmarks/bench_eager.py --breakdown``), a third of an eager decode call."""
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
+    if (q.is_cuda and type(q) is torch.Tensor and not torch.compiler.is_compiling()
+            and torch._C._len_torch_dispatch_stack() == 0 and not (q.requires_grad and torch.is_grad_enabled())):
+        return _attention_cuda(q, k, v, float(scale), mask, bool(is_causal))
+    return _attention_op(q, k, v, scale, mask, is_causal)
+
+
+def _attention_op(q: Tensor, k: PackedKV, v: PackedKV, scale: float, mask: Tensor | None, is_causal: bool) -> Tensor:
+    """``kvcompile::dequant_attention`` through the dispatcher, on the PackedKVs' storage."""
     kq, vq = k.quant, v.quant
     return torch.ops.kvcompile.dequant_attention(
         q, k.codes, k.scale, k.zero, k.sink, k.window, k.perm, k.counts, k.rope,
@@ -329,24 +347,6 @@ def _nf_group_fill_unsupported(q: Tensor, kp: PackedKV, vp: PackedKV) -> str | N
     return None
 
 
-def _fused_decode_wins(q: Tensor, kp: PackedKV, vp: PackedKV) -> bool:
-    """``fused_decode_is_profitable`` without a host sync. Inside CUDA-graph capture: always (the fallback
-    reads the lengths on the host, which capture forbids, and a replay has no launch overhead). Otherwise
-    the length the host already knows (``_host``), else the capacity (``kp.shape[2]``: sink + middle +
-    window storage), never ``counts.tolist()``. The capacity over-estimates the length of a cache
-    preallocated far ahead (``max_cache_len``), so a short sequence in a big static cache may take the
-    fused kernel eagerly; it then costs its launch (~60-130 us of host time, BENCHMARKS.md) where the
-    fallback would cost a host sync plus a dequantize of the valid cache (that trade-off is not measured).
-    Caches that grow on demand keep capacity within one growth step of the length."""
-    from .kernels.decode_attention import fused_decode_is_profitable
-
-    if q.is_cuda and torch.cuda.is_current_stream_capturing():
-        return True
-    seq_len = sum(kp._host) if kp._host is not None else kp.shape[2]
-    return fused_decode_is_profitable(batch=q.shape[0], kv_heads=kp.shape[1], head_dim=q.shape[-1], seq_len=seq_len,
-                                      k_bits=int(kp.quant.bits), v_bits=int(vp.quant.bits))
-
-
 def _fold_key_order(q: Tensor, kp: PackedKV, r: int) -> Tensor:
     """q in the keys' stored channel order (a kernel then reads permuted keys as they are):
     q . k == q[perm] . k[perm]. ``r`` query heads share each KV head's order."""
@@ -377,11 +377,8 @@ def _fused_cuda(q: Tensor, kp: PackedKV, vp: PackedKV, scale: float, mask: Optio
     from .kernels.decode_attention import decode_attention
 
     b, hq, nq, d = q.shape
-    policy = os.environ.get("KVCOMPILE_FUSED", "auto")  # auto | always | never
-    if policy == "never":
+    if os.environ.get("KVCOMPILE_FUSED", "auto") == "never":  # auto | always | never
         return None
-    if policy != "always" and not _fused_decode_wins(q, kp, vp):
-        return None  # short context: dequantize + SDPA is as fast
     r = hq // kp.shape[1]
     qq = _fold_key_order(q, kp, r)
     # lengths stay on the device (``counts``): no host sync, so the step can be captured in a CUDA graph.

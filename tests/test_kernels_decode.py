@@ -78,8 +78,8 @@ def configs(draw):
         n_window=draw(st.sampled_from(LENGTHS[:4])),
         k_bits=k_bits,
         v_bits=v_bits,
-        k_group=draw(st.sampled_from([D, D, 32, 64])),
-        v_group=draw(st.sampled_from([D, D, 32, 64])),
+        k_group=draw(st.sampled_from([D, D, 16, 32, 64])),
+        v_group=draw(st.sampled_from([D, D, 16, 32, 64])),
         dtype=draw(st.sampled_from([torch.float16, torch.bfloat16])),
         amp=draw(st.sampled_from([0.5, 1.0, 3.0])),
         q_noncontig=draw(st.booleans()),
@@ -143,7 +143,7 @@ def _small_kw(**over):
 @pytest.mark.parametrize("mutate,match", [
     (lambda kw: kw.update(k_bits=3), "bits"),
     (lambda kw: kw.update(q=kw["q"].float()), "dtype"),
-    (lambda kw: kw.update(k_group_size=16), "group"),
+    (lambda kw: kw.update(k_group_size=8), "group"),
     (lambda kw: kw.update(k_codes=kw["k_codes"][..., :8]), "k_codes shape"),
     (lambda kw: kw.update(v_scale=kw["v_scale"].to(torch.int32)), "v_scale dtype"),
     (lambda kw: kw.update(n_quant=10**6), "n_quant"),
@@ -221,7 +221,7 @@ def test_fill_rows_gqa_ratios(r, NQ, block_n):
 
 
 @pytest.mark.parametrize("r,NQ", [(1, 1), (3, 1), (4, 1), (8, 1), (4, 3), (2, 2)])
-@pytest.mark.parametrize("k_group,v_group", [(128, 32), (128, 64), (32, 32), (64, 128), (64, 64), (32, 64)])
+@pytest.mark.parametrize("k_group,v_group", [(128, 32), (128, 64), (32, 32), (64, 128), (64, 64), (32, 64), (16, 16), (128, 16)])
 def test_group_fill_gqa_ratios(r, NQ, k_group, v_group):
     # group fill (per-token groups below D): MMA rows (channel group, query row), 16 to 64 rows, grouped V,
     # grouped K or both; sink, window, splits, odd lengths, and KIVI's per-channel keys with V flushed ahead
@@ -231,6 +231,9 @@ def test_group_fill_gqa_ratios(r, NQ, k_group, v_group):
     check_against_reference(kw, block_n=16, num_splits=3, group_fill=True, fp_split=True)
     check_against_reference(kw, block_n=32, num_splits=1, group_fill=True)
     check_against_reference(kw, block_n=16, num_splits=2, group_fill=True, group_bcast=False)
+    if 16 in (k_group, v_group):  # 32-64 MMA rows: the multi-warp builds (bench_attention's ROWS32_VARIANTS)
+        check_against_reference(kw, block_n=32, num_warps=2, programs_per_sm=4)
+        check_against_reference(kw, block_n=64, num_warps=4, programs_per_sm=2)
     if r == 4 and NQ == 1 and k_group == 128:
         kw = make_inputs(B=2, Hkv=1, r=r, NQ=1, D=128, S=0, n_quant=0, n_window=0, k_bits=2, v_bits=2,
                          k_group=32, v_group=v_group, dtype=torch.bfloat16, k_axis="channel",
@@ -698,24 +701,28 @@ def test_ops_nf4_needs_group_fill():
     assert "NF2" in ops._fused_unsupported(q, pk(TensorQuant("nf", 2, 64, "token")), pk(nf64), None, True)
 
 
-def test_ops_fused_decision_is_sync_free():
-    # eager decision without reading counts: the host-known length, else the capacity (kvcompile.ops)
+def test_ops_takes_the_fused_kernel_for_short_caches(monkeypatch):
+    # the op's only alternative is dequantize + SDPA, slower at every length (benchmarks/bench_eager.py): the
+    # fused kernel runs wherever supported, a 20-token cache too, without a host sync; KVCOMPILE_FUSED=never
+    # forces the fallback
     from kvcompile import ops
     from kvcompile.cache.packed import PackedKV
     from kvcompile.schemes.base import TensorQuant
 
+    monkeypatch.delenv("KVCOMPILE_FUSED", raising=False)
     tq = TensorQuant("affine", 2, None, "token")
-    q = torch.zeros(1, 32, 1, 128, dtype=torch.float16, device=DEVICE)
-    big = [PackedKV.empty(1, 8, 128, tq, capacity=131072, dtype=torch.float16, device=DEVICE) for _ in "kv"]
-    small = [PackedKV.empty(1, 8, 128, tq, capacity=256, dtype=torch.float16, device=DEVICE) for _ in "kv"]
-    big[0]._host = None
-    assert ops._fused_decode_wins(q, *big)  # 128k capacity: fused, as fused_decode_is_profitable says
-    assert big[0]._host is None  # decided without reading the counts
-    big[0]._host = [0, 64, 0]  # the host knows it is short: fall back
-    assert not ops._fused_decode_wins(q, *big)
-    small[0]._host = None
-    assert not ops._fused_decode_wins(q, *small)
-
+    k, v = (PackedKV.empty(1, 2, 64, tq, capacity=32, n_sink=2, window=4, dtype=torch.float16, device=DEVICE)
+            for _ in "kv")
+    for p in (k, v):
+        p.append(torch.randn(1, 2, 20, 64, dtype=torch.float16, device=DEVICE))
+        p._host = None
+    q = torch.randn(1, 8, 1, 64, dtype=torch.float16, device=DEVICE)
+    out = ops._fused_cuda(q, k, v, 0.125, None, True)
+    assert out is not None and k._host is None
+    ref = ops.attention_reference(q, k.dequantize(torch.float32), v.dequantize(torch.float32), 0.125, None, True)
+    assert ((out.float() - ref).norm() / ref.norm()).item() < 5e-3
+    monkeypatch.setenv("KVCOMPILE_FUSED", "never")
+    assert ops._fused_cuda(q, k, v, 0.125, None, True) is None
 
 def test_layouts_take_their_fast_variants():
     # the launcher picks group fill (per-token groups below D, scales broadcast per group) and the per-tile key

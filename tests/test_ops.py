@@ -144,3 +144,6 @@ def test_cuda_fused_path_matches_reference(dtype, permute, nq, r, monkeypatch):
     # the op itself (whichever path it takes) and the dequantize + SDPA path agree too
     torch.testing.assert_close(ops.attention(q, k, v, scale=0.125, is_causal=True).float(), ref, rtol=0.05, atol=0.02)
     torch.testing.assert_close(ops._dequant_sdpa(q, k, v, 0.125, None, True).float(), ref, rtol=0.05, atol=0.02)
+    # eagerly ops.attention skips the dispatcher: the same result as the op itself
+    torch.testing.assert_close(ops.attention(q, k, v, scale=0.125, is_causal=True),
+                               ops._attention_op(q, k, v, 0.125, None, True), rtol=0, atol=0)

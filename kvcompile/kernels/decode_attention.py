@@ -21,7 +21,7 @@ factor is folded into the q planes and the output planes), and on the GPU a few 
 bytes into fp16 lanes with two PRMTs and one LOP3 per two codes (``FAST_ASM``; the interpreter runs the
 same math in plain Triton). With one group per token (``G == D``) scales and zeros stay out of the inner
 products: ``score = s * (q . c) + z * sum(q)`` and ``out = (p * s) . C + sum(p * z)``. Smaller groups
-(``G`` in {32, 64}) keep that form through "group fill" (``GFILL``): the MMA rows are (channel group, query
+(``G`` in {16, 32, 64}) keep that form through "group fill" (``GFILL``): the MMA rows are (channel group, query
 row), V's probabilities are scaled per row by its group's scale and each row stores its group's columns; K's
 q rows hold one group's channels each and the rows of one query are summed. Where the rows do not fit (or
 with ``group_fill=False``) the codes are dequantized in registers (slower, a constexpr branch).
@@ -100,7 +100,7 @@ def _nf4_asm(j: int) -> str:
 _NF4_ASM_J0 = tl.constexpr(_nf4_asm(0))
 _NF4_ASM_J1 = tl.constexpr(_nf4_asm(1))
 SUPPORTED_HEAD_DIMS = (64, 128)
-SUPPORTED_GROUP_SIZES = (32, 64, 128)  # and G == D
+SUPPORTED_GROUP_SIZES = (16, 32, 64, 128)  # and G == D
 SUPPORTED_TOKEN_GROUPS = (16, 32, 64, 128)  # per-channel keys (k_axis="channel"): tokens per group
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
 _META_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -115,7 +115,7 @@ FILL_ROWS_DEFAULT = False
 MHA_FILL_DEFAULT = True
 FP_CONTIG_DEFAULT = False
 FP_SPLIT_DEFAULT = True
-# - per-token groups smaller than D (KIVI's V, groups of 32 or 64 channels, for K and / or V): "group fill"
+# - per-token groups smaller than D (KIVI's V, groups of 16, 32 or 64 channels, for K and / or V): "group fill"
 #   (GFILL), MMA rows (channel group, query row), up to _MAX_GFILL_ROWS rows, the per-token group scales loaded
 #   once per group and broadcast to its rows (GF_BCAST); otherwise the codes are dequantized in registers.
 #   NOTES.md v11: KIVI 376 -> 264 us, V groups of 32 295 -> 147 us, K4V4 groups of 32 2099 -> 246 us.
@@ -1321,10 +1321,12 @@ def choose_num_splits(*, batch: int, kv_heads: int, seq_len: int, block_n: int, 
 def fused_decode_is_profitable(*, batch: int, kv_heads: int, head_dim: int, seq_len: int,
                                k_bits: int = 2, v_bits: int = 2, cuda_graph: bool = False,
                                dtype_bytes: int = 2) -> bool:
-    """Whether the fused kernel is expected to beat SDPA on already-materialized fp16 KV of this shape,
-    so callers can fall back below it. A fixed cost plus per-element cost model fitted to H100
-    measurements (BENCHMARKS.md): the fused kernel is instruction-issue bound (cost per KV element),
-    SDPA memory bound (~3.1 TB/s). Eagerly, Python validation + two Triton launches cost ~130 us of
+    """Whether the fused kernel over packed KV is expected to beat SDPA over a full-precision (fp16) cache of this
+    shape: the comparison of the issue's speed targets, reported by the benchmarks. It is not the op's choice:
+    the op's alternative is dequantize + SDPA over the packed cache, which the fused kernel beats at every length
+    (``benchmarks/bench_eager.py``), so ``kvcompile.ops`` takes the kernel wherever it supports the layout. A fixed
+    cost plus per-element cost model fitted to H100 measurements (BENCHMARKS.md): the fused kernel costs per KV
+    element, SDPA is memory bound (~3.1 TB/s). Eagerly, Python validation + two Triton launches cost ~130 us of
     host time per call, so short contexts only win inside a CUDA graph."""
     elems = 2 * batch * kv_heads * seq_len * head_dim  # K and V
     # fitted 2026-11-26 (prefetched scales, H100 graph timings): K2V2 B=8 32k 110 us, K4V4 150 us, B=1 128k 60 us,
@@ -1465,10 +1467,10 @@ def decode_attention(
         if k_group_size not in SUPPORTED_TOKEN_GROUPS:
             _fail(f"key token group k_group_size={k_group_size} unsupported for k_axis='channel' "
                   f"(supported: {SUPPORTED_TOKEN_GROUPS})")
-    elif not (k_group_size == D or k_group_size in (32, 64)):
-        _fail(f"group sizes k={k_group_size} v={v_group_size} unsupported (D={D}, 32 or 64)")
-    if not (v_group_size == D or v_group_size in (32, 64)):
-        _fail(f"group sizes k={k_group_size} v={v_group_size} unsupported (D={D}, 32 or 64)")
+    elif not (k_group_size == D or k_group_size in (16, 32, 64)):
+        _fail(f"group sizes k={k_group_size} v={v_group_size} unsupported (D={D}, 16, 32 or 64)")
+    if not (v_group_size == D or v_group_size in (16, 32, 64)):
+        _fail(f"group sizes k={k_group_size} v={v_group_size} unsupported (D={D}, 16, 32 or 64)")
     if NQ < 1:
         _fail("q must hold at least one new token")
     if k_codes.dim() != 4 or v_codes.dim() != 4:
@@ -1596,6 +1598,7 @@ def decode_attention(
         if fill_rows and m_pad < 16:
             sub = 16 // max(2, m_pad)  # rows = (token sub-block, query row): no padding rows in the softmax
         m_pad = max(16, m_pad)
+    block_n_default = block_n is None
     if block_n is None:
         block_n = 64 if use_dot else 32
         if k_channel:
@@ -1615,6 +1618,14 @@ def decode_attention(
               "(one per-channel scale per tile)")
     if num_warps is None:
         num_warps = 1
+        if m_pad >= 32 and gfill >= 8 and programs_per_sm == 8:
+            # groups of 16 at D = 128 (group fill: 8 groups x the query rows): one warp spills the 32-64 MMA rows'
+            # accumulators (offline: 336 bytes of stack); two warps need 226 registers, 4 programs per SM (H100, K2V2
+            # 32k: 297 against 414 us, V alone in groups of 16 266 against 548; NOTES.md v17)
+            num_warps, programs_per_sm = 2, 4
+    if block_n_default and num_warps == 1 and k_gf and k_group_size == 16:
+        # groups of 16 with 16 rows (D = 64, SmolLM2's shape): BLOCK_N 32 spills (H100: 65.6 against 54.1 us at 16)
+        block_n = 16
     num_stages_default = num_stages is None
     if num_stages is None:
         num_stages = 3 if use_dot else 2

@@ -2,7 +2,7 @@
 then print registers / spills and the instruction histogram of the hot loop.
 
     python -m kvcompile.kernels.sass_probe [--case gqa4|gqa8|mha|k4|win|vg32|g32k4|kivi|kivi_bf16|hf4|hf4k4|hf4win|hf8mha|
-    int8|fp8|int8_bf16|int8mha|nf4|nf4g128|nf4_bf16]
+    int8|fp8|int8_bf16|int8mha|nf4|nf4g128|nf4_bf16|g16|g16d64]
         [--tune KEY=VALUE ...] [--set KEY=VALUE ...] [--dump DIR]
 
 The launcher runs on CPU tensors with the real kernel replaced by a recorder; the recorded arguments give
@@ -51,6 +51,9 @@ CASES = {  # B, Hq, Hkv, D, L, k_bits, v_bits, sink, window, NQ[, layout: k_grou
     "fp8": (1, 4, 1, 128, 4096, 8, 8, 0, 0, 1, dict(k_format="fp8", v_format="fp8")),
     "int8_bf16": (1, 4, 1, 128, 4096, 8, 8, 0, 0, 1, dict(k_format="int8", v_format="int8", dtype=torch.bfloat16)),
     "int8mha": (1, 1, 1, 128, 4096, 8, 8, 0, 0, 1, dict(k_format="int8", v_format="int8")),
+    # per-token groups of 16 channels (SKVQ's groups, here after RoPE), group fill with 8 groups per head
+    "g16": (1, 4, 1, 128, 4096, 2, 2, 0, 0, 1, dict(k_group=16, v_group=16)),
+    "g16d64": (1, 3, 1, 64, 4096, 2, 2, 4, 128, 1, dict(k_group=16, v_group=16)),
     # NF4 codebook codes (nqkv: blocks of 64 channels, group fill; and one block per head)
     "nf4": (1, 4, 1, 128, 4096, 4, 4, 0, 0, 1, dict(k_format="nf", v_format="nf", k_group=64, v_group=64)),
     "nf4g128": (1, 4, 1, 128, 4096, 4, 4, 0, 0, 1, dict(k_format="nf", v_format="nf")),
