@@ -436,10 +436,17 @@ def plot(rows, path):
 def with_flag_variants(var, name, args):
     """The variant sets the command-line flags add to a --cases row (NOTES.md v13, v14)."""
     for on, more in ((args.head_fill, lambda: HEAD_VARIANTS), (args.warps, lambda: warp_variants(name)),
-                     (args.prefetch, lambda: PREFETCH_VARIANTS), (args.occupancy, lambda: occupancy_variants(name))):
+                     (args.prefetch, lambda: PREFETCH_VARIANTS), (args.occupancy, lambda: occupancy_variants(name)),
+                     (args.stages, lambda: STAGE_VARIANTS)):
         if on:
             var = dict(var or {}, **more())
     return var
+
+
+# --stages: BLOCK_N 32 with 2-4 pipeline stages (offline triton 3.6, K4V4 g128: 238 registers and no stack at 32,
+# against 255 and 8 bytes of stack for the 4-bit default BLOCK_N 64 with two stages)
+STAGE_VARIANTS = {"bn32_st2": dict(block_n=32, num_stages=2), "bn32_st3": dict(block_n=32, num_stages=3),
+                  "bn32_st4": dict(block_n=32, num_stages=4), "bn64_st3": dict(block_n=64, num_stages=3)}
 
 
 # 8-bit rows: the launcher's BLOCK_N 32 (BLOCK_N 64 spilled offline) against 64 / 16 and two pipeline stages
@@ -472,6 +479,7 @@ def main(argv=None):
     ap.add_argument("--warps", action="store_true", help="time warp_variants() on every row (NOTES.md v14)")
     ap.add_argument("--prefetch", action="store_true", help="time PREFETCH_VARIANTS on every row (NOTES.md v14)")
     ap.add_argument("--occupancy", action="store_true", help="time occupancy_variants() on every row (NOTES.md v14)")
+    ap.add_argument("--stages", action="store_true", help="time STAGE_VARIANTS on every row (BLOCK_N 32, 2-4 stages)")
     args = ap.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     logf = open(os.path.join(args.out, "bench_attention.log"), "a")
@@ -523,6 +531,8 @@ def main(argv=None):
             var = dict(var, **PREFETCH_VARIANTS)
         if args.occupancy:
             var = occupancy_variants(name)
+        if args.stages:
+            var = dict(STAGE_VARIANTS)
         row = run_case(name, CASES[base], bw, False, sink=sink, window=window, log=log, variants=var, **layout)
         rows.append(row)
         log(json.dumps(row, default=str))

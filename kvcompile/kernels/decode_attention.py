@@ -1611,6 +1611,12 @@ def decode_attention(
             # 8-bit code tiles: [64, D] int16 words of K and V spill one warp's registers at BLOCK_N 64 (offline
             # triton 3.6 SASS: 64 bytes of stack, 144 with row fill; none at 32); NF4 with one group per token: 8
             block_n = 32
+        if (4 in (k_bits, v_bits) and gfill == 1 and hfill == 1 and sub == 1 and use_dot and prefetch is not False
+                and PREFETCH_DEFAULT and (k_channel or k_group_size == D) and v_group_size == D):
+            # 4-bit codes, one group per head, scales prefetched: BLOCK_N 32 with three stages (238 registers, no
+            # stack) against 64 with two (255, 8 bytes of stack). H100 K4V4 g128 32k: 135.7 against 148.4-149.0 us,
+            # bf16 with sink + window 185.5 against 223.0-228.6 (NOTES.md v18)
+            block_n = min(block_n, 32)
     if block_n % sub:
         _fail(f"block_n={block_n} must be a multiple of the {sub} row-fill sub-blocks")
     if k_channel and k_group_size % block_n:
@@ -1711,9 +1717,10 @@ def decode_attention(
     prefetch = bool(PREFETCH_DEFAULT if prefetch is None else prefetch) and use_dot and sub == 1 and hfill == 1 \
         and (kc_deq if k_channel else (k_group_size == D or k_gf)) and (v_group_size == D or v_gf) \
         and (gfill == 1 or gf_bcast)
-    if num_stages_default and prefetch and gfill == 1 and 4 in (k_bits, v_bits):
-        # 4-bit codes with the prefetched scales: two stages (H100, K4V4 per token at 32k: fp16 154 -> 150 us,
-        # bf16 with sink + window 269 -> 222 us, the three-stage build spills; NOTES.md v14)
+    if num_stages_default and prefetch and gfill == 1 and 4 in (k_bits, v_bits) and block_n >= 64:
+        # 4-bit codes with the prefetched scales at BLOCK_N 64 (no longer the default, see above): two stages (H100,
+        # K4V4 per token at 32k: fp16 154 -> 150 us, bf16 with sink + window 269 -> 222 us, the three-stage build
+        # spills; NOTES.md v14)
         num_stages = 2
     _decode_split_kernel[grid](
         q, *q.stride(),
