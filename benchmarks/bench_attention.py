@@ -437,7 +437,7 @@ def with_flag_variants(var, name, args):
     """The variant sets the command-line flags add to a --cases row (NOTES.md v13, v14)."""
     for on, more in ((args.head_fill, lambda: HEAD_VARIANTS), (args.warps, lambda: warp_variants(name)),
                      (args.prefetch, lambda: PREFETCH_VARIANTS), (args.occupancy, lambda: occupancy_variants(name)),
-                     (args.stages, lambda: STAGE_VARIANTS)):
+                     (args.stages, lambda: STAGE_VARIANTS), (args.warps4bit, lambda: WARPS4_VARIANTS)):
         if on:
             var = dict(var or {}, **more())
     return var
@@ -447,6 +447,16 @@ def with_flag_variants(var, name, args):
 # against 255 and 8 bytes of stack for the 4-bit default BLOCK_N 64 with two stages)
 STAGE_VARIANTS = {"bn32_st2": dict(block_n=32, num_stages=2), "bn32_st3": dict(block_n=32, num_stages=3),
                   "bn32_st4": dict(block_n=32, num_stages=4), "bn64_st3": dict(block_n=64, num_stages=3)}
+
+
+# --warps4bit: more warps or smaller tiles around the 4-bit default (BLOCK_N 32, 3 stages, one warp, 8 programs per
+# SM), the grid sized to each build's occupancy (offline triton 3.6 registers: 2 warps at 64 214, at 32 168; 4 warps
+# at 64 161; one warp at 16 204)
+WARPS4_VARIANTS = {"w2_bn64_pps4": dict(num_warps=2, block_n=64, num_stages=3, programs_per_sm=4),
+                   "w2_bn32_pps6": dict(num_warps=2, block_n=32, num_stages=3, programs_per_sm=6),
+                   "w4_bn64_pps3": dict(num_warps=4, block_n=64, num_stages=3, programs_per_sm=3),
+                   "bn16_st3_pps10": dict(block_n=16, num_stages=3, programs_per_sm=10),
+                   "bn16_st4_pps10": dict(block_n=16, num_stages=4, programs_per_sm=10)}
 
 
 # 8-bit rows: the launcher's BLOCK_N 32 (BLOCK_N 64 spilled offline) against 64 / 16 and two pipeline stages
@@ -480,6 +490,7 @@ def main(argv=None):
     ap.add_argument("--prefetch", action="store_true", help="time PREFETCH_VARIANTS on every row (NOTES.md v14)")
     ap.add_argument("--occupancy", action="store_true", help="time occupancy_variants() on every row (NOTES.md v14)")
     ap.add_argument("--stages", action="store_true", help="time STAGE_VARIANTS on every row (BLOCK_N 32, 2-4 stages)")
+    ap.add_argument("--warps4bit", action="store_true", help="time WARPS4_VARIANTS on every row (4-bit occupancy)")
     args = ap.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     logf = open(os.path.join(args.out, "bench_attention.log"), "a")
@@ -533,6 +544,8 @@ def main(argv=None):
             var = occupancy_variants(name)
         if args.stages:
             var = dict(STAGE_VARIANTS)
+        if args.warps4bit:
+            var = dict(WARPS4_VARIANTS)
         row = run_case(name, CASES[base], bw, False, sink=sink, window=window, log=log, variants=var, **layout)
         rows.append(row)
         log(json.dumps(row, default=str))
