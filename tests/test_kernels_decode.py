@@ -385,12 +385,15 @@ def test_eight_bit_extreme_codes(fmt, dtype):
 
 
 def test_eight_bit_launch_defaults():
-    # BLOCK_N 32 (64 spilled offline), no head fill, format codes and the fp16 magic number for bf16 models
+    # GQA: four warps at BLOCK_N 64 (memory bound; one warp spilled at 64 offline); MHA's row fill: one warp at
+    # BLOCK_N 32; no head fill, format codes and the fp16 magic number for bf16 models
     from kvcompile.kernels import sass_probe
 
     _, got = sass_probe.record_launch("int8_bf16", head_fill=True)
     kw = got["kwargs"]
-    assert kw["BLOCK_N"] == 32 and kw["HFILL"] == 1 and kw["K_FMT"] == 1 and kw["V_FMT"] == 1
+    assert kw["BLOCK_N"] == 64 and kw["num_warps"] == 4 and kw["HFILL"] == 1 and kw["K_FMT"] == 1 and kw["V_FMT"] == 1
+    _, got = sass_probe.record_launch("int8mha")
+    assert got["kwargs"]["BLOCK_N"] == 32 and got["kwargs"]["num_warps"] == 1
     assert kw["MAGIC"] == 0x6400 and kw["MAGIC_VAL"] == 1152.0 and kw["V_MAGIC_VAL"] == 1152.0
     _, got = sass_probe.record_launch("fp8")
     assert got["kwargs"]["K_FMT"] == 2 and got["kwargs"]["MAGIC_VAL"] == 0.0

@@ -1617,6 +1617,11 @@ def decode_attention(
             # stack) against 64 with two (255, 8 bytes of stack). H100 K4V4 g128 32k: 135.7 against 148.4-149.0 us,
             # bf16 with sink + window 185.5 against 223.0-228.6 (NOTES.md v18)
             block_n = min(block_n, 32)
+        if (q.dtype == torch.bfloat16 and k_bits == v_bits == 2 and gfill == 1 and hfill == 1 and sub == 1
+                and use_dot and not k_channel and k_group_size == D and v_group_size == D):
+            # a bf16 model's 2-bit codes, one group per head: BLOCK_N 32 (H100, sink 4 + window 128 at 32k: 165.1
+            # against 177.7-178.1 us at 64; fp16 keeps 64: 108.5 against 118.6; NOTES.md v18)
+            block_n = min(block_n, 32)
     if block_n % sub:
         _fail(f"block_n={block_n} must be a multiple of the {sub} row-fill sub-blocks")
     if k_channel and k_group_size % block_n:
@@ -1629,6 +1634,12 @@ def decode_attention(
             # accumulators (offline: 336 bytes of stack); two warps need 226 registers, 4 programs per SM (H100, K2V2
             # 32k: 297 against 414 us, V alone in groups of 16 266 against 548; NOTES.md v17)
             num_warps, programs_per_sm = 2, 4
+        elif (k_bits == v_bits == 8 and block_n_default and programs_per_sm == 8 and use_dot and sub == 1
+              and gfill == 1 and hfill == 1):
+            # 8-bit codes, several query rows (GQA): memory bound; four warps at BLOCK_N 64, 3 programs per SM (161
+            # registers) reach 95% of the copy bandwidth (H100 int8 32k: 190.6-191.2 against 201.6-204.7 us, three
+            # runs; fp8 190.6 against 201.3). MHA's row fill keeps one warp (four: 500.9 against 376.8; NOTES.md v18)
+            num_warps, programs_per_sm, block_n = 4, 3, 64
     if block_n_default and num_warps == 1 and k_gf and k_group_size == 16:
         # groups of 16 with 16 rows (D = 64, SmolLM2's shape): BLOCK_N 32 spills (H100: 65.6 against 54.1 us at 16)
         block_n = 16
