@@ -38,6 +38,8 @@ tiles go through Triton's asynchronous copies, and the scale loads had sat on ev
 8-bit codes (v15; affine, or ``k_format`` / ``v_format`` "int8" / "fp8" with one absmax scale per token and no
 zero) take one group per token: the code tiles are read as int16 words, two planes as for 4-bit, and one PRMT
 per two codes (int8: sign bits flipped first; fp8: the hardware's e4m3x2 -> f16x2 conversion) makes the planes.
+NF4 codebook codes (v16; ``*_format="nf"``, an absmax scale per group, no zero) keep the 4-bit planes; PTX looks
+each code's fp16 codebook value up (``_nf4_asm``), and blocks below D go through group fill.
 """
 
 from __future__ import annotations
