@@ -332,17 +332,18 @@ def _fused_unsupported(q: Tensor, kp: PackedKV, vp: PackedKV, mask: Optional[Ten
 
 
 def _nf_group_fill_unsupported(q: Tensor, kp: PackedKV, vp: PackedKV) -> str | None:
-    """NF4 codes in groups below the head dim need the kernel's group fill (the launcher's rule): grouped sides
-    share one group size and (D / group) x the query rows per KV head fit 64 MMA rows."""
+    """NF4 codes in groups below the head dim need the kernel's group fill (the launcher's rule,
+    ``group_fill_groups``): grouped sides share one group size and (D / group) x the query rows fit 64 MMA rows."""
+    from .kernels.decode_attention import group_fill_groups
+
     d = q.shape[-1]
     gk = kp.quant.group_for(d) if kp.quant.axis == "token" else d
     gv = vp.quant.group_for(vp.head_dim)
     nf_grouped = (kp.quant.kind == "nf" and gk < d) or (vp.quant.kind == "nf" and gv < d)
     if not nf_grouped:
         return None
-    g_min = min(gk, gv)
-    rows = 1 << max(0, ((q.shape[1] // kp.shape[1]) * q.shape[2] - 1).bit_length())
-    if (gk < d and gk != g_min) or (d // g_min) * rows > 64:
+    if group_fill_groups(head_dim=d, k_group_size=gk, v_group_size=gv, k_channel=False,
+                         rows=(q.shape[1] // kp.shape[1]) * q.shape[2]) == 0:
         return (f"NF4 codes in groups of {gk} (K) / {gv} (V) channels with {q.shape[1] // kp.shape[1]} x "
                 f"{q.shape[2]} query rows per KV head (the kernel's group fill needs equal groups and at most 64 rows)")
     return None

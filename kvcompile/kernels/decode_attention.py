@@ -67,6 +67,8 @@ SUPPORTED_BITS = (2, 4, 8)  # 8: one group (scale) per token only
 # int8 / fp8 (e4m3): 8 bits, one absmax scale per token, no zero; nf: NF4 codebook (4 bits), absmax scale per group
 SUPPORTED_FORMATS = ("affine", "int8", "fp8", "nf")
 _FMT_CODE = {"affine": 0, "int8": 1, "fp8": 2, "nf": 3}
+# 8-bit planes are 1024 + code in fp16; int8's flipped sign bit adds 128; fp8 planes are values (no offset)
+_MAGIC_VAL_8BIT = {"affine": 1024.0, "int8": 1152.0, "fp8": 0.0}
 
 
 def _nf4_fp16_bits() -> list[int]:
@@ -1362,6 +1364,19 @@ def _lengths_arg(name: str, t, B: int, dev) -> tuple[torch.Tensor, int, int]:
     _fail(f"{name} shape {tuple(t.shape)} must be (3,) (one length for the batch) or ({B}, 3) (per sequence)")
 
 
+def group_fill_groups(*, head_dim: int, k_group_size: int, v_group_size: int, k_channel: bool, rows: int) -> int:
+    """How many channel groups group fill puts on the MMA rows of one KV head: 1 where no side has per-token groups
+    below the head dim, 0 where it would be needed but cannot run (grouped K and V of different sizes, or more
+    than 64 rows: groups x the query rows rounded up to a power of two), else head_dim // the smaller group."""
+    k_grouped = not k_channel and k_group_size < head_dim
+    if not (k_grouped or v_group_size < head_dim):
+        return 1
+    g_min = min(k_group_size if k_grouped else head_dim, v_group_size)
+    if (k_grouped and k_group_size != g_min) or (head_dim // g_min) * _next_pow2(rows) > _MAX_GFILL_ROWS:
+        return 0
+    return head_dim // g_min
+
+
 def _int16_words(name: str, t: torch.Tensor) -> torch.Tensor:
     """8-bit codes [B, H, cap, D] as int16 words [B, H, cap, D // 2] (plane 0: the low bytes, even channels)."""
     if t.stride(-1) != 1 or t.storage_offset() % 2 or any(st % 2 for st in t.stride()[:-1]):
@@ -1571,12 +1586,12 @@ def decode_attention(
     if group_fill is None:
         group_fill = GROUP_FILL_DEFAULT
     k_grouped = not k_channel and k_group_size < D
-    if use_dot and group_fill and (k_grouped or v_group_size < D):
-        # per-token groups below D: MMA rows (channel group, query row) instead of dequantizing in registers;
-        # grouped K and V need the same group size
-        g_min = min(k_group_size if k_grouped else D, v_group_size)
-        if (not k_grouped or k_group_size == g_min) and (D // g_min) * m_pad <= _MAX_GFILL_ROWS:
-            gfill, k_gf, v_gf = D // g_min, k_grouped, v_group_size == g_min
+    if use_dot and group_fill:
+        # per-token groups below D: MMA rows (channel group, query row) instead of dequantizing in registers
+        n_groups = group_fill_groups(head_dim=D, k_group_size=k_group_size, v_group_size=v_group_size,
+                                     k_channel=k_channel, rows=r * NQ)
+        if n_groups > 1:
+            gfill, k_gf, v_gf = n_groups, k_grouped, v_group_size == D // n_groups
             m_pad = gfill * m_pad
             fill_rows = False
     # head fill: one group per token, fewer than 16 rows per KV head; the heads per program divide Hkv
@@ -1699,9 +1714,8 @@ def decode_attention(
     magic, magic_val = (0x6400, 1024.0) if q.dtype == torch.float16 else (0x4300, 128.0)
     # 8-bit codes: 1024 + code is exact in fp16 only (the K product converts q; int8's flipped sign bit adds 128;
     # fp8's planes are values, no offset)
-    _mv8 = {"affine": 1024.0, "int8": 1152.0, "fp8": 0.0}
     if k_bits == 8:
-        magic, magic_val = 0x6400, _mv8[k_format]
+        magic, magic_val = 0x6400, _MAGIC_VAL_8BIT[k_format]
     if k_format == "nf":  # fp16 codebook values: no offset
         magic, magic_val = 0x6400, 0.0
     # The packed V product (p * scale) . codes runs in fp16 whenever the scales are fp16 (p * s <= max
@@ -1709,7 +1723,7 @@ def decode_attention(
     v_fp16 = v_scale.dtype == torch.float16 or q.dtype == torch.float16 or v_bits == 8 or v_format == "nf"
     v_dtype, v_magic, v_magic_val = (tl.float16, 0x6400, 1024.0) if v_fp16 else (tl_dtype, magic, magic_val)
     if v_bits == 8:
-        v_magic_val = _mv8[v_format]
+        v_magic_val = _MAGIC_VAL_8BIT[v_format]
     if v_format == "nf":
         v_magic_val = 0.0
     # int8 / fp8 have no zero point: the scale stands in for the pointer (never used)
