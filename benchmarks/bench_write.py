@@ -13,6 +13,8 @@ Per case, on CUDA, measured in this run:
 - ``attention``: ``decode_attention`` of the same layer (B=8, Hq=32, Hkv=8, D=128, L=--length, K2V2, per-token
   groups of the case's size) from CUDA-graph replays; the target is kernel <= 5% of it.
 The cache holds L tokens when the timing starts (random codes and scales, a full window).
+Also printed: an empty launch with the pair's grid, timed the same way (the floor of any one-launch write), and
+(unless ``--no-sweep``) the pair's time under the kernel's variants (``VARIANTS``: launcher keywords).
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ import sys
 import time
 
 import torch
+import triton
+import triton.language as tl
 
 from _timing import bench_graph
 from kvcompile import ops
@@ -123,21 +127,52 @@ def attention_time(length: int, group: int, seed: int = 0) -> float:
     return graph_time(lambda: decode_attention(**kw), steps=10)
 
 
+VARIANTS = [  # launcher keywords of quantize_write; {} is the default (one-token tile, 4 warps for T = 1)
+    {}, {"num_warps": 8}, {"num_warps": 2}, {"preload": False}, {"parallel_arrivals": False}, {"pack_natural": False},
+    {"block_t": 16, "num_warps": 8},  # the launcher's defaults before 2026-11-26 (session 6)
+    {"block_t": 16, "num_warps": 8, "preload": False, "parallel_arrivals": False, "pack_natural": False},  # ditto, kernel too
+]
+
+
+@triton.jit
+def _empty_kernel(ptr, n):
+    pid = tl.program_id(0) + tl.program_id(1) * 0 + tl.program_id(2) * 0
+    tl.store(ptr + pid, pid, mask=pid >= n)  # never true: a launch that does nothing
+
+
+def floor_time(steps: int) -> float:
+    """Graph time per step of an empty launch with the pair's grid and warps: what any one-launch write pays."""
+    buf = torch.zeros(1, dtype=torch.int32, device="cuda")
+    return graph_time(lambda: _empty_kernel[(B * HKV, 1, 2)](buf, 1 << 30, num_warps=8), steps)
+
+
 def sweep(name: str, length: int, steps: int, variants) -> list[dict]:
-    """Kernel time (graph) of one case's K and V writes under launcher tunings (block_s, num_warps)."""
+    """Kernel time (graph) of one case's K and V write (one launch where the layouts allow it) under launcher
+    keywords."""
     kq, vq, n_sink, window, _ = CASES[name]
     out = []
-    for bs, nw in variants:
+    for tun in variants:
         k = filled(kq, length, _extra(steps, 1), n_sink, window, 1)
         v = filled(vq, length, _extra(steps, 1), n_sink, window, 2)
-        new = torch.randn(B, HKV, 1, D, device="cuda", dtype=torch.float16)
+        new_k = torch.randn(B, HKV, 1, D, device="cuda", dtype=torch.float16)
+        new_v = torch.randn(B, HKV, 1, D, device="cuda", dtype=torch.float16)
         ka, va = kernel_args(k), kernel_args(v)
+        second = dict(new=new_v, **{n: va[n] for n in ("codes", "scale", "zero", "sink", "window", "perm", "counts")})
+
+        from kvcompile.kernels.quantize_write import pair_compatible
+
+        one = kq == vq and pair_compatible(dict(new=new_k, **{n: ka[n] for n in second if n != "new"}), second) is None
 
         def step():
-            quantize_write(new=new, **ka, block_s=bs, num_warps=nw)
-            quantize_write(new=new, **va, block_s=bs, num_warps=nw)
+            if one:
+                quantize_write(new=new_k, **ka, pair=second, **tun)
+            else:
+                quantize_write(new=new_k, **ka, **tun)
+                quantize_write(new=new_v, **va, **tun)
 
-        out.append(dict(case=name, block_s=bs, num_warps=nw, kernel_us=graph_time(step, steps, storages=(k, v))))
+        out.append(dict(case=name, tuning=tun, launches=1 if one else 2,
+                        kernel_us=graph_time(step, steps, storages=(k, v))))
+        print(json.dumps(out[-1]), flush=True)
         del k, v
     return out
 
@@ -191,17 +226,18 @@ def main(argv=None) -> int:
     p.add_argument("--length", type=int, default=32768, help="tokens in the cache (attention length)")
     p.add_argument("--steps", type=int, default=32, help="decode steps per captured graph")
     p.add_argument("--cases", default=",".join(CASES), help="comma-separated case names")
-    p.add_argument("--no-sweep", dest="sweep", action="store_false", help="skip the launcher tuning sweep")
+    p.add_argument("--no-sweep", dest="sweep", action="store_false", help="skip the kernel variants")
+    p.add_argument("--sweep-cases", default="k2v2_g128_w128", help="comma-separated cases for the variants")
     a = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_write.py needs a CUDA device", file=sys.stderr)
         return 2
     dev = torch.cuda.get_device_name()
-    import triton
 
+    floor = floor_time(a.steps)
+    print(json.dumps(dict(empty_launch_us=floor)), flush=True)
     rows = [run_case(c, a.length, a.steps) for c in a.cases.split(",")]
-    tuned = sweep("k2v2_g128_w128", a.length, a.steps, [(None, None), (64, 4), (128, 4), (128, 8), (32, 4)]) \
-        if a.sweep else []
+    tuned = [r for c in a.sweep_cases.split(",") for r in sweep(c, a.length, a.steps, VARIANTS)] if a.sweep else []
     head = (f"device: {dev}; torch {torch.__version__}, triton {triton.__version__}; "
             f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; B={B} Hq={HQ} Hkv={HKV} D={D}, "
             f"L={a.length}, one new token per step, K and V")
@@ -215,16 +251,19 @@ def main(argv=None) -> int:
         one_r = "-" if r["pair_us"] != r["pair_us"] else f"{100 * r['pair_ratio']:.2f}%"
         lines.append(f"| {r['case']} | {one} | {r['kernel_us']:.2f} | {r['op_eager_us']:.1f} | {r['reference_us']:.1f} | "
                      f"{r['attention_us']:.1f} (g{r['attention_group']}) | {one_r} | {100 * r['ratio']:.2f}% | <= 5% |")
+    lines += ["", f"An empty launch with the pair's grid (64 x 2 programs of 8 warps), graph-timed the same way: "
+                  f"{floor:.2f} us per step (the floor of any one-launch write)."]
     if tuned:
-        lines += ["", "launcher tuning, case k2v2_g128_w128 (None: the default)", "",
-                  "| block_s | num_warps | kernel us |", "|---|---|---:|"]
-        lines += [f"| {t['block_s']} | {t['num_warps']} | {t['kernel_us']:.2f} |" for t in tuned]
+        lines += ["", "kernel variants, K and V ({}: the default)", "",
+                  "| case | launches | launcher keywords | kernel us |", "|---|---|---|---:|"]
+        lines += [f"| {t['case']} | {t['launches']} | {t['tuning']} | {t['kernel_us']:.2f} |" for t in tuned]
     text = "\n".join(lines)
     print(text)
     if a.out:
         os.makedirs(a.out, exist_ok=True)
         with open(os.path.join(a.out, "bench_write.json"), "w") as f:
-            json.dump(dict(device=dev, torch=torch.__version__, triton=triton.__version__, rows=rows, tuning=tuned),
+            json.dump(dict(device=dev, torch=torch.__version__, triton=triton.__version__, rows=rows, tuning=tuned,
+                           empty_launch_us=floor),
                       f, indent=1)
         with open(os.path.join(a.out, "bench_write.md"), "w") as f:
             f.write(text + "\n")

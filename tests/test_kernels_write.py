@@ -114,7 +114,9 @@ def cases(draw, gpu=ON_GPU):
         meta=draw(st.sampled_from(["float16", "bfloat16"])),
         ts=draw(st.lists(st.sampled_from(lengths), min_size=2, max_size=5 if gpu else 3)),
         seed=draw(st.integers(0, 2**16)),
-        tuning=draw(st.sampled_from([{}, {}, {"block_s": 4}, {"block_s": 8, "num_warps": 1}])),
+        tuning=draw(st.sampled_from([{}, {}, {"block_s": 4}, {"block_s": 8, "num_warps": 1},
+                                     {"preload": False, "parallel_arrivals": False, "pack_natural": False},
+                                     {"block_s": 4, "parallel_arrivals": False}])),
     )
 
 

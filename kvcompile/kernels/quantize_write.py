@@ -20,12 +20,20 @@ of a tile from the stores that may overwrite them (quantize reads the evicted ro
 others down). Per-token groups keep a group inside one channel block; ternary codes (5 per byte) and int8 /
 fp8 (one scale per token) use one block spanning the head dim.
 
-Counts without a second launch: every program reads ``counts[1:3]`` with atomics and then "arrives" by adding
-``2**32`` to ``counts[0]`` (acq_rel; the low 32 bits are the sink count it reads). The program that arrives
-last (it sees ``n_programs - 1`` earlier arrivals) knows every program has read the counts and writes the new
-ones, clearing the arrival bits (the "last block" pattern of CUDA's threadFenceReduction sample; here it
-orders reads before the write instead of partial sums before the merge). Between launches ``counts`` holds the
-plain values.
+Counts without a second launch: every program reads each word of ``counts`` with an atomic add of ``2**32``, its
+"arrival" at that word (the low 32 bits are the value it reads). The three atomics are independent: one round
+trip. The program that arrives last at a word (it sees ``n_programs - 1`` earlier arrivals there) knows every
+program has read that word and writes its new value, clearing the arrival bits (the "last block" pattern of
+CUDA's threadFenceReduction sample; here it orders reads before the write instead of partial sums before the
+merge). Every program computes the same new values from the same reads, so the three words may be written by
+different programs. Between launches ``counts`` holds the plain values. (``parallel_arrivals=False``: the
+programs read ``counts[1:3]`` and then arrive at ``counts[0]`` with acq_rel, two round trips; the form before
+2026-11-26.)
+
+Loads before the counts (``preload``): the first new rows, the first window rows and the whole window (for its
+shift) do not depend on the counts, so they are issued first and their round trips overlap the atomics'. A decode
+step that quantizes window rows (or, with no window, new rows in order) and moves no new row into the sink takes
+them from registers; other steps load what they need after the counts.
 
 Measured (H100, torch 2.11, triton 3.6, ``python benchmarks/bench_write.py``, B=8 Hkv=8 D=128, one new token,
 K and V of a layer from CUDA-graph replays): 15.2 us for 2-bit groups of 128 with a 128-token window (11.8% of
@@ -36,7 +44,11 @@ stores), not bandwidth-bound. (Timed before the switch to the reciprocal multipl
 replaces one division per group.) Since then (2026-11-26, same device): the per-token scale / zero reach the code
 planes in registers (``REG_META``; no store / barrier / reload), and ``pair`` writes a layer's K and V in one
 launch (grid axis 2; ``kvcompile.ops.write_pair``): 7.7 us for both at groups of 128 (6.0% of the attention),
-7.3 us at groups of 32 (4.2%), against 14.1 / 12.1 us for two launches (BENCHMARKS.md).
+7.3 us at groups of 32 (4.2%), against 14.1 / 12.1 us for two launches (BENCHMARKS.md). Then (2026-11-26, session 6)
+the loads before the counts, the parallel arrivals, codes packed from the natural tile, and for a decode step a
+one-token tile with 4 warps: 6.2 us for the g128 pair with its 128-token window (5.7% of the layer's 108.6-us
+attention), 5.0-5.2 us without a window; an empty launch of that grid takes 1.1 us. What is left with a window is
+mostly its shift (every row moves down by one each step; 2 x 2 MB through L2 for the pair).
 
 Codes are computed as the float32 references do (docs/format.md "Rounding rules"): true IEEE divisions where
 the reference divides two tensors (``div_rn``; Triton's ``/`` is approximate on the GPU); where it divides by a
@@ -203,6 +215,23 @@ def _load_pending(new_base, win_base, perm_row, rows, cols, rmask, cmask, n_w, t
 
 
 @triton.jit
+def _pending_tile(xw0, xn0, fast, new_base, win_base, perm_row, rows, cols, rmask, cmask, n_w, take, snt, snd, swt,
+                  swd, HAS_PERM: tl.constexpr, PRELOAD: tl.constexpr):
+    """``_load_pending``, or with PRELOAD in the common step (``fast``: the rows to quantize are window rows
+    0 .. BT - 1, or with no window the new rows 0 .. BT - 1) the tiles loaded before the counts."""
+    if PRELOAD:
+        if fast:
+            x = tl.where(n_w > 0, xw0, xn0)
+        else:
+            x = _load_pending(new_base, win_base, perm_row, rows, cols, rmask, cmask, n_w, take, snt, snd, swt, swd,
+                              HAS_PERM)
+    else:
+        x = _load_pending(new_base, win_base, perm_row, rows, cols, rmask, cmask, n_w, take, snt, snd, swt, swd,
+                          HAS_PERM)
+    return x
+
+
+@triton.jit
 def _affine_code(x, s, z, LEVELS: tl.constexpr):
     v = tl.math.div_rn(x - z, s)
     v = tl.minimum(tl.maximum(v, -1.0), LEVELS + 1.0)
@@ -253,7 +282,8 @@ def _quantize_write_kernel(
     LEVELS: tl.constexpr, G: tl.constexpr, AXIS_CH: tl.constexpr, CLIP: tl.constexpr, EPS: tl.constexpr,
     META: tl.constexpr, HAS_PERM: tl.constexpr, QDIV: tl.constexpr, INV: tl.constexpr, RECIP: tl.constexpr,
     BC: tl.constexpr, NU: tl.constexpr, BT: tl.constexpr, BS: tl.constexpr, SHIFT_ONE_TILE: tl.constexpr,
-    PAIR: tl.constexpr = False,
+    PAIR: tl.constexpr = False, PRELOAD: tl.constexpr = False, ARRIVE3: tl.constexpr = False,
+    PACK_NAT: tl.constexpr = False,
 ):
     pid = tl.program_id(0)
     cb = tl.program_id(1)
@@ -270,10 +300,46 @@ def _quantize_write_kernel(
             perm_ptr = perm2_ptr
             counts_ptr = counts2_ptr
 
+    new_base = new_ptr + b.to(tl.int64) * snb + h.to(tl.int64) * snh
+    win_base = win_ptr + b.to(tl.int64) * swb + h.to(tl.int64) * swh
+    perm_row = perm_ptr + h.to(tl.int64) * sph
+    cols = cb * BC + tl.arange(0, BC)
+    cmask = cols < D
+    if HAS_PERM:
+        src = tl.load(perm_row + cols, mask=cmask, other=0)
+    else:
+        src = cols
+    if PRELOAD:
+        # loads that do not depend on the counts, issued before them so that their round trips overlap: the
+        # first BT new rows and window rows (the common decode step quantizes window rows and appends new
+        # rows: the "fast" branches below), and the whole window for its shift
+        r0 = tl.arange(0, BT)
+        xn0 = tl.load(new_base + r0[:, None].to(tl.int64) * snt + src[None, :].to(tl.int64) * snd,
+                      mask=(r0 < T)[:, None] & cmask[None, :], other=0.0)
+        xw0 = tl.load(win_base + r0[:, None].to(tl.int64) * swt + cols[None, :].to(tl.int64) * swd,
+                      mask=(r0 < WB)[:, None] & cmask[None, :], other=0.0)
+        if SHIFT_ONE_TILE:
+            sall = tl.arange(0, BS)
+            xs = tl.load(win_base + sall[:, None].to(tl.int64) * swt + cols[None, :].to(tl.int64) * swd,
+                         mask=(sall < WB)[:, None] & cmask[None, :], other=0.0)
+    else:
+        xn0 = 0.0  # unused stand-ins
+        xw0 = 0.0
+
     # ---- counts, read on the device; then arrive (see the module docstring)
-    n_q = tl.atomic_add(counts_ptr + 1, 0, sem="relaxed").to(tl.int32)
-    n_w = tl.atomic_add(counts_ptr + 2, 0, sem="relaxed").to(tl.int32)
-    old0 = tl.atomic_add(counts_ptr, 4294967296, sem="acq_rel")  # one arrival (2**32); ordered after the reads
+    if ARRIVE3:
+        # each word's read is its own arrival: three independent atomics, one round trip
+        old0 = tl.atomic_add(counts_ptr, 4294967296, sem="relaxed")
+        old1 = tl.atomic_add(counts_ptr + 1, 4294967296, sem="relaxed")
+        old2 = tl.atomic_add(counts_ptr + 2, 4294967296, sem="relaxed")
+        n_q = (old1 & 4294967295).to(tl.int32)
+        n_w = (old2 & 4294967295).to(tl.int32)
+        last1 = (old1 >> 32) == n_prog - 1
+        last2 = (old2 >> 32) == n_prog - 1
+    else:
+        n_q = tl.atomic_add(counts_ptr + 1, 0, sem="relaxed").to(tl.int32)
+        n_w = tl.atomic_add(counts_ptr + 2, 0, sem="relaxed").to(tl.int32)
+        old0 = tl.atomic_add(counts_ptr, 4294967296, sem="acq_rel")  # one arrival (2**32); ordered after the reads
     n_s = (old0 & 4294967295).to(tl.int32)
     arrived = old0 >> 32
 
@@ -286,19 +352,16 @@ def _quantize_write_kernel(
     n_move = tl.where(ok, n_move, 0)
     rest = tl.where(ok, rest, 0)
 
-    new_base = new_ptr + b.to(tl.int64) * snb + h.to(tl.int64) * snh
-    win_base = win_ptr + b.to(tl.int64) * swb + h.to(tl.int64) * swh
-    perm_row = perm_ptr + h.to(tl.int64) * sph
-    cols = cb * BC + tl.arange(0, BC)
-    cmask = cols < D
-    if HAS_PERM:
-        src = tl.load(perm_row + cols, mask=cmask, other=0)
-    else:
-        src = cols
     # window rows that stay, window[n_move:n_w]: with a window that fits one tile they are loaded now, next to
     # the rows that get quantized (disjoint rows), and stored after the barrier below (one fewer round trip)
     shift_end = tl.where(n_move > 0, n_w, 0)
-    if SHIFT_ONE_TILE:
+    # the common decode step (PRELOAD): no new row goes to the sink, the rows to quantize fit one tile and come
+    # all from the window or (no window) all from the new rows in order; then the preloaded tiles are those rows
+    fast = (take == 0) & (n_move <= BT) & ((n_move <= n_w) | (n_w == 0)) & (n_move <= WB)
+    if PRELOAD and SHIFT_ONE_TILE:
+        srows = tl.arange(0, BS)  # xs holds window rows 0 .. BS - 1, loaded before the counts
+        smask = ((srows >= n_move) & (srows < shift_end) & (srows < WB))[:, None] & cmask[None, :]
+    elif SHIFT_ONE_TILE:
         srows = n_move + tl.arange(0, BS)
         smask = ((srows < shift_end) & (srows < WB))[:, None] & cmask[None, :]
         xs = tl.load(win_base + srows[:, None].to(tl.int64) * swt + cols[None, :].to(tl.int64) * swd,
@@ -327,8 +390,8 @@ def _quantize_write_kernel(
         for i0 in range(0, n_move, BT):
             rows = i0 + tl.arange(0, BT)
             rm = rows < n_move
-            x = _load_pending(new_base, win_base, perm_row, rows, cols, rm, cmask, n_w, take, snt, snd, swt, swd,
-                              HAS_PERM).to(tl.float32)
+            x = _pending_tile(xw0, xn0, fast & (i0 == 0), new_base, win_base, perm_row, rows, cols, rm, cmask, n_w,
+                              take, snt, snd, swt, swd, HAS_PERM, PRELOAD).to(tl.float32)
             amax = tl.max(tl.abs(x), 1)
             s = _to_meta(tl.maximum(_div_scalar(amax, QDIV, INV, RECIP), EPS), META)
             tl.store(scale_base + (n_q + rows).to(tl.int64) * smt, s, mask=rm)
@@ -377,8 +440,8 @@ def _quantize_write_kernel(
             rows = i0 + tl.arange(0, BT)
             rm = rows < n_move
             mrow = (n_q + rows).to(tl.int64)
-            x = _load_pending(new_base, win_base, perm_row, rows, cols, rm, cmask, n_w, take, snt, snd, swt, swd,
-                              HAS_PERM).to(tl.float32)
+            x = _pending_tile(xw0, xn0, fast & (i0 == 0), new_base, win_base, perm_row, rows, cols, rm, cmask, n_w,
+                              take, snt, snd, swt, swd, HAS_PERM, PRELOAD).to(tl.float32)
             xg = tl.reshape(x, [BT, NGB, G])
             if KIND == 0:
                 mn = tl.min(xg, 2) * CLIP
@@ -390,39 +453,54 @@ def _quantize_write_kernel(
                 s = _to_meta(tl.maximum(tl.max(tl.abs(xg), 2), EPS), META)
                 zm = s  # unused
             tl.store(scale_base + mrow[:, None] * smt + gcols[None, :].to(tl.int64) * smc, s, mask=rm[:, None])
-            if REG_META:
+            if PACK_NAT:
+                # codes on the natural tile, each group's scale / zero broadcast to its G channels (the stored
+                # values); unit u packs channels NC u .. NC u + NC - 1, code j at bit BITS j
+                s_nat = tl.reshape(tl.broadcast_to(s.to(tl.float32)[:, :, None], [BT, NGB, G]), [BT, BC])
+                if KIND == 0:
+                    z_nat = tl.reshape(tl.broadcast_to(zm.to(tl.float32)[:, :, None], [BT, NGB, G]), [BT, BC])
+                    code = _affine_code(x, s_nat, z_nat, LEVELS)
+                else:
+                    code = _nf_code(x, s_nat, cb_ptr, BITS)
+                code = tl.where(cmask[None, :], code, 0)
+                sh = (tl.arange(0, NC) * BITS)[None, None, :]
+                acc = tl.sum(tl.reshape(code, [BT, NU, NC]) << sh, 2)
+                _store_units(codes_base, acc, n_q + rows, rm, ug, umask, sct, scc, NBY)
+            elif REG_META:
                 # [BT, NGB] -> [BT, NU]: each group's value to its G // NC plane elements (exact: the stored values)
                 sp_r = tl.reshape(tl.broadcast_to(s.to(tl.float32)[:, :, None], [BT, NGB, G // NC]), [BT, NU])
                 zp_r = tl.reshape(tl.broadcast_to(zm.to(tl.float32)[:, :, None], [BT, NGB, G // NC]), [BT, NU])
             else:
                 tl.debug_barrier()  # scale / zero visible to every thread of the program
-            acc = tl.zeros([BT, NU], tl.int32)
-            for j in tl.static_range(NC):
-                c = cb * BC + u * NC + j
-                cm = (c < D) & umask
-                xp = _load_pending(new_base, win_base, perm_row, rows, c, rm, cm, n_w, take, snt, snd, swt, swd,
-                                   HAS_PERM).to(tl.float32)
-                m2 = rm[:, None] & cm[None, :]
-                gi = (c // G).to(tl.int64)
-                if REG_META:
-                    sp = sp_r
-                    zp = zp_r
-                else:
-                    sp = tl.load(scale_base + mrow[:, None] * smt + gi[None, :] * smc, mask=m2, other=1.0).to(tl.float32)
-                    if KIND == 0:
-                        zp = tl.load(zero_base + mrow[:, None] * smt + gi[None, :] * smc, mask=m2, other=0.0)
+            if not PACK_NAT:
+                acc = tl.zeros([BT, NU], tl.int32)
+                for j in tl.static_range(NC):
+                    c = cb * BC + u * NC + j
+                    cm = (c < D) & umask
+                    xp = _load_pending(new_base, win_base, perm_row, rows, c, rm, cm, n_w, take, snt, snd, swt, swd,
+                                       HAS_PERM).to(tl.float32)
+                    m2 = rm[:, None] & cm[None, :]
+                    gi = (c // G).to(tl.int64)
+                    if REG_META:
+                        sp = sp_r
+                        zp = zp_r
                     else:
-                        zp = sp  # unused
-                if KIND == 0:
-                    code = _affine_code(xp, sp, zp.to(tl.float32), LEVELS)
-                else:
-                    code = _nf_code(xp, sp, cb_ptr, BITS)
-                code = tl.where(cm[None, :], code, 0)
-                if BITS == 15:
-                    acc += code * (3 ** j)
-                else:
-                    acc |= code << (BITS * j)
-            _store_units(codes_base, acc, n_q + rows, rm, ug, umask, sct, scc, NBY)
+                        sp = tl.load(scale_base + mrow[:, None] * smt + gi[None, :] * smc, mask=m2,
+                                     other=1.0).to(tl.float32)
+                        if KIND == 0:
+                            zp = tl.load(zero_base + mrow[:, None] * smt + gi[None, :] * smc, mask=m2, other=0.0)
+                        else:
+                            zp = sp  # unused
+                    if KIND == 0:
+                        code = _affine_code(xp, sp, zp.to(tl.float32), LEVELS)
+                    else:
+                        code = _nf_code(xp, sp, cb_ptr, BITS)
+                    code = tl.where(cm[None, :], code, 0)
+                    if BITS == 15:
+                        acc += code * (3 ** j)
+                    else:
+                        acc |= code << (BITS * j)
+                _store_units(codes_base, acc, n_q + rows, rm, ug, umask, sct, scc, NBY)
 
     # ---- 3. shift the window rows that stay: window[n_move:n_w] -> window[0:n_w - n_move]
     tl.debug_barrier()  # the quantize loads of evicted window rows are done
@@ -442,6 +520,14 @@ def _quantize_write_kernel(
     # ---- 4. new tokens that stay in the window: rest[k] -> window[n_w + k - n_move]
     tl.debug_barrier()  # every shift load is done
     k0 = tl.maximum(n_move - n_w, 0)
+    if PRELOAD:
+        if (take == 0) & (k0 == 0):  # the first BT of them were loaded before the counts
+            ks = tl.arange(0, BT)
+            wrow = n_w + ks - n_move
+            km = (ks < rest) & (wrow < WB)
+            tl.store(win_base + wrow[:, None].to(tl.int64) * swt + cols[None, :].to(tl.int64) * swd, xn0,
+                     mask=km[:, None] & cmask[None, :])
+            k0 = k0 + BT
     for kk in range(k0, rest, BT):
         ks = kk + tl.arange(0, BT)
         wrow = n_w + ks - n_move
@@ -453,9 +539,12 @@ def _quantize_write_kernel(
 
     # ---- 5. counts: the last program to arrive writes them (and clears the arrival bits)
     last = arrived == n_prog - 1
+    if not ARRIVE3:
+        last1 = last
+        last2 = last
     new_w = tl.where(rest > 0, pend - n_move, n_w)
-    tl.atomic_xchg(counts_ptr + 1, (n_q + n_move).to(tl.int64), mask=last)
-    tl.atomic_xchg(counts_ptr + 2, new_w.to(tl.int64), mask=last)
+    tl.atomic_xchg(counts_ptr + 1, (n_q + n_move).to(tl.int64), mask=last1)
+    tl.atomic_xchg(counts_ptr + 2, new_w.to(tl.int64), mask=last2)
     tl.atomic_xchg(counts_ptr, (n_s + take).to(tl.int64), mask=last)
 
 
@@ -522,11 +611,14 @@ def quantize_write(
     clip_ratio: float,
     n_sink: int,
     window_size: int,
-    block_t: int = 16,
+    block_t: int | None = None,
     block_s: int | None = None,
     num_warps: int | None = None,
     scalar_division: str | None = None,
     pair: dict | None = None,
+    preload: bool = True,
+    parallel_arrivals: bool = True,
+    pack_natural: bool = True,
 ) -> None:
     """Append ``new`` [B, H, T, D] to the packed storage in place (``PackedKV.append`` on plain tensors).
 
@@ -540,6 +632,12 @@ def quantize_write(
     ``pair``: a second storage written by the same launch (a layer's V beside its K: one launch per layer and
     step), a dict of ``new, codes, scale, zero, sink, window, perm, counts`` in the same layout, with the same
     shapes, dtypes and strides as the first (``pair_compatible`` checks); its own ``counts``.
+
+    Variants (constexprs of the one kernel; the defaults are the measured best, the others stay for the
+    benchmark's comparison and the tests): ``preload`` issues the loads that do not depend on the counts (the
+    first new and window rows, the window for its shift) before reading them; ``parallel_arrivals`` reads each
+    counts word with its own arrival (one atomic round trip instead of two); ``pack_natural`` computes per-token
+    group codes on the natural tile and packs them by a reshape instead of loading each code plane again.
     """
     if new.dim() != 4 or sink.dim() != 4 or window.dim() != 4 or codes.dim() != 4:
         _fail(f"new, codes, sink and window must be 4-d, got {tuple(new.shape)}, {tuple(codes.shape)}, "
@@ -629,8 +727,12 @@ def quantize_write(
     if block_s is None:
         block_s = _next_pow2(WB) if WB <= 256 else 64
     one_tile = block_s >= WB
+    # a decode step (T = 1) is a chain of dependent latencies: the smallest token tile and 4 warps measured
+    # fastest (H100, bench_write.py variants: 6.2 against 6.8 us for a g128 pair with its window)
+    if block_t is None:
+        block_t = min(16, _next_pow2(T))
     if num_warps is None:
-        num_warps = 8 if block_s * bc >= 16384 else 4
+        num_warps = 4 if T <= 16 or block_s * bc < 16384 else 8
     _quantize_write_kernel[grid](
         new, codes, scale, zero_t, sink, window, perm_t, counts, cb,
         p2["new"], p2["codes"], p2["scale"], p2["zero"] if p2["zero"] is not None else p2["scale"], p2["sink"],
@@ -645,5 +747,7 @@ def quantize_write(
         EPS=float(torch.finfo(meta).tiny), META=_META_CODE[meta], HAS_PERM=perm is not None,
         QDIV=qdiv, INV=inv, RECIP=scalar_division == "reciprocal",
         BC=bc, NU=nu, BT=block_t, BS=max(block_s, 1), SHIFT_ONE_TILE=one_tile, PAIR=pair is not None,
+        PRELOAD=bool(preload), ARRIVE3=bool(parallel_arrivals),
+        PACK_NAT=bool(pack_natural) and _pow2(nc) and nu * nc == bc and kind in ("affine", "nf") and axis == "token",
         num_warps=num_warps, enable_fp_fusion=False,
     )
