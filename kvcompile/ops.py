@@ -93,9 +93,9 @@ def write(pk: PackedKV, new: Tensor) -> None:
 
 def write_pair(k: PackedKV, k_new: Tensor, v: PackedKV, v_new: Tensor) -> None:
     """A layer's K and V writes. On CUDA, outside ``torch.compile``, one launch of the quantize-on-write kernel
-    writes both where their layouts, shapes and strides match (one launch per layer and step; the kernel's
-    ``pair``); otherwise, and inside compiled graphs (two ``quantize_kv_write_`` ops, which the graph passes
-    match per storage), ``write`` each."""
+    writes both (one launch per layer and step; the kernel's ``pair``, with each side's own layout where they
+    differ, as KIVI's do) where the kernel covers both layouts; otherwise, and inside compiled graphs (two
+    ``quantize_kv_write_`` ops, which the graph passes match per storage), ``write`` each."""
     if k_new.is_cuda and not torch.compiler.is_compiling():
         for pk, new in ((k, k_new), (v, v_new)):
             if pk._host is not None:
@@ -107,30 +107,30 @@ def write_pair(k: PackedKV, k_new: Tensor, v: PackedKV, v_new: Tensor) -> None:
 
 
 def _write_pair_fused(k: PackedKV, k_new: Tensor, v: PackedKV, v_new: Tensor) -> str | None:
-    """One write launch for two storages of the same layout; None, or why the caller must write them apart."""
+    """One write launch for a layer's two storages (their own layouts: the kernel takes one of each, e.g. KIVI's
+    per-channel keys beside per-token values); None, or why the caller must write them apart."""
     from .kernels.quantize_write import pair_compatible, quantize_write
 
     for pk, new in ((k, k_new), (v, v_new)):
-        reason = _write_unsupported(new, pk)
+        reason = _write_unsupported(new, pk) or _perm_unready(new, pk)
         if reason is not None:
             return reason
-        if pk.perm is not None:
-            return "channel-permuted storage (its order is calibrated on the host per storage)"
-    if k.quant != v.quant or (k.n_sink, k.window_size) != (v.n_sink, v.window_size):
-        return f"different layouts ({k.quant}, sink {k.n_sink}, window {k.window_size} vs {v.quant}, sink " \
-               f"{v.n_sink}, window {v.window_size})"
+    if tuple(k_new.shape) != tuple(v_new.shape) or k_new.device != v_new.device:
+        return f"new tokens {tuple(k_new.shape)} on {k_new.device} vs {tuple(v_new.shape)} on {v_new.device}"
     first, second = (dict(new=new, codes=pk.codes, scale=pk.scale, zero=pk.zero, sink=pk.sink, window=pk.window,
                           perm=pk.perm, counts=pk.counts) for pk, new in ((k, k_new), (v, v_new)))
-    reason = pair_compatible(first, second)
-    if reason is not None:
-        return reason
-    q = k.quant
-    quantize_write(**first, kind=q.kind, bits=q.bits, group_size=q.group_size or 0, axis=q.axis,
-                   clip_ratio=q.clip_ratio, n_sink=k.n_sink, window_size=k.window_size, pair=second)
+    qk, qv = k.quant, v.quant
+    same = qk == qv and (k.n_sink, k.window_size) == (v.n_sink, v.window_size) and pair_compatible(first, second) is None
+    second.update(kind=qv.kind, bits=qv.bits, group_size=qv.group_size or 0, axis=qv.axis, clip_ratio=qv.clip_ratio,
+                  n_sink=v.n_sink, window_size=v.window_size)
+    quantize_write(**first, kind=qk.kind, bits=qk.bits, group_size=qk.group_size or 0, axis=qk.axis,
+                   clip_ratio=qk.clip_ratio, n_sink=k.n_sink, window_size=k.window_size, pair=second)
     k._host = v._host = None  # the kernel wrote the counts
     if not torch.compiler.is_compiling():
         counters["kvcompile"]["fused_write_calls"] += 2
         counters["kvcompile"]["fused_write_pair_launches"] += 1
+        if not same:
+            counters["kvcompile"]["fused_write_mixed_pair_launches"] += 1
     return None
 
 
@@ -159,6 +159,30 @@ def _write_unsupported(new: Tensor, pk: PackedKV) -> str | None:
                               has_rope=pk.rope is not None)
 
 
+def _perm_unready(new: Tensor, pk: PackedKV) -> str | None:
+    """For a channel-permuted storage: why this write must run the reference (it may calibrate the order), or
+    None (see ``_write_fused``)."""
+    global _PERM_CALIBRATED
+    if pk.perm is None:
+        return None
+    if _PERM_CALIBRATED is None:
+        from torch.utils.weak import WeakIdKeyDictionary
+
+        _PERM_CALIBRATED = WeakIdKeyDictionary()
+    if new.is_cuda and torch.cuda.is_current_stream_capturing():
+        if pk.perm not in _PERM_CALIBRATED:
+            raise RuntimeError(
+                "kvcompile: capturing a CUDA graph that writes a channel-permuted (SKVQ) layer whose channel "
+                "order was not seen calibrated: the order is calibrated on the host by the first write that "
+                "quantizes tokens. Run the prefill and one decode step through kvcompile.ops.write (or the "
+                "compiled model) before capturing, as CUDA graph warm-up does, or use reorder=False")
+    elif int(pk.counts[1]) == 0:
+        return "the write that may calibrate the channel order (n_quant == 0; a host-side search)"
+    else:
+        _PERM_CALIBRATED[pk.perm] = True
+    return None
+
+
 def _write_fused(new: Tensor, pk: PackedKV) -> str | None:
     """Run the quantize-on-write kernel; returns None, or why the caller must use the reference instead.
 
@@ -169,26 +193,9 @@ def _write_fused(new: Tensor, pk: PackedKV) -> str | None:
     if an earlier uncaptured write saw this ``perm`` calibrated (the warm-up steps before a capture do), else
     this raises. A captured graph that resets ``counts`` to a new sequence keeps the channel order it has
     (it cannot re-calibrate on the device)."""
-    global _PERM_CALIBRATED
-    reason = _write_unsupported(new, pk)
+    reason = _write_unsupported(new, pk) or _perm_unready(new, pk)
     if reason is not None:
         return reason
-    if pk.perm is not None:
-        if _PERM_CALIBRATED is None:
-            from torch.utils.weak import WeakIdKeyDictionary
-
-            _PERM_CALIBRATED = WeakIdKeyDictionary()
-        if new.is_cuda and torch.cuda.is_current_stream_capturing():
-            if pk.perm not in _PERM_CALIBRATED:
-                raise RuntimeError(
-                    "kvcompile: capturing a CUDA graph that writes a channel-permuted (SKVQ) layer whose channel "
-                    "order was not seen calibrated: the order is calibrated on the host by the first write that "
-                    "quantizes tokens. Run the prefill and one decode step through kvcompile.ops.write (or the "
-                    "compiled model) before capturing, as CUDA graph warm-up does, or use reorder=False")
-        elif int(pk.counts[1]) == 0:
-            return "the write that may calibrate the channel order (n_quant == 0; a host-side search)"
-        else:
-            _PERM_CALIBRATED[pk.perm] = True
     from .kernels.quantize_write import quantize_write
 
     q = pk.quant

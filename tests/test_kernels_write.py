@@ -178,27 +178,67 @@ def test_one_launch_writes_k_and_v(qi):
     assert kk.lengths() == kr.lengths() and vk.lengths() == vr.lengths() and kr.lengths()[1] > 0
 
 
-def test_one_launch_needs_one_layout():
-    """Storages that differ in layout, strides or channel order are written apart (ops.write_pair falls back to
-    two writes); the launcher's pair rejects them with the reason."""
+MIXED = [
+    (QUANTS[10], QUANTS[0]),  # KIVI: per-channel K, per-token V
+    (QUANTS[8], QUANTS[9]),  # SKVQ with post-RoPE keys: permuted 2-bit K, permuted ternary V
+    (QUANTS[3], QUANTS[5]),  # blocks of 32 channels beside one block spanning D: both take one block
+    (QUANTS[12], QUANTS[15]),  # NF4 beside fp8
+]
+
+
+@pytest.mark.parametrize("kq,vq", MIXED, ids=lambda q: f"{q.kind}{q.bits}-{q.axis}-g{q.group_size}-p{int(q.permute)}")
+def test_one_launch_writes_two_layouts(kq, vq):
+    """ops.write_pair's CUDA path with a different layout per storage (the kernel's mixed pair): each bit for bit
+    its own reference through prefill, decode steps and flushes; writes that may calibrate a channel order run
+    the reference for both."""
+    b, h, d = 2, 2, 64
+    kr, kk = _pair(kq, b=b, h=h, d=d, n_sink=4, window=8, capacity=96, dtype=torch.float16)
+    vr, vk = _pair(vq, b=b, h=h, d=d, n_sink=4, window=8, capacity=96, dtype=torch.float16)
+    gen = torch.Generator().manual_seed(7)
+    launched = 0
+    for i, t in enumerate([13, 1, 1, 7] + [1] * (max(kq.flush, vq.flush) + 2)):
+        xk, xv = _tokens(gen, b, h, t, d, torch.float16), _tokens(gen, b, h, t, d, torch.float16)
+        kr.append(xk)
+        vr.append(xv)
+        reason = ops._write_pair_fused(kk, xk, vk, xv)
+        if reason is None:
+            launched += 1
+        else:
+            assert "calibrate" in reason, reason
+            _kernel_write(kk, xk)
+            _kernel_write(vk, xv)
+        _assert_same(kr, kk, f"K, step {i}")
+        _assert_same(vr, vk, f"V, step {i}")
+    assert launched >= 4 and kk.lengths() == kr.lengths() and vk.lengths() == vr.lengths()
+
+
+def test_one_launch_other_strides_and_refusals():
+    """New V tokens with other strides than K's go through the mixed launch; new tokens of different shapes
+    are written apart (ops.write_pair falls back to two writes) and the launcher says why."""
     def mk(q, **kw):
         return PackedKV.empty(1, 2, 64, q, capacity=32, n_sink=0, window=4, dtype=torch.float16, device=DEVICE, **kw)
 
-    x = torch.randn(1, 2, 3, 64, dtype=torch.float16, device=DEVICE)
-    assert "different layouts" in ops._write_pair_fused(mk(QUANTS[10]), x, mk(QUANTS[0]), x)  # KIVI K, token V
-    assert "channel-permuted" in ops._write_pair_fused(mk(QUANTS[8]), x, mk(QUANTS[8]), x)
-    xt = torch.randn(1, 3, 2, 64, dtype=torch.float16, device=DEVICE).transpose(1, 2)  # other strides
-    assert "new tokens" in ops._write_pair_fused(mk(QUANTS[0]), x, mk(QUANTS[0]), xt)
+    gen = torch.Generator().manual_seed(3)
+    x = _tokens(gen, 1, 2, 3, 64, torch.float16)
+    xt = _tokens(gen, 1, 3, 2, 64, torch.float16).transpose(1, 2)  # [1, 2, 3, 64], other strides
+    (kr, kk), (vr, vk) = (_pair(QUANTS[0], b=1, h=2, d=64, n_sink=0, window=4, capacity=32, dtype=torch.float16)
+                          for _ in range(2))
+    kr.append(x)
+    vr.append(xt)
+    assert ops._write_pair_fused(kk, x, vk, xt) is None
+    _assert_same(kr, kk, "K")
+    _assert_same(vr, vk, "V")
+    assert "new tokens" in ops._write_pair_fused(mk(QUANTS[0]), x, mk(QUANTS[0]), x[:, :, :2])
     k, v = mk(QUANTS[0]), mk(QUANTS[0])
     q = k.quant
-    second = dict(new=xt, codes=v.codes, scale=v.scale, zero=v.zero, sink=v.sink, window=v.window, perm=v.perm,
-                  counts=v.counts)
+    second = dict(new=x[:, :, :2], codes=v.codes, scale=v.scale, zero=v.zero, sink=v.sink, window=v.window,
+                  perm=v.perm, counts=v.counts)
     with pytest.raises(ValueError, match="pair: new tokens"):
         qw.quantize_write(new=x, codes=k.codes, scale=k.scale, zero=k.zero, sink=k.sink, window=k.window, perm=None,
                           counts=k.counts, kind=q.kind, bits=q.bits, group_size=q.group_size, axis=q.axis,
                           clip_ratio=q.clip_ratio, n_sink=0, window_size=4, pair=second)
-    ops.write_pair(k, x, v, xt)  # falls back to two writes (the reference on CPU)
-    assert k.lengths() == v.lengths() == (0, 0, 3)
+    ops.write_pair(k, x, v, x[:, :, :2])  # falls back to two writes (the reference on CPU)
+    assert k.lengths() == (0, 0, 3) and v.lengths() == (0, 0, 2)
 
 
 def test_sink_only_and_exact_window_fill():

@@ -45,10 +45,13 @@ replaces one division per group.) Since then (2026-11-26, same device): the per-
 planes in registers (``REG_META``; no store / barrier / reload), and ``pair`` writes a layer's K and V in one
 launch (grid axis 2; ``kvcompile.ops.write_pair``): 7.7 us for both at groups of 128 (6.0% of the attention),
 7.3 us at groups of 32 (4.2%), against 14.1 / 12.1 us for two launches (BENCHMARKS.md). Then (2026-11-26, session 6)
-the loads before the counts, the parallel arrivals, codes packed from the natural tile, and for a decode step a
-one-token tile with 4 warps: 6.2 us for the g128 pair with its 128-token window (5.7% of the layer's 108.6-us
-attention), 5.0-5.2 us without a window; an empty launch of that grid takes 1.1 us. What is left with a window is
-mostly its shift (every row moves down by one each step; 2 x 2 MB through L2 for the pair).
+the loads before the counts, the parallel arrivals, codes packed from the natural tile, a one-token tile with 4
+warps for a decode step, and one launch for two layouts: 6.3-6.7 us for the g128 pair with its 128-token window
+(5.8-6.2% of the layer's 108-us attention; 8.0-8.1 us for the old kernel and launcher defaults in the same runs),
+5.1 us without a window (4.7%), 6.5 us at groups of 32 (4.8%), KIVI 6.1 us in one launch (10.1 in two), SKVQ's
+layouts (post-RoPE keys) 6.7 us (11.9 in two); an empty launch of that grid takes 1.1-1.2 us. What is left with a
+window is mostly its shift (every row moves down by one each step: 2 x 2 MB through L2 for the pair, about 1 us);
+a ring-buffer window would remove it but changes the storage format every reader knows (docs/format.md).
 
 Codes are computed as the float32 references do (docs/format.md "Rounding rules"): true IEEE divisions where
 the reference divides two tensors (``div_rn``; Triton's ``/`` is approximate on the GPU); where it divides by a
@@ -265,11 +268,8 @@ def _store_units(codes_row_ptr, acc, rows_out, rmask, u, umask, sct, scc, NBY: t
 
 
 @triton.jit
-def _quantize_write_kernel(
+def _write_side(
     new_ptr, codes_ptr, scale_ptr, zero_ptr, sink_ptr, win_ptr, perm_ptr, counts_ptr, cb_ptr,
-    # PAIR: a second storage of the same layout, shapes and strides (a layer's V beside its K), written by the
-    # programs with program_id(2) == 1 (its own counts and arrivals)
-    new2_ptr, codes2_ptr, scale2_ptr, zero2_ptr, sink2_ptr, win2_ptr, perm2_ptr, counts2_ptr,
     T, H, cap, WB, n_prog,
     snb, snh, snt, snd,
     scb, sch, sct, scc,
@@ -277,28 +277,18 @@ def _quantize_write_kernel(
     ssb, ssh, sst, ssd,
     swb, swh, swt, swd,
     sph,
-    D: tl.constexpr, S: tl.constexpr, W: tl.constexpr, F: tl.constexpr,
-    KIND: tl.constexpr, BITS: tl.constexpr, NC: tl.constexpr, NBY: tl.constexpr, NUNITS: tl.constexpr,
-    LEVELS: tl.constexpr, G: tl.constexpr, AXIS_CH: tl.constexpr, CLIP: tl.constexpr, EPS: tl.constexpr,
-    META: tl.constexpr, HAS_PERM: tl.constexpr, QDIV: tl.constexpr, INV: tl.constexpr, RECIP: tl.constexpr,
-    BC: tl.constexpr, NU: tl.constexpr, BT: tl.constexpr, BS: tl.constexpr, SHIFT_ONE_TILE: tl.constexpr,
-    PAIR: tl.constexpr = False, PRELOAD: tl.constexpr = False, ARRIVE3: tl.constexpr = False,
-    PACK_NAT: tl.constexpr = False,
+    D: tl.constexpr, S: tl.constexpr, W: tl.constexpr, F: tl.constexpr, KIND: tl.constexpr, BITS: tl.constexpr,
+    NC: tl.constexpr, NBY: tl.constexpr, NUNITS: tl.constexpr, LEVELS: tl.constexpr, G: tl.constexpr,
+    AXIS_CH: tl.constexpr, CLIP: tl.constexpr, EPS: tl.constexpr, META: tl.constexpr, HAS_PERM: tl.constexpr,
+    QDIV: tl.constexpr, INV: tl.constexpr, RECIP: tl.constexpr, BC: tl.constexpr, NU: tl.constexpr, BT: tl.constexpr,
+    BS: tl.constexpr, SHIFT_ONE_TILE: tl.constexpr, PRELOAD: tl.constexpr, ARRIVE3: tl.constexpr,
+    PACK_NAT: tl.constexpr,
 ):
+    """One storage's write by program (program_id(0) = b * H + h, program_id(1) = channel block)."""
     pid = tl.program_id(0)
     cb = tl.program_id(1)
     b = pid // H
     h = pid % H
-    if PAIR:
-        if tl.program_id(2) == 1:
-            new_ptr = new2_ptr
-            codes_ptr = codes2_ptr
-            scale_ptr = scale2_ptr
-            zero_ptr = zero2_ptr
-            sink_ptr = sink2_ptr
-            win_ptr = win2_ptr
-            perm_ptr = perm2_ptr
-            counts_ptr = counts2_ptr
 
     new_base = new_ptr + b.to(tl.int64) * snb + h.to(tl.int64) * snh
     win_base = win_ptr + b.to(tl.int64) * swb + h.to(tl.int64) * swh
@@ -548,6 +538,93 @@ def _quantize_write_kernel(
     tl.atomic_xchg(counts_ptr, (n_s + take).to(tl.int64), mask=last)
 
 
+
+@triton.jit
+def _quantize_write_kernel(
+    new_ptr, codes_ptr, scale_ptr, zero_ptr, sink_ptr, win_ptr, perm_ptr, counts_ptr, cb_ptr,
+    # PAIR: a second storage of the same layout, shapes and strides (a layer's V beside its K), written by the
+    # programs with program_id(2) == 1 (its own counts and arrivals)
+    new2_ptr, codes2_ptr, scale2_ptr, zero2_ptr, sink2_ptr, win2_ptr, perm2_ptr, counts2_ptr,
+    T, H, cap, WB, n_prog,
+    snb, snh, snt, snd,
+    scb, sch, sct, scc,
+    smb, smh, smt, smc,
+    ssb, ssh, sst, ssd,
+    swb, swh, swt, swd,
+    sph,
+    D: tl.constexpr, S: tl.constexpr, W: tl.constexpr, F: tl.constexpr, KIND: tl.constexpr, BITS: tl.constexpr,
+    NC: tl.constexpr, NBY: tl.constexpr, NUNITS: tl.constexpr, LEVELS: tl.constexpr, G: tl.constexpr,
+    AXIS_CH: tl.constexpr, CLIP: tl.constexpr, EPS: tl.constexpr, META: tl.constexpr, HAS_PERM: tl.constexpr,
+    QDIV: tl.constexpr, INV: tl.constexpr, RECIP: tl.constexpr, BC: tl.constexpr, NU: tl.constexpr, BT: tl.constexpr,
+    BS: tl.constexpr, SHIFT_ONE_TILE: tl.constexpr, PRELOAD: tl.constexpr, ARRIVE3: tl.constexpr,
+    PACK_NAT: tl.constexpr,
+    PAIR: tl.constexpr = False,
+):
+    if PAIR:
+        if tl.program_id(2) == 1:
+            new_ptr = new2_ptr
+            codes_ptr = codes2_ptr
+            scale_ptr = scale2_ptr
+            zero_ptr = zero2_ptr
+            sink_ptr = sink2_ptr
+            win_ptr = win2_ptr
+            perm_ptr = perm2_ptr
+            counts_ptr = counts2_ptr
+    _write_side(
+        new_ptr, codes_ptr, scale_ptr, zero_ptr, sink_ptr, win_ptr, perm_ptr, counts_ptr, cb_ptr, T, H, cap, WB,
+        n_prog, snb, snh, snt, snd, scb, sch, sct, scc, smb, smh, smt, smc, ssb, ssh, sst, ssd, swb, swh, swt,
+        swd, sph, D, S, W, F, KIND, BITS, NC, NBY, NUNITS, LEVELS, G, AXIS_CH, CLIP, EPS, META, HAS_PERM, QDIV,
+        INV, RECIP, BC, NU, BT, BS, SHIFT_ONE_TILE, PRELOAD, ARRIVE3, PACK_NAT)
+
+
+@triton.jit
+def _quantize_write_mixed_kernel(
+    # two storages of different layouts (KIVI: keys per channel, values per token; SKVQ: ternary values), each
+    # with its own pointers, strides and constexprs (suffix 2: the storage of program_id(2) == 1); one grid
+    new_ptr, codes_ptr, scale_ptr, zero_ptr, sink_ptr, win_ptr, perm_ptr, counts_ptr, cb_ptr,
+    T, H, cap, WB, n_prog,
+    snb, snh, snt, snd,
+    scb, sch, sct, scc,
+    smb, smh, smt, smc,
+    ssb, ssh, sst, ssd,
+    swb, swh, swt, swd,
+    sph,
+    new2_ptr, codes2_ptr, scale2_ptr, zero2_ptr, sink2_ptr, win2_ptr, perm2_ptr, counts2_ptr, cb2_ptr,
+    T2, H2, cap2, WB2, n_prog2,
+    snb2, snh2, snt2, snd2,
+    scb2, sch2, sct2, scc2,
+    smb2, smh2, smt2, smc2,
+    ssb2, ssh2, sst2, ssd2,
+    swb2, swh2, swt2, swd2,
+    sph2,
+    D: tl.constexpr, S: tl.constexpr, W: tl.constexpr, F: tl.constexpr, KIND: tl.constexpr, BITS: tl.constexpr,
+    NC: tl.constexpr, NBY: tl.constexpr, NUNITS: tl.constexpr, LEVELS: tl.constexpr, G: tl.constexpr,
+    AXIS_CH: tl.constexpr, CLIP: tl.constexpr, EPS: tl.constexpr, META: tl.constexpr, HAS_PERM: tl.constexpr,
+    QDIV: tl.constexpr, INV: tl.constexpr, RECIP: tl.constexpr, BC: tl.constexpr, NU: tl.constexpr, BT: tl.constexpr,
+    BS: tl.constexpr, SHIFT_ONE_TILE: tl.constexpr, PRELOAD: tl.constexpr, ARRIVE3: tl.constexpr,
+    PACK_NAT: tl.constexpr,
+    D2: tl.constexpr, S2: tl.constexpr, W2: tl.constexpr, F2: tl.constexpr, KIND2: tl.constexpr, BITS2: tl.constexpr,
+    NC2: tl.constexpr, NBY2: tl.constexpr, NUNITS2: tl.constexpr, LEVELS2: tl.constexpr, G2: tl.constexpr,
+    AXIS_CH2: tl.constexpr, CLIP2: tl.constexpr, EPS2: tl.constexpr, META2: tl.constexpr, HAS_PERM2: tl.constexpr,
+    QDIV2: tl.constexpr, INV2: tl.constexpr, RECIP2: tl.constexpr, BC2: tl.constexpr, NU2: tl.constexpr,
+    BT2: tl.constexpr, BS2: tl.constexpr, SHIFT_ONE_TILE2: tl.constexpr, PRELOAD2: tl.constexpr,
+    ARRIVE32: tl.constexpr, PACK_NAT2: tl.constexpr,
+):
+    if tl.program_id(2) == 1:
+        _write_side(
+            new2_ptr, codes2_ptr, scale2_ptr, zero2_ptr, sink2_ptr, win2_ptr, perm2_ptr, counts2_ptr, cb2_ptr, T2,
+            H2, cap2, WB2, n_prog2, snb2, snh2, snt2, snd2, scb2, sch2, sct2, scc2, smb2, smh2, smt2, smc2, ssb2,
+            ssh2, sst2, ssd2, swb2, swh2, swt2, swd2, sph2, D2, S2, W2, F2, KIND2, BITS2, NC2, NBY2, NUNITS2,
+            LEVELS2, G2, AXIS_CH2, CLIP2, EPS2, META2, HAS_PERM2, QDIV2, INV2, RECIP2, BC2, NU2, BT2, BS2,
+            SHIFT_ONE_TILE2, PRELOAD2, ARRIVE32, PACK_NAT2)
+    else:
+        _write_side(
+            new_ptr, codes_ptr, scale_ptr, zero_ptr, sink_ptr, win_ptr, perm_ptr, counts_ptr, cb_ptr, T, H, cap, WB,
+            n_prog, snb, snh, snt, snd, scb, sch, sct, scc, smb, smh, smt, smc, ssb, ssh, sst, ssd, swb, swh, swt,
+            swd, sph, D, S, W, F, KIND, BITS, NC, NBY, NUNITS, LEVELS, G, AXIS_CH, CLIP, EPS, META, HAS_PERM, QDIV,
+            INV, RECIP, BC, NU, BT, BS, SHIFT_ONE_TILE, PRELOAD, ARRIVE3, PACK_NAT)
+
+
 # --------------------------------------------------------------------------------------------------
 # Launcher
 # --------------------------------------------------------------------------------------------------
@@ -578,13 +655,14 @@ def pair_compatible(first: dict, second: dict) -> str | None:
     return None
 
 
-def _blocking(kind: str, bits: float, group: int, axis: str, d: int) -> tuple[int, int, int]:
-    """(channels per program BC, packing units per program NU, units per row)."""
+def _blocking(kind: str, bits: float, group: int, axis: str, d: int, whole: bool = False) -> tuple[int, int, int]:
+    """(channels per program BC, packing units per program NU, units per row). ``whole``: one block spanning the
+    head dim (a mixed pair whose two layouts would otherwise block differently)."""
     if kind in ("int8", "fp8"):
         return d, d, d
     nc, _ = _unit(bits)
     nunits = -(-d // nc)
-    if not _pow2(nc):  # ternary: 5 codes per byte straddle groups; one block spans the head dim
+    if not _pow2(nc) or whole:  # ternary: 5 codes per byte straddle groups; one block spans the head dim
         return d, _next_pow2(nunits), nunits
     base = min(d, 32)
     bc = max(nc, base) if axis == "channel" else max(group, nc, base)
@@ -630,8 +708,13 @@ def quantize_write(
     (an append past capacity leaves everything as it was).
 
     ``pair``: a second storage written by the same launch (a layer's V beside its K: one launch per layer and
-    step), a dict of ``new, codes, scale, zero, sink, window, perm, counts`` in the same layout, with the same
-    shapes, dtypes and strides as the first (``pair_compatible`` checks); its own ``counts``.
+    step), a dict of ``new, codes, scale, zero, sink, window, perm, counts`` (its own ``counts``) and optionally
+    its own layout (``kind, bits, group_size, axis, clip_ratio, n_sink, window_size``; the first's where absent).
+    ``new`` must have the first's shape. With the first's layout, shapes, dtypes and strides (``pair_compatible``)
+    the second storage's pointers ride on the first's arguments; otherwise (KIVI's per-channel keys beside
+    per-token values, SKVQ's ternary values, other strides) each side has its own arguments and constexprs in one
+    kernel (``_quantize_write_mixed_kernel``), and two layouts that block the channels differently both take one
+    block spanning the head dim.
 
     Variants (constexprs of the one kernel; the defaults are the measured best, the others stay for the
     benchmark's comparison and the tests): ``preload`` issues the loads that do not depend on the counts (the
@@ -639,6 +722,60 @@ def quantize_write(
     counts word with its own arrival (one atomic round trip instead of two); ``pack_natural`` computes per-token
     group codes on the natural tile and packs them by a reshape instead of loading each code plane again.
     """
+    if new.dim() != 4:
+        _fail(f"new must be 4-d [B, H, T, D], got {tuple(new.shape)}")
+    first = dict(new=new, codes=codes, scale=scale, zero=zero, sink=sink, window=window, perm=perm, counts=counts)
+    layout = dict(kind=kind, bits=bits, group_size=group_size, axis=axis, clip_ratio=clip_ratio, n_sink=n_sink,
+                  window_size=window_size)
+    tuning = dict(block_t=block_t, block_s=block_s, scalar_division=scalar_division, preload=preload,
+                  parallel_arrivals=parallel_arrivals, pack_natural=pack_natural)
+    second = None
+    if pair is not None:
+        pair = dict(pair)
+        layout2 = {k: pair.pop(k, v) for k, v in layout.items()}
+        if set(pair) != set(_PAIR_KEYS):
+            _fail(f"pair needs the keys {_PAIR_KEYS} (and optionally its layout: {tuple(layout)}), got {sorted(pair)}")
+        if tuple(pair["new"].shape) != tuple(new.shape) or pair["new"].device != new.device:
+            _fail(f"pair: new tokens {tuple(pair['new'].shape)} on {pair['new'].device} vs {tuple(new.shape)} on "
+                  f"{new.device}; write the two storages with two calls")
+        same = layout2 == layout and pair_compatible(first, pair) is None
+        second = (pair, layout2, same)
+    a = _prepare(first, layout, tuning)
+    if second is not None and not second[2]:
+        b = _prepare(second[0], second[1], tuning)
+        if b["ncb"] != a["ncb"]:  # one grid: both sides in one block spanning the head dim
+            a = _prepare(first, layout, tuning, whole=True)
+            b = _prepare(second[0], second[1], tuning, whole=True)
+    if new.shape[2] == 0:
+        return
+    B, H, T, D = new.shape
+    if num_warps is None:
+        num_warps = a["num_warps"] if second is None or second[2] else max(a["num_warps"], b["num_warps"])
+    grid = (B * H, a["ncb"], 1 if second is None else 2)
+    if second is None or second[2]:
+        # one storage, or a pair of one layout: the second's pointers only (same strides and constexprs)
+        if second is None:
+            b_ptrs = a["ptrs"][:8]
+        else:  # pair_compatible checked shapes, dtypes and strides against the first's (validated) tensors
+            p2 = second[0]
+            n2 = p2["new"] if p2["new"].dtype == window.dtype else p2["new"].to(window.dtype)
+            b_ptrs = [n2, p2["codes"], p2["scale"], p2["zero"] if p2["zero"] is not None else p2["scale"], p2["sink"],
+                      p2["window"], p2["perm"] if p2["perm"] is not None else p2["counts"], p2["counts"]]
+        _quantize_write_kernel[grid](*a["ptrs"], *b_ptrs, *a["rt"], *a["strides"], **a["consts"],
+                                     PAIR=second is not None, num_warps=num_warps, enable_fp_fusion=False)
+    else:
+        consts2 = {k + "2": v for k, v in b["consts"].items()}
+        _quantize_write_mixed_kernel[grid](*a["ptrs"], *a["rt"], *a["strides"], *b["ptrs"], *b["rt"], *b["strides"],
+                                           **a["consts"], **consts2, num_warps=num_warps, enable_fp_fusion=False)
+
+
+def _prepare(t: dict, layout: dict, tuning: dict, whole: bool = False) -> dict:
+    """Validate one storage (``t``: the ``_PAIR_KEYS`` tensors) and build its kernel arguments: ``ptrs`` (9),
+    ``rt`` (T, H, cap, WB, n_prog), ``strides`` (21), ``consts`` (the constexprs of ``_write_side``), ``ncb``
+    (channel blocks) and the default ``num_warps``."""
+    new, codes, scale, zero, sink, window, perm, counts = (t[k] for k in _PAIR_KEYS)
+    kind, bits, group_size, axis = layout["kind"], layout["bits"], layout["group_size"], layout["axis"]
+    clip_ratio, n_sink, window_size = layout["clip_ratio"], layout["n_sink"], layout["window_size"]
     if new.dim() != 4 or sink.dim() != 4 or window.dim() != 4 or codes.dim() != 4:
         _fail(f"new, codes, sink and window must be 4-d, got {tuple(new.shape)}, {tuple(codes.shape)}, "
               f"{tuple(sink.shape)}, {tuple(window.shape)}")
@@ -683,71 +820,57 @@ def quantize_write(
     if perm is not None and (tuple(perm.shape) != (H, D) or perm.dtype != torch.int64):
         _fail(f"perm must be int64 [H={H}, D={D}], got {perm.dtype} {tuple(perm.shape)}")
     dev = new.device
-    for t in (codes, scale, sink, window, counts) + ((zero,) if zero is not None else ()) + \
+    for x in (codes, scale, sink, window, counts) + ((zero,) if zero is not None else ()) + \
             ((perm,) if perm is not None else ()):
-        if t.device != dev:
-            _fail(f"all tensors must be on new's device {dev}, found one on {t.device}")
-    if pair is not None:
-        why = pair_compatible(dict(new=new, codes=codes, scale=scale, zero=zero, sink=sink, window=window, perm=perm,
-                                   counts=counts), pair)
-        if why is not None:
-            _fail(f"pair: {why}; write the two storages with two calls")
-    if T == 0:
-        return
-    if new.dtype != kv_dtype:
+        if x.device != dev:
+            _fail(f"all tensors must be on new's device {dev}, found one on {x.device}")
+    if new.dtype != kv_dtype and T:
         new = new.to(kv_dtype)  # as PackedKV.append does (x.to(kv_dtype)); a device op, no sync
     counts = counts.view(3)
     if not counts.is_contiguous():
         _fail("counts must be contiguous")
-    if pair is not None:
-        p2 = dict(pair, new=pair["new"].to(kv_dtype), counts=pair["counts"].view(3))
-    else:  # unused stand-ins
-        p2 = dict(new=new, codes=codes, scale=scale, zero=zero, sink=sink, window=window, perm=perm, counts=counts)
 
-    bc, nu, nunits = _blocking(kind, bits, g, axis, D)
+    bc, nu, nunits = _blocking(kind, bits, g, axis, D, whole)
     ncb = D // bc if bc <= D else 1
     levels = 2 if bits == 1.5 else ((1 << int(bits)) - 1 if kind in ("affine", "nf") else 127)
     cb = _codebook(int(bits), str(dev)) if kind == "nf" else counts
-    n_prog = B * H * ncb
-    zero_t = zero if zero is not None else scale
-    perm_t = perm if perm is not None else counts
-    grid = (B * H, ncb, 1 if pair is None else 2)
     # The reference divides by the level count (int8: 127, fp8: 448) with ``tensor / python_number``, which
     # PyTorch computes as a multiplication by the float32 reciprocal on CUDA and as a division on CPU; the
     # kernel follows the reference of the data's device (bit-identical there; the two references can differ
     # by one float32 ulp before the scale is rounded to the meta dtype, visible with clip ratios < 1).
+    scalar_division = tuning["scalar_division"]
     if scalar_division is None:
         scalar_division = "reciprocal" if dev.type == "cuda" else "ieee"
     if scalar_division not in ("reciprocal", "ieee"):
         _fail(f"scalar_division must be 'reciprocal' or 'ieee', got {scalar_division!r}")
     qdiv = float(levels if kind in ("affine", "nf") else (127 if kind == "int8" else 448))
-    inv = _reciprocal(qdiv)
     # the window shift: one tile when the window buffer fits 256 rows (loaded early, see the kernel), else a
     # loop over 64-row tiles
+    block_s = tuning["block_s"]
     if block_s is None:
         block_s = _next_pow2(WB) if WB <= 256 else 64
-    one_tile = block_s >= WB
     # a decode step (T = 1) is a chain of dependent latencies: the smallest token tile and 4 warps measured
     # fastest (H100, bench_write.py variants: 6.2 against 6.8 us for a g128 pair with its window)
+    block_t = tuning["block_t"]
     if block_t is None:
         block_t = min(16, _next_pow2(T))
-    if num_warps is None:
-        num_warps = 4 if T <= 16 or block_s * bc < 16384 else 8
-    _quantize_write_kernel[grid](
-        new, codes, scale, zero_t, sink, window, perm_t, counts, cb,
-        p2["new"], p2["codes"], p2["scale"], p2["zero"] if p2["zero"] is not None else p2["scale"], p2["sink"],
-        p2["window"], p2["perm"] if p2["perm"] is not None else p2["counts"], p2["counts"],
-        T, H, cap, WB, n_prog,
-        *new.stride(), *codes.stride(), *scale.stride(),
-        *(sink.stride() if sink.numel() else (0, 0, 0, 0)), *window.stride(),
-        perm.stride(0) if perm is not None else 0,
+    consts = dict(
         D=D, S=n_sink, W=window_size, F=flush,
         KIND=_KINDS[kind], BITS=15 if bits == 1.5 else int(bits), NC=nc, NBY=nby, NUNITS=nunits,
         LEVELS=levels, G=g, AXIS_CH=axis == "channel" and kind == "affine", CLIP=float(clip_ratio),
         EPS=float(torch.finfo(meta).tiny), META=_META_CODE[meta], HAS_PERM=perm is not None,
-        QDIV=qdiv, INV=inv, RECIP=scalar_division == "reciprocal",
-        BC=bc, NU=nu, BT=block_t, BS=max(block_s, 1), SHIFT_ONE_TILE=one_tile, PAIR=pair is not None,
-        PRELOAD=bool(preload), ARRIVE3=bool(parallel_arrivals),
-        PACK_NAT=bool(pack_natural) and _pow2(nc) and nu * nc == bc and kind in ("affine", "nf") and axis == "token",
-        num_warps=num_warps, enable_fp_fusion=False,
+        QDIV=qdiv, INV=_reciprocal(qdiv), RECIP=scalar_division == "reciprocal",
+        BC=bc, NU=nu, BT=block_t, BS=max(block_s, 1), SHIFT_ONE_TILE=block_s >= WB,
+        PRELOAD=bool(tuning["preload"]), ARRIVE3=bool(tuning["parallel_arrivals"]),
+        PACK_NAT=bool(tuning["pack_natural"]) and _pow2(nc) and nu * nc == bc and kind in ("affine", "nf")
+        and axis == "token",
+    )
+    return dict(
+        ptrs=[new, codes, scale, zero if zero is not None else scale, sink, window,
+              perm if perm is not None else counts, counts, cb],
+        rt=[T, H, cap, WB, B * H * ncb],
+        strides=[*new.stride(), *codes.stride(), *scale.stride(), *(sink.stride() if sink.numel() else (0, 0, 0, 0)),
+                 *window.stride(), perm.stride(0) if perm is not None else 0],
+        consts=consts, ncb=ncb,
+        num_warps=4 if T <= 16 or block_s * bc < 16384 else 8,
     )
