@@ -48,13 +48,19 @@ CASES = {
     "kivi_k2v2_g32_r128": (TensorQuant("affine", 2, 32, "channel"), TensorQuant("affine", 2, 32), 0, 128, 32),
     "k2v2_g128_w0": (TensorQuant("affine", 2, 128), TensorQuant("affine", 2, 128), 0, 0, 128),
     "skvq_v1.5_g16_s4_w128": (TensorQuant("affine", 2, 16), TensorQuant("affine", 1.5, 16, permute=True), 4, 128, 32),
+    # skvq's defaults: keys before RoPE (the kernel un-rotates them), both sides in a channel order
+    "skvq_default_prerope": (TensorQuant("affine", 2, 16, clip_ratio=0.95, permute=True),
+                             TensorQuant("affine", 1.5, 16, permute=True), 4, 128, 32),
 }
+ROPE_CASES = {"skvq_default_prerope"}  # K quantized before RoPE (Llama's inverse frequencies, base 500000)
 
 
-def filled(q: TensorQuant, length: int, extra: int, n_sink: int, window: int, seed: int) -> PackedKV:
+def filled(q: TensorQuant, length: int, extra: int, n_sink: int, window: int, seed: int,
+           rope: bool = False) -> PackedKV:
     """A PackedKV holding ``length`` tokens (random codes / scales, a full window) with room for ``extra`` more."""
+    inv = 1.0 / (500000.0 ** (torch.arange(0, D, 2, dtype=torch.float32) / D)) if rope else None
     pk = PackedKV.empty(B, HKV, D, q, capacity=length + extra, n_sink=n_sink, window=window, dtype=torch.float16,
-                        device="cuda")
+                        device="cuda", rope_inv_freq=inv)
     gen = torch.Generator(device="cuda").manual_seed(seed)
     pk.codes.random_(0, 256, generator=gen)
     pk.scale.copy_(torch.rand(pk.scale.shape, device="cuda", generator=gen) * 0.1 + 0.01)
@@ -75,7 +81,7 @@ def kernel_args(pk: PackedKV) -> dict:
     q = pk.quant
     return dict(codes=pk.codes, scale=pk.scale, zero=pk.zero, sink=pk.sink, window=pk.window, perm=pk.perm,
                 counts=pk.counts, kind=q.kind, bits=q.bits, group_size=q.group_size or 0, axis=q.axis,
-                clip_ratio=q.clip_ratio, n_sink=pk.n_sink, window_size=pk.window_size)
+                clip_ratio=q.clip_ratio, n_sink=pk.n_sink, window_size=pk.window_size, rope=pk.rope)
 
 
 WARMUP_MS = 5.0  # graph replays before the timed ones (each replay appends `steps` tokens: see _extra)
@@ -152,7 +158,7 @@ def sweep(name: str, length: int, steps: int, variants) -> list[dict]:
     kq, vq, n_sink, window, _ = CASES[name]
     out = []
     for tun in variants:
-        k = filled(kq, length, _extra(steps, 1), n_sink, window, 1)
+        k = filled(kq, length, _extra(steps, 1), n_sink, window, 1, name in ROPE_CASES)
         v = filled(vq, length, _extra(steps, 1), n_sink, window, 2)
         new_k = torch.randn(B, HKV, 1, D, device="cuda", dtype=torch.float16)
         new_v = torch.randn(B, HKV, 1, D, device="cuda", dtype=torch.float16)
@@ -171,7 +177,7 @@ def sweep(name: str, length: int, steps: int, variants) -> list[dict]:
 def run_case(name: str, length: int, steps: int) -> dict:
     kq, vq, n_sink, window, group = CASES[name]
     extra = _extra(steps)  # every replay appends `steps` tokens
-    k, v = filled(kq, length, extra, n_sink, window, 1), filled(vq, length, extra, n_sink, window, 2)
+    k, v = filled(kq, length, extra, n_sink, window, 1, name in ROPE_CASES), filled(vq, length, extra, n_sink, window, 2)
     new_k = torch.randn(B, HKV, 1, D, device="cuda", dtype=torch.float16)
     new_v = torch.randn(B, HKV, 1, D, device="cuda", dtype=torch.float16)
     ka, va = kernel_args(k), kernel_args(v)
@@ -188,7 +194,7 @@ def run_case(name: str, length: int, steps: int) -> dict:
         ops.write_pair(k, new_k, v, new_v)
 
     t_op = wall_time(op_step)
-    kr, vr = filled(kq, length, 64, n_sink, window, 1), filled(vq, length, 64, n_sink, window, 2)
+    kr, vr = filled(kq, length, 64, n_sink, window, 1, name in ROPE_CASES), filled(vq, length, 64, n_sink, window, 2)
 
     def ref_step():
         kr.append(new_k)

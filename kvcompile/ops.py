@@ -121,10 +121,11 @@ def _write_pair_fused(k: PackedKV, k_new: Tensor, v: PackedKV, v_new: Tensor) ->
                           perm=pk.perm, counts=pk.counts) for pk, new in ((k, k_new), (v, v_new)))
     qk, qv = k.quant, v.quant
     same = qk == qv and (k.n_sink, k.window_size) == (v.n_sink, v.window_size) and pair_compatible(first, second) is None
+    same = same and k.rope is None and v.rope is None
     second.update(kind=qv.kind, bits=qv.bits, group_size=qv.group_size or 0, axis=qv.axis, clip_ratio=qv.clip_ratio,
-                  n_sink=v.n_sink, window_size=v.window_size)
+                  n_sink=v.n_sink, window_size=v.window_size, rope=v.rope)
     quantize_write(**first, kind=qk.kind, bits=qk.bits, group_size=qk.group_size or 0, axis=qk.axis,
-                   clip_ratio=qk.clip_ratio, n_sink=k.n_sink, window_size=k.window_size, pair=second)
+                   clip_ratio=qk.clip_ratio, n_sink=k.n_sink, window_size=k.window_size, rope=k.rope, pair=second)
     k._host = v._host = None  # the kernel wrote the counts
     if not torch.compiler.is_compiling():
         counters["kvcompile"]["fused_write_calls"] += 2
@@ -201,7 +202,7 @@ def _write_fused(new: Tensor, pk: PackedKV) -> str | None:
     q = pk.quant
     quantize_write(new=new, codes=pk.codes, scale=pk.scale, zero=pk.zero, sink=pk.sink, window=pk.window,
                    perm=pk.perm, counts=pk.counts, kind=q.kind, bits=q.bits, group_size=q.group_size or 0,
-                   axis=q.axis, clip_ratio=q.clip_ratio, n_sink=pk.n_sink, window_size=pk.window_size)
+                   axis=q.axis, clip_ratio=q.clip_ratio, n_sink=pk.n_sink, window_size=pk.window_size, rope=pk.rope)
     if not torch.compiler.is_compiling():
         counters["kvcompile"]["fused_write_calls"] += 1
     return None

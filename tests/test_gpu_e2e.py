@@ -61,3 +61,21 @@ def test_fused_route_matches_dequantize_route(scheme, overrides, monkeypatch):
     gen = model.generate(ids[:1, :300], attention_mask=torch.ones(1, 300, dtype=torch.long, device="cuda"),
                          max_new_tokens=8, do_sample=False)
     assert gen.shape == (1, 308)
+
+
+def test_skvq_defaults_write_kernel_matches_reference(monkeypatch):
+    """skvq's defaults (keys quantized before RoPE in a channel order, ternary values): the decode steps' writes
+    run the kernel (K and V in one launch, keys un-rotated in it); the logits match a run whose writes all take
+    the PyTorch reference."""
+    from kvcompile import ops
+
+    model = _model()
+    ids = torch.randint(0, 512, (2, 700), device="cuda", generator=torch.Generator("cuda").manual_seed(2))
+    before = counters["kvcompile"]["fused_write_mixed_pair_launches"]
+    fused = _decode_logits(model, ids, kvcompile.make_cache(model, "skvq"), 600)
+    assert counters["kvcompile"]["fused_write_mixed_pair_launches"] - before >= 90
+    monkeypatch.setattr(ops, "_write_pair_fused", lambda *a: "forced reference (test)")
+    monkeypatch.setattr(ops, "_write_fused", lambda *a: "forced reference (test)")
+    ref = _decode_logits(model, ids, kvcompile.make_cache(model, "skvq"), 600)
+    rel = ((fused - ref).norm() / ref.norm()).item()
+    assert rel < 1e-3, rel

@@ -178,6 +178,19 @@ def test_one_launch_writes_k_and_v(qi):
     assert kk.lengths() == kr.lengths() and vk.lengths() == vr.lengths() and kr.lengths()[1] > 0
 
 
+def _pair_step(kr, kk, xk, vr, vk, xv) -> bool:
+    """One step: the references append, the kernel storages take ops.write_pair's CUDA path (the one launch), or
+    each their own write where a channel order may be calibrated. True if the one launch ran."""
+    kr.append(xk)
+    vr.append(xv)
+    reason = ops._write_pair_fused(kk, xk, vk, xv)
+    if reason is not None:
+        assert "calibrate" in reason, reason
+        _kernel_write(kk, xk)
+        _kernel_write(vk, xv)
+    return reason is None
+
+
 MIXED = [
     (QUANTS[10], QUANTS[0]),  # KIVI: per-channel K, per-token V
     (QUANTS[8], QUANTS[9]),  # SKVQ with post-RoPE keys: permuted 2-bit K, permuted ternary V
@@ -198,15 +211,7 @@ def test_one_launch_writes_two_layouts(kq, vq):
     launched = 0
     for i, t in enumerate([13, 1, 1, 7] + [1] * (max(kq.flush, vq.flush) + 2)):
         xk, xv = _tokens(gen, b, h, t, d, torch.float16), _tokens(gen, b, h, t, d, torch.float16)
-        kr.append(xk)
-        vr.append(xv)
-        reason = ops._write_pair_fused(kk, xk, vk, xv)
-        if reason is None:
-            launched += 1
-        else:
-            assert "calibrate" in reason, reason
-            _kernel_write(kk, xk)
-            _kernel_write(vk, xv)
+        launched += _pair_step(kr, kk, xk, vr, vk, xv)
         _assert_same(kr, kk, f"K, step {i}")
         _assert_same(vr, vk, f"V, step {i}")
     assert launched >= 4 and kk.lengths() == kr.lengths() and vk.lengths() == vr.lengths()
@@ -336,7 +341,9 @@ def test_scalar_division_follows_the_reference_device(q):
 
 
 @pytest.mark.parametrize("q, d, rope, want", [
-    (TensorQuant("affine", 2, 16), 64, True, "RoPE"),
+    (TensorQuant("affine", 2, 16), 64, True, None),  # SKVQ's keys before RoPE
+    (TensorQuant("affine", 1.5, 16), 64, True, "RoPE"),
+    (TensorQuant("affine", 2, 32, "channel"), 64, True, "RoPE"),
     (TensorQuant("affine", 2, 16), 80, False, "head dim 80"),
     (TensorQuant("affine", 2, 6, "channel"), 64, False, "groups of 6 tokens"),
     (TensorQuant("affine", 2, 16), 64, False, None),
@@ -353,6 +360,59 @@ def test_fallback_rule(q, d, rope, want):
         assert reason is None
     else:
         assert reason is not None and want in reason
+
+
+ROPE_QUANTS = [
+    TensorQuant("affine", 2, 16, "token", clip_ratio=0.95, permute=True),  # skvq's keys
+    TensorQuant("affine", 2, 16, "token"),
+    TensorQuant("affine", 4, 32, "token"),
+    TensorQuant("nf", 4, 64, "token"),
+    TensorQuant("int8", 8),
+]
+
+
+def _rope_inv_freq(rotary_dim: int) -> torch.Tensor:
+    return 1.0 / (10000.0 ** (torch.arange(0, rotary_dim, 2, dtype=torch.float32) / rotary_dim))
+
+
+@pytest.mark.parametrize("rotary", [64, 32], ids=["full", "partial"])
+@pytest.mark.parametrize("q", ROPE_QUANTS, ids=lambda q: f"{q.kind}{q.bits}-g{q.group_size}-p{int(q.permute)}")
+def test_keys_before_rope(q, rotary):
+    """Keys quantized before RoPE (skvq's pre_rope): the kernel un-rotates the rows it quantizes by their middle
+    positions, alone and in the one launch with a ternary V. On the GPU bit for bit the reference; on the CPU
+    interpreter numpy's float32 cos / sin may differ from PyTorch's by one ulp, so a code may sit one level off
+    at a rounding tie there (at most 1% of them) and scales one meta ulp off; everything else is exact."""
+    b, h, d = 2, 2, 64
+    inv = _rope_inv_freq(rotary)
+    kw = dict(b=b, h=h, d=d, n_sink=4, window=8, capacity=160, dtype=torch.float16)
+    kr = PackedKV.empty(b, h, d, q, capacity=160, n_sink=4, window=8, dtype=torch.float16, device=DEVICE,
+                        rope_inv_freq=inv)
+    kr.window.normal_()
+    kk = kr.clone()
+    vr, vk = _pair(QUANTS[9], **kw)
+    gen = torch.Generator().manual_seed(11)
+    launched = 0
+    for i, t in enumerate([13, 1, 1, 7, 40] + [1] * 5):
+        xk, xv = _tokens(gen, b, h, t, d, torch.float16), _tokens(gen, b, h, t, d, torch.float16)
+        launched += _pair_step(kr, kk, xk, vr, vk, xv)
+        _assert_same(vr, vk, f"V, step {i}")
+        if ON_GPU:
+            _assert_same(kr, kk, f"K, step {i}")
+            continue
+        for name in ("sink", "window", "perm", "counts"):
+            a, k = getattr(kr, name), getattr(kk, name)
+            assert (a is None and k is None) or torch.equal(a, k), f"{name}, step {i}"
+        n_q = kr.lengths()[1]
+        for name in ("scale", "zero"):
+            a, k = getattr(kr, name), getattr(kk, name)
+            if a is not None:
+                torch.testing.assert_close(k[:, :, :n_q].float(), a[:, :, :n_q].float(), rtol=2e-3, atol=1e-6)
+        same = (kr.codes[:, :, :n_q] == kk.codes[:, :, :n_q]).float().mean().item()
+        assert same >= 0.99, f"codes equal: {same:.4f}, step {i}"
+        mid_r, mid_k = kr.dequantize_middle(), kk.dequantize_middle()
+        step = (kr.scale[:, :, :n_q].float().amax() if q.kind != "nf" else kr.scale[:, :, :n_q].float().amax() * 0.3)
+        assert (mid_r - mid_k).abs().max() <= step * 1.01 + 1e-3, f"step {i}"
+    assert launched >= 5 and kk.lengths() == kr.lengths()
 
 
 def test_launcher_validation_errors():

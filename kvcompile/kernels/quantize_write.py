@@ -69,9 +69,16 @@ Capacity: the host checks it where it knows the length (``kvcompile.ops.write``)
 writes out of bounds: when ``n_quant + n_move`` would exceed the middle's capacity, the launch writes nothing
 and leaves ``counts`` as it was (the reference raises ``CacheCapacityError`` there).
 
-Not covered here (the op falls back to the reference, see ``unsupported_reason``): keys quantized before RoPE
-(``rope``), and the call that calibrates an SKVQ channel order (a host-side search; ``kvcompile.ops``
-decides, see ``_write_fused`` there).
+Keys quantized before RoPE (``rope``: the model's inverse frequencies, SKVQ's ``pre_rope``): the rows being quantized
+are un-rotated by their middle positions ``n_sink + n_quant + i`` on the natural tile before their statistics, in the
+reference's float32 arithmetic (``tl.cos`` / ``tl.sin`` are libdevice's, as PyTorch's CUDA kernels; the CPU
+interpreter's numpy cos / sin can differ from PyTorch's by one float32 ulp, so there a code can land one level
+off at a rounding tie); one block spans the head dim, since a channel's rotate-half partner may sit anywhere in the
+stored order (the partner's column is found by comparing against ``perm``).
+
+Not covered here (the op falls back to the reference, see ``unsupported_reason``): keys before RoPE in ternary,
+3-bit or per-channel layouts, and the call that calibrates an SKVQ channel order (a host-side search;
+``kvcompile.ops`` decides, see ``_write_fused`` there).
 """
 
 from __future__ import annotations
@@ -119,8 +126,9 @@ def _unit(bits: float) -> tuple[int, int]:
 def unsupported_reason(*, kind: str, bits: float, group_size: int, axis: str, head_dim: int,
                        kv_dtype: torch.dtype, meta_dtype: torch.dtype, has_rope: bool) -> str | None:
     """Why the write kernel cannot run this layout (None: it can). The caller falls back to the reference."""
-    if has_rope:
-        return "keys quantized before RoPE (the write kernel does not un-rotate by position yet)"
+    if has_rope and (axis == "channel" or (kind in ("affine", "nf") and bits not in (1, 2, 4, 8))):
+        return (f"keys quantized before RoPE in {bits}-bit codes along the {axis} axis (the write kernel un-rotates "
+                "per-token layouts of 1, 2, 4 or 8 bits, int8 and fp8)")
     if kind not in _KINDS:
         return f"quantization kind {kind!r}"
     if kind == "affine" and bits not in _AFFINE_BITS:
@@ -235,6 +243,20 @@ def _pending_tile(xw0, xn0, fast, new_base, win_base, perm_row, rows, cols, rmas
 
 
 @triton.jit
+def _unrotate(x, xp, o, wf, pos, RD: tl.constexpr):
+    """Undo RoPE at positions ``pos`` [R] on a float32 tile ``x`` [R, C] whose column j holds original channel
+    ``o[j]``; ``xp`` holds the rotate-half partners, ``wf`` the inverse frequency of each column. The reference's
+    float32 arithmetic (kvcompile.cache.packed.rotate with inverse=True): x cos + partner sin below RD / 2,
+    x cos - partner sin from RD / 2 to RD, each product rounded (the launch disables FMA contraction)."""
+    HALF: tl.constexpr = RD // 2
+    ang = pos.to(tl.float32)[:, None] * wf[None, :]
+    t1 = x * tl.cos(ang)
+    t2 = xp * tl.sin(ang)
+    r = tl.where((o < HALF)[None, :], t1 + t2, t1 - t2)
+    return tl.where((o < RD)[None, :], r, x)
+
+
+@triton.jit
 def _affine_code(x, s, z, LEVELS: tl.constexpr):
     v = tl.math.div_rn(x - z, s)
     v = tl.minimum(tl.maximum(v, -1.0), LEVELS + 1.0)
@@ -269,7 +291,7 @@ def _store_units(codes_row_ptr, acc, rows_out, rmask, u, umask, sct, scc, NBY: t
 
 @triton.jit
 def _write_side(
-    new_ptr, codes_ptr, scale_ptr, zero_ptr, sink_ptr, win_ptr, perm_ptr, counts_ptr, cb_ptr,
+    new_ptr, codes_ptr, scale_ptr, zero_ptr, sink_ptr, win_ptr, perm_ptr, counts_ptr, cb_ptr, rope_ptr,
     T, H, cap, WB, n_prog,
     snb, snh, snt, snd,
     scb, sch, sct, scc,
@@ -282,7 +304,7 @@ def _write_side(
     AXIS_CH: tl.constexpr, CLIP: tl.constexpr, EPS: tl.constexpr, META: tl.constexpr, HAS_PERM: tl.constexpr,
     QDIV: tl.constexpr, INV: tl.constexpr, RECIP: tl.constexpr, BC: tl.constexpr, NU: tl.constexpr, BT: tl.constexpr,
     BS: tl.constexpr, SHIFT_ONE_TILE: tl.constexpr, PRELOAD: tl.constexpr, ARRIVE3: tl.constexpr,
-    PACK_NAT: tl.constexpr,
+    PACK_NAT: tl.constexpr, RD: tl.constexpr,
 ):
     """One storage's write by program (program_id(0) = b * H + h, program_id(1) = channel block)."""
     pid = tl.program_id(0)
@@ -299,6 +321,21 @@ def _write_side(
         src = tl.load(perm_row + cols, mask=cmask, other=0)
     else:
         src = cols
+    if RD > 0:
+        # keys quantized before RoPE (one block spans D): column j holds original channel src[j]; its rotate-half
+        # partner po is original channel src +- RD / 2, stored at column ps (perm's inverse, by comparison)
+        in_rot = src < RD
+        po = tl.where(in_rot, tl.where(src < RD // 2, src + RD // 2, src - RD // 2), src)
+        if HAS_PERM:
+            dall = tl.arange(0, BC)
+            pall = tl.load(perm_row + dall)
+            ps = tl.sum(tl.where(pall[None, :] == po[:, None], dall[None, :], 0), 1)
+        else:
+            ps = po
+        wf = tl.load(rope_ptr + src % (RD // 2), mask=in_rot, other=0.0)
+    else:
+        ps = cols
+        wf = 0.0
     if PRELOAD:
         # loads that do not depend on the counts, issued before them so that their round trips overlap: the
         # first BT new rows and window rows (the common decode step quantizes window rows and appends new
@@ -312,9 +349,19 @@ def _write_side(
             sall = tl.arange(0, BS)
             xs = tl.load(win_base + sall[:, None].to(tl.int64) * swt + cols[None, :].to(tl.int64) * swd,
                          mask=(sall < WB)[:, None] & cmask[None, :], other=0.0)
+        if RD > 0:  # the partners of those rows
+            xn0p = tl.load(new_base + r0[:, None].to(tl.int64) * snt + po[None, :].to(tl.int64) * snd,
+                           mask=(r0 < T)[:, None] & cmask[None, :], other=0.0)
+            xw0p = tl.load(win_base + r0[:, None].to(tl.int64) * swt + ps[None, :].to(tl.int64) * swd,
+                           mask=(r0 < WB)[:, None] & cmask[None, :], other=0.0)
+        else:
+            xn0p = 0.0
+            xw0p = 0.0
     else:
         xn0 = 0.0  # unused stand-ins
         xw0 = 0.0
+        xn0p = 0.0
+        xw0p = 0.0
 
     # ---- counts, read on the device; then arrive (see the module docstring)
     if ARRIVE3:
@@ -382,6 +429,10 @@ def _write_side(
             rm = rows < n_move
             x = _pending_tile(xw0, xn0, fast & (i0 == 0), new_base, win_base, perm_row, rows, cols, rm, cmask, n_w,
                               take, snt, snd, swt, swd, HAS_PERM, PRELOAD).to(tl.float32)
+            if RD > 0:
+                xq = _pending_tile(xw0p, xn0p, fast & (i0 == 0), new_base, win_base, perm_row, rows, ps, rm, cmask,
+                                   n_w, take, snt, snd, swt, swd, HAS_PERM, PRELOAD).to(tl.float32)
+                x = _unrotate(x, xq, src, wf, S + n_q + rows, RD)
             amax = tl.max(tl.abs(x), 1)
             s = _to_meta(tl.maximum(_div_scalar(amax, QDIV, INV, RECIP), EPS), META)
             tl.store(scale_base + (n_q + rows).to(tl.int64) * smt, s, mask=rm)
@@ -432,6 +483,10 @@ def _write_side(
             mrow = (n_q + rows).to(tl.int64)
             x = _pending_tile(xw0, xn0, fast & (i0 == 0), new_base, win_base, perm_row, rows, cols, rm, cmask, n_w,
                               take, snt, snd, swt, swd, HAS_PERM, PRELOAD).to(tl.float32)
+            if RD > 0:
+                xq = _pending_tile(xw0p, xn0p, fast & (i0 == 0), new_base, win_base, perm_row, rows, ps, rm, cmask,
+                                   n_w, take, snt, snd, swt, swd, HAS_PERM, PRELOAD).to(tl.float32)
+                x = _unrotate(x, xq, src, wf, S + n_q + rows, RD)
             xg = tl.reshape(x, [BT, NGB, G])
             if KIND == 0:
                 mn = tl.min(xg, 2) * CLIP
@@ -541,10 +596,10 @@ def _write_side(
 
 @triton.jit
 def _quantize_write_kernel(
-    new_ptr, codes_ptr, scale_ptr, zero_ptr, sink_ptr, win_ptr, perm_ptr, counts_ptr, cb_ptr,
+    new_ptr, codes_ptr, scale_ptr, zero_ptr, sink_ptr, win_ptr, perm_ptr, counts_ptr, cb_ptr, rope_ptr,
     # PAIR: a second storage of the same layout, shapes and strides (a layer's V beside its K), written by the
     # programs with program_id(2) == 1 (its own counts and arrivals)
-    new2_ptr, codes2_ptr, scale2_ptr, zero2_ptr, sink2_ptr, win2_ptr, perm2_ptr, counts2_ptr,
+    new2_ptr, codes2_ptr, scale2_ptr, zero2_ptr, sink2_ptr, win2_ptr, perm2_ptr, counts2_ptr, rope2_ptr,
     T, H, cap, WB, n_prog,
     snb, snh, snt, snd,
     scb, sch, sct, scc,
@@ -557,7 +612,7 @@ def _quantize_write_kernel(
     AXIS_CH: tl.constexpr, CLIP: tl.constexpr, EPS: tl.constexpr, META: tl.constexpr, HAS_PERM: tl.constexpr,
     QDIV: tl.constexpr, INV: tl.constexpr, RECIP: tl.constexpr, BC: tl.constexpr, NU: tl.constexpr, BT: tl.constexpr,
     BS: tl.constexpr, SHIFT_ONE_TILE: tl.constexpr, PRELOAD: tl.constexpr, ARRIVE3: tl.constexpr,
-    PACK_NAT: tl.constexpr,
+    PACK_NAT: tl.constexpr, RD: tl.constexpr,
     PAIR: tl.constexpr = False,
 ):
     if PAIR:
@@ -570,18 +625,20 @@ def _quantize_write_kernel(
             win_ptr = win2_ptr
             perm_ptr = perm2_ptr
             counts_ptr = counts2_ptr
+            rope_ptr = rope2_ptr
     _write_side(
-        new_ptr, codes_ptr, scale_ptr, zero_ptr, sink_ptr, win_ptr, perm_ptr, counts_ptr, cb_ptr, T, H, cap, WB,
+        new_ptr, codes_ptr, scale_ptr, zero_ptr, sink_ptr, win_ptr, perm_ptr, counts_ptr, cb_ptr, rope_ptr, T, H, cap,
+        WB,
         n_prog, snb, snh, snt, snd, scb, sch, sct, scc, smb, smh, smt, smc, ssb, ssh, sst, ssd, swb, swh, swt,
         swd, sph, D, S, W, F, KIND, BITS, NC, NBY, NUNITS, LEVELS, G, AXIS_CH, CLIP, EPS, META, HAS_PERM, QDIV,
-        INV, RECIP, BC, NU, BT, BS, SHIFT_ONE_TILE, PRELOAD, ARRIVE3, PACK_NAT)
+        INV, RECIP, BC, NU, BT, BS, SHIFT_ONE_TILE, PRELOAD, ARRIVE3, PACK_NAT, RD)
 
 
 @triton.jit
 def _quantize_write_mixed_kernel(
     # two storages of different layouts (KIVI: keys per channel, values per token; SKVQ: ternary values), each
     # with its own pointers, strides and constexprs (suffix 2: the storage of program_id(2) == 1); one grid
-    new_ptr, codes_ptr, scale_ptr, zero_ptr, sink_ptr, win_ptr, perm_ptr, counts_ptr, cb_ptr,
+    new_ptr, codes_ptr, scale_ptr, zero_ptr, sink_ptr, win_ptr, perm_ptr, counts_ptr, cb_ptr, rope_ptr,
     T, H, cap, WB, n_prog,
     snb, snh, snt, snd,
     scb, sch, sct, scc,
@@ -589,7 +646,7 @@ def _quantize_write_mixed_kernel(
     ssb, ssh, sst, ssd,
     swb, swh, swt, swd,
     sph,
-    new2_ptr, codes2_ptr, scale2_ptr, zero2_ptr, sink2_ptr, win2_ptr, perm2_ptr, counts2_ptr, cb2_ptr,
+    new2_ptr, codes2_ptr, scale2_ptr, zero2_ptr, sink2_ptr, win2_ptr, perm2_ptr, counts2_ptr, cb2_ptr, rope2_ptr,
     T2, H2, cap2, WB2, n_prog2,
     snb2, snh2, snt2, snd2,
     scb2, sch2, sct2, scc2,
@@ -602,27 +659,27 @@ def _quantize_write_mixed_kernel(
     AXIS_CH: tl.constexpr, CLIP: tl.constexpr, EPS: tl.constexpr, META: tl.constexpr, HAS_PERM: tl.constexpr,
     QDIV: tl.constexpr, INV: tl.constexpr, RECIP: tl.constexpr, BC: tl.constexpr, NU: tl.constexpr, BT: tl.constexpr,
     BS: tl.constexpr, SHIFT_ONE_TILE: tl.constexpr, PRELOAD: tl.constexpr, ARRIVE3: tl.constexpr,
-    PACK_NAT: tl.constexpr,
+    PACK_NAT: tl.constexpr, RD: tl.constexpr,
     D2: tl.constexpr, S2: tl.constexpr, W2: tl.constexpr, F2: tl.constexpr, KIND2: tl.constexpr, BITS2: tl.constexpr,
     NC2: tl.constexpr, NBY2: tl.constexpr, NUNITS2: tl.constexpr, LEVELS2: tl.constexpr, G2: tl.constexpr,
     AXIS_CH2: tl.constexpr, CLIP2: tl.constexpr, EPS2: tl.constexpr, META2: tl.constexpr, HAS_PERM2: tl.constexpr,
     QDIV2: tl.constexpr, INV2: tl.constexpr, RECIP2: tl.constexpr, BC2: tl.constexpr, NU2: tl.constexpr,
     BT2: tl.constexpr, BS2: tl.constexpr, SHIFT_ONE_TILE2: tl.constexpr, PRELOAD2: tl.constexpr,
-    ARRIVE32: tl.constexpr, PACK_NAT2: tl.constexpr,
+    ARRIVE32: tl.constexpr, PACK_NAT2: tl.constexpr, RD2: tl.constexpr,
 ):
     if tl.program_id(2) == 1:
         _write_side(
-            new2_ptr, codes2_ptr, scale2_ptr, zero2_ptr, sink2_ptr, win2_ptr, perm2_ptr, counts2_ptr, cb2_ptr, T2,
+            new2_ptr, codes2_ptr, scale2_ptr, zero2_ptr, sink2_ptr, win2_ptr, perm2_ptr, counts2_ptr, cb2_ptr, rope2_ptr, T2,
             H2, cap2, WB2, n_prog2, snb2, snh2, snt2, snd2, scb2, sch2, sct2, scc2, smb2, smh2, smt2, smc2, ssb2,
             ssh2, sst2, ssd2, swb2, swh2, swt2, swd2, sph2, D2, S2, W2, F2, KIND2, BITS2, NC2, NBY2, NUNITS2,
             LEVELS2, G2, AXIS_CH2, CLIP2, EPS2, META2, HAS_PERM2, QDIV2, INV2, RECIP2, BC2, NU2, BT2, BS2,
-            SHIFT_ONE_TILE2, PRELOAD2, ARRIVE32, PACK_NAT2)
+            SHIFT_ONE_TILE2, PRELOAD2, ARRIVE32, PACK_NAT2, RD2)
     else:
         _write_side(
-            new_ptr, codes_ptr, scale_ptr, zero_ptr, sink_ptr, win_ptr, perm_ptr, counts_ptr, cb_ptr, T, H, cap, WB,
-            n_prog, snb, snh, snt, snd, scb, sch, sct, scc, smb, smh, smt, smc, ssb, ssh, sst, ssd, swb, swh, swt,
+            new_ptr, codes_ptr, scale_ptr, zero_ptr, sink_ptr, win_ptr, perm_ptr, counts_ptr, cb_ptr, rope_ptr, T, H,
+            cap, WB, n_prog, snb, snh, snt, snd, scb, sch, sct, scc, smb, smh, smt, smc, ssb, ssh, sst, ssd, swb, swh, swt,
             swd, sph, D, S, W, F, KIND, BITS, NC, NBY, NUNITS, LEVELS, G, AXIS_CH, CLIP, EPS, META, HAS_PERM, QDIV,
-            INV, RECIP, BC, NU, BT, BS, SHIFT_ONE_TILE, PRELOAD, ARRIVE3, PACK_NAT)
+            INV, RECIP, BC, NU, BT, BS, SHIFT_ONE_TILE, PRELOAD, ARRIVE3, PACK_NAT, RD)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -694,6 +751,7 @@ def quantize_write(
     num_warps: int | None = None,
     scalar_division: str | None = None,
     pair: dict | None = None,
+    rope: torch.Tensor | None = None,
     preload: bool = True,
     parallel_arrivals: bool = True,
     pack_natural: bool = True,
@@ -707,9 +765,14 @@ def quantize_write(
     scheme's (0 or None: one group spanning D). No host synchronisation; the launch never writes out of bounds
     (an append past capacity leaves everything as it was).
 
+    ``rope``: float32 [rotary_dim / 2], the inverse frequencies of keys quantized before RoPE (PackedKV's
+    ``rope``); the rows to quantize are un-rotated by their positions first (per-token layouts of 1, 2, 4 or 8
+    bits, int8, fp8).
+
     ``pair``: a second storage written by the same launch (a layer's V beside its K: one launch per layer and
     step), a dict of ``new, codes, scale, zero, sink, window, perm, counts`` (its own ``counts``) and optionally
-    its own layout (``kind, bits, group_size, axis, clip_ratio, n_sink, window_size``; the first's where absent).
+    its own layout (``kind, bits, group_size, axis, clip_ratio, n_sink, window_size``, the first's where absent;
+    ``rope``, None where absent).
     ``new`` must have the first's shape. With the first's layout, shapes, dtypes and strides (``pair_compatible``)
     the second storage's pointers ride on the first's arguments; otherwise (KIVI's per-channel keys beside
     per-token values, SKVQ's ternary values, other strides) each side has its own arguments and constexprs in one
@@ -726,19 +789,20 @@ def quantize_write(
         _fail(f"new must be 4-d [B, H, T, D], got {tuple(new.shape)}")
     first = dict(new=new, codes=codes, scale=scale, zero=zero, sink=sink, window=window, perm=perm, counts=counts)
     layout = dict(kind=kind, bits=bits, group_size=group_size, axis=axis, clip_ratio=clip_ratio, n_sink=n_sink,
-                  window_size=window_size)
+                  window_size=window_size, rope=rope)
     tuning = dict(block_t=block_t, block_s=block_s, scalar_division=scalar_division, preload=preload,
                   parallel_arrivals=parallel_arrivals, pack_natural=pack_natural)
     second = None
     if pair is not None:
         pair = dict(pair)
-        layout2 = {k: pair.pop(k, v) for k, v in layout.items()}
+        layout2 = {k: pair.pop(k, None if k == "rope" else v) for k, v in layout.items()}  # values: no RoPE
         if set(pair) != set(_PAIR_KEYS):
             _fail(f"pair needs the keys {_PAIR_KEYS} (and optionally its layout: {tuple(layout)}), got {sorted(pair)}")
         if tuple(pair["new"].shape) != tuple(new.shape) or pair["new"].device != new.device:
             _fail(f"pair: new tokens {tuple(pair['new'].shape)} on {pair['new'].device} vs {tuple(new.shape)} on "
                   f"{new.device}; write the two storages with two calls")
-        same = layout2 == layout and pair_compatible(first, pair) is None
+        same = (rope is None and layout2["rope"] is None
+                and all(layout2[k] == layout[k] for k in layout if k != "rope") and pair_compatible(first, pair) is None)
         second = (pair, layout2, same)
     a = _prepare(first, layout, tuning)
     if second is not None and not second[2]:
@@ -755,12 +819,13 @@ def quantize_write(
     if second is None or second[2]:
         # one storage, or a pair of one layout: the second's pointers only (same strides and constexprs)
         if second is None:
-            b_ptrs = a["ptrs"][:8]
+            b_ptrs = a["ptrs"][:8] + a["ptrs"][9:]
         else:  # pair_compatible checked shapes, dtypes and strides against the first's (validated) tensors
             p2 = second[0]
             n2 = p2["new"] if p2["new"].dtype == window.dtype else p2["new"].to(window.dtype)
             b_ptrs = [n2, p2["codes"], p2["scale"], p2["zero"] if p2["zero"] is not None else p2["scale"], p2["sink"],
-                      p2["window"], p2["perm"] if p2["perm"] is not None else p2["counts"], p2["counts"]]
+                      p2["window"], p2["perm"] if p2["perm"] is not None else p2["counts"], p2["counts"],
+                      p2["counts"]]  # no RoPE (a stand-in)
         _quantize_write_kernel[grid](*a["ptrs"], *b_ptrs, *a["rt"], *a["strides"], **a["consts"],
                                      PAIR=second is not None, num_warps=num_warps, enable_fp_fusion=False)
     else:
@@ -770,12 +835,13 @@ def quantize_write(
 
 
 def _prepare(t: dict, layout: dict, tuning: dict, whole: bool = False) -> dict:
-    """Validate one storage (``t``: the ``_PAIR_KEYS`` tensors) and build its kernel arguments: ``ptrs`` (9),
+    """Validate one storage (``t``: the ``_PAIR_KEYS`` tensors) and build its kernel arguments: ``ptrs`` (10),
     ``rt`` (T, H, cap, WB, n_prog), ``strides`` (21), ``consts`` (the constexprs of ``_write_side``), ``ncb``
     (channel blocks) and the default ``num_warps``."""
     new, codes, scale, zero, sink, window, perm, counts = (t[k] for k in _PAIR_KEYS)
     kind, bits, group_size, axis = layout["kind"], layout["bits"], layout["group_size"], layout["axis"]
     clip_ratio, n_sink, window_size = layout["clip_ratio"], layout["n_sink"], layout["window_size"]
+    rope = layout["rope"]
     if new.dim() != 4 or sink.dim() != 4 or window.dim() != 4 or codes.dim() != 4:
         _fail(f"new, codes, sink and window must be 4-d, got {tuple(new.shape)}, {tuple(codes.shape)}, "
               f"{tuple(sink.shape)}, {tuple(window.shape)}")
@@ -783,7 +849,7 @@ def _prepare(t: dict, layout: dict, tuning: dict, whole: bool = False) -> dict:
     kv_dtype = window.dtype
     meta = scale.dtype
     reason = unsupported_reason(kind=kind, bits=bits, group_size=group_size or 0, axis=axis, head_dim=D,
-                                kv_dtype=kv_dtype, meta_dtype=meta, has_rope=False)
+                                kv_dtype=kv_dtype, meta_dtype=meta, has_rope=rope is not None)
     if reason is not None:
         _fail(f"unsupported layout: {reason}; use PackedKV.append (the reference) for it")
     flush = group_size if axis == "channel" else 1
@@ -819,6 +885,10 @@ def _prepare(t: dict, layout: dict, tuning: dict, whole: bool = False) -> dict:
         _fail(f"counts must be int64 [3], got {counts.dtype} {tuple(counts.shape)}")
     if perm is not None and (tuple(perm.shape) != (H, D) or perm.dtype != torch.int64):
         _fail(f"perm must be int64 [H={H}, D={D}], got {perm.dtype} {tuple(perm.shape)}")
+    if rope is not None and (rope.dim() != 1 or rope.dtype != torch.float32 or not 1 <= rope.numel() <= D // 2
+                             or rope.device != new.device):
+        _fail(f"rope must be the float32 inverse frequencies [rotary_dim / 2 <= {D // 2}] on {new.device}, got "
+              f"{rope.dtype} {tuple(rope.shape)} on {rope.device}")
     dev = new.device
     for x in (codes, scale, sink, window, counts) + ((zero,) if zero is not None else ()) + \
             ((perm,) if perm is not None else ()):
@@ -830,7 +900,7 @@ def _prepare(t: dict, layout: dict, tuning: dict, whole: bool = False) -> dict:
     if not counts.is_contiguous():
         _fail("counts must be contiguous")
 
-    bc, nu, nunits = _blocking(kind, bits, g, axis, D, whole)
+    bc, nu, nunits = _blocking(kind, bits, g, axis, D, whole or rope is not None)  # RoPE pairs span the head
     ncb = D // bc if bc <= D else 1
     levels = 2 if bits == 1.5 else ((1 << int(bits)) - 1 if kind in ("affine", "nf") else 127)
     cb = _codebook(int(bits), str(dev)) if kind == "nf" else counts
@@ -862,12 +932,14 @@ def _prepare(t: dict, layout: dict, tuning: dict, whole: bool = False) -> dict:
         QDIV=qdiv, INV=_reciprocal(qdiv), RECIP=scalar_division == "reciprocal",
         BC=bc, NU=nu, BT=block_t, BS=max(block_s, 1), SHIFT_ONE_TILE=block_s >= WB,
         PRELOAD=bool(tuning["preload"]), ARRIVE3=bool(tuning["parallel_arrivals"]),
-        PACK_NAT=bool(tuning["pack_natural"]) and _pow2(nc) and nu * nc == bc and kind in ("affine", "nf")
-        and axis == "token",
+        # RoPE is undone on the natural tile, so it always packs from there
+        PACK_NAT=(bool(tuning["pack_natural"]) or rope is not None) and _pow2(nc) and nu * nc == bc
+        and kind in ("affine", "nf") and axis == "token",
+        RD=0 if rope is None else 2 * rope.numel(),
     )
     return dict(
         ptrs=[new, codes, scale, zero if zero is not None else scale, sink, window,
-              perm if perm is not None else counts, counts, cb],
+              perm if perm is not None else counts, counts, cb, rope if rope is not None else counts],
         rt=[T, H, cap, WB, B * H * ncb],
         strides=[*new.stride(), *codes.stride(), *scale.stride(), *(sink.stride() if sink.numel() else (0, 0, 0, 0)),
                  *window.stride(), perm.stride(0) if perm is not None else 0],
