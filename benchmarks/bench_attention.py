@@ -75,6 +75,10 @@ EXTRA_CASES = {
     "vg16_k2v2_b8_gqa4_32k": ("k2v2_b8_gqa4_32k", dict(v_group=16)),
     # SmolLM2's shape in groups of 16 (skvq's group size there; keys after RoPE, V 2-bit): 4 groups x 4 rows = 16
     "g16_smollm_32k_s4_w128": ("k2v2_b8_smollm_32k", dict(k_group=16, v_group=16, sink=4, window=128)),
+    # keys quantized before RoPE (skvq's pre_rope, with its channel order): rotated per element in the kernel
+    "rope_g16_k2v2_b8_gqa4_32k": ("k2v2_b8_gqa4_32k", dict(k_group=16, v_group=16, rope=True)),
+    "rope_k2v2_b8_gqa4_32k": ("k2v2_b8_gqa4_32k", dict(rope=True)),
+    "rope_g16_smollm_32k_s4_w128": ("k2v2_b8_smollm_32k", dict(k_group=16, v_group=16, sink=4, window=128, rope=True)),
     "smollm_32k_s4_w128": ("k2v2_b8_smollm_32k", dict(sink=4, window=128)),
     # NF4 codebook codes (the nqkv scheme: blocks of 64 channels through group fill; and one block per head), timed
     # with the affine 4-bit layout of the same groups; byte ceiling 2 * 128 / (64 + 2 * 2) = 3.76x (blocks of 64)
@@ -95,11 +99,13 @@ def copy_bandwidth():
 
 
 def make_case(B, Hq, Hkv, D, L, kb, vb, g, sink=0, window=0, dtype=torch.float16, seed=0, k_axis="token",
-              k_group=None, v_group=None, lens=None, bits=None, fmt="affine"):
+              k_group=None, v_group=None, lens=None, bits=None, fmt="affine", rope=False):
     """Random packed KV. lens: None (host ints n_quant / n_window), "full" (a [B, 3] device lengths tensor,
     every row full) or "ragged" (row i holds L * (B - i) / B tokens, window full). bits: both sides' bits
     instead of the row's (8: one group per token); fmt "int8" / "fp8": 8-bit codes with one absmax scale per
-    token and no zero (fp8 codes drawn without NaN); "nf": NF4 codebook codes, an absmax scale per group, no zero."""
+    token and no zero (fp8 codes drawn without NaN); "nf": NF4 codebook codes, an absmax scale per group, no zero.
+    rope: keys quantized before RoPE (skvq's pre_rope: Llama-3's inverse frequencies, a random channel order per
+    KV head)."""
     gen = torch.Generator(device="cuda").manual_seed(seed)
     n_quant = L - sink - window
     if bits is not None:
@@ -131,6 +137,9 @@ def make_case(B, Hq, Hkv, D, L, kb, vb, g, sink=0, window=0, dtype=torch.float16
         kw.update(k_format=fmt, v_format=fmt)
     if k_axis != "token":
         kw["k_axis"] = k_axis
+    if rope:
+        kw["k_rope"] = 1.0 / (500000.0 ** (torch.arange(0, D, 2, dtype=torch.float32, device="cuda") / D))
+        kw["k_perm"] = torch.stack([torch.randperm(D, device="cuda", generator=gen) for _ in range(Hkv)])
     if lens is None:
         kw.update(n_quant=n_quant, n_window=window)
     else:
@@ -204,8 +213,15 @@ def dequant_sdpa(kw, sm_scale):
     deq_k = dequantize_fp16_channel if kw.get("k_axis") == "channel" else dequantize_fp16
     dt = kw["q"].dtype
     fk, fv = ({"fmt": kw[f"{n}_format"]} if f"{n}_format" in kw else {} for n in "kv")
-    ks = [kw["k_sink"], deq_k(kw["k_codes"], kw["k_scale"], kw["k_zero"], kw["k_bits"], kw["k_group_size"],
-                              **fk).to(dt), kw["k_window"][:, :, :n_w]]
+    k_mid = deq_k(kw["k_codes"], kw["k_scale"], kw["k_zero"], kw["k_bits"], kw["k_group_size"], **fk)
+    if "k_rope" in kw:  # keys before RoPE: back to model order, rotated by their positions, stored order again
+        from kvcompile.cache.packed import rotate
+
+        pidx = kw["k_perm"][None, :, None, :].expand(k_mid.shape)
+        model = torch.empty_like(k_mid).scatter_(-1, pidx, k_mid).float()
+        pos = torch.arange(kw["k_sink"].shape[2], kw["k_sink"].shape[2] + k_mid.shape[2], device=k_mid.device)
+        k_mid = torch.gather(rotate(model, pos, kw["k_rope"]), -1, pidx)
+    ks = [kw["k_sink"], k_mid.to(dt), kw["k_window"][:, :, :n_w]]
     vs = [kw["v_sink"], dequantize_fp16(kw["v_codes"], kw["v_scale"], kw["v_zero"], kw["v_bits"],
                                         kw["v_group_size"], **fv).to(dt), kw["v_window"][:, :, :n_w]]
     k, v = torch.cat(ks, 2), torch.cat(vs, 2)

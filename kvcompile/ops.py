@@ -300,9 +300,11 @@ def _fused_unsupported(q: Tensor, kp: PackedKV, vp: PackedKV, mask: Optional[Ten
     """Why the fused kernel cannot run this call (None: it can)."""
     from .kernels import decode_attention as k
 
+    if vp.rope is not None:
+        return "values quantized before RoPE"
+    if kp.rope is not None and (kp.quant.kind != "affine" or kp.quant.bits not in (2, 4) or kp.quant.axis != "token"):
+        return f"keys before RoPE in {kp.quant.kind} {kp.quant.bits}-bit codes along the {kp.quant.axis} axis"
     for p in (kp, vp):
-        if p.rope is not None:
-            return "K/V quantized before RoPE (the kernel does not re-apply RoPE yet)"
         qt = p.quant
         if qt.kind not in k.SUPPORTED_FORMATS:
             return f"{qt.kind} quantization"
@@ -401,6 +403,7 @@ def _fused_cuda(q: Tensor, kp: PackedKV, vp: PackedKV, scale: float, mask: Optio
         k_bits=int(kp.quant.bits), v_bits=int(vp.quant.bits), k_axis=kp.quant.axis,
         k_group_size=kp.quant.group_size if k_channel else kp.quant.group_for(d),
         v_group_size=vp.quant.group_for(vp.head_dim), k_format=kp.quant.kind, v_format=vp.quant.kind, sm_scale=scale,
+        k_rope=kp.rope, k_perm=kp.perm if kp.rope is not None else None,
     )
     out = _unfold_value_order(out, vp, r)
     if not torch.compiler.is_compiling():

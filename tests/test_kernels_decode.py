@@ -257,6 +257,49 @@ def test_head_fill_gqa_ratios(r, NQ, Hkv):
     check_against_reference(kw, block_n=16, head_fill=True)
 
 
+def _with_rope(kw, rotary, permuted, seed):
+    """Keys quantized before RoPE: the model's inverse frequencies (rotary_dim of D) and a channel order."""
+    D, Hkv = kw["q"].shape[-1], kw["k_codes"].shape[1]
+    gen = torch.Generator().manual_seed(seed)
+    kw = dict(kw, k_rope=(1.0 / (10000.0 ** (torch.arange(0, rotary, 2, dtype=torch.float32) / rotary))).to(DEVICE))
+    if permuted:
+        kw["k_perm"] = torch.stack([torch.randperm(D, generator=gen) for _ in range(Hkv)]).to(DEVICE)
+    return kw
+
+
+@settings(deadline=None, max_examples=40 if ON_GPU else 16, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(D=st.sampled_from([64, 128]), r=st.sampled_from([1, 3, 4]), NQ=st.sampled_from([1, 1, 2]),
+       k_bits=st.sampled_from([2, 4]), k_group=st.sampled_from([16, 32, 0]), v=st.sampled_from([(2, 16), (2, 0), (4, 32)]),
+       dtype=st.sampled_from([torch.float16, torch.bfloat16]), rotary=st.sampled_from([1.0, 0.5]),
+       permuted=st.booleans(), n_quant=st.sampled_from([1, 7, 61] if not ON_GPU else [1, 61, 1000]),
+       tuning=st.sampled_from([{}, {"num_splits": 3}, {"block_n": 16, "fp_split": True}, {"lens": True}]),
+       seed=st.integers(0, 1000))
+def test_keys_before_rope_match_reference(D, r, NQ, k_bits, k_group, v, dtype, rotary, permuted, n_quant, tuning,
+                                          seed):
+    """Keys quantized before RoPE (skvq's pre_rope): the kernel rotates the packed middle by its positions S + t
+    per element; the reference rotates the dequantized keys with the cache's own rotate in model channel order."""
+    tuning = dict(tuning)
+    lens = [(3, n_quant, 5), (3, max(0, n_quant - 5), 2)] if tuning.pop("lens", False) else None
+    kw = make_inputs(B=2, Hkv=2, r=r, NQ=NQ, D=D, S=3, n_quant=n_quant, n_window=5, k_bits=k_bits, v_bits=v[0],
+                     k_group=k_group or D, v_group=v[1] or D, dtype=dtype, seed=seed, lens=lens)
+    check_against_reference(_with_rope(kw, int(D * rotary), permuted, seed), **tuning)
+
+
+def test_keys_before_rope_validation():
+    kw = make_inputs(B=1, Hkv=1, r=2, NQ=1, D=64, S=0, n_quant=9, n_window=0, k_bits=2, v_bits=2, k_group=64,
+                     v_group=64, dtype=torch.float16)
+    with pytest.raises(ValueError, match="k_rope must be float32"):
+        da.decode_attention(**kw, k_rope=torch.ones(40, device=DEVICE))
+    kc = make_inputs(B=1, Hkv=1, r=2, NQ=1, D=64, S=0, n_quant=9, n_window=0, k_bits=2, v_bits=2, k_group=32,
+                     v_group=64, dtype=torch.float16, k_axis="channel")
+    with pytest.raises(ValueError, match="affine 2- or 4-bit keys in per-token groups"):
+        da.decode_attention(**kc, k_rope=torch.ones(8, device=DEVICE))
+    with pytest.raises(ValueError, match="k_perm must be"):
+        da.decode_attention(**kw, k_rope=torch.ones(8, device=DEVICE), k_perm=torch.zeros(2, 64, dtype=torch.int64,
+                                                                                             device=DEVICE))
+
+
 @pytest.mark.parametrize("r,NQ", [(4, 1), (8, 1), (3, 1), (2, 3)])
 def test_pipeline_matches_reference(r, NQ):
     # the software-pipelined packed loop: one-tile and odd-length splits (the tile scored past a split's end is

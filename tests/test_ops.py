@@ -124,14 +124,18 @@ def test_decode_steps_compile_once_with_no_graph_break():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("permute", [False, True])
-@pytest.mark.parametrize("nq,r", [(1, 4), (3, 3), (1, 1)])
-def test_cuda_fused_path_matches_reference(dtype, permute, nq, r, monkeypatch):
+@pytest.mark.parametrize("nq,r,rope", [(1, 4, False), (3, 3, False), (1, 1, False), (1, 4, True), (1, 1, True)])
+def test_cuda_fused_path_matches_reference(dtype, permute, nq, r, rope, monkeypatch):
+    """The fused path against float32 attention over the dequantized cache (PackedKV.dequantize: with rope, keys
+    quantized before RoPE and rotated back there, the spec the kernel's per-element rotation must meet)."""
     monkeypatch.setenv("KVCOMPILE_FUSED", "always")
     torch.manual_seed(0)
     q_ = TensorQuant("affine", 2, 32, "token", permute=permute)
     v_ = TensorQuant("affine", 4, 64, "token", permute=permute)
     b, hkv, d, length = 2, 2, 64, 3000
-    k = PackedKV.empty(b, hkv, d, q_, capacity=4096, n_sink=4, window=128, dtype=dtype, device="cuda")
+    inv = 1.0 / (10000.0 ** (torch.arange(0, d, 2, dtype=torch.float32) / d)) if rope else None
+    k = PackedKV.empty(b, hkv, d, q_, capacity=4096, n_sink=4, window=128, dtype=dtype, device="cuda",
+                       rope_inv_freq=inv)
     v = PackedKV.empty(b, hkv, d, v_, capacity=4096, n_sink=4, window=128, dtype=dtype, device="cuda")
     k.append(torch.randn(b, hkv, length, d, device="cuda", dtype=dtype))
     v.append(torch.randn(b, hkv, length, d, device="cuda", dtype=dtype))

@@ -639,6 +639,40 @@ def _kc_deq(kb, s, z, J: tl.constexpr, BITS: tl.constexpr, MAGIC: tl.constexpr, 
 
 
 @triton.jit
+def _sincos(x, FAST: tl.constexpr):
+    """(cos x, sin x) of float32 angles. FAST (GPU): x reduced to [-pi, pi] (Cody-Waite: 2 pi = 6.28125 + a
+    float32 remainder; k * 6.28125 is exact for |k| < 2**16, i.e. angles below 4e5 rad) and the hardware's
+    cos.approx / sin.approx (absolute error about 1e-6 there): a few instructions where libdevice's cosf / sinf
+    (tl.cos / tl.sin) compile to hundreds with a slow path that spills. Elsewhere tl.cos / tl.sin."""
+    if FAST:
+        k = (x * 0.15915494309189535 + 12582912.0) - 12582912.0
+        r = x - k * 6.28125
+        r = r - k * 0.0019353071795864769
+        c = tl.inline_asm_elementwise(asm="cos.approx.ftz.f32 $0, $1;", constraints="=f,f", args=[r],
+                                      dtype=tl.float32, is_pure=True, pack=1)
+        sn = tl.inline_asm_elementwise(asm="sin.approx.ftz.f32 $0, $1;", constraints="=f,f", args=[r],
+                                       dtype=tl.float32, is_pure=True, pack=1)
+    else:
+        c = tl.cos(x)
+        sn = tl.sin(x)
+    return c, sn
+
+
+@triton.jit
+def _rope_plane(kb, J: tl.constexpr, ks, kz, pos, w, qa, qb, BITS: tl.constexpr, DTYPE: tl.constexpr,
+                USE_DOT: tl.constexpr, DOT_FP32: tl.constexpr, FAST: tl.constexpr):
+    """Keys quantized before RoPE (K_ROPE), plane J: the dequantized key k (its group's scale ks and zero kz per
+    element, float32) at token positions ``pos`` and stored-channel frequencies ``w``; q . R(pos) k in stored order
+    is qa . (k cos) + qb . (k sin) with qb the rotate-half partner of q with its sign (``_rope_operands``). The angle
+    is the reference's float32 pos * w (kvcompile.cache.packed.rotate)."""
+    k = _plane_f32(kb, J, BITS) * ks + kz
+    c, sn = _sincos(pos[:, None] * w[None, :], FAST)
+    kc = (k * c).to(DTYPE)
+    kn = (k * sn).to(DTYPE)
+    return _mm(qa, tl.trans(kc), USE_DOT, DOT_FP32) + _mm(qb, tl.trans(kn), USE_DOT, DOT_FP32)
+
+
+@triton.jit
 def _load_codes(base, offs_t64, tmask, st, sc, DP: tl.constexpr, RAW: tl.constexpr):
     """A [tokens, DP] uint8 code tile; as int16 unless the PTX unpack takes the raw bytes (RAW)."""
     cb = tl.load(base + offs_t64[:, None] * st + tl.arange(0, DP)[None, :] * sc, mask=tmask[:, None], other=0)
@@ -731,7 +765,8 @@ def _packed_tile(q0, q1, q2, q3, qsum, qsum_mag, m_i, l_i, acc0, acc1, acc2, acc
                  K_GF: tl.constexpr = False, V_GF: tl.constexpr = False, GF_BCAST: tl.constexpr = False,
                  KC_DEQ: tl.constexpr = False, hrow=0, HFILL: tl.constexpr = 1, skc_h=0, sks_h=0, skz_h=0,
                  svc_h=0, svs_h=0, svz_h=0, PREFETCH: tl.constexpr = False, pks=None, pkz=None, pvs=None, pvz=None,
-                 pkc=None, K_FMT: tl.constexpr = 0, V_FMT: tl.constexpr = 0, s_in=None, PART: tl.constexpr = 0):
+                 pkc=None, K_FMT: tl.constexpr = 0, V_FMT: tl.constexpr = 0, s_in=None, PART: tl.constexpr = 0,
+                 prope=None, K_ROPE: tl.constexpr = False):
     """One tile of packed middle tokens (PART 0; PART 1: only the masked, scaled scores ``s`` of the tile, the
     accumulators returned unchanged; PART 2: only the softmax and V product, from scores ``s_in``; the PIPE loop
     runs the scores of the next tile between them). Returns the accumulators and the scores. Codes load per token (offs_t, tmask); scales, zeros and the softmax
@@ -755,7 +790,23 @@ def _packed_tile(q0, q1, q2, q3, qsum, qsum_mag, m_i, l_i, acc0, acc1, acc2, acc
         K_RAW: tl.constexpr = FAST_ASM and (K_SHIFTED or (K_CHANNEL and KC_DEQ and V_MAGIC == 0x6400) or K_FMT == 3)
         if HFILL == 1:
             kb = _load_codes(kc_base, offs_t64, tmask, skc_t, skc_c, DPK, K_RAW)
-        if HFILL > 1:
+        if K_ROPE:
+            # keys quantized before RoPE: dequantized per element (each plane element's group scale / zero) and
+            # rotated by their positions S + t through two products per plane (_rope_plane)
+            qb0, qb1, qb2, qb3, w0, w1, w2, w3, rpos0 = prope
+            offs_g = (tl.arange(0, DPK) // (K_GROUP // PER_K)).to(tl.int64)
+            ks = tl.load(ks_base + offs_t64[:, None] * sks_t + offs_g[None, :] * sks_g, mask=tmask[:, None],
+                         other=0.0).to(tl.float32)
+            kz = tl.load(kz_base + offs_t64[:, None] * skz_t + offs_g[None, :] * skz_g, mask=tmask[:, None],
+                         other=0.0).to(tl.float32)
+            pos = (rpos0 + offs_t).to(tl.float32)
+            raw = _rope_plane(kb, 0, ks, kz, pos, w0, q0, qb0, K_BITS, DTYPE, USE_DOT, DOT_FP32, FAST_ASM)
+            raw += _rope_plane(kb, 1, ks, kz, pos, w1, q1, qb1, K_BITS, DTYPE, USE_DOT, DOT_FP32, FAST_ASM)
+            if PER_K == 4:
+                raw += _rope_plane(kb, 2, ks, kz, pos, w2, q2, qb2, K_BITS, DTYPE, USE_DOT, DOT_FP32, FAST_ASM)
+                raw += _rope_plane(kb, 3, ks, kz, pos, w3, q3, qb3, K_BITS, DTYPE, USE_DOT, DOT_FP32, FAST_ASM)
+            s = _rows_select(raw, sbr, SUB) * qk_scale
+        elif HFILL > 1:
             # head fill: every row gets its own head's q . (M + c) (one unpack per head, shared by all rows),
             # then the same per-token scale / zero form as one head, with the scales broadcast per head
             MH: tl.constexpr = q0.shape[0]
@@ -982,6 +1033,9 @@ def _decode_split_kernel(
     # clamped to (never a read out of bounds) and chunk is derived per row in the kernel
     lens_ptr, slen_b, slen_p, vlens_ptr, svlen_b, svlen_p,
     n_sink, n_quant, n_window, chunk, v_cap, v_wcap, qk_scale,
+    # K_ROPE: q's rotate-half partners with their signs (q's shape and strides) and each stored key channel's
+    # rotary frequency [H_KV, D] float32 (see _rope_operands)
+    qb_ptr, rw_ptr,
     H_KV: tl.constexpr, GQA: tl.constexpr, NQ: tl.constexpr, D: tl.constexpr,
     K_BITS: tl.constexpr, V_BITS: tl.constexpr, K_GROUP: tl.constexpr, V_GROUP: tl.constexpr,
     M_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -994,7 +1048,7 @@ def _decode_split_kernel(
     K_CHANNEL: tl.constexpr = False, GFILL: tl.constexpr = 1, K_GF: tl.constexpr = False,
     V_GF: tl.constexpr = False, GF_BCAST: tl.constexpr = False, KC_DEQ: tl.constexpr = False,
     HFILL: tl.constexpr = 1, PREFETCH: tl.constexpr = False, K_FMT: tl.constexpr = 0, V_FMT: tl.constexpr = 0,
-    PIPE: tl.constexpr = False,
+    PIPE: tl.constexpr = False, K_ROPE: tl.constexpr = False,
 ):
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -1053,7 +1107,8 @@ def _decode_split_kernel(
     q_rows = (hh * GQA + hl) * sq_h + qi.to(tl.int64) * sq_n
     # fp16 codes keep their bits in place (K_SHIFTED / V_SHIFTED, see _plane_magic); the exact
     # power-of-two factors go into the q planes (K) and the output planes (V).
-    K_SHIFTED: tl.constexpr = (MAGIC == 0x6400) and (K_CHANNEL or K_GROUP == D or K_GF) and K_BITS != 8 and K_FMT == 0
+    K_SHIFTED: tl.constexpr = ((MAGIC == 0x6400) and (K_CHANNEL or K_GROUP == D or K_GF) and K_BITS != 8 and K_FMT == 0
+                               and not K_ROPE)
     V_SHIFTED: tl.constexpr = (V_MAGIC == 0x6400) and (V_GROUP == D or V_GF) and V_BITS != 8 and V_FMT == 0
     KB: tl.constexpr = K_BITS
     q0 = _load_q_plane(q_base, q_rows, rmask, 0, PER_K, DPK, sq_d)
@@ -1080,6 +1135,28 @@ def _decode_split_kernel(
     qsum_mag = tl.sum(q0.to(tl.float32), 1) + tl.sum(q1.to(tl.float32), 1)
     if PER_K == 4:
         qsum_mag += tl.sum(q2.to(tl.float32), 1) + tl.sum(q3.to(tl.float32), 1)
+    if K_ROPE:
+        # the middle's token t sits at position S + t (S: the sink capacity, the scalar n_sink before DEV_LENS)
+        qb_base = qb_ptr + b * sq_b
+        rw_row = rw_ptr + h * D
+        wc = tl.arange(0, DPK) * PER_K
+        qb0 = _load_q_plane(qb_base, q_rows, rmask, 0, PER_K, DPK, sq_d)
+        qb1 = _load_q_plane(qb_base, q_rows, rmask, 1, PER_K, DPK, sq_d)
+        rw0 = tl.load(rw_row + wc)
+        rw1 = tl.load(rw_row + wc + 1)
+        if PER_K == 4:
+            qb2 = _load_q_plane(qb_base, q_rows, rmask, 2, PER_K, DPK, sq_d)
+            qb3 = _load_q_plane(qb_base, q_rows, rmask, 3, PER_K, DPK, sq_d)
+            rw2 = tl.load(rw_row + wc + 2)
+            rw3 = tl.load(rw_row + wc + 3)
+        else:
+            qb2 = qb0
+            qb3 = qb1
+            rw2 = rw0
+            rw3 = rw1
+        prope = (qb0, qb1, qb2, qb3, rw0, rw1, rw2, rw3, n_sink)
+    else:
+        prope = None
 
     v_lag = 0
     if DEV_LENS:
@@ -1246,7 +1323,8 @@ def _decode_split_kernel(
                     K_BITS, V_BITS, K_GROUP, V_GROUP, D, MAGIC, MAGIC_VAL, V_MAGIC, V_MAGIC_VAL, V_DTYPE,
                     K_SHIFTED, V_SHIFTED, FAST_ASM, CAUSAL, USE_DOT, DOT_FP32, DTYPE, SUB, t0, K_CHANNEL,
                     grow, GFILL, K_GF, V_GF, GF_BCAST, KC_DEQ, hrow, HFILL, skc_h, sks_h, skz_h, svc_h, svs_h, svz_h,
-                    PREFETCH, cks, ckz, cvs, cvz, (cs0, cz0, cs1, cz1, cs2, cz2, cs3, cz3), K_FMT, V_FMT)
+                    PREFETCH, cks, ckz, cvs, cvz, (cs0, cz0, cs1, cz1, cs2, cz2, cs3, cz3), K_FMT, V_FMT,
+                    prope=prope, K_ROPE=K_ROPE)
 
     if HAS_WINDOW:
         if run_fp:
@@ -1454,6 +1532,30 @@ def _int16_words(name: str, t: torch.Tensor) -> torch.Tensor:
     return t.view(torch.int16)
 
 
+def _rope_operands(q: torch.Tensor, inv_freq: torch.Tensor, perm: torch.Tensor | None, hkv: int):
+    """Keys quantized before RoPE (K_ROPE): for q in the keys' stored channel order (``perm[h, j]``: the model
+    channel stored at column j of KV head h; None: the identity), qb [B, Hq, NQ, D] with qb[j] = +-q[partner of
+    j] (the rotate-half partner, + below rotary_dim / 2, - from there to rotary_dim, 0 past it) and each stored
+    column's frequency w [Hkv, D] float32 (0 past rotary_dim), so that q . R(p) k = sum_j k_j (q_j cos(p w_j) +
+    qb_j sin(p w_j)) for the un-rotated k in stored order (transformers' rotate-half convention, as
+    kvcompile.cache.packed.rotate)."""
+    B, Hq, NQ, D = q.shape
+    half = inv_freq.numel()
+    dev = q.device
+    o = (torch.arange(D, device=dev).expand(hkv, D) if perm is None else perm.to(device=dev, dtype=torch.int64))
+    rot = o < 2 * half
+    partner = torch.where(o < half, o + half, o - half)
+    partner = torch.where(rot, partner, o)
+    sign = torch.where(o < half, 1.0, torch.where(rot, -1.0, 0.0))
+    inv = torch.argsort(o, dim=-1)
+    p_stored = torch.gather(inv, -1, partner)
+    w = torch.where(rot, inv_freq.to(device=dev, dtype=torch.float32)[o % half], 0.0).contiguous()
+    r = Hq // hkv
+    idx = p_stored.repeat_interleave(r, dim=0)[None, :, None, :].expand(B, Hq, NQ, D)
+    qb = torch.gather(q, -1, idx) * sign.repeat_interleave(r, dim=0)[None, :, None, :].to(q.dtype)
+    return qb.contiguous(), w
+
+
 def decode_attention(
     *,
     q: torch.Tensor,
@@ -1495,6 +1597,8 @@ def decode_attention(
     head_fill: bool | int | None = None,
     prefetch: bool | None = None,
     pipeline: bool | None = None,
+    k_rope: torch.Tensor | None = None,
+    k_perm: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of ``q`` over the packed KV ``sink ++ middle[:n_quant] ++ window[:n_window]``.
 
@@ -1519,6 +1623,12 @@ def decode_attention(
       [0, capacity] are clamped, never read out of bounds. ``v_lengths`` (same form): V's lengths where
       V quantized more of the sequence than K (KIVI: keys flush a token group at a time, values every
       token); the same n_sink and total length, V's n_quant >= K's n_quant.
+
+    Keys quantized before RoPE (SKVQ's ``pre_rope``): ``k_rope`` the model's rotary inverse frequencies (float32
+    [rotary_dim / 2]) and ``k_perm`` the keys' channel order ([Hkv, D], the model channel at each stored column;
+    None: the identity; q is in that stored order, as for any permuted layout). The packed middle's token t then
+    holds the un-rotated key of position S + t (PackedKV's convention) and the kernel rotates it per element
+    (affine 2- / 4-bit keys in per-token groups; sink and window hold rotated keys and need nothing).
 
     Returns (out [B, Hq, Nq, D] in q's dtype, contiguous; lse [B, Hq, Nq] float32, natural log of the
     softmax denominator of ``sm_scale * q . k``).
@@ -1604,6 +1714,20 @@ def decode_attention(
     for t in (k_sink, k_codes, k_scale, k_zero, k_window, v_sink, v_codes, v_scale, v_zero, v_window):
         if t is not None and t.device != dev:
             _fail(f"all inputs must be on q's device {dev}, found one on {t.device}")
+    rope = k_rope is not None
+    if rope:
+        if k_channel or k_format != "affine" or k_bits not in (2, 4):
+            _fail("k_rope (keys before RoPE) takes affine 2- or 4-bit keys in per-token groups")
+        if (k_rope.dim() != 1 or k_rope.dtype != torch.float32 or not 1 <= k_rope.numel() <= D // 2
+                or k_rope.device != dev):
+            _fail(f"k_rope must be float32 [rotary_dim / 2 <= {D // 2}] on {dev}, got {k_rope.dtype} "
+                  f"{tuple(k_rope.shape)} on {k_rope.device}")
+        if k_perm is not None and (tuple(k_perm.shape) != (Hkv, D) or k_perm.device != dev):
+            _fail(f"k_perm must be [Hkv={Hkv}, D={D}] on {dev}, got {tuple(k_perm.shape)} on {k_perm.device}")
+        q = q.contiguous()
+        qb, rw = _rope_operands(q, k_rope, k_perm, Hkv)
+    else:
+        qb, rw = q, q  # unused
     dev_lens = lengths is not None
     kv_mixed = False
     if dev_lens:
@@ -1658,17 +1782,18 @@ def decode_attention(
     k_grouped = not k_channel and k_group_size < D
     if use_dot and group_fill:
         # per-token groups below D: MMA rows (channel group, query row) instead of dequantizing in registers
+        # (keys before RoPE are dequantized per element: only V's groups can fill rows)
         n_groups = group_fill_groups(head_dim=D, k_group_size=k_group_size, v_group_size=v_group_size,
-                                     k_channel=k_channel, rows=r * NQ)
+                                     k_channel=k_channel or rope, rows=r * NQ)
         if n_groups > 1:
-            gfill, k_gf, v_gf = n_groups, k_grouped, v_group_size == D // n_groups
+            gfill, k_gf, v_gf = n_groups, k_grouped and not rope, v_group_size == D // n_groups
             m_pad = gfill * m_pad
             fill_rows = False
     # head fill: one group per token, fewer than 16 rows per KV head; the heads per program divide Hkv
     hfill = 1
     if head_fill is None:
         head_fill = HEAD_FILL_DEFAULT
-    if head_fill and use_dot and gfill == 1 and not k_channel and not kv_mixed and k_group_size == D \
+    if head_fill and use_dot and gfill == 1 and not k_channel and not kv_mixed and k_group_size == D and not rope \
             and v_group_size == D and m_pad < 16 and 8 not in (k_bits, v_bits) and k_format == v_format == "affine":
         hfill = min(16 // m_pad, HEAD_FILL_MAX if head_fill is True else int(head_fill))
         while Hkv % hfill:
@@ -1709,6 +1834,10 @@ def decode_attention(
             # a bf16 model's 2-bit codes, one group per head: BLOCK_N 32 (H100, sink 4 + window 128 at 32k: 165.1
             # against 177.7-178.1 us at 64; fp16 keeps 64: 108.5 against 118.6; NOTES.md v18)
             block_n = min(block_n, 32)
+        if rope:
+            # keys before RoPE: per-element float32 keys, scales, zeros and angles; BLOCK_N 32 spills (offline triton
+            # 3.6: 400 bytes of stack, g128 keys), 16 does not (255 registers; 254 for groups of 16 with two warps)
+            block_n = 16
     if block_n % sub:
         _fail(f"block_n={block_n} must be a multiple of the {sub} row-fill sub-blocks")
     if k_channel and k_group_size % block_n:
@@ -1813,7 +1942,7 @@ def decode_attention(
     # per-channel keys dequantized per tile
     prefetch = bool(PREFETCH_DEFAULT if prefetch is None else prefetch) and use_dot and sub == 1 and hfill == 1 \
         and (kc_deq if k_channel else (k_group_size == D or k_gf)) and (v_group_size == D or v_gf) \
-        and (gfill == 1 or gf_bcast)
+        and (gfill == 1 or gf_bcast) and not rope
     # software pipeline of the packed loop (NOTES.md v19): per-token keys with prefetched scales
     pipe = bool(PIPELINE_DEFAULT if pipeline is None else pipeline) and prefetch and not k_channel
     if num_stages_default and prefetch and gfill == 1 and 4 in (k_bits, v_bits) and block_n >= 64:
@@ -1830,6 +1959,7 @@ def decode_attention(
         o_part, l_part, out, lse,
         lens, slen_b, slen_p, vlens, svlen_b, svlen_p,
         S, n_quant_arg, n_window_arg, chunk, cap_v, W_v, float(sm_scale) * _LOG2E,
+        qb, rw,
         H_KV=Hkv, GQA=r, NQ=NQ, D=D, K_BITS=k_bits, V_BITS=v_bits, K_GROUP=k_group_size, V_GROUP=v_group_size,
         M_PAD=m_pad, BLOCK_N=block_n,
         HAS_SINK=has_sink, HAS_MID=has_mid, HAS_WINDOW=has_window,
@@ -1839,7 +1969,7 @@ def decode_attention(
         DEV_LENS=dev_lens, KV_MIXED=kv_mixed, K_CHANNEL=k_channel, GFILL=gfill, K_GF=k_gf,
         V_GF=v_gf, GF_BCAST=gf_bcast,
         KC_DEQ=kc_deq,
-        HFILL=hfill, PREFETCH=prefetch, K_FMT=_FMT_CODE[k_format], V_FMT=_FMT_CODE[v_format], PIPE=pipe,
+        HFILL=hfill, PREFETCH=prefetch, K_FMT=_FMT_CODE[k_format], V_FMT=_FMT_CODE[v_format], PIPE=pipe, K_ROPE=rope,
         num_warps=num_warps, num_stages=num_stages,
     )
     if not direct:

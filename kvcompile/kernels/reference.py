@@ -6,7 +6,8 @@ Same keyword signature; dequantizes the packed middle with the project's referen
 one absmax scale per token; "nf": NF4 codebook values times a per-group absmax scale), then per sequence
 concatenates sink[:n_sink] ++ middle[:n_quant] ++ window[:n_window] with that sequence's lengths, repeats
 the KV heads for GQA and runs a masked softmax in float32. This is the spec the Triton kernel is tested
-against.
+against. Keys quantized before RoPE (``k_rope``, ``k_perm``): the middle is rotated by its positions
+(kvcompile.cache.packed.rotate) in model channel order, then compared in the stored order.
 """
 
 from __future__ import annotations
@@ -61,6 +62,8 @@ def decode_attention_reference(
     k_format: str = "affine",
     v_format: str = "affine",
     sm_scale: float | None = None,
+    k_rope: torch.Tensor | None = None,
+    k_perm: torch.Tensor | None = None,
     **_tuning,  # the kernel's tuning knobs (num_splits, block_n, ...) do not change the result
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (out [B, Hq, Nq, D] float32, lse [B, Hq, Nq] float32, natural log). A query row that sees
@@ -93,6 +96,17 @@ def decode_attention_reference(
         return dequantize_affine(unpack_codes(codes, bits, D), scale, zero, g, axis=axis)
 
     k_mid = middle(k_codes, k_scale, k_zero, k_bits, k_group_size, k_axis, k_format)
+    if k_rope is not None:
+        # keys quantized before RoPE: middle token t is the un-rotated key of position S + t, stored in the
+        # channel order k_perm; back to model order, rotated (the cache's own rotate), stored order again
+        from ..cache.packed import rotate
+
+        perm = (torch.arange(D, device=k_mid.device).expand(Hkv, D) if k_perm is None
+                else k_perm.to(device=k_mid.device, dtype=torch.int64))
+        pidx = perm[None, :, None, :].expand_as(k_mid)
+        model = torch.empty_like(k_mid).scatter_(-1, pidx, k_mid)
+        pos = torch.arange(S, S + k_mid.shape[2], device=k_mid.device)
+        k_mid = torch.gather(rotate(model, pos, k_rope.to(device=k_mid.device, dtype=torch.float32)), -1, pidx)
     v_mid = middle(v_codes, v_scale, v_zero, v_bits, v_group_size, "token", v_format)
     out = torch.zeros(B, Hq, NQ, D, dtype=torch.float32, device=q.device)
     lse = torch.full((B, Hq, NQ), float("-inf"), dtype=torch.float32, device=q.device)

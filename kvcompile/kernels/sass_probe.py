@@ -2,7 +2,7 @@
 then print registers / spills and the instruction histogram of the hot loop.
 
     python -m kvcompile.kernels.sass_probe [--case gqa4|gqa8|mha|k4|win|vg32|g32k4|kivi|kivi_bf16|hf4|hf4k4|hf4win|hf8mha|
-    int8|fp8|int8_bf16|int8mha|nf4|nf4g128|nf4_bf16|g16|g16d64]
+    int8|fp8|int8_bf16|int8mha|nf4|nf4g128|nf4_bf16|g16|g16d64|rope_g16|rope|rope_g16d64]
         [--tune KEY=VALUE ...] [--set KEY=VALUE ...] [--dump DIR]
 
 The launcher runs on CPU tensors with the real kernel replaced by a recorder; the recorded arguments give
@@ -54,6 +54,10 @@ CASES = {  # B, Hq, Hkv, D, L, k_bits, v_bits, sink, window, NQ[, layout: k_grou
     # per-token groups of 16 channels (SKVQ's groups, here after RoPE), group fill with 8 groups per head
     "g16": (1, 4, 1, 128, 4096, 2, 2, 0, 0, 1, dict(k_group=16, v_group=16)),
     "g16d64": (1, 3, 1, 64, 4096, 2, 2, 4, 128, 1, dict(k_group=16, v_group=16)),
+    # keys quantized before RoPE (skvq's pre_rope), rotated per element: groups of 16 (skvq K2V2), one per head
+    "rope_g16": (1, 4, 1, 128, 4096, 2, 2, 0, 0, 1, dict(k_group=16, v_group=16, rope=True)),
+    "rope": (1, 4, 1, 128, 4096, 2, 2, 0, 0, 1, dict(rope=True)),
+    "rope_g16d64": (1, 3, 1, 64, 4096, 2, 2, 4, 128, 1, dict(k_group=16, v_group=16, rope=True)),
     # NF4 codebook codes (nqkv: blocks of 64 channels, group fill; and one block per head)
     "nf4": (1, 4, 1, 128, 4096, 4, 4, 0, 0, 1, dict(k_format="nf", v_format="nf", k_group=64, v_group=64)),
     "nf4g128": (1, 4, 1, 128, 4096, 4, 4, 0, 0, 1, dict(k_format="nf", v_format="nf")),
@@ -79,6 +83,7 @@ def record_launch(case, **tuning):
         kw[f"{n}_sink"] = torch.zeros(B, Hkv, S, D, dtype=kw["q"].dtype)
         kw[f"{n}_window"] = torch.zeros(B, Hkv, W, D, dtype=kw["q"].dtype)
     got = {}
+    rope = dict(k_rope=torch.ones(D // 2), k_perm=torch.arange(D).repeat(Hkv, 1)) if layout.get("rope") else {}
 
     class Rec:
         def __getitem__(self, grid):
@@ -92,7 +97,7 @@ def record_launch(case, **tuning):
         try:
             da.decode_attention(**kw, n_quant=n_quant, n_window=W, k_bits=kb, v_bits=vb, k_group_size=k_group,
                                 v_group_size=v_group, k_axis=k_axis, k_format=fmts["k"], v_format=fmts["v"],
-                                num_splits=2, **tuning)
+                                num_splits=2, **rope, **tuning)
         except Exception:
             if not got:
                 raise
