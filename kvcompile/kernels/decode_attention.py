@@ -40,6 +40,10 @@ zero) take one group per token: the code tiles are read as int16 words, two plan
 per two codes (int8: sign bits flipped first; fp8: the hardware's e4m3x2 -> f16x2 conversion) makes the planes.
 NF4 codebook codes (v16; ``*_format="nf"``, an absmax scale per group, no zero) keep the 4-bit planes; PTX looks
 each code's fp16 codebook value up (``_nf4_asm``), and blocks below D go through group fill.
+Keys quantized before RoPE (v20; ``k_rope``, ``K_ROPE``): each key tile is dequantized per element and rotated by
+its tokens' positions through two products per plane, q . (k cos) + qb . (k sin), with qb q's rotate-half partner
+(``_rope_operands``); slower than the plain loop (0.35-0.6x fp16 SDPA), much faster than dequantize + SDPA.
+``PIPE`` (v19, off: no gain measured) software-pipelines the packed loop.
 """
 
 from __future__ import annotations
