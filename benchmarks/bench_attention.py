@@ -79,6 +79,11 @@ EXTRA_CASES = {
     "rope_g16_k2v2_b8_gqa4_32k": ("k2v2_b8_gqa4_32k", dict(k_group=16, v_group=16, rope=True)),
     "rope_k2v2_b8_gqa4_32k": ("k2v2_b8_gqa4_32k", dict(rope=True)),
     "rope_g16_smollm_32k_s4_w128": ("k2v2_b8_smollm_32k", dict(k_group=16, v_group=16, sink=4, window=128, rope=True)),
+    # skvq's defaults: keys before RoPE (2-bit, groups of 16, channel order), ternary values in groups of 16
+    "skvq_smollm_32k_s4_w128": ("k2v2_b8_smollm_32k", dict(k_group=16, v_group=16, sink=4, window=128, rope=True,
+                                                            v_bits=1.5)),
+    "skvq_b8_gqa4_32k_s4_w128": ("k2v2_b8_gqa4_32k", dict(k_group=16, v_group=16, sink=4, window=128, rope=True,
+                                                          v_bits=1.5)),
     "smollm_32k_s4_w128": ("k2v2_b8_smollm_32k", dict(sink=4, window=128)),
     # NF4 codebook codes (the nqkv scheme: blocks of 64 channels through group fill; and one block per head), timed
     # with the affine 4-bit layout of the same groups; byte ceiling 2 * 128 / (64 + 2 * 2) = 3.76x (blocks of 64)
@@ -99,7 +104,7 @@ def copy_bandwidth():
 
 
 def make_case(B, Hq, Hkv, D, L, kb, vb, g, sink=0, window=0, dtype=torch.float16, seed=0, k_axis="token",
-              k_group=None, v_group=None, lens=None, bits=None, fmt="affine", rope=False):
+              k_group=None, v_group=None, lens=None, bits=None, fmt="affine", rope=False, v_bits=None):
     """Random packed KV. lens: None (host ints n_quant / n_window), "full" (a [B, 3] device lengths tensor,
     every row full) or "ragged" (row i holds L * (B - i) / B tokens, window full). bits: both sides' bits
     instead of the row's (8: one group per token); fmt "int8" / "fp8": 8-bit codes with one absmax scale per
@@ -112,11 +117,14 @@ def make_case(B, Hq, Hkv, D, L, kb, vb, g, sink=0, window=0, dtype=torch.float16
         kb = vb = bits
         if bits == 8:
             g = D
+    if v_bits is not None:  # the values' bits alone (1.5: ternary)
+        vb = v_bits
     k_group, v_group = k_group or g, v_group or g
 
     def packed(bits, axis, grp):
-        codes = torch.randint(0, 256, (B, Hkv, n_quant, D * bits // 8), dtype=torch.uint8, device="cuda",
-                              generator=gen)
+        width = -(-D // 5) if bits == 1.5 else D * bits // 8  # ternary: 5 base-3 digits per byte
+        codes = torch.randint(0, 243 if bits == 1.5 else 256, (B, Hkv, n_quant, width), dtype=torch.uint8,
+                              device="cuda", generator=gen)
         if fmt == "fp8":
             codes &= 0xF7  # e4m3's NaN is 0x7F / 0xFF
         shape = (B, Hkv, n_quant // grp, D) if axis == "channel" else (B, Hkv, n_quant, D // grp)
@@ -190,10 +198,15 @@ def dequantize_fp16(codes, scale, zero, bits, g, fmt="affine"):
         return (c * scale[..., None]).reshape(*c.shape[:-2], -1)
     if fmt != "affine":  # int8 / fp8: one scale per token
         return codes.view(torch.int8 if fmt == "int8" else torch.float8_e4m3fn).to(torch.float16) * scale
-    per = 8 // bits
-    shifts = torch.arange(per, device=codes.device, dtype=torch.uint8) * bits
-    c = (codes[..., None] >> shifts) & ((1 << bits) - 1)
-    c = c.reshape(*codes.shape[:-1], -1).to(torch.float16)
+    if bits == 1.5:  # ternary: base-3 digits, 5 per byte
+        from kvcompile.quant import unpack_codes
+
+        c = unpack_codes(codes, 1.5, scale.shape[-1] * g).to(torch.float16)
+    else:
+        per = 8 // bits
+        shifts = torch.arange(per, device=codes.device, dtype=torch.uint8) * bits
+        c = (codes[..., None] >> shifts) & ((1 << bits) - 1)
+        c = c.reshape(*codes.shape[:-1], -1).to(torch.float16)
     c = c.reshape(*c.shape[:-1], -1, g)
     return (c * scale[..., None] + zero[..., None]).reshape(*c.shape[:-2], -1)
 

@@ -302,14 +302,17 @@ def _fused_unsupported(q: Tensor, kp: PackedKV, vp: PackedKV, mask: Optional[Ten
 
     if vp.rope is not None:
         return "values quantized before RoPE"
+    if vp.quant.bits == 1.5 and kp.quant.axis == "channel":
+        return "ternary values beside per-channel keys"
     if kp.rope is not None and (kp.quant.kind != "affine" or kp.quant.bits not in (2, 4) or kp.quant.axis != "token"):
         return f"keys before RoPE in {kp.quant.kind} {kp.quant.bits}-bit codes along the {kp.quant.axis} axis"
     for p in (kp, vp):
         qt = p.quant
         if qt.kind not in k.SUPPORTED_FORMATS:
             return f"{qt.kind} quantization"
-        if qt.bits not in k.SUPPORTED_BITS:
-            return f"{qt.bits}-bit codes"
+        if qt.bits not in (k.SUPPORTED_V_BITS if p is vp and qt.kind == "affine" and qt.axis == "token"
+                           else k.SUPPORTED_BITS):
+            return f"{qt.bits}-bit {'values' if p is vp else 'keys'}"
         if qt.bits == 8 and (qt.axis != "token" or qt.group_for(p.head_dim) != p.head_dim):
             return "8-bit codes in groups smaller than the head dim"
         if qt.kind == "nf" and qt.bits != 4:
@@ -400,7 +403,7 @@ def _fused_cuda(q: Tensor, kp: PackedKV, vp: PackedKV, scale: float, mask: Optio
         q=qq, k_sink=kp.sink, k_codes=kp.codes, k_scale=kp.scale, k_zero=kp.zero,
         k_window=kp.window, v_sink=vp.sink, v_codes=vp.codes, v_scale=vp.scale, v_zero=vp.zero,
         v_window=vp.window, lengths=kp.counts, v_lengths=vp.counts if vp.quant.flush != kp.quant.flush else None,
-        k_bits=int(kp.quant.bits), v_bits=int(vp.quant.bits), k_axis=kp.quant.axis,
+        k_bits=int(kp.quant.bits), v_bits=1.5 if vp.quant.bits == 1.5 else int(vp.quant.bits), k_axis=kp.quant.axis,
         k_group_size=kp.quant.group_size if k_channel else kp.quant.group_for(d),
         v_group_size=vp.quant.group_for(vp.head_dim), k_format=kp.quant.kind, v_format=vp.quant.kind, sm_scale=scale,
         k_rope=kp.rope, k_perm=kp.perm if kp.rope is not None else None,

@@ -39,6 +39,7 @@ def _decode_logits(model, ids, cache, prefill):
 @pytest.mark.parametrize("scheme,overrides", [
     ("skvq", {"v_bits": 2, "group_size": 32, "pre_rope": False}),
     ("skvq", {"v_bits": 2}),  # keys quantized before RoPE (rotated per element in the kernel), groups of 16, order
+    ("skvq", {}),  # the defaults: keys before RoPE and ternary values (dequantized per element in the kernel)
     ("skvq", {"v_bits": 2, "group_size": 32, "reorder": False, "k_bits": 4, "pre_rope": False}),
     ("kivi", {}),  # per-channel keys (the kernel's K_CHANNEL variant) and values flushed ahead of keys
     ("int8", {}),  # 8-bit codes, one absmax scale per token, no zero point (K_FMT / V_FMT)

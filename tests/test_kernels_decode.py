@@ -286,6 +286,27 @@ def test_keys_before_rope_match_reference(D, r, NQ, k_bits, k_group, v, dtype, r
     check_against_reference(_with_rope(kw, int(D * rotary), permuted, seed), **tuning)
 
 
+@settings(deadline=None, max_examples=20 if ON_GPU else 14, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(D=st.sampled_from([64, 128]), r=st.sampled_from([1, 3, 4]), NQ=st.sampled_from([1, 1, 2]),
+       k=st.sampled_from([(2, 16), (2, 0), (4, 32)]), v_group=st.sampled_from([16, 32, 0]),
+       dtype=st.sampled_from([torch.float16, torch.bfloat16]), rope=st.booleans(),
+       n_quant=st.sampled_from([1, 7, 61] if not ON_GPU else [1, 61, 1000]),
+       tuning=st.sampled_from([{}, {"num_splits": 3}, {"block_n": 32, "fp_split": True}, {"lens": True},
+                               {"fill_rows": True, "use_dot": True}]),
+       seed=st.integers(0, 1000))
+def test_ternary_values_match_reference(D, r, NQ, k, v_group, dtype, rope, n_quant, tuning, seed):
+    """Ternary values (1.5 bits, 5 base-3 digits per byte: skvq's default V) dequantized per element in natural
+    channel order, beside per-token keys after or before RoPE (skvq's defaults: both)."""
+    tuning = dict(tuning)
+    lens = [(3, n_quant, 5), (3, max(0, n_quant - 5), 2)] if tuning.pop("lens", False) else None
+    kw = make_inputs(B=2, Hkv=2, r=r, NQ=NQ, D=D, S=3, n_quant=n_quant, n_window=5, k_bits=k[0], v_bits=1.5,
+                     k_group=k[1] or D, v_group=v_group or D, dtype=dtype, seed=seed, lens=lens)
+    if rope:
+        kw = _with_rope(kw, D, True, seed)
+    check_against_reference(kw, **tuning)
+
+
 def test_keys_before_rope_validation():
     kw = make_inputs(B=1, Hkv=1, r=2, NQ=1, D=64, S=0, n_quant=9, n_window=0, k_bits=2, v_bits=2, k_group=64,
                      v_group=64, dtype=torch.float16)

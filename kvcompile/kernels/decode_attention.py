@@ -43,7 +43,9 @@ each code's fp16 codebook value up (``_nf4_asm``), and blocks below D go through
 Keys quantized before RoPE (v20; ``k_rope``, ``K_ROPE``): each key tile is dequantized per element and rotated by
 its tokens' positions through two products per plane, q . (k cos) + qb . (k sin), with qb q's rotate-half partner
 (``_rope_operands``); slower than the plain loop (0.35-0.6x fp16 SDPA), much faster than dequantize + SDPA.
-``PIPE`` (v19, off: no gain measured) software-pipelines the packed loop.
+Ternary values (v21; ``v_bits=1.5``, 5 base-3 digits per byte, SKVQ's default V) are dequantized per element into
+one output plane in natural channel order (PER_V == 1). ``PIPE`` (v19, off: no gain measured) software-pipelines
+the packed loop.
 """
 
 from __future__ import annotations
@@ -68,6 +70,7 @@ __all__ = [
 ]
 
 SUPPORTED_BITS = (2, 4, 8)  # 8: one group (scale) per token only
+SUPPORTED_V_BITS = SUPPORTED_BITS + (1.5,)  # 1.5: ternary values (5 codes per byte), affine, per-token groups
 # int8 / fp8 (e4m3): 8 bits, one absmax scale per token, no zero; nf: NF4 codebook (4 bits), absmax scale per group
 SUPPORTED_FORMATS = ("affine", "int8", "fp8", "nf")
 _FMT_CODE = {"affine": 0, "int8": 1, "fp8": 2, "nf": 3}
@@ -361,7 +364,12 @@ def _load_fp_planes(base, offs_t, tmask, st, sc, PER: tl.constexpr, D: tl.conste
 def _load_fp_tile(base, offs_t, tmask, st, sc, PER: tl.constexpr, D: tl.constexpr, FP_CONTIG: tl.constexpr):
     """The PER channel planes of a full-precision [tokens, D] tile: one strided load per plane, or (FP_CONTIG)
     one contiguous load split in registers. With PER == 2 the last two are the first two again (unused)."""
-    if FP_CONTIG:
+    if PER == 1:  # ternary V: one plane in natural channel order (x1..x3 unused)
+        x0 = _load_fp_plane(base, offs_t, tmask, st, sc, 0, 1, D)
+        x1 = x0
+        x2 = x0
+        x3 = x0
+    elif FP_CONTIG:
         x0, x1, x2, x3 = _load_fp_planes(base, offs_t, tmask, st, sc, PER, D)
     else:
         DP: tl.constexpr = D // PER
@@ -508,7 +516,8 @@ def _load_v_mixed(vw_base, svt, svc, offs_t, tmask, v_lag, v_wcap, vc_base, svc_
 def _acc_rescale(acc0, acc1, acc2, acc3, alpha, PER_V: tl.constexpr):
     """The output planes' online-softmax rescale by the tile's alpha (planes 2 and 3 exist for 2-bit V only)."""
     acc0 = acc0 * alpha[:, None]
-    acc1 = acc1 * alpha[:, None]
+    if PER_V >= 2:
+        acc1 = acc1 * alpha[:, None]
     if PER_V == 4:
         acc2 = acc2 * alpha[:, None]
         acc3 = acc3 * alpha[:, None]
@@ -589,7 +598,8 @@ def _fp_tile(q0, q1, q2, q3, m_i, l_i, acc0, acc1, acc2, acc3,
     else:
         v0, v1, v2, v3 = _load_fp_tile(v_base, offs_t, tmask, svt, svc, PER_V, D, FP_CONTIG)
     acc0 = acc0 * alpha[:, None] + _mm(_rows_expand(p.to(DTYPE), sbr, SUB), v0, USE_DOT, DOT_FP32)
-    acc1 = acc1 * alpha[:, None] + _mm(_rows_expand((p * VF1).to(DTYPE), sbr, SUB), v1, USE_DOT, DOT_FP32)
+    if PER_V >= 2:
+        acc1 = acc1 * alpha[:, None] + _mm(_rows_expand((p * VF1).to(DTYPE), sbr, SUB), v1, USE_DOT, DOT_FP32)
     if PER_V == 4:
         acc2 = acc2 * alpha[:, None] + _mm(_rows_expand((p * VF2).to(DTYPE), sbr, SUB), v2, USE_DOT, DOT_FP32)
         acc3 = acc3 * alpha[:, None] + _mm(_rows_expand((p * VF3).to(DTYPE), sbr, SUB), v3, USE_DOT, DOT_FP32)
@@ -674,6 +684,16 @@ def _rope_plane(kb, J: tl.constexpr, ks, kz, pos, w, qa, qb, BITS: tl.constexpr,
     kc = (k * c).to(DTYPE)
     kn = (k * sn).to(DTYPE)
     return _mm(qa, tl.trans(kc), USE_DOT, DOT_FP32) + _mm(qb, tl.trans(kn), USE_DOT, DOT_FP32)
+
+
+@triton.jit
+def _ternary_digit(b, j):
+    """Digit j (0..4) of base-3 bytes b (float32 in [0, 242]) as float32: floor(b / 3**j) mod 3, exact (each
+    quotient sits at least 1 / 162 from the next integer, far above float32 rounding)."""
+    inv = tl.where(j == 0, 1.0, tl.where(j == 1, 1.0 / 3, tl.where(j == 2, 1.0 / 9, tl.where(j == 3, 1.0 / 27,
+                                                                                           1.0 / 81))))
+    qt = tl.floor((b + 0.5) * inv)
+    return qt - 3.0 * tl.floor((qt + 0.5) * (1.0 / 3))
 
 
 @triton.jit
@@ -782,7 +802,7 @@ def _packed_tile(q0, q1, q2, q3, qsum, qsum_mag, m_i, l_i, acc0, acc1, acc2, acc
     8-bit codes (one group per token only): the code tiles are int16 words of two codes (PER 2, like 4-bit);
     K_FMT / V_FMT 1 (int8) and 2 (fp8) have no zero point, fp8's planes carry a 2**-8 the scales undo."""
     PER_K: tl.constexpr = 2 if K_BITS == 8 else 8 // K_BITS
-    PER_V: tl.constexpr = 2 if V_BITS == 8 else 8 // V_BITS
+    PER_V: tl.constexpr = 1 if V_BITS == 15 else (2 if V_BITS == 8 else 8 // V_BITS)
     DPK: tl.constexpr = D // PER_K
     DPV: tl.constexpr = D // PER_V
     offs_t64 = offs_t.to(tl.int64)
@@ -928,9 +948,24 @@ def _packed_tile(q0, q1, q2, q3, qsum, qsum_mag, m_i, l_i, acc0, acc1, acc2, acc
 
         # ---- V: output ----------------------------------------------------------------------------------
         V_RAW: tl.constexpr = FAST_ASM and (V_SHIFTED or V_FMT == 3)
-        if HFILL == 1:
+        if HFILL == 1 and V_BITS != 15:
             vb = _load_codes(vc_base, offs_t64, tmask, svc_t, svc_c, DPV, V_RAW)
-        if HFILL > 1:
+        if V_BITS == 15:
+            # ternary codes (1.5 bits: byte u of a token holds channels 5u .. 5u + 4 as base-3 digits): dequantized
+            # per element in natural channel order (PER_V == 1, one output plane), each with its group's scale / zero
+            cc = tl.arange(0, D)
+            b3 = tl.load(vc_base + offs_t64[:, None] * svc_t + (cc // 5).to(tl.int64)[None, :] * svc_c,
+                         mask=tmask[:, None], other=0).to(tl.float32)
+            d3 = _ternary_digit(b3, (cc % 5)[None, :])
+            offs_g = (cc // V_GROUP).to(tl.int64)
+            vs = tl.load(vs_base + offs_t64[:, None] * svs_t + offs_g[None, :] * svs_g, mask=tmask[:, None],
+                         other=0.0).to(tl.float32)
+            vz = tl.load(vz_base + offs_t64[:, None] * svz_t + offs_g[None, :] * svz_g, mask=tmask[:, None],
+                         other=0.0).to(tl.float32)
+            zacc = zacc * alpha
+            pv = _rows_expand(p.to(DTYPE), sbr, SUB)
+            acc0 = acc0 * alpha[:, None] + _mm(pv, (d3 * vs + vz).to(DTYPE), USE_DOT, DOT_FP32)
+        elif HFILL > 1:
             # head fill: the rows of head hg take p (scaled by their head's per-token scale) against that
             # head's codes; the other rows' probabilities are zero in its product
             MV: tl.constexpr = q0.shape[0]
@@ -1007,7 +1042,9 @@ def _store_planes(acc0, acc1, acc2, acc3, zacc, inv_l, o_base, rows_off, rmask, 
                   DP: tl.constexpr, OUT_DTYPE: tl.constexpr, SHIFTED: tl.constexpr, grow=0,
                   GFILL: tl.constexpr = 1, V_GROUP: tl.constexpr = 0, V_GF: tl.constexpr = False):
     _store_plane(acc0, zacc, inv_l, o_base, rows_off, rmask, 0, PER, DP, OUT_DTYPE, SHIFTED, grow, GFILL, V_GROUP, V_GF)
-    _store_plane(acc1, zacc, inv_l, o_base, rows_off, rmask, 1, PER, DP, OUT_DTYPE, SHIFTED, grow, GFILL, V_GROUP, V_GF)
+    if PER >= 2:
+        _store_plane(acc1, zacc, inv_l, o_base, rows_off, rmask, 1, PER, DP, OUT_DTYPE, SHIFTED, grow, GFILL, V_GROUP,
+                     V_GF)
     if PER == 4:
         _store_plane(acc2, zacc, inv_l, o_base, rows_off, rmask, 2, PER, DP, OUT_DTYPE, SHIFTED, grow, GFILL,
                      V_GROUP, V_GF)
@@ -1061,7 +1098,7 @@ def _decode_split_kernel(
     h = (pid_bh % (H_KV // HFILL)).to(tl.int64) * HFILL
     # 8-bit codes come as int16 words of two codes: two planes, as for 4-bit
     PER_K: tl.constexpr = 2 if K_BITS == 8 else 8 // K_BITS
-    PER_V: tl.constexpr = 2 if V_BITS == 8 else 8 // V_BITS
+    PER_V: tl.constexpr = 1 if V_BITS == 15 else (2 if V_BITS == 8 else 8 // V_BITS)
     DPK: tl.constexpr = D // PER_K
     DPV: tl.constexpr = D // PER_V
     ROWS: tl.constexpr = GQA * NQ
@@ -1113,7 +1150,8 @@ def _decode_split_kernel(
     # power-of-two factors go into the q planes (K) and the output planes (V).
     K_SHIFTED: tl.constexpr = ((MAGIC == 0x6400) and (K_CHANNEL or K_GROUP == D or K_GF) and K_BITS != 8 and K_FMT == 0
                                and not K_ROPE)
-    V_SHIFTED: tl.constexpr = (V_MAGIC == 0x6400) and (V_GROUP == D or V_GF) and V_BITS != 8 and V_FMT == 0
+    V_SHIFTED: tl.constexpr = ((V_MAGIC == 0x6400) and (V_GROUP == D or V_GF) and V_BITS != 8 and V_FMT == 0
+                               and V_BITS != 15)
     KB: tl.constexpr = K_BITS
     q0 = _load_q_plane(q_base, q_rows, rmask, 0, PER_K, DPK, sq_d)
     q1 = _load_q_plane(q_base, q_rows, rmask, 1, PER_K, DPK, sq_d)
@@ -1199,9 +1237,14 @@ def _decode_split_kernel(
     l_i = tl.zeros([M_PAD], tl.float32)
     zacc = tl.zeros([M_PAD], tl.float32)
     acc0 = tl.zeros([M_PAD, DPV], tl.float32)
-    acc1 = tl.zeros([M_PAD, DPV], tl.float32)
-    acc2 = tl.zeros([M_PAD, DPV], tl.float32)
-    acc3 = tl.zeros([M_PAD, DPV], tl.float32)
+    if PER_V >= 2:
+        acc1 = tl.zeros([M_PAD, DPV], tl.float32)
+        acc2 = tl.zeros([M_PAD, DPV], tl.float32)
+        acc3 = tl.zeros([M_PAD, DPV], tl.float32)
+    else:  # ternary V: one output plane in natural order; acc1..3 unused stand-ins
+        acc1 = tl.zeros([M_PAD, 2], tl.float32)
+        acc2 = acc1
+        acc3 = acc1
     arange_n = tl.arange(0, BLOCK_N)
     if SUB == 1:
         score_n = arange_n
@@ -1377,7 +1420,8 @@ def _decode_split_kernel(
         l_i = tl.reshape(tl.sum(w * tl.reshape(l_i, [2, SUB, G]), 1), [R_PAD])
         zacc = tl.reshape(tl.sum(w * tl.reshape(zacc, [2, SUB, G]), 1), [R_PAD])
         acc0 = tl.reshape(tl.sum(w[:, :, :, None] * tl.reshape(acc0, [2, SUB, G, DPV]), 1), [R_PAD, DPV])
-        acc1 = tl.reshape(tl.sum(w[:, :, :, None] * tl.reshape(acc1, [2, SUB, G, DPV]), 1), [R_PAD, DPV])
+        if PER_V >= 2:
+            acc1 = tl.reshape(tl.sum(w[:, :, :, None] * tl.reshape(acc1, [2, SUB, G, DPV]), 1), [R_PAD, DPV])
         if PER_V == 4:
             acc2 = tl.reshape(tl.sum(w[:, :, :, None] * tl.reshape(acc2, [2, SUB, G, DPV]), 1), [R_PAD, DPV])
             acc3 = tl.reshape(tl.sum(w[:, :, :, None] * tl.reshape(acc3, [2, SUB, G, DPV]), 1), [R_PAD, DPV])
@@ -1614,7 +1658,9 @@ def decode_attention(
     ``k_format`` / ``v_format``: "affine" (the above), or 8-bit "int8" / "fp8" (e4m3) codes with one absmax
     scale per token (``group_size == D``, ``*_zero`` None: x = int8(c) * scale, or fp8(c) * scale), or "nf":
     4-bit NF4 codebook codes with an absmax scale per group (``*_zero`` None: x = NF4[c] * scale; groups below
-    D through group fill). 8-bit affine codes also take one group per token only.
+    D through group fill). 8-bit affine codes also take one group per token only. ``v_bits=1.5``: ternary
+    values (affine, per-token groups; ``v_codes`` [B, Hkv, cap, ceil(D / 5)], byte u holding channels 5u .. 5u + 4
+    as base-3 digits, docs/format.md).
 
     Lengths, one of:
     - ``n_quant``, ``n_window`` (host ints): every sequence holds all S sink tokens, ``n_quant`` packed and
@@ -1645,8 +1691,11 @@ def decode_attention(
         _fail(f"q dtype {q.dtype} unsupported (float16, bfloat16)")
     if D not in SUPPORTED_HEAD_DIMS:
         _fail(f"head dim {D} unsupported (supported: {SUPPORTED_HEAD_DIMS})")
-    if k_bits not in SUPPORTED_BITS or v_bits not in SUPPORTED_BITS:
-        _fail(f"bits k={k_bits} v={v_bits} unsupported (supported: {SUPPORTED_BITS})")
+    if k_bits not in SUPPORTED_BITS or v_bits not in SUPPORTED_V_BITS:
+        _fail(f"bits k={k_bits} v={v_bits} unsupported (supported: keys {SUPPORTED_BITS}, values {SUPPORTED_V_BITS})")
+    ternary = v_bits == 1.5
+    if ternary and (v_format != "affine" or k_axis != "token"):
+        _fail("ternary values (v_bits=1.5) take the affine format beside per-token keys")
     for name, fmt, bits, g, zero in (("k", k_format, k_bits, k_group_size, k_zero),
                                      ("v", v_format, v_bits, v_group_size, v_zero)):
         if fmt not in SUPPORTED_FORMATS:
@@ -1684,7 +1733,7 @@ def decode_attention(
     if r * NQ > _MAX_ROWS:
         _fail(f"GQA ratio x new tokens = {r * NQ} > {_MAX_ROWS}")
     for name, t, want in (("k_codes", k_codes, (B, Hkv, cap, D * k_bits // 8)),
-                          ("v_codes", v_codes, (B, Hkv, cap_v, D * v_bits // 8))):
+                          ("v_codes", v_codes, (B, Hkv, cap_v, -(-D // 5) if ternary else D * v_bits // 8))):
         if t.dtype != torch.uint8:
             _fail(f"{name} must be uint8, got {t.dtype}")
         if t.shape != want:
@@ -1787,10 +1836,12 @@ def decode_attention(
     if use_dot and group_fill:
         # per-token groups below D: MMA rows (channel group, query row) instead of dequantizing in registers
         # (keys before RoPE are dequantized per element: only V's groups can fill rows)
-        n_groups = group_fill_groups(head_dim=D, k_group_size=k_group_size, v_group_size=v_group_size,
-                                     k_channel=k_channel or rope, rows=r * NQ)
+        # (ternary values are dequantized per element too)
+        n_groups = group_fill_groups(head_dim=D, k_group_size=k_group_size,
+                                     v_group_size=D if ternary else v_group_size, k_channel=k_channel or rope,
+                                     rows=r * NQ)
         if n_groups > 1:
-            gfill, k_gf, v_gf = n_groups, k_grouped and not rope, v_group_size == D // n_groups
+            gfill, k_gf, v_gf = n_groups, k_grouped and not rope, v_group_size == D // n_groups and not ternary
             m_pad = gfill * m_pad
             fill_rows = False
     # head fill: one group per token, fewer than 16 rows per KV head; the heads per program divide Hkv
@@ -1798,6 +1849,7 @@ def decode_attention(
     if head_fill is None:
         head_fill = HEAD_FILL_DEFAULT
     if head_fill and use_dot and gfill == 1 and not k_channel and not kv_mixed and k_group_size == D and not rope \
+            and not ternary \
             and v_group_size == D and m_pad < 16 and 8 not in (k_bits, v_bits) and k_format == v_format == "affine":
         hfill = min(16 // m_pad, HEAD_FILL_MAX if head_fill is True else int(head_fill))
         while Hkv % hfill:
@@ -1838,8 +1890,8 @@ def decode_attention(
             # a bf16 model's 2-bit codes, one group per head: BLOCK_N 32 (H100, sink 4 + window 128 at 32k: 165.1
             # against 177.7-178.1 us at 64; fp16 keeps 64: 108.5 against 118.6; NOTES.md v18)
             block_n = min(block_n, 32)
-        if rope:
-            # keys before RoPE: per-element float32 keys, scales, zeros and angles; BLOCK_N 32 spills (offline triton
+        if rope or ternary:
+            # keys before RoPE / ternary values: per-element float32 keys, scales, zeros and angles; BLOCK_N 32 spills (offline triton
             # 3.6: 400 bytes of stack, g128 keys), 16 does not (255 registers; 254 for groups of 16 with two warps)
             block_n = 16
     if block_n % sub:
@@ -1853,6 +1905,10 @@ def decode_attention(
             # groups of 16 at D = 128 (group fill: 8 groups x the query rows): one warp spills the 32-64 MMA rows'
             # accumulators (offline: 336 bytes of stack); two warps need 226 registers, 4 programs per SM (H100, K2V2
             # 32k: 297 against 414 us, V alone in groups of 16 266 against 548; NOTES.md v17)
+            num_warps, programs_per_sm = 2, 4
+        elif ternary and D == 128 and programs_per_sm == 8:
+            # ternary values dequantized per element in natural order at D = 128: one warp spills (offline triton
+            # 3.6: 768 bytes of stack for skvq's defaults), two need 242 registers (4 programs per SM)
             num_warps, programs_per_sm = 2, 4
         elif (k_bits == v_bits == 8 and block_n_default and programs_per_sm == 8 and use_dot and sub == 1
               and gfill == 1 and hfill == 1):
@@ -1946,7 +2002,7 @@ def decode_attention(
     # per-channel keys dequantized per tile
     prefetch = bool(PREFETCH_DEFAULT if prefetch is None else prefetch) and use_dot and sub == 1 and hfill == 1 \
         and (kc_deq if k_channel else (k_group_size == D or k_gf)) and (v_group_size == D or v_gf) \
-        and (gfill == 1 or gf_bcast) and not rope
+        and (gfill == 1 or gf_bcast) and not rope and not ternary
     # software pipeline of the packed loop (NOTES.md v19): per-token keys with prefetched scales
     pipe = bool(PIPELINE_DEFAULT if pipeline is None else pipeline) and prefetch and not k_channel
     if num_stages_default and prefetch and gfill == 1 and 4 in (k_bits, v_bits) and block_n >= 64:
@@ -1964,7 +2020,8 @@ def decode_attention(
         lens, slen_b, slen_p, vlens, svlen_b, svlen_p,
         S, n_quant_arg, n_window_arg, chunk, cap_v, W_v, float(sm_scale) * _LOG2E,
         qb, rw,
-        H_KV=Hkv, GQA=r, NQ=NQ, D=D, K_BITS=k_bits, V_BITS=v_bits, K_GROUP=k_group_size, V_GROUP=v_group_size,
+        H_KV=Hkv, GQA=r, NQ=NQ, D=D, K_BITS=k_bits, V_BITS=15 if ternary else v_bits, K_GROUP=k_group_size,
+        V_GROUP=v_group_size,
         M_PAD=m_pad, BLOCK_N=block_n,
         HAS_SINK=has_sink, HAS_MID=has_mid, HAS_WINDOW=has_window,
         CAUSAL=NQ > 1, USE_DOT=use_dot, DOT_FP32=interp, DTYPE=tl_dtype, MAGIC=magic, MAGIC_VAL=magic_val,

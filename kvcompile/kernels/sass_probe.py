@@ -2,7 +2,7 @@
 then print registers / spills and the instruction histogram of the hot loop.
 
     python -m kvcompile.kernels.sass_probe [--case gqa4|gqa8|mha|k4|win|vg32|g32k4|kivi|kivi_bf16|hf4|hf4k4|hf4win|hf8mha|
-    int8|fp8|int8_bf16|int8mha|nf4|nf4g128|nf4_bf16|g16|g16d64|rope_g16|rope|rope_g16d64]
+    int8|fp8|int8_bf16|int8mha|nf4|nf4g128|nf4_bf16|g16|g16d64|rope_g16|rope|rope_g16d64|skvq|skvq_d64]
         [--tune KEY=VALUE ...] [--set KEY=VALUE ...] [--dump DIR]
 
 The launcher runs on CPU tensors with the real kernel replaced by a recorder; the recorded arguments give
@@ -58,6 +58,9 @@ CASES = {  # B, Hq, Hkv, D, L, k_bits, v_bits, sink, window, NQ[, layout: k_grou
     "rope_g16": (1, 4, 1, 128, 4096, 2, 2, 0, 0, 1, dict(k_group=16, v_group=16, rope=True)),
     "rope": (1, 4, 1, 128, 4096, 2, 2, 0, 0, 1, dict(rope=True)),
     "rope_g16d64": (1, 3, 1, 64, 4096, 2, 2, 4, 128, 1, dict(k_group=16, v_group=16, rope=True)),
+    # skvq's defaults: keys before RoPE in groups of 16, ternary values in groups of 16 (SmolLM2's shape; and D = 128)
+    "skvq_d64": (1, 3, 1, 64, 4096, 2, 1.5, 4, 128, 1, dict(k_group=16, v_group=16, rope=True)),
+    "skvq": (1, 4, 1, 128, 4096, 2, 1.5, 4, 128, 1, dict(k_group=16, v_group=16, rope=True)),
     # NF4 codebook codes (nqkv: blocks of 64 channels, group fill; and one block per head)
     "nf4": (1, 4, 1, 128, 4096, 4, 4, 0, 0, 1, dict(k_format="nf", v_format="nf", k_group=64, v_group=64)),
     "nf4g128": (1, 4, 1, 128, 4096, 4, 4, 0, 0, 1, dict(k_format="nf", v_format="nf")),
@@ -77,7 +80,8 @@ def record_launch(case, **tuning):
     kw = dict(q=torch.zeros(B, Hq, NQ, D, dtype=layout.get("dtype", f16)))
     for n, bits, grp in (("k", kb, k_group), ("v", vb, v_group)):
         meta = (B, Hkv, n_quant // grp, D) if n == "k" and k_axis == "channel" else (B, Hkv, n_quant, D // grp)
-        kw[f"{n}_codes"] = torch.zeros(B, Hkv, n_quant, D * bits // 8, dtype=torch.uint8)
+        kw[f"{n}_codes"] = torch.zeros(B, Hkv, n_quant, -(-D // 5) if bits == 1.5 else int(D * bits) // 8,
+                                       dtype=torch.uint8)
         kw[f"{n}_scale"] = torch.zeros(*meta, dtype=f16)
         kw[f"{n}_zero"] = torch.zeros(*meta, dtype=f16) if fmts[n] == "affine" else None
         kw[f"{n}_sink"] = torch.zeros(B, Hkv, S, D, dtype=kw["q"].dtype)
