@@ -466,18 +466,10 @@ def with_flag_variants(var, name, args):
     """The variant sets the command-line flags add to a --cases row (NOTES.md v13, v14)."""
     for on, more in ((args.head_fill, lambda: HEAD_VARIANTS), (args.warps, lambda: warp_variants(name)),
                      (args.prefetch, lambda: PREFETCH_VARIANTS), (args.occupancy, lambda: occupancy_variants(name)),
-                     (args.stages, lambda: STAGE_VARIANTS), (args.warps4bit, lambda: WARPS4_VARIANTS),
-                     (args.pipeline, lambda: PIPE_VARIANTS)):
+                     (args.stages, lambda: STAGE_VARIANTS), (args.warps4bit, lambda: WARPS4_VARIANTS)):
         if on:
             var = dict(var or {}, **more())
     return var
-
-
-# --pipeline: the packed loop software-pipelined (the next tile's scores before this tile's softmax and V product;
-# offline triton 3.6, K2V2 g128: 252 registers and no stack at BLOCK_N 32, 88 bytes of stack at 64), and BLOCK_N 32
-# without it as the control
-PIPE_VARIANTS = {"pipe_bn32": dict(pipeline=True, block_n=32), "pipe_bn16": dict(pipeline=True, block_n=16),
-                 "pipe_bn32_st2": dict(pipeline=True, block_n=32, num_stages=2), "bn32": dict(block_n=32)}
 
 
 # --stages: BLOCK_N 32 with 2-4 pipeline stages (offline triton 3.6, K4V4 g128: 238 registers and no stack at 32,
@@ -528,7 +520,6 @@ def main(argv=None):
     ap.add_argument("--occupancy", action="store_true", help="time occupancy_variants() on every row (NOTES.md v14)")
     ap.add_argument("--stages", action="store_true", help="time STAGE_VARIANTS on every row (BLOCK_N 32, 2-4 stages)")
     ap.add_argument("--warps4bit", action="store_true", help="time WARPS4_VARIANTS on every row (4-bit occupancy)")
-    ap.add_argument("--pipeline", action="store_true", help="time PIPE_VARIANTS on every row (NOTES.md v19)")
     args = ap.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     logf = open(os.path.join(args.out, "bench_attention.log"), "a")

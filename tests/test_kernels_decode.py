@@ -199,7 +199,6 @@ def variant_configs(draw):
         group_bcast=draw(st.sampled_from([None, False])),  # group fill's scales: broadcast per group or per row
         head_fill=draw(st.sampled_from([None, True, 2])),  # several KV heads per program (one group per token)
         prefetch=draw(st.sampled_from([None, True, False])),  # per-token scales / zeros loaded one tile ahead
-        pipeline=draw(st.sampled_from([None, True])),  # the next tile's scores before this tile's V product
     )
     return cfg, tuning
 
@@ -319,23 +318,6 @@ def test_keys_before_rope_validation():
     with pytest.raises(ValueError, match="k_perm must be"):
         da.decode_attention(**kw, k_rope=torch.ones(8, device=DEVICE), k_perm=torch.zeros(2, 64, dtype=torch.int64,
                                                                                              device=DEVICE))
-
-
-@pytest.mark.parametrize("r,NQ", [(4, 1), (8, 1), (3, 1), (2, 3)])
-def test_pipeline_matches_reference(r, NQ):
-    # the software-pipelined packed loop: one-tile and odd-length splits (the tile scored past a split's end is
-    # masked), sink + window, per-sequence lengths, grouped sides through group fill, 4-bit and 8-bit codes
-    kw = make_inputs(B=2, Hkv=2, r=r, NQ=NQ, D=64, S=3, n_quant=61, n_window=5, k_bits=2, v_bits=4,
-                     k_group=64, v_group=64, dtype=torch.float16, seed=r * 10 + NQ)
-    for tuning in (dict(block_n=16, num_splits=3), dict(block_n=32, num_splits=1), dict(block_n=16, fp_split=True),
-                   dict(block_n=64, num_splits=2)):
-        check_against_reference(kw, pipeline=True, **tuning)
-    kw = make_inputs(B=2, Hkv=1, r=r, NQ=NQ, D=128, S=0, n_quant=0, n_window=0, k_bits=2, v_bits=2, k_group=32,
-                     v_group=32, dtype=torch.bfloat16, lens=[(0, 45, 3), (0, 17, 0)], seed=NQ)
-    check_against_reference(kw, pipeline=True, block_n=16)
-    kw = make_inputs(B=1, Hkv=2, r=r, NQ=NQ, D=64, S=0, n_quant=50, n_window=0, k_bits=8, v_bits=8, k_group=64,
-                     v_group=64, dtype=torch.float16, seed=NQ + 5)
-    check_against_reference(kw, pipeline=True, block_n=16, num_splits=2)
 
 
 @pytest.mark.parametrize("r,NQ", [(4, 1), (8, 1), (3, 1), (2, 3)])

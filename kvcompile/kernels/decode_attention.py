@@ -44,8 +44,7 @@ Keys quantized before RoPE (v20; ``k_rope``, ``K_ROPE``): each key tile is dequa
 its tokens' positions through two products per plane, q . (k cos) + qb . (k sin), with qb q's rotate-half partner
 (``_rope_operands``); slower than the plain loop (0.35-0.6x fp16 SDPA), much faster than dequantize + SDPA.
 Ternary values (v21; ``v_bits=1.5``, 5 base-3 digits per byte, SKVQ's default V) are dequantized per element into
-one output plane in natural channel order (PER_V == 1). ``PIPE`` (v19, off: no gain measured) software-pipelines
-the packed loop.
+one output plane in natural channel order (PER_V == 1).
 """
 
 from __future__ import annotations
@@ -143,9 +142,6 @@ HEAD_FILL_MAX = 8
 #   one tile ahead instead of inside the tile (NOTES.md v14): H100 K2V2 32k 131.6 -> 109-122 us, KIVI 229 -> 178,
 #   V in groups of 32 146 -> 129, K4V4 in groups of 32 227 -> 169 (with BLOCK_N 32 for grouped keys)
 PREFETCH_DEFAULT = True
-# - PIPE: the packed loop software-pipelined (the next tile's scores before this tile's softmax and V product);
-#   off until timed (NOTES.md v19)
-PIPELINE_DEFAULT = False
 
 _LOG2E = 1.4426950408889634
 _LN2 = 0.6931471805599453
@@ -746,15 +742,6 @@ def _meta_load(base, st, sg, o64, m, NG: tl.constexpr):
 
 
 @triton.jit
-def _side_meta(s_base, s_t, s_g, z_base, z_t, z_g, t0, end, BLOCK_N: tl.constexpr, NG: tl.constexpr = 1):
-    """The per-token scale and zero of one side's tile at t0 (see _tile_meta), float32."""
-    offs = t0 + tl.arange(0, BLOCK_N)
-    m = offs < end
-    o64 = offs.to(tl.int64)
-    return _meta_load(s_base, s_t, s_g, o64, m, NG), _meta_load(z_base, z_t, z_g, o64, m, NG)
-
-
-@triton.jit
 def _tile_meta(ks_base, sks_t, sks_g, kz_base, skz_t, skz_g, vs_base, svs_t, svs_g, vz_base, svz_t, svz_g, t0, end,
                BLOCK_N: tl.constexpr, KG: tl.constexpr = 1, VG: tl.constexpr = 1, K_META: tl.constexpr = True):
     """The per-token scales and zeros of the K and V tile at t0, float32: [BLOCK_N] for one group per token,
@@ -789,11 +776,8 @@ def _packed_tile(q0, q1, q2, q3, qsum, qsum_mag, m_i, l_i, acc0, acc1, acc2, acc
                  K_GF: tl.constexpr = False, V_GF: tl.constexpr = False, GF_BCAST: tl.constexpr = False,
                  KC_DEQ: tl.constexpr = False, hrow=0, HFILL: tl.constexpr = 1, skc_h=0, sks_h=0, skz_h=0,
                  svc_h=0, svs_h=0, svz_h=0, PREFETCH: tl.constexpr = False, pks=None, pkz=None, pvs=None, pvz=None,
-                 pkc=None, K_FMT: tl.constexpr = 0, V_FMT: tl.constexpr = 0, s_in=None, PART: tl.constexpr = 0,
-                 prope=None, K_ROPE: tl.constexpr = False):
-    """One tile of packed middle tokens (PART 0; PART 1: only the masked, scaled scores ``s`` of the tile, the
-    accumulators returned unchanged; PART 2: only the softmax and V product, from scores ``s_in``; the PIPE loop
-    runs the scores of the next tile between them). Returns the accumulators and the scores. Codes load per token (offs_t, tmask); scales, zeros and the softmax
+                 pkc=None, K_FMT: tl.constexpr = 0, V_FMT: tl.constexpr = 0, prope=None, K_ROPE: tl.constexpr = False):
+    """One tile of packed middle tokens. Codes load per token (offs_t, tmask); scales, zeros and the softmax
     run in the score domain (offs_s, smask, pos_s: see _bc and _rows_select). K_CHANNEL (per-channel keys,
     KIVI): the tile [t0, t0 + BLOCK_N) lies inside one token group of K_GROUP tokens, whose per-channel
     scale s and zero z fold into q: q . (c * s + z) = (q * s) . c + q . z. HFILL > 1 ("head fill", one group
@@ -808,216 +792,212 @@ def _packed_tile(q0, q1, q2, q3, qsum, qsum_mag, m_i, l_i, acc0, acc1, acc2, acc
     offs_t64 = offs_t.to(tl.int64)
     offs_s64 = offs_s.to(tl.int64)
 
-    if PART != 2:
-        # ---- K: scores --------------------------------------------------------------------------------
-        # the PTX unpack takes the raw bytes (fp16 magic, shifted codes); the other forms work on int16
-        K_RAW: tl.constexpr = FAST_ASM and (K_SHIFTED or (K_CHANNEL and KC_DEQ and V_MAGIC == 0x6400) or K_FMT == 3)
-        if HFILL == 1:
-            kb = _load_codes(kc_base, offs_t64, tmask, skc_t, skc_c, DPK, K_RAW)
-        if K_ROPE:
-            # keys quantized before RoPE: dequantized per element (each plane element's group scale / zero) and
-            # rotated by their positions S + t through two products per plane (_rope_plane)
-            qb0, qb1, qb2, qb3, w0, w1, w2, w3, rpos0 = prope
-            offs_g = (tl.arange(0, DPK) // (K_GROUP // PER_K)).to(tl.int64)
-            ks = tl.load(ks_base + offs_t64[:, None] * sks_t + offs_g[None, :] * sks_g, mask=tmask[:, None],
-                         other=0.0).to(tl.float32)
-            kz = tl.load(kz_base + offs_t64[:, None] * skz_t + offs_g[None, :] * skz_g, mask=tmask[:, None],
-                         other=0.0).to(tl.float32)
-            pos = (rpos0 + offs_t).to(tl.float32)
-            raw = _rope_plane(kb, 0, ks, kz, pos, w0, q0, qb0, K_BITS, DTYPE, USE_DOT, DOT_FP32, FAST_ASM)
-            raw += _rope_plane(kb, 1, ks, kz, pos, w1, q1, qb1, K_BITS, DTYPE, USE_DOT, DOT_FP32, FAST_ASM)
-            if PER_K == 4:
-                raw += _rope_plane(kb, 2, ks, kz, pos, w2, q2, qb2, K_BITS, DTYPE, USE_DOT, DOT_FP32, FAST_ASM)
-                raw += _rope_plane(kb, 3, ks, kz, pos, w3, q3, qb3, K_BITS, DTYPE, USE_DOT, DOT_FP32, FAST_ASM)
-            s = _rows_select(raw, sbr, SUB) * qk_scale
-        elif HFILL > 1:
-            # head fill: every row gets its own head's q . (M + c) (one unpack per head, shared by all rows),
-            # then the same per-token scale / zero form as one head, with the scales broadcast per head
-            MH: tl.constexpr = q0.shape[0]
-            ks = _group_rows_load(ks_base, offs_s64, sks_t, sks_h, smask, hrow, MH, HFILL, True)
-            kz = _group_rows_load(kz_base, offs_s64, skz_t, skz_h, smask, hrow, MH, HFILL, True)
-            raw = tl.zeros([MH, offs_t.shape[0]], tl.float32)
-            for hg in tl.static_range(HFILL):
-                kbh = _load_codes(kc_base + hg * skc_h, offs_t64, tmask, skc_t, skc_c, DPK, K_RAW)
-                rh = _k_magic_dot(kbh, q0, q1, q2, q3, K_BITS, MAGIC, DTYPE, K_SHIFTED, FAST_ASM, USE_DOT, DOT_FP32)
-                raw = tl.where(hrow[:, None] == hg, rh, raw)
-            s = ((raw - MAGIC_VAL * qsum_mag[:, None]) * ks + qsum[:, None] * kz) * qk_scale
-        elif K_CHANNEL and KC_DEQ:
-            # dequantize the key tile per plane (c_j * s + z per channel, see _kc_deq) in the V product's dtype
-            # (fp16 where the scales are: 3 more mantissa bits than bf16 for bf16 models, q converted per tile);
-            # with K_SHIFTED the q planes hold q_j * 2**-(j bits), undone on each plane's product
-            if PREFETCH:  # the tile's key group's per-channel scale / zero, loaded one tile ahead (_kc_meta)
-                s0, z0, s1, z1, s2, z2, s3, z3 = pkc
-            else:
-                s0, z0, s1, z1, s2, z2, s3, z3 = _kc_meta(ks_base, sks_t, sks_g, kz_base, skz_t, skz_g, t0, t0 + 1, K_GROUP,
-                                                          DPK, PER_K)
-            k0 = _kc_deq(kb, s0, z0, 0, K_BITS, V_MAGIC, V_MAGIC_VAL, V_DTYPE, DOT_FP32, FAST_ASM)
-            raw = _mm(q0.to(V_DTYPE), tl.trans(k0), USE_DOT, DOT_FP32)
-            k1 = _kc_deq(kb, s1, z1, 1, K_BITS, V_MAGIC, V_MAGIC_VAL, V_DTYPE, DOT_FP32, FAST_ASM)
-            raw += _kf(1, K_BITS, K_SHIFTED) * _mm(q1.to(V_DTYPE), tl.trans(k1), USE_DOT, DOT_FP32)
-            if PER_K == 4:
-                k2 = _kc_deq(kb, s2, z2, 2, K_BITS, V_MAGIC, V_MAGIC_VAL, V_DTYPE, DOT_FP32, FAST_ASM)
-                raw += _kf(2, K_BITS, K_SHIFTED) * _mm(q2.to(V_DTYPE), tl.trans(k2), USE_DOT, DOT_FP32)
-                k3 = _kc_deq(kb, s3, z3, 3, K_BITS, V_MAGIC, V_MAGIC_VAL, V_DTYPE, DOT_FP32, FAST_ASM)
-                raw += _kf(3, K_BITS, K_SHIFTED) * _mm(q3.to(V_DTYPE), tl.trans(k3), USE_DOT, DOT_FP32)
-            s = _rows_select(raw, sbr, SUB) * qk_scale
-        elif K_CHANNEL:
-            # q planes hold q_j * 2**-(j * bits) when K_SHIFTED (KF_j undoes it for the zero term); plane j's
-            # element i is channel PER_K * i + j
-            KB: tl.constexpr = K_BITS
-            KF1: tl.constexpr = (1 << KB) if K_SHIFTED else 1
-            KF2: tl.constexpr = (1 << (2 * KB)) if K_SHIFTED else 1
-            KF3: tl.constexpr = (1 << (3 * KB)) if K_SHIFTED else 1
-            gi = t0 // K_GROUP  # int32: group row offsets stay far below 2**31
-            chan = tl.arange(0, DPK).to(tl.int64) * PER_K
-            ks_row = ks_base + gi * sks_t
-            kz_row = kz_base + gi * skz_t
-            # per query row, q . z - MAGIC_VAL * sum(q s) summed elementwise over the planes, reduced once
-            qs0 = (q0.to(tl.float32) * tl.load(ks_row + chan * sks_g).to(tl.float32)[None, :]).to(DTYPE)
-            qs1 = (q1.to(tl.float32) * tl.load(ks_row + (chan + 1) * sks_g).to(tl.float32)[None, :]).to(DTYPE)
-            off = q0.to(tl.float32) * tl.load(kz_row + chan * skz_g).to(tl.float32)[None, :] - MAGIC_VAL * qs0.to(tl.float32)
-            off += (KF1 * q1.to(tl.float32)) * tl.load(kz_row + (chan + 1) * skz_g).to(tl.float32)[None, :] - MAGIC_VAL * qs1.to(tl.float32)
-            raw = _mm(qs0, tl.trans(_plane_magic(kb, 0, K_BITS, MAGIC, DTYPE, K_SHIFTED, FAST_ASM)), USE_DOT, DOT_FP32)
-            raw += _mm(qs1, tl.trans(_plane_magic(kb, 1, K_BITS, MAGIC, DTYPE, K_SHIFTED, FAST_ASM)), USE_DOT, DOT_FP32)
-            if PER_K == 4:
-                qs2 = (q2.to(tl.float32) * tl.load(ks_row + (chan + 2) * sks_g).to(tl.float32)[None, :]).to(DTYPE)
-                qs3 = (q3.to(tl.float32) * tl.load(ks_row + (chan + 3) * sks_g).to(tl.float32)[None, :]).to(DTYPE)
-                off += (KF2 * q2.to(tl.float32)) * tl.load(kz_row + (chan + 2) * skz_g).to(tl.float32)[None, :] - MAGIC_VAL * qs2.to(tl.float32)
-                off += (KF3 * q3.to(tl.float32)) * tl.load(kz_row + (chan + 3) * skz_g).to(tl.float32)[None, :] - MAGIC_VAL * qs3.to(tl.float32)
-                raw += _mm(qs2, tl.trans(_plane_magic(kb, 2, K_BITS, MAGIC, DTYPE, K_SHIFTED, FAST_ASM)), USE_DOT, DOT_FP32)
-                raw += _mm(qs3, tl.trans(_plane_magic(kb, 3, K_BITS, MAGIC, DTYPE, K_SHIFTED, FAST_ASM)), USE_DOT, DOT_FP32)
-            # raw = (q s) . c + MAGIC_VAL * sum(q s): the offset and the zero term are per query row
-            s = (_rows_select(raw, sbr, SUB) + tl.sum(off, 1)[:, None]) * qk_scale
-        elif K_GF or K_GROUP == D:
-            if K_GF:
-                # group fill: row (g, m)'s q planes hold query row m's channel group g only (zeros elsewhere), so
-                # the dots give that group's part, scaled by its per-token scale and summed over the row's groups
-                MK: tl.constexpr = q0.shape[0]
-                if PREFETCH:  # [GFILL, BLOCK_N], loaded one tile ahead
-                    ks = _group_bcast(pks, MK, GFILL)
-                    kz = _group_bcast(pkz, MK, GFILL)
-                else:
-                    ks = _group_rows_load(ks_base, offs_s64, sks_t, sks_g, smask, grow, MK, GFILL, GF_BCAST)
-                    kz = _group_rows_load(kz_base, offs_s64, skz_t, skz_g, smask, grow, MK, GFILL, GF_BCAST)
-            else:
-                if PREFETCH:  # loaded one tile ahead by the caller (_tile_meta)
-                    ks = pks
-                    kz = pkz
-                else:
-                    ks = tl.load(ks_base + offs_s64 * sks_t, mask=smask, other=0.0).to(tl.float32)
-                    kz = tl.load(kz_base + offs_s64 * skz_t, mask=smask, other=0.0).to(tl.float32)
-            if K_BITS == 8 or K_FMT == 3:
-                # 1024 + code is exact in fp16 only, and the NF4 planes are fp16 values (bf16 models: q converted, exact
-                # in fp16's normal range)
-                raw = _k_magic_dot(kb, q0.to(tl.float16), q1.to(tl.float16), q2, q3, K_BITS, MAGIC, tl.float16,
-                                   K_SHIFTED, FAST_ASM, USE_DOT, DOT_FP32, K_FMT)
-            else:
-                raw = _k_magic_dot(kb, q0, q1, q2, q3, K_BITS, MAGIC, DTYPE, K_SHIFTED, FAST_ASM, USE_DOT, DOT_FP32)
-            # raw = q . c + MAGIC_VAL * qsum_mag, so s * (raw - MAGIC_VAL * qsum_mag) + z * sum(q) == q . (c s + z)
-            if K_GF:
-                if K_FMT == 0:
-                    e = (raw - MAGIC_VAL * qsum_mag[:, None]) * ks + qsum[:, None] * kz
-                else:  # NF4: codebook values times the group's scale, no zero
-                    e = raw * ks
-                s = _group_allreduce(e, GFILL) * qk_scale
-            else:
-                raw = _rows_select(raw, sbr, SUB)
-                if K_FMT == 0:
-                    a = ks * qk_scale
-                    bz = kz * qk_scale
-                    s = (raw - MAGIC_VAL * qsum_mag[:, None]) * _bc(a, SUB) + qsum[:, None] * _bc(bz, SUB)
-                else:  # int8 (MAGIC_VAL holds the sign offset), fp8 (plain-Triton planes times 2**-8), NF4: no zero point
-                    a = ks * (qk_scale * (256.0 if (K_FMT == 2 and not FAST_ASM) else 1.0))
-                    s = (raw - MAGIC_VAL * qsum_mag[:, None]) * _bc(a, SUB)
+    # ---- K: scores --------------------------------------------------------------------------------
+    # the PTX unpack takes the raw bytes (fp16 magic, shifted codes); the other forms work on int16
+    K_RAW: tl.constexpr = FAST_ASM and (K_SHIFTED or (K_CHANNEL and KC_DEQ and V_MAGIC == 0x6400) or K_FMT == 3)
+    if HFILL == 1:
+        kb = _load_codes(kc_base, offs_t64, tmask, skc_t, skc_c, DPK, K_RAW)
+    if K_ROPE:
+        # keys quantized before RoPE: dequantized per element (each plane element's group scale / zero) and
+        # rotated by their positions S + t through two products per plane (_rope_plane)
+        qb0, qb1, qb2, qb3, w0, w1, w2, w3, rpos0 = prope
+        offs_g = (tl.arange(0, DPK) // (K_GROUP // PER_K)).to(tl.int64)
+        ks = tl.load(ks_base + offs_t64[:, None] * sks_t + offs_g[None, :] * sks_g, mask=tmask[:, None],
+                     other=0.0).to(tl.float32)
+        kz = tl.load(kz_base + offs_t64[:, None] * skz_t + offs_g[None, :] * skz_g, mask=tmask[:, None],
+                     other=0.0).to(tl.float32)
+        pos = (rpos0 + offs_t).to(tl.float32)
+        raw = _rope_plane(kb, 0, ks, kz, pos, w0, q0, qb0, K_BITS, DTYPE, USE_DOT, DOT_FP32, FAST_ASM)
+        raw += _rope_plane(kb, 1, ks, kz, pos, w1, q1, qb1, K_BITS, DTYPE, USE_DOT, DOT_FP32, FAST_ASM)
+        if PER_K == 4:
+            raw += _rope_plane(kb, 2, ks, kz, pos, w2, q2, qb2, K_BITS, DTYPE, USE_DOT, DOT_FP32, FAST_ASM)
+            raw += _rope_plane(kb, 3, ks, kz, pos, w3, q3, qb3, K_BITS, DTYPE, USE_DOT, DOT_FP32, FAST_ASM)
+        s = _rows_select(raw, sbr, SUB) * qk_scale
+    elif HFILL > 1:
+        # head fill: every row gets its own head's q . (M + c) (one unpack per head, shared by all rows),
+        # then the same per-token scale / zero form as one head, with the scales broadcast per head
+        MH: tl.constexpr = q0.shape[0]
+        ks = _group_rows_load(ks_base, offs_s64, sks_t, sks_h, smask, hrow, MH, HFILL, True)
+        kz = _group_rows_load(kz_base, offs_s64, skz_t, skz_h, smask, hrow, MH, HFILL, True)
+        raw = tl.zeros([MH, offs_t.shape[0]], tl.float32)
+        for hg in tl.static_range(HFILL):
+            kbh = _load_codes(kc_base + hg * skc_h, offs_t64, tmask, skc_t, skc_c, DPK, K_RAW)
+            rh = _k_magic_dot(kbh, q0, q1, q2, q3, K_BITS, MAGIC, DTYPE, K_SHIFTED, FAST_ASM, USE_DOT, DOT_FP32)
+            raw = tl.where(hrow[:, None] == hg, rh, raw)
+        s = ((raw - MAGIC_VAL * qsum_mag[:, None]) * ks + qsum[:, None] * kz) * qk_scale
+    elif K_CHANNEL and KC_DEQ:
+        # dequantize the key tile per plane (c_j * s + z per channel, see _kc_deq) in the V product's dtype
+        # (fp16 where the scales are: 3 more mantissa bits than bf16 for bf16 models, q converted per tile);
+        # with K_SHIFTED the q planes hold q_j * 2**-(j bits), undone on each plane's product
+        if PREFETCH:  # the tile's key group's per-channel scale / zero, loaded one tile ahead (_kc_meta)
+            s0, z0, s1, z1, s2, z2, s3, z3 = pkc
         else:
-            # plane element i holds channel PER * i + j, which is in group i // (K_GROUP // PER_K)
-            offs_g = (tl.arange(0, DPK) // (K_GROUP // PER_K)).to(tl.int64)
-            ks = tl.load(ks_base + offs_t64[:, None] * sks_t + offs_g[None, :] * sks_g, mask=tmask[:, None], other=0.0).to(tl.float32)
-            kz = tl.load(kz_base + offs_t64[:, None] * skz_t + offs_g[None, :] * skz_g, mask=tmask[:, None], other=0.0).to(tl.float32)
-            raw = _mm(q0, tl.trans((_plane_f32(kb, 0, K_BITS) * ks + kz).to(DTYPE)), USE_DOT, DOT_FP32)
-            raw += _mm(q1, tl.trans((_plane_f32(kb, 1, K_BITS) * ks + kz).to(DTYPE)), USE_DOT, DOT_FP32)
-            if PER_K == 4:
-                raw += _mm(q2, tl.trans((_plane_f32(kb, 2, K_BITS) * ks + kz).to(DTYPE)), USE_DOT, DOT_FP32)
-                raw += _mm(q3, tl.trans((_plane_f32(kb, 3, K_BITS) * ks + kz).to(DTYPE)), USE_DOT, DOT_FP32)
-            s = _rows_select(raw, sbr, SUB) * qk_scale
-        s = _mask_scores(s, smask, pos_s, row_lim, CAUSAL, SUB)
+            s0, z0, s1, z1, s2, z2, s3, z3 = _kc_meta(ks_base, sks_t, sks_g, kz_base, skz_t, skz_g, t0, t0 + 1, K_GROUP,
+                                                      DPK, PER_K)
+        k0 = _kc_deq(kb, s0, z0, 0, K_BITS, V_MAGIC, V_MAGIC_VAL, V_DTYPE, DOT_FP32, FAST_ASM)
+        raw = _mm(q0.to(V_DTYPE), tl.trans(k0), USE_DOT, DOT_FP32)
+        k1 = _kc_deq(kb, s1, z1, 1, K_BITS, V_MAGIC, V_MAGIC_VAL, V_DTYPE, DOT_FP32, FAST_ASM)
+        raw += _kf(1, K_BITS, K_SHIFTED) * _mm(q1.to(V_DTYPE), tl.trans(k1), USE_DOT, DOT_FP32)
+        if PER_K == 4:
+            k2 = _kc_deq(kb, s2, z2, 2, K_BITS, V_MAGIC, V_MAGIC_VAL, V_DTYPE, DOT_FP32, FAST_ASM)
+            raw += _kf(2, K_BITS, K_SHIFTED) * _mm(q2.to(V_DTYPE), tl.trans(k2), USE_DOT, DOT_FP32)
+            k3 = _kc_deq(kb, s3, z3, 3, K_BITS, V_MAGIC, V_MAGIC_VAL, V_DTYPE, DOT_FP32, FAST_ASM)
+            raw += _kf(3, K_BITS, K_SHIFTED) * _mm(q3.to(V_DTYPE), tl.trans(k3), USE_DOT, DOT_FP32)
+        s = _rows_select(raw, sbr, SUB) * qk_scale
+    elif K_CHANNEL:
+        # q planes hold q_j * 2**-(j * bits) when K_SHIFTED (KF_j undoes it for the zero term); plane j's
+        # element i is channel PER_K * i + j
+        KB: tl.constexpr = K_BITS
+        KF1: tl.constexpr = (1 << KB) if K_SHIFTED else 1
+        KF2: tl.constexpr = (1 << (2 * KB)) if K_SHIFTED else 1
+        KF3: tl.constexpr = (1 << (3 * KB)) if K_SHIFTED else 1
+        gi = t0 // K_GROUP  # int32: group row offsets stay far below 2**31
+        chan = tl.arange(0, DPK).to(tl.int64) * PER_K
+        ks_row = ks_base + gi * sks_t
+        kz_row = kz_base + gi * skz_t
+        # per query row, q . z - MAGIC_VAL * sum(q s) summed elementwise over the planes, reduced once
+        qs0 = (q0.to(tl.float32) * tl.load(ks_row + chan * sks_g).to(tl.float32)[None, :]).to(DTYPE)
+        qs1 = (q1.to(tl.float32) * tl.load(ks_row + (chan + 1) * sks_g).to(tl.float32)[None, :]).to(DTYPE)
+        off = q0.to(tl.float32) * tl.load(kz_row + chan * skz_g).to(tl.float32)[None, :] - MAGIC_VAL * qs0.to(tl.float32)
+        off += (KF1 * q1.to(tl.float32)) * tl.load(kz_row + (chan + 1) * skz_g).to(tl.float32)[None, :] - MAGIC_VAL * qs1.to(tl.float32)
+        raw = _mm(qs0, tl.trans(_plane_magic(kb, 0, K_BITS, MAGIC, DTYPE, K_SHIFTED, FAST_ASM)), USE_DOT, DOT_FP32)
+        raw += _mm(qs1, tl.trans(_plane_magic(kb, 1, K_BITS, MAGIC, DTYPE, K_SHIFTED, FAST_ASM)), USE_DOT, DOT_FP32)
+        if PER_K == 4:
+            qs2 = (q2.to(tl.float32) * tl.load(ks_row + (chan + 2) * sks_g).to(tl.float32)[None, :]).to(DTYPE)
+            qs3 = (q3.to(tl.float32) * tl.load(ks_row + (chan + 3) * sks_g).to(tl.float32)[None, :]).to(DTYPE)
+            off += (KF2 * q2.to(tl.float32)) * tl.load(kz_row + (chan + 2) * skz_g).to(tl.float32)[None, :] - MAGIC_VAL * qs2.to(tl.float32)
+            off += (KF3 * q3.to(tl.float32)) * tl.load(kz_row + (chan + 3) * skz_g).to(tl.float32)[None, :] - MAGIC_VAL * qs3.to(tl.float32)
+            raw += _mm(qs2, tl.trans(_plane_magic(kb, 2, K_BITS, MAGIC, DTYPE, K_SHIFTED, FAST_ASM)), USE_DOT, DOT_FP32)
+            raw += _mm(qs3, tl.trans(_plane_magic(kb, 3, K_BITS, MAGIC, DTYPE, K_SHIFTED, FAST_ASM)), USE_DOT, DOT_FP32)
+        # raw = (q s) . c + MAGIC_VAL * sum(q s): the offset and the zero term are per query row
+        s = (_rows_select(raw, sbr, SUB) + tl.sum(off, 1)[:, None]) * qk_scale
+    elif K_GF or K_GROUP == D:
+        if K_GF:
+            # group fill: row (g, m)'s q planes hold query row m's channel group g only (zeros elsewhere), so
+            # the dots give that group's part, scaled by its per-token scale and summed over the row's groups
+            MK: tl.constexpr = q0.shape[0]
+            if PREFETCH:  # [GFILL, BLOCK_N], loaded one tile ahead
+                ks = _group_bcast(pks, MK, GFILL)
+                kz = _group_bcast(pkz, MK, GFILL)
+            else:
+                ks = _group_rows_load(ks_base, offs_s64, sks_t, sks_g, smask, grow, MK, GFILL, GF_BCAST)
+                kz = _group_rows_load(kz_base, offs_s64, skz_t, skz_g, smask, grow, MK, GFILL, GF_BCAST)
+        else:
+            if PREFETCH:  # loaded one tile ahead by the caller (_tile_meta)
+                ks = pks
+                kz = pkz
+            else:
+                ks = tl.load(ks_base + offs_s64 * sks_t, mask=smask, other=0.0).to(tl.float32)
+                kz = tl.load(kz_base + offs_s64 * skz_t, mask=smask, other=0.0).to(tl.float32)
+        if K_BITS == 8 or K_FMT == 3:
+            # 1024 + code is exact in fp16 only, and the NF4 planes are fp16 values (bf16 models: q converted, exact
+            # in fp16's normal range)
+            raw = _k_magic_dot(kb, q0.to(tl.float16), q1.to(tl.float16), q2, q3, K_BITS, MAGIC, tl.float16,
+                               K_SHIFTED, FAST_ASM, USE_DOT, DOT_FP32, K_FMT)
+        else:
+            raw = _k_magic_dot(kb, q0, q1, q2, q3, K_BITS, MAGIC, DTYPE, K_SHIFTED, FAST_ASM, USE_DOT, DOT_FP32)
+        # raw = q . c + MAGIC_VAL * qsum_mag, so s * (raw - MAGIC_VAL * qsum_mag) + z * sum(q) == q . (c s + z)
+        if K_GF:
+            if K_FMT == 0:
+                e = (raw - MAGIC_VAL * qsum_mag[:, None]) * ks + qsum[:, None] * kz
+            else:  # NF4: codebook values times the group's scale, no zero
+                e = raw * ks
+            s = _group_allreduce(e, GFILL) * qk_scale
+        else:
+            raw = _rows_select(raw, sbr, SUB)
+            if K_FMT == 0:
+                a = ks * qk_scale
+                bz = kz * qk_scale
+                s = (raw - MAGIC_VAL * qsum_mag[:, None]) * _bc(a, SUB) + qsum[:, None] * _bc(bz, SUB)
+            else:  # int8 (MAGIC_VAL holds the sign offset), fp8 (plain-Triton planes times 2**-8), NF4: no zero point
+                a = ks * (qk_scale * (256.0 if (K_FMT == 2 and not FAST_ASM) else 1.0))
+                s = (raw - MAGIC_VAL * qsum_mag[:, None]) * _bc(a, SUB)
     else:
-        s = s_in
-    if PART != 1:
-        p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i)
+        # plane element i holds channel PER * i + j, which is in group i // (K_GROUP // PER_K)
+        offs_g = (tl.arange(0, DPK) // (K_GROUP // PER_K)).to(tl.int64)
+        ks = tl.load(ks_base + offs_t64[:, None] * sks_t + offs_g[None, :] * sks_g, mask=tmask[:, None], other=0.0).to(tl.float32)
+        kz = tl.load(kz_base + offs_t64[:, None] * skz_t + offs_g[None, :] * skz_g, mask=tmask[:, None], other=0.0).to(tl.float32)
+        raw = _mm(q0, tl.trans((_plane_f32(kb, 0, K_BITS) * ks + kz).to(DTYPE)), USE_DOT, DOT_FP32)
+        raw += _mm(q1, tl.trans((_plane_f32(kb, 1, K_BITS) * ks + kz).to(DTYPE)), USE_DOT, DOT_FP32)
+        if PER_K == 4:
+            raw += _mm(q2, tl.trans((_plane_f32(kb, 2, K_BITS) * ks + kz).to(DTYPE)), USE_DOT, DOT_FP32)
+            raw += _mm(q3, tl.trans((_plane_f32(kb, 3, K_BITS) * ks + kz).to(DTYPE)), USE_DOT, DOT_FP32)
+        s = _rows_select(raw, sbr, SUB) * qk_scale
+    s = _mask_scores(s, smask, pos_s, row_lim, CAUSAL, SUB)
+    p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i)
 
-        # ---- V: output ----------------------------------------------------------------------------------
-        V_RAW: tl.constexpr = FAST_ASM and (V_SHIFTED or V_FMT == 3)
-        if HFILL == 1 and V_BITS != 15:
-            vb = _load_codes(vc_base, offs_t64, tmask, svc_t, svc_c, DPV, V_RAW)
-        if V_BITS == 15:
-            # ternary codes (1.5 bits: byte u of a token holds channels 5u .. 5u + 4 as base-3 digits): dequantized
-            # per element in natural channel order (PER_V == 1, one output plane), each with its group's scale / zero
-            cc = tl.arange(0, D)
-            b3 = tl.load(vc_base + offs_t64[:, None] * svc_t + (cc // 5).to(tl.int64)[None, :] * svc_c,
-                         mask=tmask[:, None], other=0).to(tl.float32)
-            d3 = _ternary_digit(b3, (cc % 5)[None, :])
-            offs_g = (cc // V_GROUP).to(tl.int64)
-            vs = tl.load(vs_base + offs_t64[:, None] * svs_t + offs_g[None, :] * svs_g, mask=tmask[:, None],
-                         other=0.0).to(tl.float32)
-            vz = tl.load(vz_base + offs_t64[:, None] * svz_t + offs_g[None, :] * svz_g, mask=tmask[:, None],
-                         other=0.0).to(tl.float32)
-            zacc = zacc * alpha
-            pv = _rows_expand(p.to(DTYPE), sbr, SUB)
-            acc0 = acc0 * alpha[:, None] + _mm(pv, (d3 * vs + vz).to(DTYPE), USE_DOT, DOT_FP32)
-        elif HFILL > 1:
-            # head fill: the rows of head hg take p (scaled by their head's per-token scale) against that
-            # head's codes; the other rows' probabilities are zero in its product
+    # ---- V: output ----------------------------------------------------------------------------------
+    V_RAW: tl.constexpr = FAST_ASM and (V_SHIFTED or V_FMT == 3)
+    if HFILL == 1 and V_BITS != 15:
+        vb = _load_codes(vc_base, offs_t64, tmask, svc_t, svc_c, DPV, V_RAW)
+    if V_BITS == 15:
+        # ternary codes (1.5 bits: byte u of a token holds channels 5u .. 5u + 4 as base-3 digits): dequantized
+        # per element in natural channel order (PER_V == 1, one output plane), each with its group's scale / zero
+        cc = tl.arange(0, D)
+        b3 = tl.load(vc_base + offs_t64[:, None] * svc_t + (cc // 5).to(tl.int64)[None, :] * svc_c,
+                     mask=tmask[:, None], other=0).to(tl.float32)
+        d3 = _ternary_digit(b3, (cc % 5)[None, :])
+        offs_g = (cc // V_GROUP).to(tl.int64)
+        vs = tl.load(vs_base + offs_t64[:, None] * svs_t + offs_g[None, :] * svs_g, mask=tmask[:, None],
+                     other=0.0).to(tl.float32)
+        vz = tl.load(vz_base + offs_t64[:, None] * svz_t + offs_g[None, :] * svz_g, mask=tmask[:, None],
+                     other=0.0).to(tl.float32)
+        zacc = zacc * alpha
+        pv = _rows_expand(p.to(DTYPE), sbr, SUB)
+        acc0 = acc0 * alpha[:, None] + _mm(pv, (d3 * vs + vz).to(DTYPE), USE_DOT, DOT_FP32)
+    elif HFILL > 1:
+        # head fill: the rows of head hg take p (scaled by their head's per-token scale) against that
+        # head's codes; the other rows' probabilities are zero in its product
+        MV: tl.constexpr = q0.shape[0]
+        vs = _group_rows_load(vs_base, offs_s64, svs_t, svs_h, smask, hrow, MV, HFILL, True)
+        vz = _group_rows_load(vz_base, offs_s64, svz_t, svz_h, smask, hrow, MV, HFILL, True)
+        zacc = zacc * alpha + tl.sum(p * vz, 1)
+        pv = (p * vs).to(V_DTYPE)
+        acc0, acc1, acc2, acc3 = _acc_rescale(acc0, acc1, acc2, acc3, alpha, PER_V)
+        for hg in tl.static_range(HFILL):
+            vbh = _load_codes(vc_base + hg * svc_h, offs_t64, tmask, svc_t, svc_c, DPV, V_RAW)
+            pvh = tl.where(hrow[:, None] == hg, pv, tl.zeros_like(pv))
+            acc0, acc1, acc2, acc3 = _v_exact_dot(pvh, vbh, acc0, acc1, acc2, acc3, V_BITS, V_MAGIC, V_MAGIC_VAL,
+                                                  V_DTYPE, DOT_FP32, V_SHIFTED, FAST_ASM, USE_DOT)
+    elif V_GROUP == D or V_GF:
+        if V_GF:
+            # group fill: MMA row (g, m) carries query row m with V's channel group g: its probabilities
+            # are scaled by that group's per-token scale, and only group g's output columns are kept
             MV: tl.constexpr = q0.shape[0]
-            vs = _group_rows_load(vs_base, offs_s64, svs_t, svs_h, smask, hrow, MV, HFILL, True)
-            vz = _group_rows_load(vz_base, offs_s64, svz_t, svz_h, smask, hrow, MV, HFILL, True)
-            zacc = zacc * alpha + tl.sum(p * vz, 1)
-            pv = (p * vs).to(V_DTYPE)
-            acc0, acc1, acc2, acc3 = _acc_rescale(acc0, acc1, acc2, acc3, alpha, PER_V)
-            for hg in tl.static_range(HFILL):
-                vbh = _load_codes(vc_base + hg * svc_h, offs_t64, tmask, svc_t, svc_c, DPV, V_RAW)
-                pvh = tl.where(hrow[:, None] == hg, pv, tl.zeros_like(pv))
-                acc0, acc1, acc2, acc3 = _v_exact_dot(pvh, vbh, acc0, acc1, acc2, acc3, V_BITS, V_MAGIC, V_MAGIC_VAL,
-                                                      V_DTYPE, DOT_FP32, V_SHIFTED, FAST_ASM, USE_DOT)
-        elif V_GROUP == D or V_GF:
-            if V_GF:
-                # group fill: MMA row (g, m) carries query row m with V's channel group g: its probabilities
-                # are scaled by that group's per-token scale, and only group g's output columns are kept
-                MV: tl.constexpr = q0.shape[0]
-                if PREFETCH:
-                    vs = _group_bcast(pvs, MV, GFILL)
-                    vz = _group_bcast(pvz, MV, GFILL)
-                else:
-                    vs = _group_rows_load(vs_base, offs_s64, svs_t, svs_g, smask, grow, MV, GFILL, GF_BCAST)
-                    vz = _group_rows_load(vz_base, offs_s64, svz_t, svz_g, smask, grow, MV, GFILL, GF_BCAST)
+            if PREFETCH:
+                vs = _group_bcast(pvs, MV, GFILL)
+                vz = _group_bcast(pvz, MV, GFILL)
             else:
-                if PREFETCH:
-                    vs = _bc(pvs, SUB)
-                    vz = _bc(pvz, SUB)
-                else:
-                    vs = _bc(tl.load(vs_base + offs_s64 * svs_t, mask=smask, other=0.0).to(tl.float32), SUB)
-                    vz = _bc(tl.load(vz_base + offs_s64 * svz_t, mask=smask, other=0.0).to(tl.float32), SUB)
-            if V_FMT == 0:
-                zacc = zacc * alpha + tl.sum(p * vz, 1)
-                pv = _rows_expand((p * vs).to(V_DTYPE), sbr, SUB)
-            else:  # int8 / fp8: no zero point; fp8's plain-Triton planes hold the value times 2**-8
-                zacc = zacc * alpha
-                pv = _rows_expand((p * (vs * (256.0 if (V_FMT == 2 and not FAST_ASM) else 1.0))).to(V_DTYPE), sbr, SUB)
-            acc0, acc1, acc2, acc3 = _acc_rescale(acc0, acc1, acc2, acc3, alpha, PER_V)
-            acc0, acc1, acc2, acc3 = _v_exact_dot(pv, vb, acc0, acc1, acc2, acc3, V_BITS, V_MAGIC, V_MAGIC_VAL, V_DTYPE,
-                                                  DOT_FP32, V_SHIFTED, FAST_ASM, USE_DOT, V_FMT)
+                vs = _group_rows_load(vs_base, offs_s64, svs_t, svs_g, smask, grow, MV, GFILL, GF_BCAST)
+                vz = _group_rows_load(vz_base, offs_s64, svz_t, svz_g, smask, grow, MV, GFILL, GF_BCAST)
         else:
-            offs_g = (tl.arange(0, DPV) // (V_GROUP // PER_V)).to(tl.int64)
-            vs = tl.load(vs_base + offs_t64[:, None] * svs_t + offs_g[None, :] * svs_g, mask=tmask[:, None], other=0.0).to(tl.float32)
-            vz = tl.load(vz_base + offs_t64[:, None] * svz_t + offs_g[None, :] * svz_g, mask=tmask[:, None], other=0.0).to(tl.float32)
+            if PREFETCH:
+                vs = _bc(pvs, SUB)
+                vz = _bc(pvz, SUB)
+            else:
+                vs = _bc(tl.load(vs_base + offs_s64 * svs_t, mask=smask, other=0.0).to(tl.float32), SUB)
+                vz = _bc(tl.load(vz_base + offs_s64 * svz_t, mask=smask, other=0.0).to(tl.float32), SUB)
+        if V_FMT == 0:
+            zacc = zacc * alpha + tl.sum(p * vz, 1)
+            pv = _rows_expand((p * vs).to(V_DTYPE), sbr, SUB)
+        else:  # int8 / fp8: no zero point; fp8's plain-Triton planes hold the value times 2**-8
             zacc = zacc * alpha
-            pv = _rows_expand(p.to(DTYPE), sbr, SUB)
-            acc0 = acc0 * alpha[:, None] + _mm(pv, (_plane_f32(vb, 0, V_BITS) * vs + vz).to(DTYPE), USE_DOT, DOT_FP32)
-            acc1 = acc1 * alpha[:, None] + _mm(pv, (_plane_f32(vb, 1, V_BITS) * vs + vz).to(DTYPE), USE_DOT, DOT_FP32)
-            if PER_V == 4:
-                acc2 = acc2 * alpha[:, None] + _mm(pv, (_plane_f32(vb, 2, V_BITS) * vs + vz).to(DTYPE), USE_DOT, DOT_FP32)
-                acc3 = acc3 * alpha[:, None] + _mm(pv, (_plane_f32(vb, 3, V_BITS) * vs + vz).to(DTYPE), USE_DOT, DOT_FP32)
-    return m_i, l_i, acc0, acc1, acc2, acc3, zacc, s
+            pv = _rows_expand((p * (vs * (256.0 if (V_FMT == 2 and not FAST_ASM) else 1.0))).to(V_DTYPE), sbr, SUB)
+        acc0, acc1, acc2, acc3 = _acc_rescale(acc0, acc1, acc2, acc3, alpha, PER_V)
+        acc0, acc1, acc2, acc3 = _v_exact_dot(pv, vb, acc0, acc1, acc2, acc3, V_BITS, V_MAGIC, V_MAGIC_VAL, V_DTYPE,
+                                              DOT_FP32, V_SHIFTED, FAST_ASM, USE_DOT, V_FMT)
+    else:
+        offs_g = (tl.arange(0, DPV) // (V_GROUP // PER_V)).to(tl.int64)
+        vs = tl.load(vs_base + offs_t64[:, None] * svs_t + offs_g[None, :] * svs_g, mask=tmask[:, None], other=0.0).to(tl.float32)
+        vz = tl.load(vz_base + offs_t64[:, None] * svz_t + offs_g[None, :] * svz_g, mask=tmask[:, None], other=0.0).to(tl.float32)
+        zacc = zacc * alpha
+        pv = _rows_expand(p.to(DTYPE), sbr, SUB)
+        acc0 = acc0 * alpha[:, None] + _mm(pv, (_plane_f32(vb, 0, V_BITS) * vs + vz).to(DTYPE), USE_DOT, DOT_FP32)
+        acc1 = acc1 * alpha[:, None] + _mm(pv, (_plane_f32(vb, 1, V_BITS) * vs + vz).to(DTYPE), USE_DOT, DOT_FP32)
+        if PER_V == 4:
+            acc2 = acc2 * alpha[:, None] + _mm(pv, (_plane_f32(vb, 2, V_BITS) * vs + vz).to(DTYPE), USE_DOT, DOT_FP32)
+            acc3 = acc3 * alpha[:, None] + _mm(pv, (_plane_f32(vb, 3, V_BITS) * vs + vz).to(DTYPE), USE_DOT, DOT_FP32)
+    return m_i, l_i, acc0, acc1, acc2, acc3, zacc
 
 
 @triton.jit
@@ -1089,7 +1069,7 @@ def _decode_split_kernel(
     K_CHANNEL: tl.constexpr = False, GFILL: tl.constexpr = 1, K_GF: tl.constexpr = False,
     V_GF: tl.constexpr = False, GF_BCAST: tl.constexpr = False, KC_DEQ: tl.constexpr = False,
     HFILL: tl.constexpr = 1, PREFETCH: tl.constexpr = False, K_FMT: tl.constexpr = 0, V_FMT: tl.constexpr = 0,
-    PIPE: tl.constexpr = False, K_ROPE: tl.constexpr = False,
+    K_ROPE: tl.constexpr = False,
 ):
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -1288,56 +1268,6 @@ def _decode_split_kernel(
             VG: tl.constexpr = GFILL if V_GF else 1
             # PREFETCH (SUB == 1: the score-domain tokens are the tile's tokens): the next tile's scales / zeros
             # are loaded while this one computes; n* hold the next tile's, c* this tile's
-            if PIPE:
-                # software pipeline (PIPE: SUB == HFILL == 1, per-token keys, PREFETCH): iteration i computes the
-                # scores of tile i + 1 before the softmax and V product of tile i, so the MMAs of one and the
-                # float32 work of the other are independent in the one warp; the key scales run two tiles ahead,
-                # the value scales one. The last iteration scores a tile past the end (all masked: wasted work).
-                cks, ckz = _side_meta(ks_base, sks_t, sks_g, kz_base, skz_t, skz_g, t_first, end, BLOCK_N, KG)
-                nvs, nvz = _side_meta(vs_base, svs_t, svs_g, vz_base, svz_t, svz_g, t_first, end, BLOCK_N, VG)
-                nks, nkz = _side_meta(ks_base, sks_t, sks_g, kz_base, skz_t, skz_g, t_first + BLOCK_N, end, BLOCK_N,
-                                      KG)
-                offs_t = t_first + arange_n
-                tmask = offs_t < end
-                _a, _b, _c, _d, _e, _f, _g, s_next = _packed_tile(
-                    q0, q1, q2, q3, qsum, qsum_mag, m_i, l_i, acc0, acc1, acc2, acc3, zacc,
-                    kc_base, skc_t, skc_c, ks_base, sks_t, sks_g, kz_base, skz_t, skz_g,
-                    vc_base, svc_t, svc_c, vs_base, svs_t, svs_g, vz_base, svz_t, svz_g,
-                    offs_t, tmask, offs_t, tmask, offs_t + n_sink, sbr, row_lim, qk_scale,
-                    K_BITS, V_BITS, K_GROUP, V_GROUP, D, MAGIC, MAGIC_VAL, V_MAGIC, V_MAGIC_VAL, V_DTYPE,
-                    K_SHIFTED, V_SHIFTED, FAST_ASM, CAUSAL, USE_DOT, DOT_FP32, DTYPE, SUB, t_first, K_CHANNEL,
-                    grow, GFILL, K_GF, V_GF, GF_BCAST, KC_DEQ, hrow, HFILL, skc_h, sks_h, skz_h, svc_h, svs_h, svz_h,
-                    True, cks, ckz, nvs, nvz, None, K_FMT, V_FMT, PART=1)
-                for t0 in range(t_first, end, BLOCK_N):
-                    s_cur = s_next
-                    cvs, cvz = nvs, nvz
-                    cks, ckz = nks, nkz
-                    nvs, nvz = _side_meta(vs_base, svs_t, svs_g, vz_base, svz_t, svz_g, t0 + BLOCK_N, end, BLOCK_N, VG)
-                    nks, nkz = _side_meta(ks_base, sks_t, sks_g, kz_base, skz_t, skz_g, t0 + 2 * BLOCK_N, end,
-                                          BLOCK_N, KG)
-                    offs_n = t0 + BLOCK_N + arange_n
-                    nmask = offs_n < end
-                    _a, _b, _c, _d, _e, _f, _g, s_next = _packed_tile(
-                        q0, q1, q2, q3, qsum, qsum_mag, m_i, l_i, acc0, acc1, acc2, acc3, zacc,
-                        kc_base, skc_t, skc_c, ks_base, sks_t, sks_g, kz_base, skz_t, skz_g,
-                        vc_base, svc_t, svc_c, vs_base, svs_t, svs_g, vz_base, svz_t, svz_g,
-                        offs_n, nmask, offs_n, nmask, offs_n + n_sink, sbr, row_lim, qk_scale,
-                        K_BITS, V_BITS, K_GROUP, V_GROUP, D, MAGIC, MAGIC_VAL, V_MAGIC, V_MAGIC_VAL, V_DTYPE,
-                        K_SHIFTED, V_SHIFTED, FAST_ASM, CAUSAL, USE_DOT, DOT_FP32, DTYPE, SUB, t0 + BLOCK_N,
-                        K_CHANNEL, grow, GFILL, K_GF, V_GF, GF_BCAST, KC_DEQ, hrow, HFILL, skc_h, sks_h, skz_h, svc_h,
-                        svs_h, svz_h, True, cks, ckz, cvs, cvz, None, K_FMT, V_FMT, PART=1)
-                    offs_t = t0 + arange_n
-                    tmask = offs_t < end
-                    m_i, l_i, acc0, acc1, acc2, acc3, zacc, _s = _packed_tile(
-                        q0, q1, q2, q3, qsum, qsum_mag, m_i, l_i, acc0, acc1, acc2, acc3, zacc,
-                        kc_base, skc_t, skc_c, ks_base, sks_t, sks_g, kz_base, skz_t, skz_g,
-                        vc_base, svc_t, svc_c, vs_base, svs_t, svs_g, vz_base, svz_t, svz_g,
-                        offs_t, tmask, offs_t, tmask, offs_t + n_sink, sbr, row_lim, qk_scale,
-                        K_BITS, V_BITS, K_GROUP, V_GROUP, D, MAGIC, MAGIC_VAL, V_MAGIC, V_MAGIC_VAL, V_DTYPE,
-                        K_SHIFTED, V_SHIFTED, FAST_ASM, CAUSAL, USE_DOT, DOT_FP32, DTYPE, SUB, t0, K_CHANNEL,
-                        grow, GFILL, K_GF, V_GF, GF_BCAST, KC_DEQ, hrow, HFILL, skc_h, sks_h, skz_h, svc_h, svs_h,
-                        svz_h, True, cks, ckz, cvs, cvz, None, K_FMT, V_FMT, s_in=s_cur, PART=2)
-                t_first = end  # the plain loop below runs no tile
             nks, nkz, nvs, nvz = _tile_meta(ks_base, sks_t, sks_g, kz_base, skz_t, skz_g, vs_base, svs_t, svs_g,
                                             vz_base, svz_t, svz_g, t_first, tl.where(PREFETCH, end, t_first), BLOCK_N,
                                             KG, VG, not K_CHANNEL)
@@ -1362,7 +1292,7 @@ def _decode_split_kernel(
                 else:
                     tmask = offs_t < end
                     smask = offs_s < end
-                m_i, l_i, acc0, acc1, acc2, acc3, zacc, _s = _packed_tile(
+                m_i, l_i, acc0, acc1, acc2, acc3, zacc = _packed_tile(
                     q0, q1, q2, q3, qsum, qsum_mag, m_i, l_i, acc0, acc1, acc2, acc3, zacc,
                     kc_base, skc_t, skc_c, ks_base, sks_t, sks_g, kz_base, skz_t, skz_g,
                     vc_base, svc_t, svc_c, vs_base, svs_t, svs_g, vz_base, svz_t, svz_g,
@@ -1644,7 +1574,6 @@ def decode_attention(
     kchan_dequant: bool | None = None,
     head_fill: bool | int | None = None,
     prefetch: bool | None = None,
-    pipeline: bool | None = None,
     k_rope: torch.Tensor | None = None,
     k_perm: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -2003,8 +1932,6 @@ def decode_attention(
     prefetch = bool(PREFETCH_DEFAULT if prefetch is None else prefetch) and use_dot and sub == 1 and hfill == 1 \
         and (kc_deq if k_channel else (k_group_size == D or k_gf)) and (v_group_size == D or v_gf) \
         and (gfill == 1 or gf_bcast) and not rope and not ternary
-    # software pipeline of the packed loop (NOTES.md v19): per-token keys with prefetched scales
-    pipe = bool(PIPELINE_DEFAULT if pipeline is None else pipeline) and prefetch and not k_channel
     if num_stages_default and prefetch and gfill == 1 and 4 in (k_bits, v_bits) and block_n >= 64:
         # 4-bit codes with the prefetched scales at BLOCK_N 64 (no longer the default, see above): two stages (H100,
         # K4V4 per token at 32k: fp16 154 -> 150 us, bf16 with sink + window 269 -> 222 us, the three-stage build
@@ -2030,7 +1957,7 @@ def decode_attention(
         DEV_LENS=dev_lens, KV_MIXED=kv_mixed, K_CHANNEL=k_channel, GFILL=gfill, K_GF=k_gf,
         V_GF=v_gf, GF_BCAST=gf_bcast,
         KC_DEQ=kc_deq,
-        HFILL=hfill, PREFETCH=prefetch, K_FMT=_FMT_CODE[k_format], V_FMT=_FMT_CODE[v_format], PIPE=pipe, K_ROPE=rope,
+        HFILL=hfill, PREFETCH=prefetch, K_FMT=_FMT_CODE[k_format], V_FMT=_FMT_CODE[v_format], K_ROPE=rope,
         num_warps=num_warps, num_stages=num_stages,
     )
     if not direct:
