@@ -470,6 +470,17 @@ def _mask_scores(s, tmask, pos, row_lim, CAUSAL: tl.constexpr, SUB: tl.constexpr
 
 
 @triton.jit
+def _elem_meta(s_base, s_t, s_g, z_base, z_t, z_g, offs_t64, tmask, offs_g):
+    """Per-element scale and zero of a tile whose columns sit in the groups ``offs_g``: [tokens, columns] float32,
+    0 on masked tokens (the register-dequantizing forms: groups below D without group fill, keys before RoPE,
+    ternary values, KIVI's V in K's window)."""
+    m = tmask[:, None]
+    sc = tl.load(s_base + offs_t64[:, None] * s_t + offs_g[None, :] * s_g, mask=m, other=0.0).to(tl.float32)
+    zr = tl.load(z_base + offs_t64[:, None] * z_t + offs_g[None, :] * z_g, mask=m, other=0.0).to(tl.float32)
+    return sc, zr
+
+
+@triton.jit
 def _v_mixed_plane(vb, vs, vz, w, in_mid, J: tl.constexpr, V_BITS: tl.constexpr, DTYPE: tl.constexpr):
     return tl.where(in_mid[:, None], _plane_f32(vb, J, V_BITS) * vs + vz, w.to(tl.float32)).to(DTYPE)
 
@@ -495,8 +506,7 @@ def _load_v_mixed(vw_base, svt, svc, offs_t, tmask, v_lag, v_wcap, vc_base, svc_
         vz = tl.load(vz_base + tm * svz_t, mask=in_mid, other=0.0).to(tl.float32)[:, None]
     else:
         offs_g = (tl.arange(0, DPV) // (V_GROUP // PER_V)).to(tl.int64)
-        vs = tl.load(vs_base + tm[:, None] * svs_t + offs_g[None, :] * svs_g, mask=in_mid[:, None], other=0.0).to(tl.float32)
-        vz = tl.load(vz_base + tm[:, None] * svz_t + offs_g[None, :] * svz_g, mask=in_mid[:, None], other=0.0).to(tl.float32)
+        vs, vz = _elem_meta(vs_base, svs_t, svs_g, vz_base, svz_t, svz_g, tm, in_mid, offs_g)
     v0 = _v_mixed_plane(vb, vs, vz, w0, in_mid, 0, V_BITS, DTYPE)
     v1 = _v_mixed_plane(vb, vs, vz, w1, in_mid, 1, V_BITS, DTYPE)
     if PER_V == 4:
@@ -802,10 +812,7 @@ def _packed_tile(q0, q1, q2, q3, qsum, qsum_mag, m_i, l_i, acc0, acc1, acc2, acc
         # rotated by their positions S + t through two products per plane (_rope_plane)
         qb0, qb1, qb2, qb3, w0, w1, w2, w3, rpos0 = prope
         offs_g = (tl.arange(0, DPK) // (K_GROUP // PER_K)).to(tl.int64)
-        ks = tl.load(ks_base + offs_t64[:, None] * sks_t + offs_g[None, :] * sks_g, mask=tmask[:, None],
-                     other=0.0).to(tl.float32)
-        kz = tl.load(kz_base + offs_t64[:, None] * skz_t + offs_g[None, :] * skz_g, mask=tmask[:, None],
-                     other=0.0).to(tl.float32)
+        ks, kz = _elem_meta(ks_base, sks_t, sks_g, kz_base, skz_t, skz_g, offs_t64, tmask, offs_g)
         pos = (rpos0 + offs_t).to(tl.float32)
         raw = _rope_plane(kb, 0, ks, kz, pos, w0, q0, qb0, K_BITS, DTYPE, USE_DOT, DOT_FP32, FAST_ASM)
         raw += _rope_plane(kb, 1, ks, kz, pos, w1, q1, qb1, K_BITS, DTYPE, USE_DOT, DOT_FP32, FAST_ASM)
@@ -915,8 +922,7 @@ def _packed_tile(q0, q1, q2, q3, qsum, qsum_mag, m_i, l_i, acc0, acc1, acc2, acc
     else:
         # plane element i holds channel PER * i + j, which is in group i // (K_GROUP // PER_K)
         offs_g = (tl.arange(0, DPK) // (K_GROUP // PER_K)).to(tl.int64)
-        ks = tl.load(ks_base + offs_t64[:, None] * sks_t + offs_g[None, :] * sks_g, mask=tmask[:, None], other=0.0).to(tl.float32)
-        kz = tl.load(kz_base + offs_t64[:, None] * skz_t + offs_g[None, :] * skz_g, mask=tmask[:, None], other=0.0).to(tl.float32)
+        ks, kz = _elem_meta(ks_base, sks_t, sks_g, kz_base, skz_t, skz_g, offs_t64, tmask, offs_g)
         raw = _mm(q0, tl.trans((_plane_f32(kb, 0, K_BITS) * ks + kz).to(DTYPE)), USE_DOT, DOT_FP32)
         raw += _mm(q1, tl.trans((_plane_f32(kb, 1, K_BITS) * ks + kz).to(DTYPE)), USE_DOT, DOT_FP32)
         if PER_K == 4:
@@ -938,10 +944,7 @@ def _packed_tile(q0, q1, q2, q3, qsum, qsum_mag, m_i, l_i, acc0, acc1, acc2, acc
                      mask=tmask[:, None], other=0).to(tl.float32)
         d3 = _ternary_digit(b3, (cc % 5)[None, :])
         offs_g = (cc // V_GROUP).to(tl.int64)
-        vs = tl.load(vs_base + offs_t64[:, None] * svs_t + offs_g[None, :] * svs_g, mask=tmask[:, None],
-                     other=0.0).to(tl.float32)
-        vz = tl.load(vz_base + offs_t64[:, None] * svz_t + offs_g[None, :] * svz_g, mask=tmask[:, None],
-                     other=0.0).to(tl.float32)
+        vs, vz = _elem_meta(vs_base, svs_t, svs_g, vz_base, svz_t, svz_g, offs_t64, tmask, offs_g)
         zacc = zacc * alpha
         pv = _rows_expand(p.to(DTYPE), sbr, SUB)
         acc0 = acc0 * alpha[:, None] + _mm(pv, (d3 * vs + vz).to(DTYPE), USE_DOT, DOT_FP32)
@@ -988,8 +991,7 @@ def _packed_tile(q0, q1, q2, q3, qsum, qsum_mag, m_i, l_i, acc0, acc1, acc2, acc
                                               DOT_FP32, V_SHIFTED, FAST_ASM, USE_DOT, V_FMT)
     else:
         offs_g = (tl.arange(0, DPV) // (V_GROUP // PER_V)).to(tl.int64)
-        vs = tl.load(vs_base + offs_t64[:, None] * svs_t + offs_g[None, :] * svs_g, mask=tmask[:, None], other=0.0).to(tl.float32)
-        vz = tl.load(vz_base + offs_t64[:, None] * svz_t + offs_g[None, :] * svz_g, mask=tmask[:, None], other=0.0).to(tl.float32)
+        vs, vz = _elem_meta(vs_base, svs_t, svs_g, vz_base, svz_t, svz_g, offs_t64, tmask, offs_g)
         zacc = zacc * alpha
         pv = _rows_expand(p.to(DTYPE), sbr, SUB)
         acc0 = acc0 * alpha[:, None] + _mm(pv, (_plane_f32(vb, 0, V_BITS) * vs + vz).to(DTYPE), USE_DOT, DOT_FP32)
