@@ -227,13 +227,10 @@ def dequant_sdpa(kw, sm_scale):
     dt = kw["q"].dtype
     fk, fv = ({"fmt": kw[f"{n}_format"]} if f"{n}_format" in kw else {} for n in "kv")
     k_mid = deq_k(kw["k_codes"], kw["k_scale"], kw["k_zero"], kw["k_bits"], kw["k_group_size"], **fk)
-    if "k_rope" in kw:  # keys before RoPE: back to model order, rotated by their positions, stored order again
-        from kvcompile.cache.packed import rotate
+    if "k_rope" in kw:  # keys before RoPE: rotated by their positions (the kernel reference's rule)
+        from kvcompile.kernels.reference import rotate_stored
 
-        pidx = kw["k_perm"][None, :, None, :].expand(k_mid.shape)
-        model = torch.empty_like(k_mid).scatter_(-1, pidx, k_mid).float()
-        pos = torch.arange(kw["k_sink"].shape[2], kw["k_sink"].shape[2] + k_mid.shape[2], device=k_mid.device)
-        k_mid = torch.gather(rotate(model, pos, kw["k_rope"]), -1, pidx)
+        k_mid = rotate_stored(k_mid.float(), kw["k_rope"], kw["k_perm"], kw["k_sink"].shape[2])
     ks = [kw["k_sink"], k_mid.to(dt), kw["k_window"][:, :, :n_w]]
     vs = [kw["v_sink"], dequantize_fp16(kw["v_codes"], kw["v_scale"], kw["v_zero"], kw["v_bits"],
                                         kw["v_group_size"], **fv).to(dt), kw["v_window"][:, :, :n_w]]

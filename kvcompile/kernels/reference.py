@@ -18,7 +18,7 @@ import torch
 
 from ..quant import dequantize_affine, dequantize_fp8, dequantize_int8, dequantize_nf, unpack_codes
 
-__all__ = ["decode_attention_reference", "lengths_per_row"]
+__all__ = ["decode_attention_reference", "lengths_per_row", "rotate_stored"]
 
 
 def lengths_per_row(lengths, B: int, caps: tuple[int, int, int], name: str = "lengths") -> list[tuple[int, int, int]]:
@@ -35,6 +35,21 @@ def lengths_per_row(lengths, B: int, caps: tuple[int, int, int], name: str = "le
             if not 0 <= n <= c:
                 raise ValueError(f"{name}[{b}]: {part}={n} outside [0, {c}]")
     return rows
+
+
+def rotate_stored(k: torch.Tensor, inv_freq: torch.Tensor, perm: torch.Tensor | None, start: int) -> torch.Tensor:
+    """Keys quantized before RoPE, float32 [B, H, T, D] in the stored channel order ``perm`` [H, D] (the model
+    channel at each stored column; None: the identity): token t rotated to position ``start + t`` (PackedKV's
+    middle convention) with the cache's own ``rotate`` in model channel order, returned in the stored order."""
+    from ..cache.packed import rotate
+
+    H, D = k.shape[1], k.shape[-1]
+    perm = (torch.arange(D, device=k.device).expand(H, D) if perm is None
+            else perm.to(device=k.device, dtype=torch.int64))
+    pidx = perm[None, :, None, :].expand_as(k)
+    model = torch.empty_like(k).scatter_(-1, pidx, k)
+    pos = torch.arange(start, start + k.shape[2], device=k.device)
+    return torch.gather(rotate(model, pos, inv_freq.to(device=k.device, dtype=torch.float32)), -1, pidx)
 
 
 def decode_attention_reference(
@@ -97,16 +112,7 @@ def decode_attention_reference(
 
     k_mid = middle(k_codes, k_scale, k_zero, k_bits, k_group_size, k_axis, k_format)
     if k_rope is not None:
-        # keys quantized before RoPE: middle token t is the un-rotated key of position S + t, stored in the
-        # channel order k_perm; back to model order, rotated (the cache's own rotate), stored order again
-        from ..cache.packed import rotate
-
-        perm = (torch.arange(D, device=k_mid.device).expand(Hkv, D) if k_perm is None
-                else k_perm.to(device=k_mid.device, dtype=torch.int64))
-        pidx = perm[None, :, None, :].expand_as(k_mid)
-        model = torch.empty_like(k_mid).scatter_(-1, pidx, k_mid)
-        pos = torch.arange(S, S + k_mid.shape[2], device=k_mid.device)
-        k_mid = torch.gather(rotate(model, pos, k_rope.to(device=k_mid.device, dtype=torch.float32)), -1, pidx)
+        k_mid = rotate_stored(k_mid, k_rope, k_perm, S)
     v_mid = middle(v_codes, v_scale, v_zero, v_bits, v_group_size, "token", v_format)
     out = torch.zeros(B, Hq, NQ, D, dtype=torch.float32, device=q.device)
     lse = torch.full((B, Hq, NQ), float("-inf"), dtype=torch.float32, device=q.device)
