@@ -503,6 +503,13 @@ NF4_VARIANTS = {"plain_select": dict(fast_asm=False), "bn64": dict(block_n=64), 
                 "no_prefetch": dict(prefetch=False)}
 
 
+# --rope: keys before RoPE (rows with rope=True): the angle-addition table (v22; the default for one key group per
+# token) against the per-element angles (v20; the default otherwise), each with and without group fill
+ROPE_VARIANTS = {"per_element": dict(rope_table=False), "table": dict(rope_table=True),
+                 "per_element_no_gf": dict(rope_table=False, group_fill=False),
+                 "table_no_gf": dict(rope_table=True, group_fill=False)}
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
@@ -517,6 +524,8 @@ def main(argv=None):
     ap.add_argument("--occupancy", action="store_true", help="time occupancy_variants() on every row (NOTES.md v14)")
     ap.add_argument("--stages", action="store_true", help="time STAGE_VARIANTS on every row (BLOCK_N 32, 2-4 stages)")
     ap.add_argument("--warps4bit", action="store_true", help="time WARPS4_VARIANTS on every row (4-bit occupancy)")
+    ap.add_argument("--rope", action="store_true", help="time ROPE_VARIANTS on the keys-before-RoPE rows (NOTES.md v22)")
+    ap.add_argument("--defaults-only", action="store_true", help="--extra rows: time the defaults only, no variants")
     args = ap.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     logf = open(os.path.join(args.out, "bench_attention.log"), "a")
@@ -572,6 +581,10 @@ def main(argv=None):
             var = dict(STAGE_VARIANTS)
         if args.warps4bit:
             var = dict(WARPS4_VARIANTS)
+        if args.rope and layout.get("rope"):
+            var = dict(ROPE_VARIANTS)
+        if args.defaults_only:
+            var = {}
         row = run_case(name, CASES[base], bw, False, sink=sink, window=window, log=log, variants=var, **layout)
         rows.append(row)
         log(json.dumps(row, default=str))

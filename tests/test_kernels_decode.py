@@ -272,7 +272,8 @@ def _with_rope(kw, rotary, permuted, seed):
        k_bits=st.sampled_from([2, 4]), k_group=st.sampled_from([16, 32, 0]), v=st.sampled_from([(2, 16), (2, 0), (4, 32)]),
        dtype=st.sampled_from([torch.float16, torch.bfloat16]), rotary=st.sampled_from([1.0, 0.5]),
        permuted=st.booleans(), n_quant=st.sampled_from([1, 7, 61] if not ON_GPU else [1, 61, 1000]),
-       tuning=st.sampled_from([{}, {"num_splits": 3}, {"block_n": 16, "fp_split": True}, {"lens": True}]),
+       tuning=st.sampled_from([{}, {"num_splits": 3}, {"block_n": 16, "fp_split": True}, {"lens": True},
+                               {"rope_table": False}, {"rope_table": True}, {"block_n": 32}]),
        seed=st.integers(0, 1000))
 def test_keys_before_rope_match_reference(D, r, NQ, k_bits, k_group, v, dtype, rotary, permuted, n_quant, tuning,
                                           seed):
@@ -292,7 +293,7 @@ def test_keys_before_rope_match_reference(D, r, NQ, k_bits, k_group, v, dtype, r
        dtype=st.sampled_from([torch.float16, torch.bfloat16]), rope=st.booleans(),
        n_quant=st.sampled_from([1, 7, 61] if not ON_GPU else [1, 61, 1000]),
        tuning=st.sampled_from([{}, {"num_splits": 3}, {"block_n": 32, "fp_split": True}, {"lens": True},
-                               {"fill_rows": True, "use_dot": True}]),
+                               {"fill_rows": True, "use_dot": True}, {"rope_table": True}]),
        seed=st.integers(0, 1000))
 def test_ternary_values_match_reference(D, r, NQ, k, v_group, dtype, rope, n_quant, tuning, seed):
     """Ternary values (1.5 bits, 5 base-3 digits per byte: skvq's default V) dequantized per element in natural

@@ -42,7 +42,9 @@ NF4 codebook codes (v16; ``*_format="nf"``, an absmax scale per group, no zero) 
 each code's fp16 codebook value up (``_nf4_asm``), and blocks below D go through group fill.
 Keys quantized before RoPE (v20; ``k_rope``, ``K_ROPE``): each key tile is dequantized per element and rotated by
 its tokens' positions through two products per plane, q . (k cos) + qb . (k sin), with qb q's rotate-half partner
-(``_rope_operands``); slower than the plain loop (0.35-0.6x fp16 SDPA), much faster than dequantize + SDPA.
+(``_rope_operands``); slower than the plain loop (0.35-0.6x fp16 SDPA), much faster than dequantize + SDPA. v22
+(``ROPE_TAB``, angle addition): the tile's base angle rotates q once per tile and the in-tile offsets' cos / sin come
+from a [BLOCK_N] table, the per-element products in fp16 pairs (0.7-0.85x fp16 SDPA where it is the default).
 Ternary values (v21; ``v_bits=1.5``, 5 base-3 digits per byte, SKVQ's default V) are dequantized per element into
 one output plane in natural channel order (PER_V == 1).
 """
@@ -142,6 +144,11 @@ HEAD_FILL_MAX = 8
 #   one tile ahead instead of inside the tile (NOTES.md v14): H100 K2V2 32k 131.6 -> 109-122 us, KIVI 229 -> 178,
 #   V in groups of 32 146 -> 129, K4V4 in groups of 32 227 -> 169 (with BLOCK_N 32 for grouped keys)
 PREFETCH_DEFAULT = True
+# - keys before RoPE (K_ROPE): ROPE_TAB, angle addition (v22): the tile's base angle rotates q once per tile and the
+#   in-tile offsets' cos / sin come from a [BLOCK_N] table, products in fp16 pairs; otherwise (v20) every key element
+#   takes its own angle, cos and sin in float32. Default where it measured faster (decode_attention's
+#   rope_table=None): values not ternary, and one key group per token or D = 128 (there without group fill)
+ROPE_TAB_DEFAULT = True
 
 _LOG2E = 1.4426950408889634
 _LN2 = 0.6931471805599453
@@ -470,14 +477,26 @@ def _mask_scores(s, tmask, pos, row_lim, CAUSAL: tl.constexpr, SUB: tl.constexpr
 
 
 @triton.jit
-def _elem_meta(s_base, s_t, s_g, z_base, z_t, z_g, offs_t64, tmask, offs_g):
-    """Per-element scale and zero of a tile whose columns sit in the groups ``offs_g``: [tokens, columns] float32,
-    0 on masked tokens (the register-dequantizing forms: groups below D without group fill, keys before RoPE,
-    ternary values, KIVI's V in K's window)."""
+def _elem_meta(s_base, s_t, s_g, z_base, z_t, z_g, offs_t64, tmask, offs_g, DT: tl.constexpr = tl.float32):
+    """Per-element scale and zero of a tile whose columns sit in the groups ``offs_g``: [tokens, columns] in DT
+    (float32 unless given), 0 on masked tokens (the register-dequantizing forms: groups below D without group fill,
+    keys before RoPE, ternary values, KIVI's V in K's window)."""
     m = tmask[:, None]
-    sc = tl.load(s_base + offs_t64[:, None] * s_t + offs_g[None, :] * s_g, mask=m, other=0.0).to(tl.float32)
-    zr = tl.load(z_base + offs_t64[:, None] * z_t + offs_g[None, :] * z_g, mask=m, other=0.0).to(tl.float32)
+    sc = tl.load(s_base + offs_t64[:, None] * s_t + offs_g[None, :] * s_g, mask=m, other=0.0).to(DT)
+    zr = tl.load(z_base + offs_t64[:, None] * z_t + offs_g[None, :] * z_g, mask=m, other=0.0).to(DT)
     return sc, zr
+
+
+@triton.jit
+def _group_meta(s_base, s_t, s_g, z_base, z_t, z_g, offs_t64, tmask, BN: tl.constexpr, NG: tl.constexpr,
+                GP: tl.constexpr, DT: tl.constexpr = tl.float32):
+    """Per-element scale and zero of a [BN, NG * GP] tile whose column i sits in group i // GP: the tile's [BN, NG]
+    scales / zeros loaded once (contiguous per token) and each repeated over its GP columns by a broadcast and
+    reshape, instead of one gathered load per element (``_elem_meta``)."""
+    s, z = _elem_meta(s_base, s_t, s_g, z_base, z_t, z_g, offs_t64, tmask, tl.arange(0, NG).to(tl.int64), DT)
+    s = tl.reshape(tl.broadcast_to(s[:, :, None], [BN, NG, GP]), [BN, NG * GP])
+    z = tl.reshape(tl.broadcast_to(z[:, :, None], [BN, NG, GP]), [BN, NG * GP])
+    return s, z
 
 
 @triton.jit
@@ -693,6 +712,37 @@ def _rope_plane(kb, J: tl.constexpr, ks, kz, pos, w, qa, qb, BITS: tl.constexpr,
 
 
 @triton.jit
+def _rope_tab_plane(kb, J: tl.constexpr, ks, kz, qa, qb, c0, s0, tab, tmask, BN: tl.constexpr, DP: tl.constexpr,
+                    PER: tl.constexpr, BITS: tl.constexpr, RC: tl.constexpr, RM: tl.constexpr, RMV: tl.constexpr,
+                    USE_DOT: tl.constexpr, DOT_FP32: tl.constexpr):
+    """Keys quantized before RoPE by angle addition (ROPE_TAB, NOTES.md v22), plane J. Token t0 + u of the tile has
+    angle (p0 + u) w: cos / sin of p0 w (c0, s0 [DP] float32, once per tile) rotate q, qa' = qa c0 + qb s0 and
+    qb' = qb c0 - qa s0, and the in-tile part cos / sin of u w comes from ``tab`` ([2, PER, BN, DP]: cos then sin,
+    plane-major), so q . R(p0 + u) k = qa' . (k cos(u w)) + qb' . (k sin(u w)) with no per-element angle. The key
+    k = c * ks + kz and the products run in RC (fp16 or bf16 pairs on the GPU; float32 on the interpreter)."""
+    # masked by the tile's tokens: loads that depend on the loop, so they are not hoisted out of it into registers
+    offs = tl.arange(0, BN)[:, None] * DP + tl.arange(0, DP)[None, :]
+    tc = tl.load(tab + J * (BN * DP) + offs, mask=tmask[:, None], other=0.0)
+    ts = tl.load(tab + (PER + J) * (BN * DP) + offs, mask=tmask[:, None], other=0.0)
+    if DOT_FP32:
+        qa = qa.to(tl.float32)
+        qb = qb.to(tl.float32)
+        cr = c0
+        sr = s0
+        tc = tc.to(tl.float32)
+        ts = ts.to(tl.float32)
+    else:
+        qa = qa.to(RC)
+        qb = qb.to(RC)
+        cr = c0.to(RC)
+        sr = s0.to(RC)
+    qa_r = qa * cr[None, :] + qb * sr[None, :]
+    qb_r = qb * cr[None, :] - qa * sr[None, :]
+    k = _v_plane_exact(kb, J, BITS, RM, RMV, RC, DOT_FP32, False, False) * ks + kz
+    return _mm(qa_r, tl.trans(k * tc), USE_DOT, DOT_FP32) + _mm(qb_r, tl.trans(k * ts), USE_DOT, DOT_FP32)
+
+
+@triton.jit
 def _ternary_digit(b, j):
     """Digit j (0..4) of base-3 bytes b (float32 in [0, 242]) as float32: floor(b / 3**j) mod 3, exact (each
     quotient sits at least 1 / 162 from the next integer, far above float32 rounding)."""
@@ -786,7 +836,8 @@ def _packed_tile(q0, q1, q2, q3, qsum, qsum_mag, m_i, l_i, acc0, acc1, acc2, acc
                  K_GF: tl.constexpr = False, V_GF: tl.constexpr = False, GF_BCAST: tl.constexpr = False,
                  KC_DEQ: tl.constexpr = False, hrow=0, HFILL: tl.constexpr = 1, skc_h=0, sks_h=0, skz_h=0,
                  svc_h=0, svs_h=0, svz_h=0, PREFETCH: tl.constexpr = False, pks=None, pkz=None, pvs=None, pvz=None,
-                 pkc=None, K_FMT: tl.constexpr = 0, V_FMT: tl.constexpr = 0, prope=None, K_ROPE: tl.constexpr = False):
+                 pkc=None, K_FMT: tl.constexpr = 0, V_FMT: tl.constexpr = 0, prope=None, K_ROPE: tl.constexpr = False,
+                 ROPE_TAB: tl.constexpr = 0):
     """One tile of packed middle tokens. Codes load per token (offs_t, tmask); scales, zeros and the softmax
     run in the score domain (offs_s, smask, pos_s: see _bc and _rows_select). K_CHANNEL (per-channel keys,
     KIVI): the tile [t0, t0 + BLOCK_N) lies inside one token group of K_GROUP tokens, whose per-channel
@@ -810,15 +861,43 @@ def _packed_tile(q0, q1, q2, q3, qsum, qsum_mag, m_i, l_i, acc0, acc1, acc2, acc
     if K_ROPE:
         # keys quantized before RoPE: dequantized per element (each plane element's group scale / zero) and
         # rotated by their positions S + t through two products per plane (_rope_plane)
-        qb0, qb1, qb2, qb3, w0, w1, w2, w3, rpos0 = prope
-        offs_g = (tl.arange(0, DPK) // (K_GROUP // PER_K)).to(tl.int64)
-        ks, kz = _elem_meta(ks_base, sks_t, sks_g, kz_base, skz_t, skz_g, offs_t64, tmask, offs_g)
-        pos = (rpos0 + offs_t).to(tl.float32)
-        raw = _rope_plane(kb, 0, ks, kz, pos, w0, q0, qb0, K_BITS, DTYPE, USE_DOT, DOT_FP32, FAST_ASM)
-        raw += _rope_plane(kb, 1, ks, kz, pos, w1, q1, qb1, K_BITS, DTYPE, USE_DOT, DOT_FP32, FAST_ASM)
-        if PER_K == 4:
-            raw += _rope_plane(kb, 2, ks, kz, pos, w2, q2, qb2, K_BITS, DTYPE, USE_DOT, DOT_FP32, FAST_ASM)
-            raw += _rope_plane(kb, 3, ks, kz, pos, w3, q3, qb3, K_BITS, DTYPE, USE_DOT, DOT_FP32, FAST_ASM)
+        qb0, qb1, qb2, qb3, w0, w1, w2, w3, rpos0, rtab = prope
+        if ROPE_TAB:
+            # angle addition (v22): the tile's base angle rotates q, the in-tile offsets come from the table
+            RC: tl.constexpr = tl.float16 if ROPE_TAB == 1 else tl.bfloat16  # the codes' magic-number dtype
+            RD: tl.constexpr = tl.float32 if DOT_FP32 else RC  # the per-element math (float32 on the interpreter)
+            RM: tl.constexpr = 0x6400 if ROPE_TAB == 1 else 0x4300
+            RMV: tl.constexpr = 1024.0 if ROPE_TAB == 1 else 128.0
+            BNK: tl.constexpr = offs_t.shape[0]
+            if K_GROUP == D:
+                ks = tl.load(ks_base + offs_t64 * sks_t, mask=tmask, other=0.0).to(RD)[:, None]
+                kz = tl.load(kz_base + offs_t64 * skz_t, mask=tmask, other=0.0).to(RD)[:, None]
+            else:
+                ks, kz = _group_meta(ks_base, sks_t, sks_g, kz_base, skz_t, skz_g, offs_t64, tmask, BNK, D // K_GROUP,
+                                     K_GROUP // PER_K, RD)
+            p0 = (rpos0 + t0).to(tl.float32)
+            c0, s0 = _sincos(p0 * w0, FAST_ASM)
+            raw = _rope_tab_plane(kb, 0, ks, kz, q0, qb0, c0, s0, rtab, tmask, BNK, DPK, PER_K, K_BITS, RC, RM, RMV,
+                                  USE_DOT, DOT_FP32)
+            c0, s0 = _sincos(p0 * w1, FAST_ASM)
+            raw += _rope_tab_plane(kb, 1, ks, kz, q1, qb1, c0, s0, rtab, tmask, BNK, DPK, PER_K, K_BITS, RC, RM, RMV,
+                                   USE_DOT, DOT_FP32)
+            if PER_K == 4:
+                c0, s0 = _sincos(p0 * w2, FAST_ASM)
+                raw += _rope_tab_plane(kb, 2, ks, kz, q2, qb2, c0, s0, rtab, tmask, BNK, DPK, PER_K, K_BITS, RC, RM,
+                                       RMV, USE_DOT, DOT_FP32)
+                c0, s0 = _sincos(p0 * w3, FAST_ASM)
+                raw += _rope_tab_plane(kb, 3, ks, kz, q3, qb3, c0, s0, rtab, tmask, BNK, DPK, PER_K, K_BITS, RC, RM,
+                                       RMV, USE_DOT, DOT_FP32)
+        else:
+            ks, kz = _group_meta(ks_base, sks_t, sks_g, kz_base, skz_t, skz_g, offs_t64, tmask, offs_t.shape[0],
+                                 D // K_GROUP, K_GROUP // PER_K)
+            pos = (rpos0 + offs_t).to(tl.float32)
+            raw = _rope_plane(kb, 0, ks, kz, pos, w0, q0, qb0, K_BITS, DTYPE, USE_DOT, DOT_FP32, FAST_ASM)
+            raw += _rope_plane(kb, 1, ks, kz, pos, w1, q1, qb1, K_BITS, DTYPE, USE_DOT, DOT_FP32, FAST_ASM)
+            if PER_K == 4:
+                raw += _rope_plane(kb, 2, ks, kz, pos, w2, q2, qb2, K_BITS, DTYPE, USE_DOT, DOT_FP32, FAST_ASM)
+                raw += _rope_plane(kb, 3, ks, kz, pos, w3, q3, qb3, K_BITS, DTYPE, USE_DOT, DOT_FP32, FAST_ASM)
         s = _rows_select(raw, sbr, SUB) * qk_scale
     elif HFILL > 1:
         # head fill: every row gets its own head's q . (M + c) (one unpack per head, shared by all rows),
@@ -943,8 +1022,8 @@ def _packed_tile(q0, q1, q2, q3, qsum, qsum_mag, m_i, l_i, acc0, acc1, acc2, acc
         b3 = tl.load(vc_base + offs_t64[:, None] * svc_t + (cc // 5).to(tl.int64)[None, :] * svc_c,
                      mask=tmask[:, None], other=0).to(tl.float32)
         d3 = _ternary_digit(b3, (cc % 5)[None, :])
-        offs_g = (cc // V_GROUP).to(tl.int64)
-        vs, vz = _elem_meta(vs_base, svs_t, svs_g, vz_base, svz_t, svz_g, offs_t64, tmask, offs_g)
+        vs, vz = _group_meta(vs_base, svs_t, svs_g, vz_base, svz_t, svz_g, offs_t64, tmask, offs_t.shape[0],
+                             D // V_GROUP, V_GROUP)
         zacc = zacc * alpha
         pv = _rows_expand(p.to(DTYPE), sbr, SUB)
         acc0 = acc0 * alpha[:, None] + _mm(pv, (d3 * vs + vz).to(DTYPE), USE_DOT, DOT_FP32)
@@ -1058,7 +1137,7 @@ def _decode_split_kernel(
     n_sink, n_quant, n_window, chunk, v_cap, v_wcap, qk_scale,
     # K_ROPE: q's rotate-half partners with their signs (q's shape and strides) and each stored key channel's
     # rotary frequency [H_KV, D] float32 (see _rope_operands)
-    qb_ptr, rw_ptr,
+    qb_ptr, rw_ptr, rt_ptr,
     H_KV: tl.constexpr, GQA: tl.constexpr, NQ: tl.constexpr, D: tl.constexpr,
     K_BITS: tl.constexpr, V_BITS: tl.constexpr, K_GROUP: tl.constexpr, V_GROUP: tl.constexpr,
     M_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -1071,7 +1150,7 @@ def _decode_split_kernel(
     K_CHANNEL: tl.constexpr = False, GFILL: tl.constexpr = 1, K_GF: tl.constexpr = False,
     V_GF: tl.constexpr = False, GF_BCAST: tl.constexpr = False, KC_DEQ: tl.constexpr = False,
     HFILL: tl.constexpr = 1, PREFETCH: tl.constexpr = False, K_FMT: tl.constexpr = 0, V_FMT: tl.constexpr = 0,
-    K_ROPE: tl.constexpr = False,
+    K_ROPE: tl.constexpr = False, ROPE_TAB: tl.constexpr = 0,
 ):
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -1178,7 +1257,8 @@ def _decode_split_kernel(
             qb3 = qb1
             rw2 = rw0
             rw3 = rw1
-        prope = (qb0, qb1, qb2, qb3, rw0, rw1, rw2, rw3, n_sink)
+        # ROPE_TAB: this head's in-tile cos / sin table [2, PER_K, BLOCK_N, DPK] (_rope_table)
+        prope = (qb0, qb1, qb2, qb3, rw0, rw1, rw2, rw3, n_sink, rt_ptr + h * (2 * D * BLOCK_N))
     else:
         prope = None
 
@@ -1303,7 +1383,7 @@ def _decode_split_kernel(
                     K_SHIFTED, V_SHIFTED, FAST_ASM, CAUSAL, USE_DOT, DOT_FP32, DTYPE, SUB, t0, K_CHANNEL,
                     grow, GFILL, K_GF, V_GF, GF_BCAST, KC_DEQ, hrow, HFILL, skc_h, sks_h, skz_h, svc_h, svs_h, svz_h,
                     PREFETCH, cks, ckz, cvs, cvz, (cs0, cz0, cs1, cz1, cs2, cz2, cs3, cz3), K_FMT, V_FMT,
-                    prope=prope, K_ROPE=K_ROPE)
+                    prope=prope, K_ROPE=K_ROPE, ROPE_TAB=ROPE_TAB)
 
     if HAS_WINDOW:
         if run_fp:
@@ -1536,6 +1616,17 @@ def _rope_operands(q: torch.Tensor, inv_freq: torch.Tensor, perm: torch.Tensor |
     return qb.contiguous(), w
 
 
+def _rope_table(w: torch.Tensor, block_n: int, per: int, dtype: torch.dtype) -> torch.Tensor:
+    """ROPE_TAB (angle addition): cos / sin of u * w for the in-tile offsets u < block_n, w the stored columns'
+    frequencies [Hkv, D] (``_rope_operands``), as [Hkv, 2, per, block_n, D // per] in ``dtype``: cos then sin, plane
+    j holding columns per * i + j (the key code planes' order), so each plane's tile is one contiguous load."""
+    hkv, D = w.shape
+    u = torch.arange(block_n, device=w.device, dtype=torch.float32)
+    ang = u[None, :, None] * w[:, None, :]  # [Hkv, block_n, D], float32 u * w as the reference's pos * w
+    tab = torch.stack((torch.cos(ang), torch.sin(ang)), 1)  # [Hkv, 2, block_n, D]
+    return tab.view(hkv, 2, block_n, D // per, per).permute(0, 1, 4, 2, 3).contiguous().to(dtype)
+
+
 def decode_attention(
     *,
     q: torch.Tensor,
@@ -1578,6 +1669,7 @@ def decode_attention(
     prefetch: bool | None = None,
     k_rope: torch.Tensor | None = None,
     k_perm: torch.Tensor | None = None,
+    rope_table: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of ``q`` over the packed KV ``sink ++ middle[:n_quant] ++ window[:n_window]``.
 
@@ -1610,6 +1702,9 @@ def decode_attention(
     None: the identity; q is in that stored order, as for any permuted layout). The packed middle's token t then
     holds the un-rotated key of position S + t (PackedKV's convention) and the kernel rotates it per element
     (affine 2- / 4-bit keys in per-token groups; sink and window hold rotated keys and need nothing).
+    ``rope_table``: rotate by angle addition (the tile's base angle folded into q once per tile, the in-tile offsets'
+    cos / sin from a small table, NOTES.md v22) instead of one angle per key element; None picks the form measured
+    faster for the layout.
 
     Returns (out [B, Hq, Nq, D] in q's dtype, contiguous; lse [B, Hq, Nq] float32, natural log of the
     softmax denominator of ``sm_scale * q . k``).
@@ -1710,6 +1805,12 @@ def decode_attention(
             _fail(f"k_perm must be [Hkv={Hkv}, D={D}] on {dev}, got {tuple(k_perm.shape)} on {k_perm.device}")
         q = q.contiguous()
         qb, rw = _rope_operands(q, k_rope, k_perm, Hkv)
+        if rope_table is None:
+            # (H100, 32k, NOTES.md v22) the table wins with one key group per token (K2V2 g128, 8B shape: 409-418
+            # against 536-541 us) and for groups of 16 at D = 128 without group fill (512 against 775-780 with it, the
+            # per-element default); it lost for groups of 16 at D = 64 (194-201 against 180-182) and beside ternary
+            # values (skvq's defaults: 1375-1404 against 1160-1181 at D = 128, 244-245 against 216-218 at D = 64)
+            rope_table = ROPE_TAB_DEFAULT and not ternary and (k_group_size == D or D == 128)
     else:
         qb, rw = q, q  # unused
     dev_lens = lengths is not None
@@ -1762,7 +1863,8 @@ def decode_attention(
     sub = 1
     gfill, k_gf, v_gf = 1, False, False
     if group_fill is None:
-        group_fill = GROUP_FILL_DEFAULT
+        # the angle-addition table with groups of keys below D measured faster without group fill (v22)
+        group_fill = GROUP_FILL_DEFAULT and not (rope and rope_table and k_group_size < D)
     k_grouped = not k_channel and k_group_size < D
     if use_dot and group_fill:
         # per-token groups below D: MMA rows (channel group, query row) instead of dequantizing in registers
@@ -1927,6 +2029,12 @@ def decode_attention(
     if v_bits == 8:
         v_codes = _int16_words("v_codes", v_codes)
     grid = (B * (Hkv // hfill), num_splits)
+    rope_tab, rt = 0, q  # rt unused unless rope_tab
+    if rope and rope_table:
+        # angle addition (v22): the per-element key math in fp16 pairs where the scales are fp16 (as the V product)
+        k16 = k_scale.dtype == torch.float16 or q.dtype == torch.float16
+        rope_tab = 1 if k16 else 2
+        rt = _rope_table(rw, block_n, 8 // k_bits, torch.float16 if k16 else torch.bfloat16)
     gf_bcast = GROUP_BCAST_DEFAULT if group_bcast is None else bool(group_bcast)
     kc_deq = k_channel and (KCHAN_DEQUANT_DEFAULT if kchan_dequant is None else bool(kchan_dequant))
     # scales / zeros one tile ahead: per-token groups (one per head, or group fill with per-group loads) and
@@ -1948,7 +2056,7 @@ def decode_attention(
         o_part, l_part, out, lse,
         lens, slen_b, slen_p, vlens, svlen_b, svlen_p,
         S, n_quant_arg, n_window_arg, chunk, cap_v, W_v, float(sm_scale) * _LOG2E,
-        qb, rw,
+        qb, rw, rt,
         H_KV=Hkv, GQA=r, NQ=NQ, D=D, K_BITS=k_bits, V_BITS=15 if ternary else v_bits, K_GROUP=k_group_size,
         V_GROUP=v_group_size,
         M_PAD=m_pad, BLOCK_N=block_n,
@@ -1960,6 +2068,7 @@ def decode_attention(
         V_GF=v_gf, GF_BCAST=gf_bcast,
         KC_DEQ=kc_deq,
         HFILL=hfill, PREFETCH=prefetch, K_FMT=_FMT_CODE[k_format], V_FMT=_FMT_CODE[v_format], K_ROPE=rope,
+        ROPE_TAB=rope_tab,
         num_warps=num_warps, num_stages=num_stages,
     )
     if not direct:
