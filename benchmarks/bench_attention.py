@@ -503,11 +503,11 @@ NF4_VARIANTS = {"plain_select": dict(fast_asm=False), "bn64": dict(block_n=64), 
                 "no_prefetch": dict(prefetch=False)}
 
 
-# --rope: keys before RoPE (rows with rope=True): the angle-addition table (v22; the default for one key group per
-# token) against the per-element angles (v20; the default otherwise), each with and without group fill
+# --rope: keys before RoPE (rows with rope=True): the angle-addition table (v22) against the per-element angles (v20),
+# each with and without group fill (the table alone turns group fill off for grouped keys: "table" is without it)
 ROPE_VARIANTS = {"per_element": dict(rope_table=False), "table": dict(rope_table=True),
                  "per_element_no_gf": dict(rope_table=False, group_fill=False),
-                 "table_no_gf": dict(rope_table=True, group_fill=False)}
+                 "table_gf": dict(rope_table=True, group_fill=True)}
 
 
 def main(argv=None):

@@ -2,6 +2,8 @@
 
     python benchmarks/bench_prefill.py [--out DIR] [--cases NAME,...] [--variants all|NAME,...]
 
+(``--cases`` also takes the SKVQ_CASES rows: skvq's default layout, keys before RoPE and ternary values.)
+
 A chunk of Nq new tokens (64 or 512) attends to a history of 4k or 32k tokens plus itself (causal), the
 chunk's own K/V already written to the cache (sink 4 + quantized middle + window 128, as a model writes
 them). Hq=32, Hkv=8, D=128; K2V2 and K4V4, one group per token (128 channels), fp16 scales/zeros.
@@ -43,10 +45,14 @@ from kvcompile.kernels.prefill_attention import choose_prefill_config, prefill_a
 from kvcompile.schemes import TensorQuant
 
 HQ, HKV, D, SINK, WINDOW = 32, 8, 128, 4, 128
-CASES = {  # name: (B, Nq, history, bits)
+CASES = {  # name: (B, Nq, history, bits[, "skvq"])
     f"k{b}v{b}_b{B}_c{c}_h{h // 1024}k": (B, c, h, b)
     for b in (2, 4) for B in (1, 8) for c in (64, 512) for h in (4096, 32768)
 }
+# skvq's default layout (not in the default --cases): keys 2-bit in groups of 16 quantized before RoPE in a random
+# channel order (Llama-3's inverse frequencies, theta 500000), ternary values in groups of 16, both reordered
+SKVQ_CASES = {f"skvq_b{B}_c{c}_h{h // 1024}k": (B, c, h, 2, "skvq") for B, c, h in ((1, 64, 32768), (8, 64, 4096),
+                                                                                 (1, 512, 4096))}
 # launcher overrides timed against the default on the same inputs (--variants)
 VARIANTS = {
     "default_again": dict(),  # the default timed a second time: the spread between the two is noise
@@ -59,6 +65,11 @@ VARIANTS = {
     "prefetch": dict(prefetch=True),
     "no_asm": dict(fast_asm=False),
 }
+
+
+# skvq's layout (per-element keys before RoPE and ternary values: the launcher's BLOCK_N 16) against other tiles
+SKVQ_VARIANTS = {"default_again": dict(), "n32": dict(block_n=32), "m32_n16": dict(block_m=32, block_n=16),
+                 "m128_n16_w8": dict(block_m=128, block_n=16, num_warps=8)}
 
 
 def bench(fn, reps=100):
@@ -95,26 +106,43 @@ def matmul_tflops():
     return 2 * 8192**3 / (t * 1e-6) / 1e12
 
 
-def make_case(B, NQ, hist, bits, seed=0, dtype=torch.float16):
-    """Kernel keyword arguments + the two PackedKVs over the same storage (random codes, scales, zeros)."""
+def make_case(B, NQ, hist, bits, layout=None, seed=0, dtype=torch.float16):
+    """Kernel keyword arguments + the two PackedKVs over the same storage (random codes, scales, zeros).
+    layout "skvq": K before RoPE in groups of 16 with a channel order, V ternary in groups of 16 (SKVQ_CASES)."""
     gen = torch.Generator(device="cuda").manual_seed(seed)
     L = hist + NQ
     n_quant = L - SINK - WINDOW
-    qt = TensorQuant("affine", bits, D, "token")
+    skvq = layout == "skvq"
+    g = 16 if skvq else D
     kw = dict(q=torch.randn(B, HQ, NQ, D, device="cuda", dtype=dtype, generator=gen))
     pks = []
     for n in "kv":
-        codes = torch.randint(0, 256, (B, HKV, n_quant, D * bits // 8), dtype=torch.uint8, device="cuda", generator=gen)
-        scale = (torch.rand(B, HKV, n_quant, 1, device="cuda", generator=gen) * 0.5 / (2**bits - 1) + 0.01).half()
-        zero = (torch.randn(B, HKV, n_quant, 1, device="cuda", generator=gen) * 0.3 - 0.25).half()
+        nb = 1.5 if (skvq and n == "v") else bits
+        qt = TensorQuant("affine", nb, g, "token", permute=skvq)
+        width = -(-D // 5) if nb == 1.5 else D * bits // 8
+        levels = 2 if nb == 1.5 else 2**bits - 1
+        codes = torch.randint(0, 243 if nb == 1.5 else 256, (B, HKV, n_quant, width), dtype=torch.uint8,
+                              device="cuda", generator=gen)
+        scale = (torch.rand(B, HKV, n_quant, D // g, device="cuda", generator=gen) * 0.5 / levels + 0.01).half()
+        zero = (torch.randn(B, HKV, n_quant, D // g, device="cuda", generator=gen) * 0.3 - 0.25).half()
         sink = torch.randn(B, HKV, SINK, D, device="cuda", dtype=dtype, generator=gen)
         window = torch.randn(B, HKV, WINDOW, D, device="cuda", dtype=dtype, generator=gen)
         kw.update({f"{n}_codes": codes, f"{n}_scale": scale, f"{n}_zero": zero, f"{n}_sink": sink, f"{n}_window": window})
         counts = torch.tensor([SINK, n_quant, WINDOW], dtype=torch.int64, device="cuda")
-        pk = PackedKV(codes, scale, zero, sink, window, None, counts, None, qt, D, SINK, WINDOW, dtype)
+        perm = torch.stack([torch.randperm(D, device="cuda", generator=gen) for _ in range(HKV)]) if skvq else None
+        rope = None
+        if skvq and n == "k":
+            rope = 1.0 / (500000.0 ** (torch.arange(0, D, 2, dtype=torch.float32, device="cuda") / D))
+            kw.update(k_rope=rope, k_perm=perm)
+        pk = PackedKV(codes, scale, zero, sink, window, perm, counts, rope, qt, D, SINK, WINDOW, dtype)
         pk._host = [SINK, n_quant, WINDOW]
         pks.append(pk)
-    kw.update(n_quant=n_quant, n_window=WINDOW, k_bits=bits, v_bits=bits, k_group_size=D, v_group_size=D)
+    kw.update(n_quant=n_quant, n_window=WINDOW, k_bits=bits, v_bits=1.5 if skvq else bits, k_group_size=g,
+              v_group_size=g)
+    # the kernel takes q in the keys' stored channel order and gives the output in the values' (ops folds both);
+    # the model-order q stays beside it for dequantize + SDPA, which un-permutes the cache
+    kw["q_model"] = kw["q"]
+    kw["q"] = ops._fold_key_order(kw["q"], pks[0], HQ // HKV)
     return kw, pks[0], pks[1]
 
 
@@ -128,22 +156,25 @@ def causal_flops(B, NQ, L):
 
 
 def run_case(name, spec, bw, tf, log, variants):
-    B, NQ, hist, bits = spec
+    B, NQ, hist, bits, *layout = spec
+    layout = layout[0] if layout else None
     L = hist + NQ
     sm_scale = 1.0 / math.sqrt(D)
     t0 = time.time()
-    kw, kp, vp = make_case(B, NQ, hist, bits)
+    kw, kp, vp = make_case(B, NQ, hist, bits, layout)
     nbytes = fused_bytes(kw)
-    cases = [(kw, kp, vp)] + [make_case(B, NQ, hist, bits, seed=i) for i in range(1, copies_for(nbytes))]
+    cases = [(kw, kp, vp)] + [make_case(B, NQ, hist, bits, layout, seed=i) for i in range(1, copies_for(nbytes))]
     # fused kernel
-    fused_fns = [lambda c=c: prefill_attention(**c[0], sm_scale=sm_scale) for c in cases]
+    kargs = [{k: v for k, v in c[0].items() if k != "q_model"} for c in cases]
+    fused_fns = [lambda a=a: prefill_attention(**a, sm_scale=sm_scale) for a in kargs]
     out, lse = fused_fns[0]()
+    out = ops._unfold_value_order(out, vp, HQ // HKV)  # model order, as dequantize + SDPA gives it
     t_fused = bench(rotating(fused_fns))
     t_fused_graph = bench_graph(fused_fns)
     cfg = choose_prefill_config(batch=B, kv_heads=HKV, rows=(HQ // HKV) * NQ, seq_len=L, head_dim=D,
                                 num_sms=torch.cuda.get_device_properties(0).multi_processor_count)
     # dequantize + SDPA through the op's own fallback (few copies: each dequantizes to new memory anyway)
-    deq_fns = [lambda c=c: ops._dequant_sdpa(c[0]["q"], c[1], c[2], sm_scale, None, True) for c in cases[:4]]
+    deq_fns = [lambda c=c: ops._dequant_sdpa(c[0]["q_model"], c[1], c[2], sm_scale, None, True) for c in cases[:4]]
     ref = deq_fns[0]().float()
     t_deq = bench(rotating(deq_fns), reps=50)
     rel = ((out.float() - ref).norm() / ref.norm()).item()
@@ -164,15 +195,16 @@ def run_case(name, spec, bw, tf, log, variants):
     var_times = {}
     for key, tuning in (variants or {}).items():
         try:
-            fns = [lambda c=c: prefill_attention(**c[0], sm_scale=sm_scale, **tuning) for c in cases]
-            o, _ = fns[0]()
+            fns = [lambda a=a: prefill_attention(**a, sm_scale=sm_scale, **tuning) for a in kargs]
+            o = ops._unfold_value_order(fns[0]()[0], vp, HQ // HKV)
             err = ((o.float() - ref).norm() / ref.norm()).item()
             var_times[key] = bench(rotating(fns))
             log(f"  {name} {key}: {var_times[key]:.1f} us (rel err vs dequant+SDPA {err:.1e})")
         except Exception as e:  # noqa: BLE001 - a variant that does not compile is reported, not fatal
             log(f"  {name} {key}: {type(e).__name__}: {str(e)[:300]}")
     flops = causal_flops(B, NQ, L)
-    row = dict(case=name, B=B, Hq=HQ, Hkv=HKV, D=D, Nq=NQ, history=hist, L=L, bits=bits, group=D, sink=SINK,
+    row = dict(case=name, B=B, Hq=HQ, Hkv=HKV, D=D, Nq=NQ, history=hist, L=L, bits=bits, layout=layout,
+               group=16 if layout == "skvq" else D, sink=SINK,
                window=WINDOW, copies=len(cases), config=cfg,
                fused_us=t_fused, fused_graph_us=t_fused_graph, dequant_sdpa_us=t_deq,
                sdpa_mask_us=t_sdpa_mask, sdpa_flash_nomask_us=t_sdpa_flash,
@@ -227,7 +259,8 @@ def main(argv=None):
     md_path = os.path.join(args.out, "bench_prefill.md")
     for name in args.cases.split(","):
         try:
-            row = run_case(name, CASES[name], bw, tf, log, VARIANTS if name in var_cases else None)
+            var = (SKVQ_VARIANTS if name in SKVQ_CASES else VARIANTS) if name in var_cases else None
+            row = run_case(name, {**CASES, **SKVQ_CASES}[name], bw, tf, log, var)
         except Exception as e:  # noqa: BLE001 - keep the other cases' numbers
             log(f"{name}: FAILED {type(e).__name__}: {str(e)[:500]}")
             torch.cuda.empty_cache()

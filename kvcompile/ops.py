@@ -440,17 +440,17 @@ def _prefill_unsupported(q: Tensor, kp: PackedKV, vp: PackedKV, mask: Optional[T
     """Why the chunked-prefill kernel cannot run this call (None: it can)."""
     from .kernels import prefill_attention as pa
 
-    for p in (kp, vp):
-        if p.rope is not None:
-            return "K/V quantized before RoPE (the prefill kernel does not re-apply RoPE yet)"
+    if vp.rope is not None:
+        return "values quantized before RoPE (the prefill kernel rotates keys only)"
+    for p, bits in ((kp, pa.SUPPORTED_BITS), (vp, pa.SUPPORTED_V_BITS)):
         qt = p.quant
         if qt.kind != "affine" or qt.axis != "token":
             return f"{qt.kind} quantization with {qt.axis}-axis groups (prefill kernel: per-token affine only)"
-        if qt.bits not in pa.SUPPORTED_BITS:
-            return f"{qt.bits}-bit codes (prefill kernel: {pa.SUPPORTED_BITS})"
+        if qt.bits not in bits:
+            return f"{qt.bits}-bit codes (prefill kernel: {bits})"
         g = qt.group_for(p.head_dim)
         if not (g == p.head_dim or g in pa.SUPPORTED_GROUP_SIZES):
-            return f"group size {g} (prefill kernel: the head dim, 32 or 64)"
+            return f"group size {g} (prefill kernel: the head dim, {', '.join(map(str, pa.SUPPORTED_GROUP_SIZES))})"
     if q.shape[-1] not in pa.SUPPORTED_HEAD_DIMS or vp.head_dim != q.shape[-1]:
         return f"head dim {q.shape[-1]} (prefill kernel: {pa.SUPPORTED_HEAD_DIMS})"
     if q.dtype not in pa.SUPPORTED_DTYPES or kp.kv_dtype != q.dtype:
@@ -484,17 +484,19 @@ def _prefill_cuda(q: Tensor, kp: PackedKV, vp: PackedKV, scale: float, mask: Opt
     causal = bool(is_causal) and nq > 1
     if causal and n_s + n_q + n_w < nq:
         return None  # the chunk's own K/V are not in the cache: not this kernel's contract
+    per_element = kp.rope is not None or vp.quant.bits == 1.5
     if policy != "always" and not prefill_is_profitable(batch=b, kv_heads=hkv, rows=(hq // hkv) * nq, new_tokens=nq,
-                                                         seq_len=n_s + n_q + n_w, head_dim=d):
+                                                         seq_len=n_s + n_q + n_w, head_dim=d, per_element=per_element):
         return None
     r = hq // hkv
     qq = _fold_key_order(q, kp, r)
     out, _ = prefill_attention(
         q=qq, k_sink=kp.sink[:, :, :n_s], k_codes=kp.codes, k_scale=kp.scale, k_zero=kp.zero,
         k_window=kp.window, v_sink=vp.sink[:, :, :n_s], v_codes=vp.codes, v_scale=vp.scale, v_zero=vp.zero,
-        v_window=vp.window, n_quant=n_q, n_window=n_w, k_bits=int(kp.quant.bits), v_bits=int(vp.quant.bits),
-        k_group_size=kp.quant.group_for(d), v_group_size=vp.quant.group_for(vp.head_dim), sm_scale=scale,
-        causal=causal,
+        v_window=vp.window, n_quant=n_q, n_window=n_w, k_bits=int(kp.quant.bits),
+        v_bits=1.5 if vp.quant.bits == 1.5 else int(vp.quant.bits), k_group_size=kp.quant.group_for(d),
+        v_group_size=vp.quant.group_for(vp.head_dim), sm_scale=scale, causal=causal,
+        k_rope=kp.rope, k_perm=kp.perm if kp.rope is not None else None,
     )
     out = _unfold_value_order(out, vp, r)
     if not torch.compiler.is_compiling():

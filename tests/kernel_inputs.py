@@ -78,3 +78,14 @@ def make_inputs(*, B, Hkv, r, NQ, D, S, n_quant, n_window, k_bits, v_bits, k_gro
 
 
 TOL = {torch.float16: (3e-3, 5e-3), torch.bfloat16: (1.5e-2, 3e-2)}  # (out rel. L2, lse abs)
+
+
+def with_rope(kw, rotary, permuted, seed):
+    """Keys quantized before RoPE: the model's inverse frequencies (rotary_dim of D) and a channel order, on q's
+    device (the kernel arguments ``k_rope`` / ``k_perm``)."""
+    D, Hkv, dev = kw["q"].shape[-1], kw["k_codes"].shape[1], kw["q"].device
+    gen = torch.Generator().manual_seed(seed)
+    kw = dict(kw, k_rope=(1.0 / (10000.0 ** (torch.arange(0, rotary, 2, dtype=torch.float32) / rotary))).to(dev))
+    if permuted:
+        kw["k_perm"] = torch.stack([torch.randperm(D, generator=gen) for _ in range(Hkv)]).to(dev)
+    return kw

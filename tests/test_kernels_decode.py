@@ -26,9 +26,9 @@ if not ON_GPU and type(da._decode_split_kernel).__name__ != "InterpretedFunction
 
 from kvcompile.kernels.reference import decode_attention_reference  # noqa: E402
 try:  # tests/ has no __init__.py: pytest's default import mode puts tests/ itself on sys.path
-    from kernel_inputs import TOL, make_inputs  # noqa: E402
+    from kernel_inputs import TOL, make_inputs, with_rope  # noqa: E402
 except ImportError:
-    from tests.kernel_inputs import TOL, make_inputs  # noqa: E402
+    from tests.kernel_inputs import TOL, make_inputs, with_rope  # noqa: E402
 
 DEVICE = "cuda" if ON_GPU else "cpu"
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -256,16 +256,6 @@ def test_head_fill_gqa_ratios(r, NQ, Hkv):
     check_against_reference(kw, block_n=16, head_fill=True)
 
 
-def _with_rope(kw, rotary, permuted, seed):
-    """Keys quantized before RoPE: the model's inverse frequencies (rotary_dim of D) and a channel order."""
-    D, Hkv = kw["q"].shape[-1], kw["k_codes"].shape[1]
-    gen = torch.Generator().manual_seed(seed)
-    kw = dict(kw, k_rope=(1.0 / (10000.0 ** (torch.arange(0, rotary, 2, dtype=torch.float32) / rotary))).to(DEVICE))
-    if permuted:
-        kw["k_perm"] = torch.stack([torch.randperm(D, generator=gen) for _ in range(Hkv)]).to(DEVICE)
-    return kw
-
-
 @settings(deadline=None, max_examples=20 if ON_GPU else 16, derandomize=True,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(D=st.sampled_from([64, 128]), r=st.sampled_from([1, 3, 4]), NQ=st.sampled_from([1, 1, 2]),
@@ -283,7 +273,7 @@ def test_keys_before_rope_match_reference(D, r, NQ, k_bits, k_group, v, dtype, r
     lens = [(3, n_quant, 5), (3, max(0, n_quant - 5), 2)] if tuning.pop("lens", False) else None
     kw = make_inputs(B=2, Hkv=2, r=r, NQ=NQ, D=D, S=3, n_quant=n_quant, n_window=5, k_bits=k_bits, v_bits=v[0],
                      k_group=k_group or D, v_group=v[1] or D, dtype=dtype, seed=seed, lens=lens)
-    check_against_reference(_with_rope(kw, int(D * rotary), permuted, seed), **tuning)
+    check_against_reference(with_rope(kw, int(D * rotary), permuted, seed), **tuning)
 
 
 @settings(deadline=None, max_examples=20 if ON_GPU else 14, derandomize=True,
@@ -303,7 +293,7 @@ def test_ternary_values_match_reference(D, r, NQ, k, v_group, dtype, rope, n_qua
     kw = make_inputs(B=2, Hkv=2, r=r, NQ=NQ, D=D, S=3, n_quant=n_quant, n_window=5, k_bits=k[0], v_bits=1.5,
                      k_group=k[1] or D, v_group=v_group or D, dtype=dtype, seed=seed, lens=lens)
     if rope:
-        kw = _with_rope(kw, D, True, seed)
+        kw = with_rope(kw, D, True, seed)
     check_against_reference(kw, **tuning)
 
 

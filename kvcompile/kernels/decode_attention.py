@@ -330,6 +330,29 @@ def _load_q_plane(q_base, rows_off, rmask, J: tl.constexpr, PER: tl.constexpr, D
 
 
 @triton.jit
+def _rope_q_operands(qb_base, q_rows, rmask, sq_d, rw_row, PER: tl.constexpr, DP: tl.constexpr):
+    """Keys before RoPE: the planes of q's rotate-half partners (``_rope_operands``' qb, q's rows and strides) and of
+    the stored columns' frequencies (``rw_row``: this KV head's [D] float32), as (qb0..qb3, w0..w3); with two
+    planes the last two repeat the first (unused)."""
+    wc = tl.arange(0, DP) * PER
+    qb0 = _load_q_plane(qb_base, q_rows, rmask, 0, PER, DP, sq_d)
+    qb1 = _load_q_plane(qb_base, q_rows, rmask, 1, PER, DP, sq_d)
+    w0 = tl.load(rw_row + wc)
+    w1 = tl.load(rw_row + wc + 1)
+    if PER == 4:
+        qb2 = _load_q_plane(qb_base, q_rows, rmask, 2, PER, DP, sq_d)
+        qb3 = _load_q_plane(qb_base, q_rows, rmask, 3, PER, DP, sq_d)
+        w2 = tl.load(rw_row + wc + 2)
+        w3 = tl.load(rw_row + wc + 3)
+    else:
+        qb2 = qb0
+        qb3 = qb1
+        w2 = w0
+        w3 = w1
+    return qb0, qb1, qb2, qb3, w0, w1, w2, w3
+
+
+@triton.jit
 def _q_group(qp, grow, J: tl.constexpr, PER: tl.constexpr, DP: tl.constexpr, K_GROUP: tl.constexpr):
     """Group fill with grouped keys: row (g, m) of q plane J keeps the channels of group g (zeros elsewhere)."""
     ch = tl.arange(0, DP) * PER + J
@@ -535,6 +558,22 @@ def _load_v_mixed(vw_base, svt, svc, offs_t, tmask, v_lag, v_wcap, vc_base, svc_
         v2 = v0
         v3 = v1
     return v0, v1, v2, v3
+
+
+@triton.jit
+def _acc_init(M: tl.constexpr, DP: tl.constexpr, PER_V: tl.constexpr):
+    """The output accumulators, one [M, DP] float32 plane per V plane; ternary values (PER_V 1) have one
+    natural-order plane and acc1..3 become unused [M, 2] stand-ins."""
+    acc0 = tl.zeros([M, DP], tl.float32)
+    if PER_V >= 2:
+        acc1 = tl.zeros([M, DP], tl.float32)
+        acc2 = tl.zeros([M, DP], tl.float32)
+        acc3 = tl.zeros([M, DP], tl.float32)
+    else:
+        acc1 = tl.zeros([M, 2], tl.float32)
+        acc2 = acc1
+        acc3 = acc1
+    return acc0, acc1, acc2, acc3
 
 
 @triton.jit
@@ -1240,25 +1279,9 @@ def _decode_split_kernel(
         qsum_mag += tl.sum(q2.to(tl.float32), 1) + tl.sum(q3.to(tl.float32), 1)
     if K_ROPE:
         # the middle's token t sits at position S + t (S: the sink capacity, the scalar n_sink before DEV_LENS)
-        qb_base = qb_ptr + b * sq_b
-        rw_row = rw_ptr + h * D
-        wc = tl.arange(0, DPK) * PER_K
-        qb0 = _load_q_plane(qb_base, q_rows, rmask, 0, PER_K, DPK, sq_d)
-        qb1 = _load_q_plane(qb_base, q_rows, rmask, 1, PER_K, DPK, sq_d)
-        rw0 = tl.load(rw_row + wc)
-        rw1 = tl.load(rw_row + wc + 1)
-        if PER_K == 4:
-            qb2 = _load_q_plane(qb_base, q_rows, rmask, 2, PER_K, DPK, sq_d)
-            qb3 = _load_q_plane(qb_base, q_rows, rmask, 3, PER_K, DPK, sq_d)
-            rw2 = tl.load(rw_row + wc + 2)
-            rw3 = tl.load(rw_row + wc + 3)
-        else:
-            qb2 = qb0
-            qb3 = qb1
-            rw2 = rw0
-            rw3 = rw1
         # ROPE_TAB: this head's in-tile cos / sin table [2, PER_K, BLOCK_N, DPK] (_rope_table)
-        prope = (qb0, qb1, qb2, qb3, rw0, rw1, rw2, rw3, n_sink, rt_ptr + h * (2 * D * BLOCK_N))
+        prope = _rope_q_operands(qb_ptr + b * sq_b, q_rows, rmask, sq_d, rw_ptr + h * D, PER_K, DPK) + (
+            n_sink, rt_ptr + h * (2 * D * BLOCK_N))
     else:
         prope = None
 
@@ -1298,15 +1321,7 @@ def _decode_split_kernel(
     m_i = tl.full([M_PAD], -1.0e30, tl.float32)  # finite: fully masked tiles give p = 0, alpha = 1
     l_i = tl.zeros([M_PAD], tl.float32)
     zacc = tl.zeros([M_PAD], tl.float32)
-    acc0 = tl.zeros([M_PAD, DPV], tl.float32)
-    if PER_V >= 2:
-        acc1 = tl.zeros([M_PAD, DPV], tl.float32)
-        acc2 = tl.zeros([M_PAD, DPV], tl.float32)
-        acc3 = tl.zeros([M_PAD, DPV], tl.float32)
-    else:  # ternary V: one output plane in natural order; acc1..3 unused stand-ins
-        acc1 = tl.zeros([M_PAD, 2], tl.float32)
-        acc2 = acc1
-        acc3 = acc1
+    acc0, acc1, acc2, acc3 = _acc_init(M_PAD, DPV, PER_V)
     arange_n = tl.arange(0, BLOCK_N)
     if SUB == 1:
         score_n = arange_n
@@ -1616,6 +1631,20 @@ def _rope_operands(q: torch.Tensor, inv_freq: torch.Tensor, perm: torch.Tensor |
     return qb.contiguous(), w
 
 
+def _rope_args(q: torch.Tensor, k_rope: torch.Tensor, k_perm: torch.Tensor | None, hkv: int, fail):
+    """Checks ``k_rope`` / ``k_perm`` (keys before RoPE; ``fail`` raises with the caller's name) and returns q made
+    contiguous with its rotate-half partners and the stored columns' frequencies (``_rope_operands``)."""
+    D, dev = q.shape[-1], q.device
+    if k_rope.dim() != 1 or k_rope.dtype != torch.float32 or not 1 <= k_rope.numel() <= D // 2 or k_rope.device != dev:
+        fail(f"k_rope must be float32 [rotary_dim / 2 <= {D // 2}] on {dev}, got {k_rope.dtype} "
+             f"{tuple(k_rope.shape)} on {k_rope.device}")
+    if k_perm is not None and (tuple(k_perm.shape) != (hkv, D) or k_perm.device != dev):
+        fail(f"k_perm must be [Hkv={hkv}, D={D}] on {dev}, got {tuple(k_perm.shape)} on {k_perm.device}")
+    q = q.contiguous()
+    qb, rw = _rope_operands(q, k_rope, k_perm, hkv)
+    return q, qb, rw
+
+
 def _rope_table(w: torch.Tensor, block_n: int, per: int, dtype: torch.dtype) -> torch.Tensor:
     """ROPE_TAB (angle addition): cos / sin of u * w for the in-tile offsets u < block_n, w the stored columns'
     frequencies [Hkv, D] (``_rope_operands``), as [Hkv, 2, per, block_n, D // per] in ``dtype``: cos then sin, plane
@@ -1797,14 +1826,7 @@ def decode_attention(
     if rope:
         if k_channel or k_format != "affine" or k_bits not in (2, 4):
             _fail("k_rope (keys before RoPE) takes affine 2- or 4-bit keys in per-token groups")
-        if (k_rope.dim() != 1 or k_rope.dtype != torch.float32 or not 1 <= k_rope.numel() <= D // 2
-                or k_rope.device != dev):
-            _fail(f"k_rope must be float32 [rotary_dim / 2 <= {D // 2}] on {dev}, got {k_rope.dtype} "
-                  f"{tuple(k_rope.shape)} on {k_rope.device}")
-        if k_perm is not None and (tuple(k_perm.shape) != (Hkv, D) or k_perm.device != dev):
-            _fail(f"k_perm must be [Hkv={Hkv}, D={D}] on {dev}, got {tuple(k_perm.shape)} on {k_perm.device}")
-        q = q.contiguous()
-        qb, rw = _rope_operands(q, k_rope, k_perm, Hkv)
+        q, qb, rw = _rope_args(q, k_rope, k_perm, Hkv, _fail)
         if rope_table is None:
             # (H100, 32k, NOTES.md v22) the table wins with one key group per token (K2V2 g128, 8B shape: 409-418
             # against 536-541 us) and for groups of 16 at D = 128 without group fill (512 against 775-780 with it, the

@@ -17,10 +17,13 @@ The tile math is the decode kernel's (``_packed_tile`` / ``_fp_tile`` from decod
 not copied): codes stay in their packed "planes" (plane ``j`` = channels ``j, j + PER, ...``, q loaded in
 the same planes with strided pointers), magic-number code -> fp16/bf16 conversion, scales and zeros kept
 out of the inner products when one group spans the head (``G == D``), in-register dequantization for
-``G`` in {32, 64}. With few query blocks (small chunks, small batch) the KV range of each block is cut
-into ``num_splits`` parts whose partial results are merged by ``_prefill_merge_kernel`` (log-sum-exp,
-flash-decoding), so the grid still fills the GPU. The chunk length ``Nq`` and the number of splits are
-runtime arguments of both kernels: a new chunk length does not recompile.
+``G`` in {16, 32, 64}. Keys quantized before RoPE (``K_ROPE``) are rotated per element by their positions (the
+decode kernel's ``_rope_plane``) and ternary values (``v_bits=1.5``) are decoded per element into one natural-order
+output plane, as in the decode kernel's v20 / v21 (skvq's layout: 40-41 TFLOP/s on the H100, 2.4-5.3x faster than
+dequantize + SDPA, benchmarks/results/bench_prefill_skvq.md). With few query blocks (small chunks, small batch)
+the KV range of each block is cut into ``num_splits`` parts whose partial results are merged by
+``_prefill_merge_kernel`` (log-sum-exp, flash-decoding), so the grid still fills the GPU. The chunk length ``Nq``
+and the number of splits are runtime arguments of both kernels: a new chunk length does not recompile.
 
 Measured (H100, triton 3.6, benchmarks/results/bench_prefill.md; Hq=32 Hkv=8 D=128, eager, 128-row blocks):
 1.2-8.2x faster than dequantize + SDPA on all 16 cases. Against fp16 SDPA on full-precision K/V: faster only
@@ -41,7 +44,8 @@ import triton
 import triton.language as tl
 
 from . import decode_attention as _da
-from .decode_attention import _load_q_plane, _mm, _plane_f32, _plane_magic, _softmax_step, _store_planes, _v_plane_exact
+from .decode_attention import (_acc_init, _load_q_plane, _mm, _plane_f32, _plane_magic, _rope_plane, _rope_q_operands,
+                               _softmax_step, _store_planes, _ternary_digit, _v_plane_exact)
 from .reference import decode_attention_reference
 
 __all__ = [
@@ -56,8 +60,9 @@ __all__ = [
 ]
 
 SUPPORTED_BITS = (2, 4)  # the decode kernel also takes 8-bit codes; this one not yet
+SUPPORTED_V_BITS = SUPPORTED_BITS + (1.5,)  # 1.5: ternary values (5 base-3 digits per byte), dequantized per element
 SUPPORTED_HEAD_DIMS = _da.SUPPORTED_HEAD_DIMS  # (64, 128)
-SUPPORTED_GROUP_SIZES = (32, 64)  # and G == D
+SUPPORTED_GROUP_SIZES = (16, 32, 64)  # and G == D
 SUPPORTED_DTYPES = _da.SUPPORTED_DTYPES
 _META_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _LOG2E = 1.4426950408889634
@@ -74,7 +79,9 @@ def prefill_attention_reference(*, causal: bool = True, **kw) -> tuple[torch.Ten
         return decode_attention_reference(**kw)
     q = kw["q"]
     B, Hq, NQ, D = q.shape
-    kw = {k: (v.repeat_interleave(NQ, dim=0) if torch.is_tensor(v) and k != "q" else v) for k, v in kw.items()}
+    per_batch = ("q", "k_rope", "k_perm")  # not per sequence: the rotary frequencies and the per-head channel order
+    kw = {k: (v.repeat_interleave(NQ, dim=0) if torch.is_tensor(v) and k not in per_batch else v)
+          for k, v in kw.items()}
     kw["q"] = q.permute(0, 2, 1, 3).reshape(B * NQ, Hq, 1, D)
     out, lse = decode_attention_reference(**kw)
     return (out.reshape(B, NQ, Hq, D).permute(0, 2, 1, 3), lse.reshape(B, NQ, Hq).permute(0, 2, 1))
@@ -123,7 +130,10 @@ def _fp_planes(base, offs_t, tmask, st, sc, PER: tl.constexpr, D: tl.constexpr, 
     """The PER channel planes (plane j = channels j, j + PER, ...) of a full-precision [tokens, D] tile."""
     DP: tl.constexpr = D // PER
     x0 = _ld_rows(base, offs_t, tmask, st, tl.arange(0, DP) * PER, sc, MASKED)
-    x1 = _ld_rows(base, offs_t, tmask, st, tl.arange(0, DP) * PER + 1, sc, MASKED)
+    if PER >= 2:
+        x1 = _ld_rows(base, offs_t, tmask, st, tl.arange(0, DP) * PER + 1, sc, MASKED)
+    else:  # one natural-order plane (ternary values' accumulator)
+        x1 = x0
     if PER == 4:
         x2 = _ld_rows(base, offs_t, tmask, st, tl.arange(0, DP) * PER + 2, sc, MASKED)
         x3 = _ld_rows(base, offs_t, tmask, st, tl.arange(0, DP) * PER + 3, sc, MASKED)
@@ -141,7 +151,7 @@ def _fp_tile(q0, q1, q2, q3, m_i, l_i, zacc, acc0, acc1, acc2, acc3,
              DTYPE: tl.constexpr):
     """One tile of full-precision tokens (sink or window); see decode_attention._fp_tile for the shifted planes."""
     KB: tl.constexpr = 8 // PER_K
-    VB: tl.constexpr = 8 // PER_V
+    VB: tl.constexpr = 8 // PER_V  # (PER_V 1, ternary values: never shifted)
     KF1: tl.constexpr = (1 << KB) if K_SHIFTED else 1
     KF2: tl.constexpr = (1 << (2 * KB)) if K_SHIFTED else 1
     KF3: tl.constexpr = (1 << (3 * KB)) if K_SHIFTED else 1
@@ -159,7 +169,8 @@ def _fp_tile(q0, q1, q2, q3, m_i, l_i, zacc, acc0, acc1, acc2, acc3,
     VF3: tl.constexpr = (1 << (3 * VB)) if V_SHIFTED else 1
     v0, v1, v2, v3 = _fp_planes(v_base, offs_t, tmask, svt, svc, PER_V, D, MASKED)
     acc0 = acc0 * alpha[:, None] + _mm(p.to(DTYPE), v0, True, DOT_FP32)
-    acc1 = acc1 * alpha[:, None] + _mm((p * VF1).to(DTYPE), v1, True, DOT_FP32)
+    if PER_V >= 2:
+        acc1 = acc1 * alpha[:, None] + _mm((p * VF1).to(DTYPE), v1, True, DOT_FP32)
     if PER_V == 4:
         acc2 = acc2 * alpha[:, None] + _mm((p * VF2).to(DTYPE), v2, True, DOT_FP32)
         acc3 = acc3 * alpha[:, None] + _mm((p * VF3).to(DTYPE), v3, True, DOT_FP32)
@@ -173,11 +184,14 @@ def _packed_load(kc_base, skc_t, skc_c, ks_base, sks_t, sks_g, kz_base, skz_t, s
                  D: tl.constexpr, MASKED: tl.constexpr):
     """The packed bytes, scales and zeros of one tile of middle tokens (as stored: uint8, meta dtype)."""
     PER_K: tl.constexpr = 8 // K_BITS
-    PER_V: tl.constexpr = 8 // V_BITS
+    PER_V: tl.constexpr = 1 if V_BITS == 15 else 8 // V_BITS
     DPK: tl.constexpr = D // PER_K
     DPV: tl.constexpr = D // PER_V
     kb = _ld_rows(kc_base, offs_t, tmask, skc_t, tl.arange(0, DPK), skc_c, MASKED)
-    vb = _ld_rows(vc_base, offs_t, tmask, svc_t, tl.arange(0, DPV), svc_c, MASKED)
+    if V_BITS == 15:  # ternary: each channel's byte (channel // 5), natural channel order
+        vb = _ld_rows(vc_base, offs_t, tmask, svc_t, tl.arange(0, D) // 5, svc_c, MASKED)
+    else:
+        vb = _ld_rows(vc_base, offs_t, tmask, svc_t, tl.arange(0, DPV), svc_c, MASKED)
     if K_GROUP == D:
         ks = _ld_vec(ks_base, offs_t, tmask, sks_t, MASKED)
         kz = _ld_vec(kz_base, offs_t, tmask, skz_t, MASKED)
@@ -189,7 +203,7 @@ def _packed_load(kc_base, skc_t, skc_c, ks_base, sks_t, sks_g, kz_base, skz_t, s
         vs = _ld_vec(vs_base, offs_t, tmask, svs_t, MASKED)
         vz = _ld_vec(vz_base, offs_t, tmask, svz_t, MASKED)
     else:
-        offs_g = tl.arange(0, DPV) // (V_GROUP // PER_V)
+        offs_g = tl.arange(0, DPV) // (V_GROUP // PER_V)  # (ternary: PER_V 1, natural order)
         vs = _ld_rows(vs_base, offs_t, tmask, svs_t, offs_g, svs_g, MASKED).to(tl.float32)
         vz = _ld_rows(vz_base, offs_t, tmask, svz_t, offs_g, svz_g, MASKED).to(tl.float32)
     return kb, ks, kz, vb, vs, vz
@@ -202,18 +216,33 @@ def _packed_tile(q0, q1, q2, q3, qsum, qsum_mag, m_i, l_i, zacc, acc0, acc1, acc
                  D: tl.constexpr, MAGIC: tl.constexpr, MAGIC_VAL: tl.constexpr,
                  V_MAGIC: tl.constexpr, V_MAGIC_VAL: tl.constexpr, V_DTYPE: tl.constexpr,
                  K_SHIFTED: tl.constexpr, V_SHIFTED: tl.constexpr, FAST_ASM: tl.constexpr, CAUSAL: tl.constexpr,
-                 MASKED: tl.constexpr, DOT_FP32: tl.constexpr, DTYPE: tl.constexpr):
+                 MASKED: tl.constexpr, DOT_FP32: tl.constexpr, DTYPE: tl.constexpr, prope=None,
+                 K_ROPE: tl.constexpr = False):
     """One tile of packed middle tokens, from its loaded bytes / scales / zeros (_packed_load), with
     decode_attention._packed_tile's math: magic-number planes, scale and zero outside the products when
-    G == D, in-register dequantization for smaller groups."""
+    G == D, in-register dequantization for smaller groups. K_ROPE (keys quantized before RoPE): each key element
+    rotated by its position (decode_attention._rope_plane, the v20 form); ternary values (V_BITS 15): each element's
+    base-3 digit, dequantized in natural channel order (one output plane, acc0)."""
     PER_K: tl.constexpr = 8 // K_BITS
-    PER_V: tl.constexpr = 8 // V_BITS
+    PER_V: tl.constexpr = 1 if V_BITS == 15 else 8 // V_BITS
     tmask = offs_t < end
 
     # ---- K: scores --------------------------------------------------------------------------------
     if not (FAST_ASM and K_SHIFTED):
         kb = kb.to(tl.int16)
-    if K_GROUP == D:
+    if K_ROPE:
+        qb0, qb1, qb2, qb3, w0, w1, w2, w3 = prope
+        if K_GROUP == D:
+            ks = ks[:, None]
+            kz = kz[:, None]
+        posf = pos.to(tl.float32)
+        raw = _rope_plane(kb, 0, ks, kz, posf, w0, q0, qb0, K_BITS, DTYPE, True, DOT_FP32, FAST_ASM)
+        raw += _rope_plane(kb, 1, ks, kz, posf, w1, q1, qb1, K_BITS, DTYPE, True, DOT_FP32, FAST_ASM)
+        if PER_K == 4:
+            raw += _rope_plane(kb, 2, ks, kz, posf, w2, q2, qb2, K_BITS, DTYPE, True, DOT_FP32, FAST_ASM)
+            raw += _rope_plane(kb, 3, ks, kz, posf, w3, q3, qb3, K_BITS, DTYPE, True, DOT_FP32, FAST_ASM)
+        s = raw * qk_scale
+    elif K_GROUP == D:
         raw = _mm(q0, tl.trans(_plane_magic(kb, 0, K_BITS, MAGIC, DTYPE, K_SHIFTED, FAST_ASM)), True, DOT_FP32)
         raw += _mm(q1, tl.trans(_plane_magic(kb, 1, K_BITS, MAGIC, DTYPE, K_SHIFTED, FAST_ASM)), True, DOT_FP32)
         if PER_K == 4:
@@ -234,7 +263,15 @@ def _packed_tile(q0, q1, q2, q3, qsum, qsum_mag, m_i, l_i, zacc, acc0, acc1, acc
     # ---- V: output ----------------------------------------------------------------------------------
     if not (FAST_ASM and V_SHIFTED):
         vb = vb.to(tl.int16)
-    if V_GROUP == D:
+    if V_BITS == 15:
+        cc = tl.arange(0, D)
+        d3 = _ternary_digit(vb.to(tl.float32), (cc % 5)[None, :])
+        if V_GROUP == D:
+            vs = vs[:, None]
+            vz = vz[:, None]
+        zacc = zacc * alpha
+        acc0 = acc0 * alpha[:, None] + _mm(p.to(DTYPE), (d3 * vs + vz).to(DTYPE), True, DOT_FP32)
+    elif V_GROUP == D:
         zacc = zacc * alpha + tl.sum(p * vz[None, :], 1)
         pv = (p * vs[None, :]).to(V_DTYPE)
         # (MAGIC_VAL + c) - MAGIC_VAL is exact in DTYPE; leaving the offset in accumulates error.
@@ -280,6 +317,9 @@ def _prefill_kernel(
     # outputs: partials [B*Hkv, NUM_SPLITS, ROWS, D] fp32 + lse2 [B*Hkv, NUM_SPLITS, ROWS], or final out/lse
     op_ptr, lp_ptr, out_ptr, lse_ptr,
     n_sink, n_quant, n_window, qk_scale, NQ, NUM_SPLITS,
+    # K_ROPE: q's rotate-half partners with their signs (q's shape and strides) and each stored key column's rotary
+    # frequency [H_KV, D] float32 (decode_attention._rope_operands)
+    qb_ptr, rw_ptr,
     H_KV: tl.constexpr, GQA: tl.constexpr, D: tl.constexpr,
     K_BITS: tl.constexpr, V_BITS: tl.constexpr, K_GROUP: tl.constexpr, V_GROUP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
@@ -287,7 +327,7 @@ def _prefill_kernel(
     CAUSAL: tl.constexpr, DOT_FP32: tl.constexpr,
     DTYPE: tl.constexpr, MAGIC: tl.constexpr, MAGIC_VAL: tl.constexpr,
     V_DTYPE: tl.constexpr, V_MAGIC: tl.constexpr, V_MAGIC_VAL: tl.constexpr,
-    FAST_ASM: tl.constexpr = False, PREFETCH: tl.constexpr = False,
+    FAST_ASM: tl.constexpr = False, PREFETCH: tl.constexpr = False, K_ROPE: tl.constexpr = False,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -295,7 +335,7 @@ def _prefill_kernel(
     b = (pid_bh // H_KV).to(tl.int64)
     h = (pid_bh % H_KV).to(tl.int64)
     PER_K: tl.constexpr = 8 // K_BITS
-    PER_V: tl.constexpr = 8 // V_BITS
+    PER_V: tl.constexpr = 1 if V_BITS == 15 else 8 // V_BITS  # ternary values: one natural-order plane
     DPK: tl.constexpr = D // PER_K
     DPV: tl.constexpr = D // PER_V
     ROWS = GQA * NQ  # NQ and NUM_SPLITS are runtime values: a new chunk length does not recompile
@@ -309,8 +349,8 @@ def _prefill_kernel(
     q_rows = (h * GQA + hl) * sq_h + qi.to(tl.int64) * sq_n
     # fp16 codes keep their bits in place (see decode_attention._plane_magic); the exact power-of-two
     # factors go into the q planes (K) and the output planes (V).
-    K_SHIFTED: tl.constexpr = (MAGIC == 0x6400) and (K_GROUP == D)
-    V_SHIFTED: tl.constexpr = (V_MAGIC == 0x6400) and (V_GROUP == D)
+    K_SHIFTED: tl.constexpr = (MAGIC == 0x6400) and (K_GROUP == D) and not K_ROPE
+    V_SHIFTED: tl.constexpr = (V_MAGIC == 0x6400) and (V_GROUP == D) and V_BITS != 15
     KB: tl.constexpr = K_BITS
     q0 = _load_q_plane(q_base, q_rows, rmask, 0, PER_K, DPK, sq_d)
     q1 = _load_q_plane(q_base, q_rows, rmask, 1, PER_K, DPK, sq_d)
@@ -330,6 +370,11 @@ def _prefill_kernel(
     qsum_mag = tl.sum(q0.to(tl.float32), 1) + tl.sum(q1.to(tl.float32), 1)
     if PER_K == 4:
         qsum_mag += tl.sum(q2.to(tl.float32), 1) + tl.sum(q3.to(tl.float32), 1)
+    if K_ROPE:
+        # the middle's token t sits at position n_sink + t (the sink holds all its tokens once the middle has any)
+        prope = _rope_q_operands(qb_ptr + b * sq_b, q_rows, rmask, sq_d, rw_ptr + h * D, PER_K, DPK)
+    else:
+        prope = None
 
     L = n_sink + n_quant + n_window
     if CAUSAL:
@@ -353,10 +398,7 @@ def _prefill_kernel(
     m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)  # finite: fully masked tiles give p = 0, alpha = 1
     l_i = tl.zeros([BLOCK_M], tl.float32)
     zacc = tl.zeros([BLOCK_M], tl.float32)
-    acc0 = tl.zeros([BLOCK_M, DPV], tl.float32)
-    acc1 = tl.zeros([BLOCK_M, DPV], tl.float32)
-    acc2 = tl.zeros([BLOCK_M, DPV], tl.float32)
-    acc3 = tl.zeros([BLOCK_M, DPV], tl.float32)
+    acc0, acc1, acc2, acc3 = _acc_init(BLOCK_M, DPV, PER_V)
     arange_n = tl.arange(0, BLOCK_N)
 
     if HAS_SINK:
@@ -408,7 +450,7 @@ def _prefill_kernel(
                     q0, q1, q2, q3, qsum, qsum_mag, m_i, l_i, zacc, acc0, acc1, acc2, acc3,
                     kb, ks, kz, vb, vs, vz, offs_t, end, offs_t + n_sink, row_lim, qk_scale,
                     K_BITS, V_BITS, K_GROUP, V_GROUP, D, MAGIC, MAGIC_VAL, V_MAGIC, V_MAGIC_VAL, V_DTYPE,
-                    K_SHIFTED, V_SHIFTED, FAST_ASM, CAUSAL, False, DOT_FP32, DTYPE)
+                    K_SHIFTED, V_SHIFTED, FAST_ASM, CAUSAL, False, DOT_FP32, DTYPE, prope, K_ROPE)
         else:
             for t0 in range(start, mid, BLOCK_N):
                 offs_t = t0 + arange_n
@@ -420,7 +462,7 @@ def _prefill_kernel(
                     q0, q1, q2, q3, qsum, qsum_mag, m_i, l_i, zacc, acc0, acc1, acc2, acc3,
                     kb, ks, kz, vb, vs, vz, offs_t, end, offs_t + n_sink, row_lim, qk_scale,
                     K_BITS, V_BITS, K_GROUP, V_GROUP, D, MAGIC, MAGIC_VAL, V_MAGIC, V_MAGIC_VAL, V_DTYPE,
-                    K_SHIFTED, V_SHIFTED, FAST_ASM, CAUSAL, False, DOT_FP32, DTYPE)
+                    K_SHIFTED, V_SHIFTED, FAST_ASM, CAUSAL, False, DOT_FP32, DTYPE, prope, K_ROPE)
         for t0 in range(mid, end, BLOCK_N):
             offs_t = t0 + arange_n
             kb, ks, kz, vb, vs, vz = _packed_load(
@@ -431,7 +473,7 @@ def _prefill_kernel(
                 q0, q1, q2, q3, qsum, qsum_mag, m_i, l_i, zacc, acc0, acc1, acc2, acc3,
                 kb, ks, kz, vb, vs, vz, offs_t, end, offs_t + n_sink, row_lim, qk_scale,
                 K_BITS, V_BITS, K_GROUP, V_GROUP, D, MAGIC, MAGIC_VAL, V_MAGIC, V_MAGIC_VAL, V_DTYPE,
-                K_SHIFTED, V_SHIFTED, FAST_ASM, CAUSAL, True, DOT_FP32, DTYPE)
+                K_SHIFTED, V_SHIFTED, FAST_ASM, CAUSAL, True, DOT_FP32, DTYPE, prope, K_ROPE)
 
     if HAS_WINDOW:
         k_base = kw_ptr + b * skw_b + h * skw_h
@@ -525,6 +567,9 @@ def _fail(msg: str):
 _KERNEL_HOST_S = 250e-6
 _KERNEL_FIXED_S = 15e-6
 _KERNEL_FLOPS = 140e12
+# keys before RoPE / ternary values (per-element rotation and digits): 40-41 TFLOP/s measured (H100, skvq's layout,
+# 64- and 512-token chunks over 4k / 32k, benchmarks/bench_prefill.py SKVQ_CASES)
+_KERNEL_FLOPS_PER_ELEMENT = 40e12
 _DEQ_HOST_S = 900e-6
 _DEQ_S_PER_ELEM = 20e-12
 _SDPA_FIXED_S = 60e-6
@@ -532,16 +577,18 @@ _SDPA_FLOPS = 300e12
 
 
 def prefill_is_profitable(*, batch: int, kv_heads: int, rows: int, new_tokens: int, seq_len: int,
-                          head_dim: int) -> bool:
+                          head_dim: int, per_element: bool = False) -> bool:
     """Whether the prefill kernel is expected to beat dequantize + SDPA (``ops._dequant_sdpa``, eager) on
     this shape. Dequantize + SDPA pays for every K/V element of the whole cache at each chunk and a masked
     SDPA over the full Nq x L block; the kernel reads the packed bytes once per query block and does only
     the causal work, but at a lower matrix rate than SDPA's (see the constants above: every shape of the
     H100 benchmark was faster through the kernel, 1.2-8.2x; chunks of several thousand tokens over long
-    histories are where the model hands back to SDPA)."""
+    histories are where the model hands back to SDPA). ``per_element``: keys before RoPE or ternary values, which
+    the kernel rotates / decodes per element (a lower matrix rate)."""
     q_heads = kv_heads * (rows // max(1, new_tokens))
     causal_len = seq_len - (new_tokens - 1) / 2 if new_tokens > 1 else seq_len
-    kernel_gpu = _KERNEL_FIXED_S + 4.0 * batch * q_heads * new_tokens * causal_len * head_dim / _KERNEL_FLOPS
+    rate = _KERNEL_FLOPS_PER_ELEMENT if per_element else _KERNEL_FLOPS
+    kernel_gpu = _KERNEL_FIXED_S + 4.0 * batch * q_heads * new_tokens * causal_len * head_dim / rate
     kernel = max(_KERNEL_HOST_S, kernel_gpu)
     elems = 2 * batch * kv_heads * seq_len * head_dim
     sdpa = _SDPA_FIXED_S + 4.0 * batch * q_heads * new_tokens * seq_len * head_dim / _SDPA_FLOPS
@@ -608,6 +655,8 @@ def prefill_attention(
     programs_per_sm: int | None = None,
     fast_asm: bool = True,
     prefetch: bool | None = None,
+    k_rope: torch.Tensor | None = None,
+    k_perm: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of a chunk of ``Nq`` new queries over the packed KV ``sink ++ middle[:n_quant] ++ window[:n_window]``.
 
@@ -617,7 +666,10 @@ def prefill_attention(
     ``*_sink`` [B, Hkv, S, D] (S may be 0) and ``*_window`` [B, Hkv, W, D] in q's dtype; ``*_codes`` uint8
     [B, Hkv, cap, D * bits / 8] (little-endian within the byte); ``*_scale`` / ``*_zero``
     [B, Hkv, cap, D // group_size] (per-token affine groups: x = c * scale + zero). A channel permutation is
-    the caller's to fold into q and the output (as ``kvcompile.ops`` does).
+    the caller's to fold into q and the output (as ``kvcompile.ops`` does). ``v_bits=1.5``: ternary values
+    (``v_codes`` [B, Hkv, cap, ceil(D / 5)], 5 base-3 digits per byte), dequantized per element. Keys quantized
+    before RoPE: ``k_rope`` / ``k_perm`` as for :func:`decode_attention` (the middle's token t at position S + t,
+    rotated per element).
     Returns (out [B, Hq, Nq, D] in q's dtype, contiguous; lse [B, Hq, Nq] float32, natural log of the
     softmax denominator of ``sm_scale * q . k``).
     """
@@ -628,11 +680,12 @@ def prefill_attention(
         _fail(f"q dtype {q.dtype} unsupported (float16, bfloat16): cast q and the full-precision K/V parts")
     if D not in SUPPORTED_HEAD_DIMS:
         _fail(f"head dim {D} unsupported (supported: {SUPPORTED_HEAD_DIMS}); use dequantize + SDPA")
-    if k_bits not in SUPPORTED_BITS or v_bits not in SUPPORTED_BITS:
-        _fail(f"bits k={k_bits} v={v_bits} unsupported (supported: {SUPPORTED_BITS})")
+    if k_bits not in SUPPORTED_BITS or v_bits not in SUPPORTED_V_BITS:
+        _fail(f"bits k={k_bits} v={v_bits} unsupported (supported: keys {SUPPORTED_BITS}, values {SUPPORTED_V_BITS})")
+    ternary = v_bits == 1.5
     for name, g in (("k", k_group_size), ("v", v_group_size)):
         if not (g == D or g in SUPPORTED_GROUP_SIZES):
-            _fail(f"{name} group size {g} unsupported (D={D}, 32 or 64 channels per group)")
+            _fail(f"{name} group size {g} unsupported (D={D}, 16, 32 or 64 channels per group)")
     if NQ < 1:
         _fail("q must hold at least one new token")
     if k_codes.dim() != 4:
@@ -642,7 +695,7 @@ def prefill_attention(
         _fail(f"Hq={Hq} must be a multiple of Hkv={Hkv}")
     r = Hq // Hkv
     for name, t, want in (("k_codes", k_codes, (B, Hkv, cap, D * k_bits // 8)),
-                          ("v_codes", v_codes, (B, Hkv, cap, D * v_bits // 8))):
+                          ("v_codes", v_codes, (B, Hkv, cap, -(-D // 5) if ternary else D * v_bits // 8))):
         if t.dtype != torch.uint8:
             _fail(f"{name} must be uint8, got {t.dtype}")
         if tuple(t.shape) != want:
@@ -668,6 +721,11 @@ def prefill_attention(
     for t in (k_sink, k_codes, k_scale, k_zero, k_window, v_sink, v_codes, v_scale, v_zero, v_window):
         if t.device != dev:
             _fail(f"all inputs must be on q's device {dev}, found one on {t.device}")
+    rope = k_rope is not None
+    if rope:
+        q, qb, rw = _da._rope_args(q, k_rope, k_perm, Hkv, _fail)
+    else:
+        qb, rw = q, q  # unused
     n_quant, n_window = int(n_quant), int(n_window)
     if not 0 <= n_quant <= cap:
         _fail(f"n_quant={n_quant} outside [0, {cap}]")
@@ -687,6 +745,9 @@ def prefill_attention(
 
     interp = _da._interpreting() or dev.type != "cuda"
     rows = r * NQ
+    if block_n is None and (rope or ternary):
+        # per-element keys before RoPE / ternary values: [tokens, channels] float32 temporaries per tile
+        block_n = 16 if ternary else 32
     cfg = choose_prefill_config(batch=B, kv_heads=Hkv, rows=rows, seq_len=L, head_dim=D,
                                 num_sms=_da._num_sms(dev), block_m=block_m, block_n=block_n,
                                 num_splits=num_splits, num_warps=num_warps, programs_per_sm=programs_per_sm)
@@ -722,12 +783,14 @@ def prefill_attention(
         *part(v_window, has_window),
         o_part, l_part, out, lse,
         S, n_quant, n_window, float(sm_scale) * _LOG2E, NQ, num_splits,
-        H_KV=Hkv, GQA=r, D=D, K_BITS=k_bits, V_BITS=v_bits, K_GROUP=k_group_size, V_GROUP=v_group_size,
+        qb, rw,
+        H_KV=Hkv, GQA=r, D=D, K_BITS=k_bits, V_BITS=15 if ternary else v_bits, K_GROUP=k_group_size,
+        V_GROUP=v_group_size,
         BLOCK_M=block_m, BLOCK_N=block_n, SPLIT=num_splits > 1,
         HAS_SINK=has_sink, HAS_MID=has_mid, HAS_WINDOW=has_window,
         CAUSAL=bool(causal) and NQ > 1, DOT_FP32=interp, DTYPE=tl_dtype, MAGIC=magic, MAGIC_VAL=magic_val,
         V_DTYPE=v_dtype, V_MAGIC=v_magic, V_MAGIC_VAL=v_magic_val, FAST_ASM=fast_asm and not interp,
-        PREFETCH=PREFETCH_DEFAULT if prefetch is None else bool(prefetch),
+        PREFETCH=PREFETCH_DEFAULT if prefetch is None else bool(prefetch), K_ROPE=rope,
         num_warps=num_warps, num_stages=num_stages,
     )
     if num_splits > 1:
