@@ -147,7 +147,8 @@ PREFETCH_DEFAULT = True
 # - keys before RoPE (K_ROPE): ROPE_TAB, angle addition (v22): the tile's base angle rotates q once per tile and the
 #   in-tile offsets' cos / sin come from a [BLOCK_N] table, products in fp16 pairs; otherwise (v20) every key element
 #   takes its own angle, cos and sin in float32. Default where it measured faster (decode_attention's
-#   rope_table=None): values not ternary, and one key group per token or D = 128 (there without group fill)
+#   rope_table=None): values not ternary, and one key group per token, or D = 128 with groups of 16 (there without
+#   group fill)
 ROPE_TAB_DEFAULT = True
 
 _LOG2E = 1.4426950408889634
@@ -1832,7 +1833,9 @@ def decode_attention(
             # against 536-541 us) and for groups of 16 at D = 128 without group fill (512 against 775-780 with it, the
             # per-element default); it lost for groups of 16 at D = 64 (194-201 against 180-182) and beside ternary
             # values (skvq's defaults: 1375-1404 against 1160-1181 at D = 128, 244-245 against 216-218 at D = 64)
-            rope_table = ROPE_TAB_DEFAULT and not ternary and (k_group_size == D or D == 128)
+            # (groups of 32 / 64 were not timed: they keep the per-element form)
+            rope_table = ROPE_TAB_DEFAULT and not ternary and (k_group_size == D
+                                                               or (D == 128 and k_group_size == 16))
     else:
         qb, rw = q, q  # unused
     dev_lens = lengths is not None
