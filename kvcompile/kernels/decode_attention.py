@@ -503,8 +503,8 @@ def _mask_scores(s, tmask, pos, row_lim, CAUSAL: tl.constexpr, SUB: tl.constexpr
 @triton.jit
 def _elem_meta(s_base, s_t, s_g, z_base, z_t, z_g, offs_t64, tmask, offs_g, DT: tl.constexpr = tl.float32):
     """Per-element scale and zero of a tile whose columns sit in the groups ``offs_g``: [tokens, columns] in DT
-    (float32 unless given), 0 on masked tokens (the register-dequantizing forms: groups below D without group fill,
-    keys before RoPE, ternary values, KIVI's V in K's window)."""
+    (float32 unless given), 0 on masked tokens (KIVI's V in K's window; with one column per group, the loads of
+    ``_group_meta``, which the other register-dequantizing forms use)."""
     m = tmask[:, None]
     sc = tl.load(s_base + offs_t64[:, None] * s_t + offs_g[None, :] * s_g, mask=m, other=0.0).to(DT)
     zr = tl.load(z_base + offs_t64[:, None] * z_t + offs_g[None, :] * z_g, mask=m, other=0.0).to(DT)
@@ -1040,8 +1040,8 @@ def _packed_tile(q0, q1, q2, q3, qsum, qsum_mag, m_i, l_i, acc0, acc1, acc2, acc
                 s = (raw - MAGIC_VAL * qsum_mag[:, None]) * _bc(a, SUB)
     else:
         # plane element i holds channel PER * i + j, which is in group i // (K_GROUP // PER_K)
-        offs_g = (tl.arange(0, DPK) // (K_GROUP // PER_K)).to(tl.int64)
-        ks, kz = _elem_meta(ks_base, sks_t, sks_g, kz_base, skz_t, skz_g, offs_t64, tmask, offs_g)
+        ks, kz = _group_meta(ks_base, sks_t, sks_g, kz_base, skz_t, skz_g, offs_t64, tmask, offs_t.shape[0],
+                             D // K_GROUP, K_GROUP // PER_K)
         raw = _mm(q0, tl.trans((_plane_f32(kb, 0, K_BITS) * ks + kz).to(DTYPE)), USE_DOT, DOT_FP32)
         raw += _mm(q1, tl.trans((_plane_f32(kb, 1, K_BITS) * ks + kz).to(DTYPE)), USE_DOT, DOT_FP32)
         if PER_K == 4:
@@ -1109,8 +1109,8 @@ def _packed_tile(q0, q1, q2, q3, qsum, qsum_mag, m_i, l_i, acc0, acc1, acc2, acc
         acc0, acc1, acc2, acc3 = _v_exact_dot(pv, vb, acc0, acc1, acc2, acc3, V_BITS, V_MAGIC, V_MAGIC_VAL, V_DTYPE,
                                               DOT_FP32, V_SHIFTED, FAST_ASM, USE_DOT, V_FMT)
     else:
-        offs_g = (tl.arange(0, DPV) // (V_GROUP // PER_V)).to(tl.int64)
-        vs, vz = _elem_meta(vs_base, svs_t, svs_g, vz_base, svz_t, svz_g, offs_t64, tmask, offs_g)
+        vs, vz = _group_meta(vs_base, svs_t, svs_g, vz_base, svz_t, svz_g, offs_t64, tmask, offs_t.shape[0],
+                             D // V_GROUP, V_GROUP // PER_V)
         zacc = zacc * alpha
         pv = _rows_expand(p.to(DTYPE), sbr, SUB)
         acc0 = acc0 * alpha[:, None] + _mm(pv, (_plane_f32(vb, 0, V_BITS) * vs + vz).to(DTYPE), USE_DOT, DOT_FP32)
