@@ -2,7 +2,9 @@
 
     python benchmarks/bench_prefill.py [--out DIR] [--cases NAME,...] [--variants all|NAME,...]
 
-(``--cases`` also takes the SKVQ_CASES rows: skvq's default layout, keys before RoPE and ternary values.)
+(``--cases`` also takes the SKVQ_CASES rows: skvq's default layout, keys before RoPE and ternary values; and the
+SCHEME_CASES rows: the kivi, nqkv, int8 and fp8 schemes' default layouts, built by appending random K/V to the
+schemes' own PackedKV (kivi's V middle then runs ahead of K's), the kernel's arguments from ``ops.prefill_kwargs``.)
 
 A chunk of Nq new tokens (64 or 512) attends to a history of 4k or 32k tokens plus itself (causal), the
 chunk's own K/V already written to the cache (sink 4 + quantized middle + window 128, as a model writes
@@ -53,6 +55,9 @@ CASES = {  # name: (B, Nq, history, bits[, "skvq"])
 # channel order (Llama-3's inverse frequencies, theta 500000), ternary values in groups of 16, both reordered
 SKVQ_CASES = {f"skvq_b{B}_c{c}_h{h // 1024}k": (B, c, h, 2, "skvq") for B, c, h in ((1, 64, 32768), (8, 64, 4096),
                                                                                  (1, 512, 4096))}
+# the other schemes' default layouts (not in the default --cases), from kvcompile's scheme registry
+SCHEME_CASES = {f"{sch}_b{B}_c{c}_h{h // 1024}k": (B, c, h, 0, sch) for sch in ("kivi", "nqkv", "int8", "fp8")
+                for B, c, h in ((1, 64, 32768), (8, 64, 4096), (1, 512, 4096))}
 # launcher overrides timed against the default on the same inputs (--variants)
 VARIANTS = {
     "default_again": dict(),  # the default timed a second time: the spread between the two is noise
@@ -146,9 +151,32 @@ def make_case(B, NQ, hist, bits, layout=None, seed=0, dtype=torch.float16):
     return kw, pks[0], pks[1]
 
 
+def make_scheme_case(B, NQ, hist, scheme, seed=0, dtype=torch.float16):
+    """A scheme's default layout (kvcompile.get_scheme(scheme).layer_spec): its PackedKV pair filled by appending
+    hist + NQ random tokens (the cache's own write path), kernel keywords from ops.prefill_kwargs."""
+    from kvcompile.schemes import get_scheme
+
+    spec = get_scheme(scheme).layer_spec(0, 1)
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    L = hist + NQ
+    pks = []
+    for qt in (spec.k, spec.v):
+        pk = PackedKV.empty(B, HKV, D, qt, capacity=L + 64, n_sink=spec.n_sink, window=spec.window, dtype=dtype,
+                            device="cuda")
+        x = (torch.randn(B, HKV, L, D, device="cuda", generator=gen)
+             + torch.randn(B, HKV, 1, D, device="cuda", generator=gen)).to(dtype)
+        pk.append(x)
+        pk.lengths()
+        pks.append(pk)
+    q = torch.randn(B, HQ, NQ, D, device="cuda", dtype=dtype, generator=gen)
+    kw = ops.prefill_kwargs(q, pks[0], pks[1])
+    kw["q_model"] = q
+    return kw, pks[0], pks[1]
+
+
 def fused_bytes(kw):
     t = [kw[f"{n}_{p}"] for n in "kv" for p in ("codes", "scale", "zero", "sink", "window")] + [kw["q"], kw["q"]]
-    return sum(x.numel() * x.element_size() for x in t)
+    return sum(x.numel() * x.element_size() for x in t if x is not None)
 
 
 def causal_flops(B, NQ, L):
@@ -161,9 +189,11 @@ def run_case(name, spec, bw, tf, log, variants):
     L = hist + NQ
     sm_scale = 1.0 / math.sqrt(D)
     t0 = time.time()
-    kw, kp, vp = make_case(B, NQ, hist, bits, layout)
+    make = ((lambda seed: make_scheme_case(B, NQ, hist, layout, seed)) if layout in ("kivi", "nqkv", "int8", "fp8")
+            else (lambda seed: make_case(B, NQ, hist, bits, layout, seed=seed)))
+    kw, kp, vp = make(0)
     nbytes = fused_bytes(kw)
-    cases = [(kw, kp, vp)] + [make_case(B, NQ, hist, bits, layout, seed=i) for i in range(1, copies_for(nbytes))]
+    cases = [(kw, kp, vp)] + [make(i) for i in range(1, copies_for(nbytes))]
     # fused kernel
     kargs = [{k: v for k, v in c[0].items() if k != "q_model"} for c in cases]
     fused_fns = [lambda a=a: prefill_attention(**a, sm_scale=sm_scale) for a in kargs]
@@ -204,8 +234,8 @@ def run_case(name, spec, bw, tf, log, variants):
             log(f"  {name} {key}: {type(e).__name__}: {str(e)[:300]}")
     flops = causal_flops(B, NQ, L)
     row = dict(case=name, B=B, Hq=HQ, Hkv=HKV, D=D, Nq=NQ, history=hist, L=L, bits=bits, layout=layout,
-               group=16 if layout == "skvq" else D, sink=SINK,
-               window=WINDOW, copies=len(cases), config=cfg,
+               group=16 if layout == "skvq" else D, sink=kp.n_sink,
+               window=kp.window_size, k_lengths=kp.lengths(), v_lengths=vp.lengths(), copies=len(cases), config=cfg,
                fused_us=t_fused, fused_graph_us=t_fused_graph, dequant_sdpa_us=t_deq,
                sdpa_mask_us=t_sdpa_mask, sdpa_flash_nomask_us=t_sdpa_flash,
                vs_dequant=t_deq / t_fused, vs_sdpa_mask=t_sdpa_mask / t_fused, vs_sdpa_flash=t_sdpa_flash / t_fused,
@@ -214,7 +244,7 @@ def run_case(name, spec, bw, tf, log, variants):
                fused_TFLOPs=flops / (t_fused * 1e-6) / 1e12, sdpa_flash_TFLOPs=flops / (t_sdpa_flash * 1e-6) / 1e12,
                copy_GBps=bw, matmul_TFLOPs=tf, rel_err_vs_dequant_sdpa=rel, variants=var_times,
                profitable=prefill_is_profitable(batch=B, kv_heads=HKV, rows=(HQ // HKV) * NQ, new_tokens=NQ,
-                                                seq_len=L, head_dim=D),
+                                                seq_len=L, head_dim=D, per_element=layout == "skvq"),
                seconds=time.time() - t0)
     del cases, kw, kp, vp
     torch.cuda.empty_cache()
@@ -234,12 +264,44 @@ def table(rows):
     return "\n".join(lines)
 
 
+def plot(rows, path):
+    """Speed against fp16 SDPA (masked, the same call dequantize + SDPA makes) per case: the fused kernel and
+    dequantize + SDPA, log scale (1 = as fast as fp16 attention)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.55 * len(rows) + 2), 3.8))
+    x = range(len(rows))
+    ax.bar([i - 0.2 for i in x], [r["vs_sdpa_mask"] for r in rows], 0.4, label="fused kernel / fp16 SDPA (mask)")
+    ax.bar([i + 0.2 for i in x], [r["sdpa_mask_us"] / r["dequant_sdpa_us"] for r in rows], 0.4,
+           label="dequantize + SDPA / fp16 SDPA (mask)")
+    ax.axhline(1.0, color="k", lw=0.5)
+    ax.set_yscale("log")
+    ax.set_xticks(list(x), [r["case"] for r in rows], rotation=35, ha="right", fontsize=7)
+    ax.set_ylabel("speed vs fp16 SDPA (higher is faster)")
+    ax.set_title("chunked prefill over packed KV", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--cases", default=",".join(CASES))
     ap.add_argument("--variants", default="", help="'all', or case names (comma separated) to time VARIANTS on")
+    ap.add_argument("--replot", metavar="JSON", help="only draw the plot of an earlier run's bench_prefill.json "
+                    "(next to it, same name .png); no GPU needed")
     args = ap.parse_args(argv)
+    if args.replot:
+        with open(args.replot) as f:
+            plot(json.load(f)["rows"], os.path.splitext(args.replot)[0] + ".png")
+        return
     os.makedirs(args.out, exist_ok=True)
     logf = open(os.path.join(args.out, "bench_prefill.log"), "a")
 
@@ -260,7 +322,7 @@ def main(argv=None):
     for name in args.cases.split(","):
         try:
             var = (SKVQ_VARIANTS if name in SKVQ_CASES else VARIANTS) if name in var_cases else None
-            row = run_case(name, {**CASES, **SKVQ_CASES}[name], bw, tf, log, var)
+            row = run_case(name, {**CASES, **SKVQ_CASES, **SCHEME_CASES}[name], bw, tf, log, var)
         except Exception as e:  # noqa: BLE001 - keep the other cases' numbers
             log(f"{name}: FAILED {type(e).__name__}: {str(e)[:500]}")
             torch.cuda.empty_cache()
@@ -274,6 +336,7 @@ def main(argv=None):
                     f"command: {cmd}\n\n{table(rows)}\n")
         with open(os.path.join(args.out, "bench_prefill.json"), "w") as f:
             json.dump(dict(device=dev, copy_GBps=bw, matmul_TFLOPs=tf, command=cmd, rows=rows), f, indent=1)
+        plot(rows, os.path.join(args.out, "bench_prefill.png"))
     log(f"\n{dev}; copy {bw:.0f} GB/s; matmul {tf:.0f} TFLOP/s; command: {cmd}\n{table(rows)}")
 
 

@@ -442,22 +442,55 @@ def _prefill_unsupported(q: Tensor, kp: PackedKV, vp: PackedKV, mask: Optional[T
 
     if vp.rope is not None:
         return "values quantized before RoPE (the prefill kernel rotates keys only)"
+    if kp.rope is not None and (kp.quant.kind != "affine" or kp.quant.bits not in (2, 4)):
+        return f"keys before RoPE in {kp.quant.kind} {kp.quant.bits}-bit codes (prefill kernel: affine 2 / 4-bit)"
     for p, bits in ((kp, pa.SUPPORTED_BITS), (vp, pa.SUPPORTED_V_BITS)):
         qt = p.quant
-        if qt.kind != "affine" or qt.axis != "token":
-            return f"{qt.kind} quantization with {qt.axis}-axis groups (prefill kernel: per-token affine only)"
-        if qt.bits not in bits:
-            return f"{qt.bits}-bit codes (prefill kernel: {bits})"
+        if qt.kind not in pa.SUPPORTED_FORMATS:
+            return f"{qt.kind} quantization (prefill kernel: {', '.join(pa.SUPPORTED_FORMATS)})"
+        if qt.bits not in (bits if qt.kind == "affine" else (4,) if qt.kind == "nf" else (8,)):
+            return f"{qt.bits}-bit {qt.kind} codes (prefill kernel: {bits}; NF4)"
+        if qt.axis == "channel":  # KIVI keys: per-channel groups of group_size tokens
+            if p is vp:
+                return "per-channel (axis='channel') values (prefill kernel: keys only)"
+            if qt.bits not in (2, 4) or kp.rope is not None:
+                return f"per-channel {qt.bits}-bit keys{' before RoPE' if kp.rope is not None else ''}"
+            if qt.group_size not in pa._da.SUPPORTED_TOKEN_GROUPS:
+                return f"per-channel keys in groups of {qt.group_size} tokens"
+            continue
         g = qt.group_for(p.head_dim)
         if not (g == p.head_dim or g in pa.SUPPORTED_GROUP_SIZES):
             return f"group size {g} (prefill kernel: the head dim, {', '.join(map(str, pa.SUPPORTED_GROUP_SIZES))})"
+        if qt.bits == 8 and g != p.head_dim:
+            return "8-bit codes in groups smaller than the head dim"
     if q.shape[-1] not in pa.SUPPORTED_HEAD_DIMS or vp.head_dim != q.shape[-1]:
         return f"head dim {q.shape[-1]} (prefill kernel: {pa.SUPPORTED_HEAD_DIMS})"
     if q.dtype not in pa.SUPPORTED_DTYPES or kp.kv_dtype != q.dtype:
         return f"{q.dtype} queries over {kp.kv_dtype} K/V (prefill kernel: float16 / bfloat16, same dtype)"
     if mask is not None:
         return "an explicit attention mask (prefill kernel: causal or none)"
+    if vp.quant.flush > kp.quant.flush:  # the kernel reads V's middle ahead of K's, not behind
+        return "values flushed in larger token groups than keys"
+    if vp.quant.flush != kp.quant.flush and (vp.quant.kind != "affine" or vp.quant.bits not in (2, 4)):
+        return f"{vp.quant.kind} {vp.quant.bits}-bit values ahead of per-channel keys (prefill kernel: affine 2 / 4-bit)"
     return None
+
+
+def prefill_kwargs(q: Tensor, kp: PackedKV, vp: PackedKV) -> dict:
+    """The chunked-prefill kernel's storage keywords for a K / V pair of PackedKV (``prefill_attention(**kw,
+    sm_scale=..., causal=...)``), with q folded into the keys' channel order (the output comes in the values' order:
+    ``_unfold_value_order``). Lengths are the caches' host ints (``PackedKV.lengths``)."""
+    n_s, n_q, n_w = kp.lengths()
+    v_n_q = vp.lengths()[1] if vp.quant.flush != kp.quant.flush else n_q  # KIVI: V's middle runs ahead of K's
+    d = q.shape[-1]
+    return dict(
+        q=_fold_key_order(q, kp, q.shape[1] // kp.shape[1]), k_sink=kp.sink[:, :, :n_s], k_codes=kp.codes,
+        k_scale=kp.scale, k_zero=kp.zero, k_window=kp.window, v_sink=vp.sink[:, :, :n_s], v_codes=vp.codes,
+        v_scale=vp.scale, v_zero=vp.zero, v_window=vp.window, n_quant=n_q, n_window=n_w, v_n_quant=v_n_q,
+        k_bits=int(kp.quant.bits), v_bits=1.5 if vp.quant.bits == 1.5 else int(vp.quant.bits), k_axis=kp.quant.axis,
+        k_group_size=kp.quant.group_size if kp.quant.axis == "channel" else kp.quant.group_for(d),
+        v_group_size=vp.quant.group_for(vp.head_dim), k_rope=kp.rope, k_perm=kp.perm if kp.rope is not None else None,
+        k_format=kp.quant.kind, v_format=vp.quant.kind)
 
 
 def _prefill_cuda(q: Tensor, kp: PackedKV, vp: PackedKV, scale: float, mask: Optional[Tensor],
@@ -485,19 +518,13 @@ def _prefill_cuda(q: Tensor, kp: PackedKV, vp: PackedKV, scale: float, mask: Opt
     if causal and n_s + n_q + n_w < nq:
         return None  # the chunk's own K/V are not in the cache: not this kernel's contract
     per_element = kp.rope is not None or vp.quant.bits == 1.5
+    register = kp.quant.axis == "channel" or any(p.quant.kind == "nf" and p.quant.group_for(d) < d for p in (kp, vp))
     if policy != "always" and not prefill_is_profitable(batch=b, kv_heads=hkv, rows=(hq // hkv) * nq, new_tokens=nq,
-                                                         seq_len=n_s + n_q + n_w, head_dim=d, per_element=per_element):
+                                                         seq_len=n_s + n_q + n_w, head_dim=d, per_element=per_element,
+                                                         register_dequant=register):
         return None
     r = hq // hkv
-    qq = _fold_key_order(q, kp, r)
-    out, _ = prefill_attention(
-        q=qq, k_sink=kp.sink[:, :, :n_s], k_codes=kp.codes, k_scale=kp.scale, k_zero=kp.zero,
-        k_window=kp.window, v_sink=vp.sink[:, :, :n_s], v_codes=vp.codes, v_scale=vp.scale, v_zero=vp.zero,
-        v_window=vp.window, n_quant=n_q, n_window=n_w, k_bits=int(kp.quant.bits),
-        v_bits=1.5 if vp.quant.bits == 1.5 else int(vp.quant.bits), k_group_size=kp.quant.group_for(d),
-        v_group_size=vp.quant.group_for(vp.head_dim), sm_scale=scale, causal=causal,
-        k_rope=kp.rope, k_perm=kp.perm if kp.rope is not None else None,
-    )
+    out, _ = prefill_attention(**prefill_kwargs(q, kp, vp), sm_scale=scale, causal=causal)
     out = _unfold_value_order(out, vp, r)
     if not torch.compiler.is_compiling():
         counters["kvcompile"]["prefill_attention_calls"] += 1

@@ -1600,6 +1600,51 @@ def group_fill_groups(*, head_dim: int, k_group_size: int, v_group_size: int, k_
     return head_dim // g_min
 
 
+def _check_formats(D: int, *sides, fail=_fail) -> None:
+    """The code formats of K and V (``sides``: (name, format, bits, channel group size, zero tensor or None)), for both
+    attention launchers: int8 / fp8 take 8 bits, NF 4, 8-bit codes one group per token, and only affine codes have a
+    zero point. ``fail`` raises (the calling launcher's, so the message names it)."""
+    for name, fmt, bits, g, zero in sides:
+        if fmt not in SUPPORTED_FORMATS:
+            fail(f"{name}_format={fmt!r} unsupported (supported: {SUPPORTED_FORMATS})")
+        if fmt in ("int8", "fp8") and bits != 8:
+            fail(f"{name}_format={fmt!r} needs {name}_bits=8, got {bits}")
+        if fmt == "nf" and bits != 4:
+            fail(f"{name}_format='nf' takes 4-bit codes (NF4), got {name}_bits={bits}")
+        if bits == 8 and g != D:
+            fail(f"8-bit {name} codes take one group per token ({name}_group_size={D}), got {g}")
+        if (zero is None) != (fmt != "affine"):
+            fail(f"{name}_zero must be {'None' if fmt != 'affine' else 'a tensor'} for {name}_format={fmt!r}")
+
+
+def _check_packed(B: int, Hkv: int, D: int, cap: int, cap_v: int, k_bits, v_bits, k_channel: bool, k_group_size: int,
+                  v_group_size: int, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, fail=_fail) -> None:
+    """Dtypes and shapes of the packed middles (codes uint8; scales / zeros in a meta dtype, per token and channel
+    group, or for per-channel keys per token group and channel; a None zero is the formats' own check), for both
+    attention launchers."""
+    for name, t, want in (("k_codes", k_codes, (B, Hkv, cap, D * k_bits // 8)),
+                          ("v_codes", v_codes, (B, Hkv, cap_v, -(-D // 5) if v_bits == 1.5 else int(D * v_bits) // 8))):
+        if t.dtype != torch.uint8:
+            fail(f"{name} must be uint8, got {t.dtype}")
+        if tuple(t.shape) != want:
+            fail(f"{name} shape {tuple(t.shape)} != {want}")
+    if k_channel:
+        if cap % k_group_size:
+            fail(f"k_axis='channel': the key capacity {cap} must be a multiple of the token group {k_group_size}")
+        k_meta_shape = (B, Hkv, cap // k_group_size, D)
+    else:
+        k_meta_shape = (B, Hkv, cap, D // k_group_size)
+    for name, t, want in (("k_scale", k_scale, k_meta_shape), ("k_zero", k_zero, k_meta_shape),
+                          ("v_scale", v_scale, (B, Hkv, cap_v, D // v_group_size)),
+                          ("v_zero", v_zero, (B, Hkv, cap_v, D // v_group_size))):
+        if t is None:  # int8 / fp8 / NF: no zero point
+            continue
+        if t.dtype not in _META_DTYPES:
+            fail(f"{name} dtype {t.dtype} unsupported ({_META_DTYPES})")
+        if tuple(t.shape) != want:
+            fail(f"{name} shape {tuple(t.shape)} != {want}")
+
+
 def _int16_words(name: str, t: torch.Tensor) -> torch.Tensor:
     """8-bit codes [B, H, cap, D] as int16 words [B, H, cap, D // 2] (plane 0: the low bytes, even channels)."""
     if t.stride(-1) != 1 or t.storage_offset() % 2 or any(st % 2 for st in t.stride()[:-1]):
@@ -1752,18 +1797,7 @@ def decode_attention(
     ternary = v_bits == 1.5
     if ternary and (v_format != "affine" or k_axis != "token"):
         _fail("ternary values (v_bits=1.5) take the affine format beside per-token keys")
-    for name, fmt, bits, g, zero in (("k", k_format, k_bits, k_group_size, k_zero),
-                                     ("v", v_format, v_bits, v_group_size, v_zero)):
-        if fmt not in SUPPORTED_FORMATS:
-            _fail(f"{name}_format={fmt!r} unsupported (supported: {SUPPORTED_FORMATS})")
-        if fmt in ("int8", "fp8") and bits != 8:
-            _fail(f"{name}_format={fmt!r} needs {name}_bits=8, got {bits}")
-        if fmt == "nf" and bits != 4:
-            _fail(f"{name}_format='nf' takes 4-bit codes (NF4), got {name}_bits={bits}")
-        if bits == 8 and g != D:
-            _fail(f"8-bit {name} codes take one group per token ({name}_group_size={D}), got {g}")
-        if (zero is None) != (fmt != "affine"):
-            _fail(f"{name}_zero must be {'None' if fmt != 'affine' else 'a tensor'} for {name}_format={fmt!r}")
+    _check_formats(D, ("k", k_format, k_bits, k_group_size, k_zero), ("v", v_format, v_bits, v_group_size, v_zero))
     k_channel = k_axis == "channel"
     if k_axis not in ("token", "channel"):
         _fail(f"k_axis={k_axis!r} unsupported ('token' or 'channel')")
@@ -1788,27 +1822,8 @@ def decode_attention(
     r = Hq // Hkv
     if r * NQ > _MAX_ROWS:
         _fail(f"GQA ratio x new tokens = {r * NQ} > {_MAX_ROWS}")
-    for name, t, want in (("k_codes", k_codes, (B, Hkv, cap, D * k_bits // 8)),
-                          ("v_codes", v_codes, (B, Hkv, cap_v, -(-D // 5) if ternary else D * v_bits // 8))):
-        if t.dtype != torch.uint8:
-            _fail(f"{name} must be uint8, got {t.dtype}")
-        if t.shape != want:
-            _fail(f"{name} shape {tuple(t.shape)} != {want}")
-    if k_channel:
-        if cap % k_group_size:
-            _fail(f"k_axis='channel': the key capacity {cap} must be a multiple of the token group {k_group_size}")
-        k_meta_shape = (B, Hkv, cap // k_group_size, D)
-    else:
-        k_meta_shape = (B, Hkv, cap, D // k_group_size)
-    for name, t, want in (("k_scale", k_scale, k_meta_shape), ("k_zero", k_zero, k_meta_shape),
-                          ("v_scale", v_scale, (B, Hkv, cap_v, D // v_group_size)),
-                          ("v_zero", v_zero, (B, Hkv, cap_v, D // v_group_size))):
-        if t is None:  # int8 / fp8: no zero point (checked above)
-            continue
-        if t.dtype not in _META_DTYPES:
-            _fail(f"{name} dtype {t.dtype} unsupported ({_META_DTYPES})")
-        if t.shape != want:
-            _fail(f"{name} shape {tuple(t.shape)} != {want}")
+    _check_packed(B, Hkv, D, cap, cap_v, k_bits, v_bits, k_channel, k_group_size, v_group_size,
+                  k_codes, k_scale, k_zero, v_codes, v_scale, v_zero)
     if k_sink.dim() != 4 or k_window.dim() != 4 or v_window.dim() != 4:
         _fail(f"sink and window must be [B, Hkv, n, D], got {tuple(k_sink.shape)}, {tuple(k_window.shape)}, "
               f"{tuple(v_window.shape)}")

@@ -25,6 +25,24 @@ the KV range of each block is cut into ``num_splits`` parts whose partial result
 ``_prefill_merge_kernel`` (log-sum-exp, flash-decoding), so the grid still fills the GPU. The chunk length ``Nq``
 and the number of splits are runtime arguments of both kernels: a new chunk length does not recompile.
 
+Every scheme's default layout runs here (``kvmix`` aside; 2026-11-26, session 8): 8-bit codes (``int8``, ``fp8`` e4m3,
+affine 8-bit; one scale per token, int16 words of two codes as in the decode kernel's v15), NF4 codebook codes
+(``nqkv``; blocks of the head size keep the planes, smaller blocks are dequantized in registers), per-channel keys
+(``kivi``; ``K_CHANNEL``: each key element dequantized in registers with its token group's channel scale / zero) with
+V's packed middle running up to a token group ahead of K's (``KV_MIXED``: K's window tiles below the lag read V
+packed, through the decode kernel's ``_load_v_mixed``). H100 (benchmarks/results/bench_prefill_schemes.md, Hq=32
+Hkv=8 D=128, 64- and 512-token chunks over 4k / 32k): against dequantize + SDPA 4.6-6.5x (kivi), 3.6-4.8x (nqkv),
+4.4-6.9x (int8 / fp8) for 64-token chunks, 1.2-1.3x for 512-token chunks over 4k (nqkv there 0.95x: slower);
+against masked fp16 SDPA 1.4-3.4x for B=1 64-token chunks over 32k, 0.24-1.0x otherwise. 65-93 TFLOP/s for the
+register-dequantized keys (kivi, NF4 below the head), 148-184 for 8-bit codes.
+
+Triton 3.6 miscompiles one tile set on the H100: at D = 64, keys dequantized in registers as two 32-column planes
+(4-bit per-channel keys, 4-bit groups below the head, NF4 blocks of 32 / 16) beside values in whole-head planes,
+with 64+ rows x 64+ tokens per program (the wgmma shapes): wrong outputs, and with 128-token tiles an out-of-bounds
+shared-memory read (compute-sanitizer: 1024-byte ``__shared__`` reads past the allocation). 64 x 32 tiles, 32-row
+blocks and 8 warps measured correct; the launcher caps that set at 64 x 32 (GPU test
+``test_gpu_head_dim_64_two_plane_keys``).
+
 Measured (H100, triton 3.6, benchmarks/results/bench_prefill.md; Hq=32 Hkv=8 D=128, eager, 128-row blocks):
 1.2-8.2x faster than dequantize + SDPA on all 16 cases. Against fp16 SDPA on full-precision K/V: faster only
 for B=1 with 64-token chunks over 32k tokens (2.35-2.65x masked SDPA, 1.4-1.6x flash without a mask; the KV
@@ -44,8 +62,9 @@ import triton
 import triton.language as tl
 
 from . import decode_attention as _da
-from .decode_attention import (_acc_init, _load_q_plane, _mm, _plane_f32, _plane_magic, _rope_plane, _rope_q_operands,
-                               _softmax_step, _store_planes, _ternary_digit, _v_plane_exact)
+from .decode_attention import (_acc_init, _load_q_plane, _load_v_mixed, _mm, _nf4_plane, _plane_f32, _plane_magic,
+                               _rope_plane, _rope_q_operands, _softmax_step, _store_planes, _ternary_digit,
+                               _v_plane_exact)
 from .reference import decode_attention_reference
 
 __all__ = [
@@ -54,17 +73,18 @@ __all__ = [
     "choose_prefill_config",
     "prefill_is_profitable",
     "SUPPORTED_BITS",
+    "SUPPORTED_FORMATS",
     "SUPPORTED_HEAD_DIMS",
     "SUPPORTED_GROUP_SIZES",
     "SUPPORTED_DTYPES",
 ]
 
-SUPPORTED_BITS = (2, 4)  # the decode kernel also takes 8-bit codes; this one not yet
+SUPPORTED_BITS = (2, 4, 8)  # 8: one group (scale) per token only
 SUPPORTED_V_BITS = SUPPORTED_BITS + (1.5,)  # 1.5: ternary values (5 base-3 digits per byte), dequantized per element
+SUPPORTED_FORMATS = _da.SUPPORTED_FORMATS  # affine, int8, fp8 (8-bit, one absmax scale per token), nf (NF4)
 SUPPORTED_HEAD_DIMS = _da.SUPPORTED_HEAD_DIMS  # (64, 128)
 SUPPORTED_GROUP_SIZES = (16, 32, 64)  # and G == D
 SUPPORTED_DTYPES = _da.SUPPORTED_DTYPES
-_META_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _LOG2E = 1.4426950408889634
 
 
@@ -74,12 +94,19 @@ def prefill_attention_reference(*, causal: bool = True, **kw) -> tuple[torch.Ten
 
     Causal: the decode reference already computes Nq new tokens that are the last Nq logical tokens, causal
     among themselves. Without ``causal`` every new token sees all L tokens: the Nq tokens are folded into the
-    batch as single-token queries (which the reference does not mask)."""
+    batch as single-token queries (which the reference does not mask). ``v_n_quant`` (V's middle ahead of K's)
+    becomes the reference's ``lengths`` / ``v_lengths``."""
+    v_n_quant = kw.pop("v_n_quant", None)
+    if v_n_quant is not None:
+        S, nq, nw = kw["k_sink"].shape[2], int(kw.pop("n_quant")), int(kw.pop("n_window"))
+        lag = int(v_n_quant) - nq
+        kw["lengths"] = torch.tensor([S, nq, nw])
+        kw["v_lengths"] = torch.tensor([S, nq + lag, nw - lag])
     if causal or kw["q"].shape[2] == 1:
         return decode_attention_reference(**kw)
     q = kw["q"]
     B, Hq, NQ, D = q.shape
-    per_batch = ("q", "k_rope", "k_perm")  # not per sequence: the rotary frequencies and the per-head channel order
+    per_batch = ("q", "k_rope", "k_perm", "lengths", "v_lengths")  # lengths: the [3] form, shared by all rows  # not per sequence: the rotary frequencies and the per-head channel order
     kw = {k: (v.repeat_interleave(NQ, dim=0) if torch.is_tensor(v) and k not in per_batch else v)
           for k, v in kw.items()}
     kw["q"] = q.permute(0, 2, 1, 3).reshape(B * NQ, Hq, 1, D)
@@ -148,8 +175,11 @@ def _fp_tile(q0, q1, q2, q3, m_i, l_i, zacc, acc0, acc1, acc2, acc3,
              k_base, skt, skc, v_base, svt, svc, offs_t, end, pos, row_lim, qk_scale,
              PER_K: tl.constexpr, PER_V: tl.constexpr, D: tl.constexpr, K_SHIFTED: tl.constexpr,
              V_SHIFTED: tl.constexpr, CAUSAL: tl.constexpr, MASKED: tl.constexpr, DOT_FP32: tl.constexpr,
-             DTYPE: tl.constexpr):
-    """One tile of full-precision tokens (sink or window); see decode_attention._fp_tile for the shifted planes."""
+             DTYPE: tl.constexpr, V_MIXED: tl.constexpr = False, pvm=None, V_GROUP: tl.constexpr = 0):
+    """One tile of full-precision tokens (sink or window); see decode_attention._fp_tile for the shifted planes.
+    V_MIXED (KIVI: V's packed middle runs ``v_lag`` tokens into K's window): the V planes come from
+    decode_attention._load_v_mixed (tokens below the lag dequantized from V's middle, the rest from V's window);
+    ``v_base`` is then V's window itself and ``pvm`` the packed side's pointers."""
     KB: tl.constexpr = 8 // PER_K
     VB: tl.constexpr = 8 // PER_V  # (PER_V 1, ternary values: never shifted)
     KF1: tl.constexpr = (1 << KB) if K_SHIFTED else 1
@@ -167,7 +197,12 @@ def _fp_tile(q0, q1, q2, q3, m_i, l_i, zacc, acc0, acc1, acc2, acc3,
     VF1: tl.constexpr = (1 << VB) if V_SHIFTED else 1
     VF2: tl.constexpr = (1 << (2 * VB)) if V_SHIFTED else 1
     VF3: tl.constexpr = (1 << (3 * VB)) if V_SHIFTED else 1
-    v0, v1, v2, v3 = _fp_planes(v_base, offs_t, tmask, svt, svc, PER_V, D, MASKED)
+    if V_MIXED:
+        v_lag, v_wcap, vc_base, svc_t, svc_c, vs_base, svs_t, svs_g, vz_base, svz_t, svz_g, v_mid0 = pvm
+        v0, v1, v2, v3 = _load_v_mixed(v_base, svt, svc, offs_t, tmask, v_lag, v_wcap, vc_base, svc_t, svc_c,
+                                       vs_base, svs_t, svs_g, vz_base, svz_t, svz_g, v_mid0, PER_V, D, V_GROUP, DTYPE)
+    else:
+        v0, v1, v2, v3 = _fp_planes(v_base, offs_t, tmask, svt, svc, PER_V, D, MASKED)
     acc0 = acc0 * alpha[:, None] + _mm(p.to(DTYPE), v0, True, DOT_FP32)
     if PER_V >= 2:
         acc1 = acc1 * alpha[:, None] + _mm((p * VF1).to(DTYPE), v1, True, DOT_FP32)
@@ -181,10 +216,11 @@ def _fp_tile(q0, q1, q2, q3, m_i, l_i, zacc, acc0, acc1, acc2, acc3,
 def _packed_load(kc_base, skc_t, skc_c, ks_base, sks_t, sks_g, kz_base, skz_t, skz_g,
                  vc_base, svc_t, svc_c, vs_base, svs_t, svs_g, vz_base, svz_t, svz_g, offs_t, tmask,
                  K_BITS: tl.constexpr, V_BITS: tl.constexpr, K_GROUP: tl.constexpr, V_GROUP: tl.constexpr,
-                 D: tl.constexpr, MASKED: tl.constexpr):
-    """The packed bytes, scales and zeros of one tile of middle tokens (as stored: uint8, meta dtype)."""
-    PER_K: tl.constexpr = 8 // K_BITS
-    PER_V: tl.constexpr = 1 if V_BITS == 15 else 8 // V_BITS
+                 D: tl.constexpr, MASKED: tl.constexpr, K_CHANNEL: tl.constexpr = False):
+    """The packed bytes, scales and zeros of one tile of middle tokens (as stored: uint8, or int16 words of two
+    8-bit codes; meta dtype). Formats without a zero point get the scales again (never used)."""
+    PER_K: tl.constexpr = 2 if K_BITS == 8 else 8 // K_BITS
+    PER_V: tl.constexpr = 1 if V_BITS == 15 else (2 if V_BITS == 8 else 8 // V_BITS)
     DPK: tl.constexpr = D // PER_K
     DPV: tl.constexpr = D // PER_V
     kb = _ld_rows(kc_base, offs_t, tmask, skc_t, tl.arange(0, DPK), skc_c, MASKED)
@@ -192,7 +228,10 @@ def _packed_load(kc_base, skc_t, skc_c, ks_base, sks_t, sks_g, kz_base, skz_t, s
         vb = _ld_rows(vc_base, offs_t, tmask, svc_t, tl.arange(0, D) // 5, svc_c, MASKED)
     else:
         vb = _ld_rows(vc_base, offs_t, tmask, svc_t, tl.arange(0, DPV), svc_c, MASKED)
-    if K_GROUP == D:
+    if K_CHANNEL:  # per-channel keys: each plane's scales / zeros load in _packed_tile (_kc_plane)
+        ks = offs_t.to(tl.float32)
+        kz = ks
+    elif K_GROUP == D:
         ks = _ld_vec(ks_base, offs_t, tmask, sks_t, MASKED)
         kz = _ld_vec(kz_base, offs_t, tmask, skz_t, MASKED)
     else:
@@ -210,6 +249,25 @@ def _packed_load(kc_base, skc_t, skc_c, ks_base, sks_t, sks_g, kz_base, skz_t, s
 
 
 @triton.jit
+def _kc_plane(kb, J: tl.constexpr, pkc, grp, tmask, BITS: tl.constexpr, PER: tl.constexpr, DP: tl.constexpr,
+              DTYPE: tl.constexpr):
+    """Plane J of a key tile quantized per channel (KIVI: scale / zero [groups of K_GROUP tokens, D]) dequantized in
+    registers: each element's scale and zero gathered by its token's group ``grp`` and its channel PER * i + J."""
+    ks_base, sks_t, sks_c, kz_base, skz_t, skz_c = pkc
+    ch = (tl.arange(0, DP) * PER + J).to(tl.int64)
+    m = tmask[:, None]
+    sc = tl.load(ks_base + grp[:, None] * sks_t + ch[None, :] * sks_c, mask=m, other=0.0).to(tl.float32)
+    zr = tl.load(kz_base + grp[:, None] * skz_t + ch[None, :] * skz_c, mask=m, other=0.0).to(tl.float32)
+    return (_plane_f32(kb, J, BITS) * sc + zr).to(DTYPE)
+
+
+@triton.jit
+def _nf_deq(kb, J: tl.constexpr, s, DTYPE: tl.constexpr, FAST_ASM: tl.constexpr):
+    """Plane J of an NF4 code tile dequantized in registers: codebook value times its group's scale, in DTYPE."""
+    return (_nf4_plane(kb, J, FAST_ASM).to(tl.float32) * s).to(DTYPE)
+
+
+@triton.jit
 def _packed_tile(q0, q1, q2, q3, qsum, qsum_mag, m_i, l_i, zacc, acc0, acc1, acc2, acc3,
                  kb, ks, kz, vb, vs, vz, offs_t, end, pos, row_lim, qk_scale,
                  K_BITS: tl.constexpr, V_BITS: tl.constexpr, K_GROUP: tl.constexpr, V_GROUP: tl.constexpr,
@@ -217,18 +275,23 @@ def _packed_tile(q0, q1, q2, q3, qsum, qsum_mag, m_i, l_i, zacc, acc0, acc1, acc
                  V_MAGIC: tl.constexpr, V_MAGIC_VAL: tl.constexpr, V_DTYPE: tl.constexpr,
                  K_SHIFTED: tl.constexpr, V_SHIFTED: tl.constexpr, FAST_ASM: tl.constexpr, CAUSAL: tl.constexpr,
                  MASKED: tl.constexpr, DOT_FP32: tl.constexpr, DTYPE: tl.constexpr, prope=None,
-                 K_ROPE: tl.constexpr = False):
+                 K_ROPE: tl.constexpr = False, K_FMT: tl.constexpr = 0, V_FMT: tl.constexpr = 0,
+                 K_CHANNEL: tl.constexpr = False, pkc=None):
     """One tile of packed middle tokens, from its loaded bytes / scales / zeros (_packed_load), with
     decode_attention._packed_tile's math: magic-number planes, scale and zero outside the products when
     G == D, in-register dequantization for smaller groups. K_ROPE (keys quantized before RoPE): each key element
     rotated by its position (decode_attention._rope_plane, the v20 form); ternary values (V_BITS 15): each element's
-    base-3 digit, dequantized in natural channel order (one output plane, acc0)."""
-    PER_K: tl.constexpr = 8 // K_BITS
-    PER_V: tl.constexpr = 1 if V_BITS == 15 else 8 // V_BITS
+    base-3 digit, dequantized in natural channel order (one output plane, acc0). K_FMT / V_FMT (decode_attention's
+    _FMT_CODE): 1 int8, 2 fp8 (8-bit codes as int16 words, one absmax scale per token, no zero), 3 NF4 (codebook
+    values times the group's absmax scale, no zero; groups below D dequantized in registers). K_CHANNEL (KIVI keys,
+    scales and zeros per channel over K_GROUP tokens): each key element dequantized in registers (_kc_plane)."""
+    PER_K: tl.constexpr = 2 if K_BITS == 8 else 8 // K_BITS
+    PER_V: tl.constexpr = 1 if V_BITS == 15 else (2 if V_BITS == 8 else 8 // V_BITS)
+    DPK: tl.constexpr = D // PER_K
     tmask = offs_t < end
 
     # ---- K: scores --------------------------------------------------------------------------------
-    if not (FAST_ASM and K_SHIFTED):
+    if not (FAST_ASM and (K_SHIFTED or K_FMT == 3)):
         kb = kb.to(tl.int16)
     if K_ROPE:
         qb0, qb1, qb2, qb3, w0, w1, w2, w3 = prope
@@ -242,14 +305,38 @@ def _packed_tile(q0, q1, q2, q3, qsum, qsum_mag, m_i, l_i, zacc, acc0, acc1, acc
             raw += _rope_plane(kb, 2, ks, kz, posf, w2, q2, qb2, K_BITS, DTYPE, True, DOT_FP32, FAST_ASM)
             raw += _rope_plane(kb, 3, ks, kz, posf, w3, q3, qb3, K_BITS, DTYPE, True, DOT_FP32, FAST_ASM)
         s = raw * qk_scale
+    elif K_CHANNEL:
+        grp = (offs_t // K_GROUP).to(tl.int64)
+        raw = _mm(q0, tl.trans(_kc_plane(kb, 0, pkc, grp, tmask, K_BITS, PER_K, DPK, DTYPE)), True, DOT_FP32)
+        raw += _mm(q1, tl.trans(_kc_plane(kb, 1, pkc, grp, tmask, K_BITS, PER_K, DPK, DTYPE)), True, DOT_FP32)
+        if PER_K == 4:
+            raw += _mm(q2, tl.trans(_kc_plane(kb, 2, pkc, grp, tmask, K_BITS, PER_K, DPK, DTYPE)), True, DOT_FP32)
+            raw += _mm(q3, tl.trans(_kc_plane(kb, 3, pkc, grp, tmask, K_BITS, PER_K, DPK, DTYPE)), True, DOT_FP32)
+        s = raw * qk_scale
     elif K_GROUP == D:
-        raw = _mm(q0, tl.trans(_plane_magic(kb, 0, K_BITS, MAGIC, DTYPE, K_SHIFTED, FAST_ASM)), True, DOT_FP32)
-        raw += _mm(q1, tl.trans(_plane_magic(kb, 1, K_BITS, MAGIC, DTYPE, K_SHIFTED, FAST_ASM)), True, DOT_FP32)
+        if K_BITS == 8 or K_FMT == 3:
+            # 1024 + code is exact in fp16 only, and the NF4 planes are fp16 values (bf16 models: q converted, exact
+            # in fp16's normal range); MAGIC / MAGIC_VAL are the launcher's fp16 ones (int8: 1152, fp8 / NF4: 0)
+            raw = _mm(q0.to(tl.float16), tl.trans(_plane_magic(kb, 0, K_BITS, MAGIC, tl.float16, False, FAST_ASM, K_FMT)),
+                      True, DOT_FP32)
+            raw += _mm(q1.to(tl.float16), tl.trans(_plane_magic(kb, 1, K_BITS, MAGIC, tl.float16, False, FAST_ASM, K_FMT)),
+                       True, DOT_FP32)
+        else:
+            raw = _mm(q0, tl.trans(_plane_magic(kb, 0, K_BITS, MAGIC, DTYPE, K_SHIFTED, FAST_ASM)), True, DOT_FP32)
+            raw += _mm(q1, tl.trans(_plane_magic(kb, 1, K_BITS, MAGIC, DTYPE, K_SHIFTED, FAST_ASM)), True, DOT_FP32)
         if PER_K == 4:
             raw += _mm(q2, tl.trans(_plane_magic(kb, 2, K_BITS, MAGIC, DTYPE, K_SHIFTED, FAST_ASM)), True, DOT_FP32)
             raw += _mm(q3, tl.trans(_plane_magic(kb, 3, K_BITS, MAGIC, DTYPE, K_SHIFTED, FAST_ASM)), True, DOT_FP32)
         # raw = q . c + MAGIC_VAL * qsum_mag, so s * (raw - MAGIC_VAL * qsum_mag) + z * sum(q) == q . (c s + z)
-        s = (raw - MAGIC_VAL * qsum_mag[:, None]) * (ks * qk_scale)[None, :] + qsum[:, None] * (kz * qk_scale)[None, :]
+        if K_FMT == 0:
+            s = (raw - MAGIC_VAL * qsum_mag[:, None]) * (ks * qk_scale)[None, :] + qsum[:, None] * (kz * qk_scale)[None, :]
+        else:  # int8 (MAGIC_VAL holds the sign offset), fp8 (plain-Triton planes hold the value times 2**-8), NF4
+            a = ks * (qk_scale * (256.0 if (K_FMT == 2 and not FAST_ASM) else 1.0))
+            s = (raw - MAGIC_VAL * qsum_mag[:, None]) * a[None, :]
+    elif K_FMT == 3:
+        raw = _mm(q0, tl.trans(_nf_deq(kb, 0, ks, DTYPE, FAST_ASM)), True, DOT_FP32)
+        raw += _mm(q1, tl.trans(_nf_deq(kb, 1, ks, DTYPE, FAST_ASM)), True, DOT_FP32)
+        s = raw * qk_scale
     else:
         raw = _mm(q0, tl.trans((_plane_f32(kb, 0, K_BITS) * ks + kz).to(DTYPE)), True, DOT_FP32)
         raw += _mm(q1, tl.trans((_plane_f32(kb, 1, K_BITS) * ks + kz).to(DTYPE)), True, DOT_FP32)
@@ -261,7 +348,7 @@ def _packed_tile(q0, q1, q2, q3, qsum, qsum_mag, m_i, l_i, zacc, acc0, acc1, acc
     p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i)
 
     # ---- V: output ----------------------------------------------------------------------------------
-    if not (FAST_ASM and V_SHIFTED):
+    if not (FAST_ASM and (V_SHIFTED or V_FMT == 3)):
         vb = vb.to(tl.int16)
     if V_BITS == 15:
         cc = tl.arange(0, D)
@@ -272,14 +359,23 @@ def _packed_tile(q0, q1, q2, q3, qsum, qsum_mag, m_i, l_i, zacc, acc0, acc1, acc
         zacc = zacc * alpha
         acc0 = acc0 * alpha[:, None] + _mm(p.to(DTYPE), (d3 * vs + vz).to(DTYPE), True, DOT_FP32)
     elif V_GROUP == D:
-        zacc = zacc * alpha + tl.sum(p * vz[None, :], 1)
-        pv = (p * vs[None, :]).to(V_DTYPE)
+        if V_FMT == 0:
+            zacc = zacc * alpha + tl.sum(p * vz[None, :], 1)
+            pv = (p * vs[None, :]).to(V_DTYPE)
+        else:  # int8 / fp8 / NF4: no zero point; fp8's plain-Triton planes hold the value times 2**-8
+            zacc = zacc * alpha
+            pv = (p * (vs * (256.0 if (V_FMT == 2 and not FAST_ASM) else 1.0))[None, :]).to(V_DTYPE)
         # (MAGIC_VAL + c) - MAGIC_VAL is exact in DTYPE; leaving the offset in accumulates error.
-        acc0 = acc0 * alpha[:, None] + _mm(pv, _v_plane_exact(vb, 0, V_BITS, V_MAGIC, V_MAGIC_VAL, V_DTYPE, DOT_FP32, V_SHIFTED, FAST_ASM), True, DOT_FP32)
-        acc1 = acc1 * alpha[:, None] + _mm(pv, _v_plane_exact(vb, 1, V_BITS, V_MAGIC, V_MAGIC_VAL, V_DTYPE, DOT_FP32, V_SHIFTED, FAST_ASM), True, DOT_FP32)
+        acc0 = acc0 * alpha[:, None] + _mm(pv, _v_plane_exact(vb, 0, V_BITS, V_MAGIC, V_MAGIC_VAL, V_DTYPE, DOT_FP32, V_SHIFTED, FAST_ASM, V_FMT), True, DOT_FP32)
+        acc1 = acc1 * alpha[:, None] + _mm(pv, _v_plane_exact(vb, 1, V_BITS, V_MAGIC, V_MAGIC_VAL, V_DTYPE, DOT_FP32, V_SHIFTED, FAST_ASM, V_FMT), True, DOT_FP32)
         if PER_V == 4:
             acc2 = acc2 * alpha[:, None] + _mm(pv, _v_plane_exact(vb, 2, V_BITS, V_MAGIC, V_MAGIC_VAL, V_DTYPE, DOT_FP32, V_SHIFTED, FAST_ASM), True, DOT_FP32)
             acc3 = acc3 * alpha[:, None] + _mm(pv, _v_plane_exact(vb, 3, V_BITS, V_MAGIC, V_MAGIC_VAL, V_DTYPE, DOT_FP32, V_SHIFTED, FAST_ASM), True, DOT_FP32)
+    elif V_FMT == 3:
+        zacc = zacc * alpha
+        pv = p.to(DTYPE)
+        acc0 = acc0 * alpha[:, None] + _mm(pv, _nf_deq(vb, 0, vs, DTYPE, FAST_ASM), True, DOT_FP32)
+        acc1 = acc1 * alpha[:, None] + _mm(pv, _nf_deq(vb, 1, vs, DTYPE, FAST_ASM), True, DOT_FP32)
     else:
         zacc = zacc * alpha
         pv = p.to(DTYPE)
@@ -299,7 +395,7 @@ def _full_tiles_end(start, end, lim, off, BLOCK_N: tl.constexpr):
     return start + (tl.maximum(fe - start, 0) // BLOCK_N) * BLOCK_N
 
 
-@triton.jit(do_not_specialize=["n_sink", "n_quant", "n_window", "NQ", "NUM_SPLITS"])
+@triton.jit(do_not_specialize=["n_sink", "n_quant", "n_window", "NQ", "NUM_SPLITS", "v_lag", "v_wcap"])
 def _prefill_kernel(
     q_ptr, sq_b, sq_h, sq_n, sq_d,
     # K parts
@@ -320,6 +416,8 @@ def _prefill_kernel(
     # K_ROPE: q's rotate-half partners with their signs (q's shape and strides) and each stored key column's rotary
     # frequency [H_KV, D] float32 (decode_attention._rope_operands)
     qb_ptr, rw_ptr,
+    # KV_MIXED (KIVI): V's packed middle holds the first v_lag tokens of K's window; V's window capacity
+    v_lag, v_wcap,
     H_KV: tl.constexpr, GQA: tl.constexpr, D: tl.constexpr,
     K_BITS: tl.constexpr, V_BITS: tl.constexpr, K_GROUP: tl.constexpr, V_GROUP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
@@ -328,14 +426,16 @@ def _prefill_kernel(
     DTYPE: tl.constexpr, MAGIC: tl.constexpr, MAGIC_VAL: tl.constexpr,
     V_DTYPE: tl.constexpr, V_MAGIC: tl.constexpr, V_MAGIC_VAL: tl.constexpr,
     FAST_ASM: tl.constexpr = False, PREFETCH: tl.constexpr = False, K_ROPE: tl.constexpr = False,
+    K_FMT: tl.constexpr = 0, V_FMT: tl.constexpr = 0, K_CHANNEL: tl.constexpr = False,
+    KV_MIXED: tl.constexpr = False,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     split = tl.program_id(2)
     b = (pid_bh // H_KV).to(tl.int64)
     h = (pid_bh % H_KV).to(tl.int64)
-    PER_K: tl.constexpr = 8 // K_BITS
-    PER_V: tl.constexpr = 1 if V_BITS == 15 else 8 // V_BITS  # ternary values: one natural-order plane
+    PER_K: tl.constexpr = 2 if K_BITS == 8 else 8 // K_BITS  # 8-bit codes: int16 words, two planes
+    PER_V: tl.constexpr = 1 if V_BITS == 15 else (2 if V_BITS == 8 else 8 // V_BITS)  # ternary: one natural plane
     DPK: tl.constexpr = D // PER_K
     DPV: tl.constexpr = D // PER_V
     ROWS = GQA * NQ  # NQ and NUM_SPLITS are runtime values: a new chunk length does not recompile
@@ -349,8 +449,9 @@ def _prefill_kernel(
     q_rows = (h * GQA + hl) * sq_h + qi.to(tl.int64) * sq_n
     # fp16 codes keep their bits in place (see decode_attention._plane_magic); the exact power-of-two
     # factors go into the q planes (K) and the output planes (V).
-    K_SHIFTED: tl.constexpr = (MAGIC == 0x6400) and (K_GROUP == D) and not K_ROPE
-    V_SHIFTED: tl.constexpr = (V_MAGIC == 0x6400) and (V_GROUP == D) and V_BITS != 15
+    K_SHIFTED: tl.constexpr = ((MAGIC == 0x6400) and (K_GROUP == D) and not K_ROPE and not K_CHANNEL and K_BITS != 8
+                               and K_FMT == 0)
+    V_SHIFTED: tl.constexpr = (V_MAGIC == 0x6400) and (V_GROUP == D) and V_BITS != 15 and V_BITS != 8 and V_FMT == 0
     KB: tl.constexpr = K_BITS
     q0 = _load_q_plane(q_base, q_rows, rmask, 0, PER_K, DPK, sq_d)
     q1 = _load_q_plane(q_base, q_rows, rmask, 1, PER_K, DPK, sq_d)
@@ -419,13 +520,15 @@ def _prefill_kernel(
                 k_base, sksk_t, sksk_d, v_base, svsk_t, svsk_d, offs_t, end, offs_t, row_lim, qk_scale,
                 PER_K, PER_V, D, K_SHIFTED, V_SHIFTED, CAUSAL, True, DOT_FP32, DTYPE)
 
+    vc_base = vc_ptr + b * svc_b + h * svc_h
+    vs_base = vs_ptr + b * svs_b + h * svs_h
+    vz_base = vz_ptr + b * svz_b + h * svz_h
     if HAS_MID:
         kc_base = kc_ptr + b * skc_b + h * skc_h
         ks_base = ks_ptr + b * sks_b + h * sks_h
         kz_base = kz_ptr + b * skz_b + h * skz_h
-        vc_base = vc_ptr + b * svc_b + h * svc_h
-        vs_base = vs_ptr + b * svs_b + h * svs_h
-        vz_base = vz_ptr + b * svz_b + h * svz_h
+        # per-channel keys: the scale / zero rows are token groups, the columns channels (_kc_plane)
+        pkc = (ks_base, sks_t, sks_g, kz_base, skz_t, skz_g)
         start = tl.maximum(lo, n_sink) - n_sink
         end = tl.minimum(hi, n_sink + n_quant) - n_sink
         mid = _full_tiles_end(start, end, lim_lo, n_sink, BLOCK_N)
@@ -437,43 +540,43 @@ def _prefill_kernel(
             kb_n, ks_n, kz_n, vb_n, vs_n, vz_n = _packed_load(
                 kc_base, skc_t, skc_c, ks_base, sks_t, sks_g, kz_base, skz_t, skz_g,
                 vc_base, svc_t, svc_c, vs_base, svs_t, svs_g, vz_base, svz_t, svz_g, offs_n, offs_n < end,
-                K_BITS, V_BITS, K_GROUP, V_GROUP, D, False)
+                K_BITS, V_BITS, K_GROUP, V_GROUP, D, False, K_CHANNEL)
             for t0 in range(start, mid, BLOCK_N):
                 kb, ks, kz, vb, vs, vz = kb_n, ks_n, kz_n, vb_n, vs_n, vz_n
                 offs_n = tl.minimum(t0 + BLOCK_N + arange_n, last)
                 kb_n, ks_n, kz_n, vb_n, vs_n, vz_n = _packed_load(
                     kc_base, skc_t, skc_c, ks_base, sks_t, sks_g, kz_base, skz_t, skz_g,
                     vc_base, svc_t, svc_c, vs_base, svs_t, svs_g, vz_base, svz_t, svz_g, offs_n, offs_n < end,
-                    K_BITS, V_BITS, K_GROUP, V_GROUP, D, False)
+                    K_BITS, V_BITS, K_GROUP, V_GROUP, D, False, K_CHANNEL)
                 offs_t = t0 + arange_n
                 m_i, l_i, zacc, acc0, acc1, acc2, acc3 = _packed_tile(
                     q0, q1, q2, q3, qsum, qsum_mag, m_i, l_i, zacc, acc0, acc1, acc2, acc3,
                     kb, ks, kz, vb, vs, vz, offs_t, end, offs_t + n_sink, row_lim, qk_scale,
                     K_BITS, V_BITS, K_GROUP, V_GROUP, D, MAGIC, MAGIC_VAL, V_MAGIC, V_MAGIC_VAL, V_DTYPE,
-                    K_SHIFTED, V_SHIFTED, FAST_ASM, CAUSAL, False, DOT_FP32, DTYPE, prope, K_ROPE)
+                    K_SHIFTED, V_SHIFTED, FAST_ASM, CAUSAL, False, DOT_FP32, DTYPE, prope, K_ROPE, K_FMT, V_FMT, K_CHANNEL, pkc)
         else:
             for t0 in range(start, mid, BLOCK_N):
                 offs_t = t0 + arange_n
                 kb, ks, kz, vb, vs, vz = _packed_load(
                     kc_base, skc_t, skc_c, ks_base, sks_t, sks_g, kz_base, skz_t, skz_g,
                     vc_base, svc_t, svc_c, vs_base, svs_t, svs_g, vz_base, svz_t, svz_g, offs_t, offs_t < end,
-                    K_BITS, V_BITS, K_GROUP, V_GROUP, D, False)
+                    K_BITS, V_BITS, K_GROUP, V_GROUP, D, False, K_CHANNEL)
                 m_i, l_i, zacc, acc0, acc1, acc2, acc3 = _packed_tile(
                     q0, q1, q2, q3, qsum, qsum_mag, m_i, l_i, zacc, acc0, acc1, acc2, acc3,
                     kb, ks, kz, vb, vs, vz, offs_t, end, offs_t + n_sink, row_lim, qk_scale,
                     K_BITS, V_BITS, K_GROUP, V_GROUP, D, MAGIC, MAGIC_VAL, V_MAGIC, V_MAGIC_VAL, V_DTYPE,
-                    K_SHIFTED, V_SHIFTED, FAST_ASM, CAUSAL, False, DOT_FP32, DTYPE, prope, K_ROPE)
+                    K_SHIFTED, V_SHIFTED, FAST_ASM, CAUSAL, False, DOT_FP32, DTYPE, prope, K_ROPE, K_FMT, V_FMT, K_CHANNEL, pkc)
         for t0 in range(mid, end, BLOCK_N):
             offs_t = t0 + arange_n
             kb, ks, kz, vb, vs, vz = _packed_load(
                 kc_base, skc_t, skc_c, ks_base, sks_t, sks_g, kz_base, skz_t, skz_g,
                 vc_base, svc_t, svc_c, vs_base, svs_t, svs_g, vz_base, svz_t, svz_g, offs_t, offs_t < end,
-                K_BITS, V_BITS, K_GROUP, V_GROUP, D, True)
+                K_BITS, V_BITS, K_GROUP, V_GROUP, D, True, K_CHANNEL)
             m_i, l_i, zacc, acc0, acc1, acc2, acc3 = _packed_tile(
                 q0, q1, q2, q3, qsum, qsum_mag, m_i, l_i, zacc, acc0, acc1, acc2, acc3,
                 kb, ks, kz, vb, vs, vz, offs_t, end, offs_t + n_sink, row_lim, qk_scale,
                 K_BITS, V_BITS, K_GROUP, V_GROUP, D, MAGIC, MAGIC_VAL, V_MAGIC, V_MAGIC_VAL, V_DTYPE,
-                K_SHIFTED, V_SHIFTED, FAST_ASM, CAUSAL, True, DOT_FP32, DTYPE, prope, K_ROPE)
+                K_SHIFTED, V_SHIFTED, FAST_ASM, CAUSAL, True, DOT_FP32, DTYPE, prope, K_ROPE, K_FMT, V_FMT, K_CHANNEL, pkc)
 
     if HAS_WINDOW:
         k_base = kw_ptr + b * skw_b + h * skw_h
@@ -481,6 +584,18 @@ def _prefill_kernel(
         w0 = n_sink + n_quant
         start = tl.maximum(lo, w0) - w0
         end = tl.minimum(hi, L) - w0
+        if KV_MIXED:
+            # K's window token t: V packed at V's middle row n_quant + t below v_lag, else V's window row t - v_lag
+            pvm = (v_lag, v_wcap, vc_base, svc_t, svc_c, vs_base, svs_t, svs_g, vz_base, svz_t, svz_g, n_quant)
+            mend = tl.minimum(end, start + tl.cdiv(tl.maximum(v_lag - start, 0), BLOCK_N) * BLOCK_N)
+            for t0 in range(start, mend, BLOCK_N):
+                offs_t = t0 + arange_n
+                m_i, l_i, zacc, acc0, acc1, acc2, acc3 = _fp_tile(
+                    q0, q1, q2, q3, m_i, l_i, zacc, acc0, acc1, acc2, acc3,
+                    k_base, skw_t, skw_d, v_base, svw_t, svw_d, offs_t, end, offs_t + w0, row_lim, qk_scale,
+                    PER_K, PER_V, D, K_SHIFTED, V_SHIFTED, CAUSAL, True, DOT_FP32, DTYPE, True, pvm, V_GROUP)
+            start = mend
+            v_base = v_base - v_lag * svw_t  # the plain tiles past the lag: V's window row t - v_lag
         mid = _full_tiles_end(start, end, lim_lo, w0, BLOCK_N)
         for t0 in range(start, mid, BLOCK_N):
             offs_t = t0 + arange_n
@@ -570,6 +685,9 @@ _KERNEL_FLOPS = 140e12
 # keys before RoPE / ternary values (per-element rotation and digits): 40-41 TFLOP/s measured (H100, skvq's layout,
 # 64- and 512-token chunks over 4k / 32k, benchmarks/bench_prefill.py SKVQ_CASES)
 _KERNEL_FLOPS_PER_ELEMENT = 40e12
+# keys dequantized per element in registers: kivi's per-channel keys 88-93 TFLOP/s, NF4 in blocks below the head
+# 65-68 (H100, bench_prefill.py SCHEME_CASES, 2026-11-26); int8 / fp8 measured 148-184, above _KERNEL_FLOPS
+_KERNEL_FLOPS_REGISTER = 65e12
 _DEQ_HOST_S = 900e-6
 _DEQ_S_PER_ELEM = 20e-12
 _SDPA_FIXED_S = 60e-6
@@ -577,17 +695,19 @@ _SDPA_FLOPS = 300e12
 
 
 def prefill_is_profitable(*, batch: int, kv_heads: int, rows: int, new_tokens: int, seq_len: int,
-                          head_dim: int, per_element: bool = False) -> bool:
+                          head_dim: int, per_element: bool = False, register_dequant: bool = False) -> bool:
     """Whether the prefill kernel is expected to beat dequantize + SDPA (``ops._dequant_sdpa``, eager) on
     this shape. Dequantize + SDPA pays for every K/V element of the whole cache at each chunk and a masked
     SDPA over the full Nq x L block; the kernel reads the packed bytes once per query block and does only
     the causal work, but at a lower matrix rate than SDPA's (see the constants above: every shape of the
     H100 benchmark was faster through the kernel, 1.2-8.2x; chunks of several thousand tokens over long
     histories are where the model hands back to SDPA). ``per_element``: keys before RoPE or ternary values, which
-    the kernel rotates / decodes per element (a lower matrix rate)."""
+    the kernel rotates / decodes per element (a lower matrix rate); ``register_dequant``: per-channel keys (KIVI) or
+    NF4 codes in blocks below the head, dequantized per element in registers (between the two)."""
     q_heads = kv_heads * (rows // max(1, new_tokens))
     causal_len = seq_len - (new_tokens - 1) / 2 if new_tokens > 1 else seq_len
-    rate = _KERNEL_FLOPS_PER_ELEMENT if per_element else _KERNEL_FLOPS
+    rate = (_KERNEL_FLOPS_PER_ELEMENT if per_element else _KERNEL_FLOPS_REGISTER if register_dequant
+            else _KERNEL_FLOPS)
     kernel_gpu = _KERNEL_FIXED_S + 4.0 * batch * q_heads * new_tokens * causal_len * head_dim / rate
     kernel = max(_KERNEL_HOST_S, kernel_gpu)
     elems = 2 * batch * kv_heads * seq_len * head_dim
@@ -657,6 +777,10 @@ def prefill_attention(
     prefetch: bool | None = None,
     k_rope: torch.Tensor | None = None,
     k_perm: torch.Tensor | None = None,
+    k_format: str = "affine",
+    v_format: str = "affine",
+    k_axis: str = "token",
+    v_n_quant: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of a chunk of ``Nq`` new queries over the packed KV ``sink ++ middle[:n_quant] ++ window[:n_window]``.
 
@@ -669,7 +793,15 @@ def prefill_attention(
     the caller's to fold into q and the output (as ``kvcompile.ops`` does). ``v_bits=1.5``: ternary values
     (``v_codes`` [B, Hkv, cap, ceil(D / 5)], 5 base-3 digits per byte), dequantized per element. Keys quantized
     before RoPE: ``k_rope`` / ``k_perm`` as for :func:`decode_attention` (the middle's token t at position S + t,
-    rotated per element).
+    rotated per element). ``k_format`` / ``v_format`` as for :func:`decode_attention`: "int8" / "fp8" 8-bit codes
+    with one absmax scale per token (``*_zero`` None), "nf" NF4 codes with an absmax scale per group (``*_zero``
+    None; groups below D dequantized in registers); 8-bit affine codes take one group per token too.
+    ``k_axis="channel"`` (KIVI keys): affine 2/4-bit keys with scale / zero [B, Hkv, cap // k_group_size, D] per
+    channel over ``k_group_size`` tokens (the key capacity a multiple of it), dequantized in registers.
+    ``v_n_quant`` (default ``n_quant``): V's packed middle may run ahead of K's (KIVI quantizes V every token, K a
+    token group at a time): V then holds ``v_n_quant`` packed tokens and ``n_window - (v_n_quant - n_quant)`` window
+    tokens (V's own capacities, ``v_codes`` [B, Hkv, cap_v, ...], ``v_window`` [B, Hkv, W_v, D]); the first
+    ``v_n_quant - n_quant`` tokens of K's window are read from V's middle (affine 2/4-bit values).
     Returns (out [B, Hq, Nq, D] in q's dtype, contiguous; lse [B, Hq, Nq] float32, natural log of the
     softmax denominator of ``sm_scale * q . k``).
     """
@@ -683,43 +815,46 @@ def prefill_attention(
     if k_bits not in SUPPORTED_BITS or v_bits not in SUPPORTED_V_BITS:
         _fail(f"bits k={k_bits} v={v_bits} unsupported (supported: keys {SUPPORTED_BITS}, values {SUPPORTED_V_BITS})")
     ternary = v_bits == 1.5
-    for name, g in (("k", k_group_size), ("v", v_group_size)):
+    if k_axis not in ("token", "channel"):
+        _fail(f"k_axis={k_axis!r} unsupported ('token' or 'channel')")
+    k_channel = k_axis == "channel"
+    if k_channel and (k_bits not in (2, 4) or k_format != "affine" or k_rope is not None):
+        _fail(f"k_axis='channel' takes affine 2- or 4-bit keys after RoPE, got {k_format} {k_bits}-bit"
+              + (" before RoPE" if k_rope is not None else ""))
+    if k_channel and k_group_size not in _da.SUPPORTED_TOKEN_GROUPS:
+        _fail(f"key token group k_group_size={k_group_size} unsupported for k_axis='channel' "
+              f"(supported: {_da.SUPPORTED_TOKEN_GROUPS})")
+    k_g = D if k_channel else k_group_size  # per-channel keys: token groups (checked above), one scale per channel
+    for name, g in (("k", k_g), ("v", v_group_size)):
         if not (g == D or g in SUPPORTED_GROUP_SIZES):
             _fail(f"{name} group size {g} unsupported (D={D}, 16, 32 or 64 channels per group)")
+    _da._check_formats(D, ("k", k_format, k_bits, k_g, k_zero), ("v", v_format, v_bits, v_group_size, v_zero),
+                       fail=_fail)
+    if k_rope is not None and (k_bits == 8 or k_format != "affine"):
+        _fail(f"keys quantized before RoPE take affine 2/4-bit codes, got {k_format} {k_bits}-bit")
     if NQ < 1:
         _fail("q must hold at least one new token")
     if k_codes.dim() != 4:
         _fail(f"k_codes must be [B, Hkv, cap, D * bits / 8], got shape {tuple(k_codes.shape)}")
     Hkv, cap = k_codes.shape[1], k_codes.shape[2]
+    cap_v = v_codes.shape[2] if v_codes.dim() == 4 else -1
     if Hkv == 0 or Hq % Hkv:
         _fail(f"Hq={Hq} must be a multiple of Hkv={Hkv}")
     r = Hq // Hkv
-    for name, t, want in (("k_codes", k_codes, (B, Hkv, cap, D * k_bits // 8)),
-                          ("v_codes", v_codes, (B, Hkv, cap, -(-D // 5) if ternary else D * v_bits // 8))):
-        if t.dtype != torch.uint8:
-            _fail(f"{name} must be uint8, got {t.dtype}")
-        if tuple(t.shape) != want:
-            _fail(f"{name} shape {tuple(t.shape)} != {want}")
-    for name, t, want in (("k_scale", k_scale, (B, Hkv, cap, D // k_group_size)),
-                          ("k_zero", k_zero, (B, Hkv, cap, D // k_group_size)),
-                          ("v_scale", v_scale, (B, Hkv, cap, D // v_group_size)),
-                          ("v_zero", v_zero, (B, Hkv, cap, D // v_group_size))):
-        if t.dtype not in _META_DTYPES:
-            _fail(f"{name} dtype {t.dtype} unsupported ({_META_DTYPES})")
-        if tuple(t.shape) != want:
-            _fail(f"{name} shape {tuple(t.shape)} != {want}")
+    _da._check_packed(B, Hkv, D, cap, cap_v, k_bits, v_bits, k_channel, k_group_size, v_group_size,
+                      k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, fail=_fail)
     if k_sink.dim() != 4 or k_window.dim() != 4:
         _fail(f"sink and window must be [B, Hkv, n, D], got {tuple(k_sink.shape)}, {tuple(k_window.shape)}")
-    S, W = k_sink.shape[2], k_window.shape[2]
+    S, W, W_v = k_sink.shape[2], k_window.shape[2], v_window.shape[2] if v_window.dim() == 4 else -1
     for name, t, want in (("k_sink", k_sink, (B, Hkv, S, D)), ("v_sink", v_sink, (B, Hkv, S, D)),
-                          ("k_window", k_window, (B, Hkv, W, D)), ("v_window", v_window, (B, Hkv, W, D))):
+                          ("k_window", k_window, (B, Hkv, W, D)), ("v_window", v_window, (B, Hkv, W_v, D))):
         if tuple(t.shape) != want:
             _fail(f"{name} shape {tuple(t.shape)} != {want}")
         if t.dtype != q.dtype:
             _fail(f"{name} dtype {t.dtype} != q dtype {q.dtype}")
     dev = q.device
     for t in (k_sink, k_codes, k_scale, k_zero, k_window, v_sink, v_codes, v_scale, v_zero, v_window):
-        if t.device != dev:
+        if t is not None and t.device != dev:
             _fail(f"all inputs must be on q's device {dev}, found one on {t.device}")
     rope = k_rope is not None
     if rope:
@@ -731,6 +866,13 @@ def prefill_attention(
         _fail(f"n_quant={n_quant} outside [0, {cap}]")
     if not 0 <= n_window <= W:
         _fail(f"n_window={n_window} outside [0, {W}]")
+    v_n_quant = n_quant if v_n_quant is None else int(v_n_quant)
+    v_lag = v_n_quant - n_quant
+    if not (0 <= v_lag <= n_window and v_n_quant <= cap_v and n_window - v_lag <= W_v):
+        _fail(f"v_n_quant={v_n_quant} must lie in [n_quant={n_quant}, n_quant + n_window={n_quant + n_window}] and fit "
+              f"V's capacities (middle {cap_v}, window {W_v} for its n_window - {v_lag} tokens)")
+    if v_lag and (ternary or v_bits not in (2, 4) or v_format != "affine"):
+        _fail("V's middle ahead of K's (v_n_quant > n_quant) takes affine 2- or 4-bit values")
     L = S + n_quant + n_window
     if causal and L < NQ:
         _fail(f"sequence length {L} < new tokens {NQ}: the chunk's own K/V must be written before attention")
@@ -748,6 +890,14 @@ def prefill_attention(
     if block_n is None and (rope or ternary):
         # per-element keys before RoPE / ternary values: [tokens, channels] float32 temporaries per tile
         block_n = 16 if ternary else 32
+    if (not interp and D == 64 and k_bits == 4 and not rope and (k_channel or k_group_size < D) and not ternary
+            and v_group_size == D):
+        # Triton 3.6 miscompiles this tile set on the H100 (2026-11-26): keys dequantized in registers as two
+        # 32-column planes beside values in whole-head planes, at 64+ rows x 64+ tokens per program: wrong outputs,
+        # or with 128-token tiles an out-of-bounds shared-memory read (compute-sanitizer). 64 rows x 32 tokens (and
+        # 32 rows, or 8 warps) measured correct, so the tiles are capped there.
+        block_n = 32 if block_n is None else min(block_n, 32)
+        block_m = None if block_m is None else min(block_m, 64)
     cfg = choose_prefill_config(batch=B, kv_heads=Hkv, rows=rows, seq_len=L, head_dim=D,
                                 num_sms=_da._num_sms(dev), block_m=block_m, block_n=block_n,
                                 num_splits=num_splits, num_warps=num_warps, programs_per_sm=programs_per_sm)
@@ -769,21 +919,40 @@ def prefill_attention(
         return (t, *t.stride()) if used else (q, 0, 0, 0, 0)
 
     has_sink, has_mid, has_window = S > 0, n_quant > 0, n_window > 0
+    v_mid = has_mid or v_lag > 0  # V's packed middle is read by the mixed window tiles too
     tl_dtype = tl.float16 if q.dtype == torch.float16 else tl.bfloat16
     magic, magic_val = (0x6400, 1024.0) if q.dtype == torch.float16 else (0x4300, 128.0)
     # as in the decode kernel: the packed V product runs in fp16 whenever the scales are fp16
-    v_fp16 = v_scale.dtype == torch.float16 or q.dtype == torch.float16
+    # 8-bit codes: 1024 + code is exact in fp16 only (the K product converts q; int8's flipped sign bit adds 128;
+    # fp8's planes are values, no offset); NF4 planes are fp16 codebook values (no offset)
+    if k_bits == 8:
+        magic, magic_val = 0x6400, _da._MAGIC_VAL_8BIT[k_format]
+    if k_format == "nf":
+        magic, magic_val = 0x6400, 0.0
+    v_fp16 = v_scale.dtype == torch.float16 or q.dtype == torch.float16 or v_bits == 8 or v_format == "nf"
     v_dtype, v_magic, v_magic_val = (tl.float16, 0x6400, 1024.0) if v_fp16 else (tl_dtype, magic, magic_val)
+    if v_bits == 8:
+        v_magic_val = _da._MAGIC_VAL_8BIT[v_format]
+    if v_format == "nf":
+        v_magic_val = 0.0
+    # int8 / fp8 / NF4 have no zero point: the scale stands in for the pointer (never read); 8-bit codes are read as
+    # int16 words of two codes (two planes, as for 4-bit)
+    k_zero = k_scale if k_zero is None else k_zero
+    v_zero = v_scale if v_zero is None else v_zero
+    if k_bits == 8:
+        k_codes = _da._int16_words("k_codes", k_codes)
+    if v_bits == 8:
+        v_codes = _da._int16_words("v_codes", v_codes)
     grid = (q_blocks, B * Hkv, num_splits)
     _prefill_kernel[grid](
         q, *q.stride(),
         *part(k_sink, has_sink), *part(k_codes, has_mid), *part(k_scale, has_mid), *part(k_zero, has_mid),
         *part(k_window, has_window),
-        *part(v_sink, has_sink), *part(v_codes, has_mid), *part(v_scale, has_mid), *part(v_zero, has_mid),
-        *part(v_window, has_window),
+        *part(v_sink, has_sink), *part(v_codes, v_mid), *part(v_scale, v_mid), *part(v_zero, v_mid),
+        *part(v_window, has_window and W_v > 0),
         o_part, l_part, out, lse,
         S, n_quant, n_window, float(sm_scale) * _LOG2E, NQ, num_splits,
-        qb, rw,
+        qb, rw, v_lag, W_v,
         H_KV=Hkv, GQA=r, D=D, K_BITS=k_bits, V_BITS=15 if ternary else v_bits, K_GROUP=k_group_size,
         V_GROUP=v_group_size,
         BLOCK_M=block_m, BLOCK_N=block_n, SPLIT=num_splits > 1,
@@ -791,6 +960,7 @@ def prefill_attention(
         CAUSAL=bool(causal) and NQ > 1, DOT_FP32=interp, DTYPE=tl_dtype, MAGIC=magic, MAGIC_VAL=magic_val,
         V_DTYPE=v_dtype, V_MAGIC=v_magic, V_MAGIC_VAL=v_magic_val, FAST_ASM=fast_asm and not interp,
         PREFETCH=PREFETCH_DEFAULT if prefetch is None else bool(prefetch), K_ROPE=rope,
+        K_FMT=_da._FMT_CODE[k_format], V_FMT=_da._FMT_CODE[v_format], K_CHANNEL=k_channel, KV_MIXED=v_lag > 0,
         num_warps=num_warps, num_stages=num_stages,
     )
     if num_splits > 1:
