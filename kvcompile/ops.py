@@ -518,7 +518,7 @@ def _prefill_cuda(q: Tensor, kp: PackedKV, vp: PackedKV, scale: float, mask: Opt
     if causal and n_s + n_q + n_w < nq:
         return None  # the chunk's own K/V are not in the cache: not this kernel's contract
     per_element = kp.rope is not None or vp.quant.bits == 1.5
-    register = kp.quant.axis == "channel" or any(p.quant.kind == "nf" and p.quant.group_for(d) < d for p in (kp, vp))
+    register = kp.quant.axis == "channel"  # per-channel keys: a lower matrix rate (prefill_attention's constants)
     if policy != "always" and not prefill_is_profitable(batch=b, kv_heads=hkv, rows=(hq // hkv) * nq, new_tokens=nq,
                                                          seq_len=n_s + n_q + n_w, head_dim=d, per_element=per_element,
                                                          register_dequant=register):

@@ -27,14 +27,20 @@ and the number of splits are runtime arguments of both kernels: a new chunk leng
 
 Every scheme's default layout runs here (``kvmix`` aside; 2026-11-26, session 8): 8-bit codes (``int8``, ``fp8`` e4m3,
 affine 8-bit; one scale per token, int16 words of two codes as in the decode kernel's v15), NF4 codebook codes
-(``nqkv``; blocks of the head size keep the planes, smaller blocks are dequantized in registers), per-channel keys
+(``nqkv``; blocks of the head size keep the planes, smaller blocks are dequantized in registers, their scales loaded
+once per block and broadcast), per-channel keys
 (``kivi``; ``K_CHANNEL``: each key element dequantized in registers with its token group's channel scale / zero) with
 V's packed middle running up to a token group ahead of K's (``KV_MIXED``: K's window tiles below the lag read V
 packed, through the decode kernel's ``_load_v_mixed``). H100 (benchmarks/results/bench_prefill_schemes.md, Hq=32
-Hkv=8 D=128, 64- and 512-token chunks over 4k / 32k): against dequantize + SDPA 4.6-6.5x (kivi), 3.6-4.8x (nqkv),
-4.4-6.9x (int8 / fp8) for 64-token chunks, 1.2-1.3x for 512-token chunks over 4k (nqkv there 0.95x: slower);
-against masked fp16 SDPA 1.4-3.4x for B=1 64-token chunks over 32k, 0.24-1.0x otherwise. 65-93 TFLOP/s for the
-register-dequantized keys (kivi, NF4 below the head), 148-184 for 8-bit codes.
+Hkv=8 D=128, 64- and 512-token chunks over 4k / 32k; nqkv from bench_prefill_nqkv.md): against dequantize + SDPA
+4.6-6.5x (kivi), 7.2-10x (nqkv), 4.4-6.9x (int8 / fp8) for 64-token chunks, 1.2-2.1x for 512-token chunks over 4k;
+against masked fp16 SDPA 1.9-3.4x for B=1 64-token chunks over 32k, 0.24-1.0x otherwise. 88-93 TFLOP/s for kivi's
+per-channel keys (scales and zeros gathered per element), 128-140 for NF4, 148-184 for 8-bit codes.
+
+Loading the scales of groups below the head once per group and broadcasting them (decode_attention._group_meta)
+doubled NF4's speed (505-560 -> 245-271 us on the three nqkv rows), but the same change for affine groups gave wrong
+outputs (kivi's values: 0.74 relative error) and illegal addresses on the H100 that the CPU interpreter does not show
+(Triton 3.6; not diagnosed): affine groups keep the per-element gathered loads.
 
 Triton 3.6 miscompiles one tile set on the H100: at D = 64, keys dequantized in registers as two 32-column planes
 (4-bit per-channel keys, 4-bit groups below the head, NF4 blocks of 32 / 16) beside values in whole-head planes,
@@ -62,7 +68,8 @@ import triton
 import triton.language as tl
 
 from . import decode_attention as _da
-from .decode_attention import (_acc_init, _load_q_plane, _load_v_mixed, _mm, _nf4_plane, _plane_f32, _plane_magic,
+from .decode_attention import (_acc_init, _group_meta, _load_q_plane, _load_v_mixed, _mm, _nf4_plane, _plane_f32,
+                               _plane_magic,
                                _rope_plane, _rope_q_operands, _softmax_step, _store_planes, _ternary_digit,
                                _v_plane_exact)
 from .reference import decode_attention_reference
@@ -216,7 +223,8 @@ def _fp_tile(q0, q1, q2, q3, m_i, l_i, zacc, acc0, acc1, acc2, acc3,
 def _packed_load(kc_base, skc_t, skc_c, ks_base, sks_t, sks_g, kz_base, skz_t, skz_g,
                  vc_base, svc_t, svc_c, vs_base, svs_t, svs_g, vz_base, svz_t, svz_g, offs_t, tmask,
                  K_BITS: tl.constexpr, V_BITS: tl.constexpr, K_GROUP: tl.constexpr, V_GROUP: tl.constexpr,
-                 D: tl.constexpr, MASKED: tl.constexpr, K_CHANNEL: tl.constexpr = False):
+                 D: tl.constexpr, MASKED: tl.constexpr, K_CHANNEL: tl.constexpr = False, K_FMT: tl.constexpr = 0,
+                 V_FMT: tl.constexpr = 0):
     """The packed bytes, scales and zeros of one tile of middle tokens (as stored: uint8, or int16 words of two
     8-bit codes; meta dtype). Formats without a zero point get the scales again (never used)."""
     PER_K: tl.constexpr = 2 if K_BITS == 8 else 8 // K_BITS
@@ -234,13 +242,22 @@ def _packed_load(kc_base, skc_t, skc_c, ks_base, sks_t, sks_g, kz_base, skz_t, s
     elif K_GROUP == D:
         ks = _ld_vec(ks_base, offs_t, tmask, sks_t, MASKED)
         kz = _ld_vec(kz_base, offs_t, tmask, skz_t, MASKED)
+    elif K_FMT == 3:  # NF4: the tile's [BLOCK_N, D // G] scales loaded once and broadcast (see the note below)
+        ks, kz = _group_meta(ks_base, sks_t, sks_g, kz_base, skz_t, skz_g, offs_t.to(tl.int64), tmask,
+                             offs_t.shape[0], D // K_GROUP, K_GROUP // PER_K)
     else:
-        offs_g = tl.arange(0, DPK) // (K_GROUP // PER_K)  # plane element i is in group i // (G // PER)
+        # plane element i is in group i // (G // PER). The broadcast form above gave wrong results / illegal
+        # addresses on the H100 for affine groups (kivi's values, test_matches_reference; Triton 3.6, session 8) and is
+        # kept for NF4 only, where the GPU tests passed and it doubled the speed
+        offs_g = tl.arange(0, DPK) // (K_GROUP // PER_K)
         ks = _ld_rows(ks_base, offs_t, tmask, sks_t, offs_g, sks_g, MASKED).to(tl.float32)
         kz = _ld_rows(kz_base, offs_t, tmask, skz_t, offs_g, skz_g, MASKED).to(tl.float32)
     if V_GROUP == D:
         vs = _ld_vec(vs_base, offs_t, tmask, svs_t, MASKED)
         vz = _ld_vec(vz_base, offs_t, tmask, svz_t, MASKED)
+    elif V_FMT == 3:
+        vs, vz = _group_meta(vs_base, svs_t, svs_g, vz_base, svz_t, svz_g, offs_t.to(tl.int64), tmask,
+                             offs_t.shape[0], D // V_GROUP, V_GROUP // PER_V)
     else:
         offs_g = tl.arange(0, DPV) // (V_GROUP // PER_V)  # (ternary: PER_V 1, natural order)
         vs = _ld_rows(vs_base, offs_t, tmask, svs_t, offs_g, svs_g, MASKED).to(tl.float32)
@@ -540,14 +557,14 @@ def _prefill_kernel(
             kb_n, ks_n, kz_n, vb_n, vs_n, vz_n = _packed_load(
                 kc_base, skc_t, skc_c, ks_base, sks_t, sks_g, kz_base, skz_t, skz_g,
                 vc_base, svc_t, svc_c, vs_base, svs_t, svs_g, vz_base, svz_t, svz_g, offs_n, offs_n < end,
-                K_BITS, V_BITS, K_GROUP, V_GROUP, D, False, K_CHANNEL)
+                K_BITS, V_BITS, K_GROUP, V_GROUP, D, False, K_CHANNEL, K_FMT, V_FMT)
             for t0 in range(start, mid, BLOCK_N):
                 kb, ks, kz, vb, vs, vz = kb_n, ks_n, kz_n, vb_n, vs_n, vz_n
                 offs_n = tl.minimum(t0 + BLOCK_N + arange_n, last)
                 kb_n, ks_n, kz_n, vb_n, vs_n, vz_n = _packed_load(
                     kc_base, skc_t, skc_c, ks_base, sks_t, sks_g, kz_base, skz_t, skz_g,
                     vc_base, svc_t, svc_c, vs_base, svs_t, svs_g, vz_base, svz_t, svz_g, offs_n, offs_n < end,
-                    K_BITS, V_BITS, K_GROUP, V_GROUP, D, False, K_CHANNEL)
+                    K_BITS, V_BITS, K_GROUP, V_GROUP, D, False, K_CHANNEL, K_FMT, V_FMT)
                 offs_t = t0 + arange_n
                 m_i, l_i, zacc, acc0, acc1, acc2, acc3 = _packed_tile(
                     q0, q1, q2, q3, qsum, qsum_mag, m_i, l_i, zacc, acc0, acc1, acc2, acc3,
@@ -560,7 +577,7 @@ def _prefill_kernel(
                 kb, ks, kz, vb, vs, vz = _packed_load(
                     kc_base, skc_t, skc_c, ks_base, sks_t, sks_g, kz_base, skz_t, skz_g,
                     vc_base, svc_t, svc_c, vs_base, svs_t, svs_g, vz_base, svz_t, svz_g, offs_t, offs_t < end,
-                    K_BITS, V_BITS, K_GROUP, V_GROUP, D, False, K_CHANNEL)
+                    K_BITS, V_BITS, K_GROUP, V_GROUP, D, False, K_CHANNEL, K_FMT, V_FMT)
                 m_i, l_i, zacc, acc0, acc1, acc2, acc3 = _packed_tile(
                     q0, q1, q2, q3, qsum, qsum_mag, m_i, l_i, zacc, acc0, acc1, acc2, acc3,
                     kb, ks, kz, vb, vs, vz, offs_t, end, offs_t + n_sink, row_lim, qk_scale,
@@ -571,7 +588,7 @@ def _prefill_kernel(
             kb, ks, kz, vb, vs, vz = _packed_load(
                 kc_base, skc_t, skc_c, ks_base, sks_t, sks_g, kz_base, skz_t, skz_g,
                 vc_base, svc_t, svc_c, vs_base, svs_t, svs_g, vz_base, svz_t, svz_g, offs_t, offs_t < end,
-                K_BITS, V_BITS, K_GROUP, V_GROUP, D, True, K_CHANNEL)
+                K_BITS, V_BITS, K_GROUP, V_GROUP, D, True, K_CHANNEL, K_FMT, V_FMT)
             m_i, l_i, zacc, acc0, acc1, acc2, acc3 = _packed_tile(
                 q0, q1, q2, q3, qsum, qsum_mag, m_i, l_i, zacc, acc0, acc1, acc2, acc3,
                 kb, ks, kz, vb, vs, vz, offs_t, end, offs_t + n_sink, row_lim, qk_scale,
@@ -685,9 +702,10 @@ _KERNEL_FLOPS = 140e12
 # keys before RoPE / ternary values (per-element rotation and digits): 40-41 TFLOP/s measured (H100, skvq's layout,
 # 64- and 512-token chunks over 4k / 32k, benchmarks/bench_prefill.py SKVQ_CASES)
 _KERNEL_FLOPS_PER_ELEMENT = 40e12
-# keys dequantized per element in registers: kivi's per-channel keys 88-93 TFLOP/s, NF4 in blocks below the head
-# 65-68 (H100, bench_prefill.py SCHEME_CASES, 2026-11-26); int8 / fp8 measured 148-184, above _KERNEL_FLOPS
-_KERNEL_FLOPS_REGISTER = 65e12
+# per-channel keys (kivi) dequantized per element in registers, their scales / zeros gathered per element: 88-93
+# TFLOP/s (H100, bench_prefill.py SCHEME_CASES, 2026-11-26); NF4 in blocks below the head (scales loaded per group and
+# broadcast) measured 128-140, int8 / fp8 148-184: those take _KERNEL_FLOPS
+_KERNEL_FLOPS_REGISTER = 88e12
 _DEQ_HOST_S = 900e-6
 _DEQ_S_PER_ELEM = 20e-12
 _SDPA_FIXED_S = 60e-6
@@ -702,8 +720,8 @@ def prefill_is_profitable(*, batch: int, kv_heads: int, rows: int, new_tokens: i
     the causal work, but at a lower matrix rate than SDPA's (see the constants above: every shape of the
     H100 benchmark was faster through the kernel, 1.2-8.2x; chunks of several thousand tokens over long
     histories are where the model hands back to SDPA). ``per_element``: keys before RoPE or ternary values, which
-    the kernel rotates / decodes per element (a lower matrix rate); ``register_dequant``: per-channel keys (KIVI) or
-    NF4 codes in blocks below the head, dequantized per element in registers (between the two)."""
+    the kernel rotates / decodes per element (a lower matrix rate); ``register_dequant``: per-channel keys (KIVI),
+    dequantized per element in registers (between the two)."""
     q_heads = kv_heads * (rows // max(1, new_tokens))
     causal_len = seq_len - (new_tokens - 1) / 2 if new_tokens > 1 else seq_len
     rate = (_KERNEL_FLOPS_PER_ELEMENT if per_element else _KERNEL_FLOPS_REGISTER if register_dequant
