@@ -44,7 +44,7 @@ outputs (kivi's values: 0.74 relative error) and illegal addresses on the H100 t
 
 Triton 3.6 miscompiles one tile set on the H100: at D = 64, keys dequantized in registers as two 32-column planes
 (4-bit per-channel keys, 4-bit groups below the head, NF4 blocks of 32 / 16) beside values in whole-head planes,
-with 64+ rows x 64+ tokens per program (the wgmma shapes): wrong outputs, and with 128-token tiles an out-of-bounds
+with 64+ rows x 64+ tokens per program: wrong outputs, and with 128-token tiles an out-of-bounds
 shared-memory read (compute-sanitizer: 1024-byte ``__shared__`` reads past the allocation). 64 x 32 tiles, 32-row
 blocks and 8 warps measured correct; the launcher caps that set at 64 x 32 (GPU test
 ``test_gpu_head_dim_64_two_plane_keys``).
