@@ -69,9 +69,8 @@ import triton.language as tl
 
 from . import decode_attention as _da
 from .decode_attention import (_acc_init, _group_meta, _load_q_plane, _load_v_mixed, _mm, _nf4_plane, _plane_f32,
-                               _plane_magic,
-                               _rope_plane, _rope_q_operands, _softmax_step, _store_planes, _ternary_digit,
-                               _v_plane_exact)
+                               _plane_magic, _rope_plane, _rope_q_operands, _softmax_step, _store_planes,
+                               _ternary_digit, _v_plane_exact)
 from .reference import decode_attention_reference
 
 __all__ = [
@@ -113,7 +112,8 @@ def prefill_attention_reference(*, causal: bool = True, **kw) -> tuple[torch.Ten
         return decode_attention_reference(**kw)
     q = kw["q"]
     B, Hq, NQ, D = q.shape
-    per_batch = ("q", "k_rope", "k_perm", "lengths", "v_lengths")  # lengths: the [3] form, shared by all rows  # not per sequence: the rotary frequencies and the per-head channel order
+    # not per sequence: the rotary frequencies, the per-head channel order and the lengths' [3] form (all rows)
+    per_batch = ("q", "k_rope", "k_perm", "lengths", "v_lengths")
     kw = {k: (v.repeat_interleave(NQ, dim=0) if torch.is_tensor(v) and k not in per_batch else v)
           for k, v in kw.items()}
     kw["q"] = q.permute(0, 2, 1, 3).reshape(B * NQ, Hq, 1, D)
