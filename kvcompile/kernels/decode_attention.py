@@ -1645,11 +1645,44 @@ def _check_packed(B: int, Hkv: int, D: int, cap: int, cap_v: int, k_bits, v_bits
             fail(f"{name} shape {tuple(t.shape)} != {want}")
 
 
-def _int16_words(name: str, t: torch.Tensor) -> torch.Tensor:
+def _code_args(q, k_bits, v_bits, k_format, v_format, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, fail=_fail):
+    """The code constants of both attention launchers: q's Triton dtype, K's magic number and value, V's product dtype,
+    magic and value; the zero tensors with the scales standing in where a format has none; 8-bit codes as int16
+    words. Returns (tl_dtype, magic, magic_val, v_dtype, v_magic, v_magic_val, k_codes, k_zero, v_codes, v_zero)."""
+    tl_dtype = tl.float16 if q.dtype == torch.float16 else tl.bfloat16
+    magic, magic_val = (0x6400, 1024.0) if q.dtype == torch.float16 else (0x4300, 128.0)
+    # 8-bit codes: 1024 + code is exact in fp16 only (the K product converts q; int8's flipped sign bit adds 128;
+    # fp8's planes are values, no offset)
+    if k_bits == 8:
+        magic, magic_val = 0x6400, _MAGIC_VAL_8BIT[k_format]
+    if k_format == "nf":  # fp16 codebook values: no offset
+        magic, magic_val = 0x6400, 0.0
+    # The packed V product (p * scale) . codes runs in fp16 whenever the scales are fp16 (p * s <= max
+    # scale then fits fp16): 3 more mantissa bits than bf16 for bf16 models. 8-bit codes need fp16.
+    v_fp16 = v_scale.dtype == torch.float16 or q.dtype == torch.float16 or v_bits == 8 or v_format == "nf"
+    v_dtype, v_magic, v_magic_val = (tl.float16, 0x6400, 1024.0) if v_fp16 else (tl_dtype, magic, magic_val)
+    if v_bits == 8:
+        v_magic_val = _MAGIC_VAL_8BIT[v_format]
+    if v_format == "nf":
+        v_magic_val = 0.0
+    # int8 / fp8 have no zero point: the scale stands in for the pointer (never used)
+    if k_zero is None:
+        k_zero = k_scale
+    if v_zero is None:
+        v_zero = v_scale
+    # 8-bit codes are read as int16 words of two codes (two planes, as for 4-bit)
+    if k_bits == 8:
+        k_codes = _int16_words("k_codes", k_codes, fail)
+    if v_bits == 8:
+        v_codes = _int16_words("v_codes", v_codes, fail)
+    return tl_dtype, magic, magic_val, v_dtype, v_magic, v_magic_val, k_codes, k_zero, v_codes, v_zero
+
+
+def _int16_words(name: str, t: torch.Tensor, fail=_fail) -> torch.Tensor:
     """8-bit codes [B, H, cap, D] as int16 words [B, H, cap, D // 2] (plane 0: the low bytes, even channels)."""
     if t.stride(-1) != 1 or t.storage_offset() % 2 or any(st % 2 for st in t.stride()[:-1]):
-        _fail(f"8-bit {name} must have contiguous channels at even byte offsets (strides {t.stride()}); "
-              "pass a contiguous tensor")
+        fail(f"8-bit {name} must have contiguous channels at even byte offsets (strides {t.stride()}); "
+             "pass a contiguous tensor")
     return t.view(torch.int16)
 
 
@@ -2042,32 +2075,8 @@ def decode_attention(
         return (q, 0, 0, 0, 0)
 
     has_sink, has_mid, has_window = S > 0, mid_cap > 0, n_window_arg > 0
-    tl_dtype = tl.float16 if q.dtype == torch.float16 else tl.bfloat16
-    magic, magic_val = (0x6400, 1024.0) if q.dtype == torch.float16 else (0x4300, 128.0)
-    # 8-bit codes: 1024 + code is exact in fp16 only (the K product converts q; int8's flipped sign bit adds 128;
-    # fp8's planes are values, no offset)
-    if k_bits == 8:
-        magic, magic_val = 0x6400, _MAGIC_VAL_8BIT[k_format]
-    if k_format == "nf":  # fp16 codebook values: no offset
-        magic, magic_val = 0x6400, 0.0
-    # The packed V product (p * scale) . codes runs in fp16 whenever the scales are fp16 (p * s <= max
-    # scale then fits fp16): 3 more mantissa bits than bf16 for bf16 models. 8-bit codes need fp16.
-    v_fp16 = v_scale.dtype == torch.float16 or q.dtype == torch.float16 or v_bits == 8 or v_format == "nf"
-    v_dtype, v_magic, v_magic_val = (tl.float16, 0x6400, 1024.0) if v_fp16 else (tl_dtype, magic, magic_val)
-    if v_bits == 8:
-        v_magic_val = _MAGIC_VAL_8BIT[v_format]
-    if v_format == "nf":
-        v_magic_val = 0.0
-    # int8 / fp8 have no zero point: the scale stands in for the pointer (never used)
-    if k_zero is None:
-        k_zero = k_scale
-    if v_zero is None:
-        v_zero = v_scale
-    # 8-bit codes are read as int16 words of two codes (two planes, as for 4-bit)
-    if k_bits == 8:
-        k_codes = _int16_words("k_codes", k_codes)
-    if v_bits == 8:
-        v_codes = _int16_words("v_codes", v_codes)
+    tl_dtype, magic, magic_val, v_dtype, v_magic, v_magic_val, k_codes, k_zero, v_codes, v_zero = _code_args(
+        q, k_bits, v_bits, k_format, v_format, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero)
     grid = (B * (Hkv // hfill), num_splits)
     rope_tab, rt = 0, q  # rt unused unless rope_tab
     if rope and rope_table:

@@ -938,29 +938,9 @@ def prefill_attention(
 
     has_sink, has_mid, has_window = S > 0, n_quant > 0, n_window > 0
     v_mid = has_mid or v_lag > 0  # V's packed middle is read by the mixed window tiles too
-    tl_dtype = tl.float16 if q.dtype == torch.float16 else tl.bfloat16
-    magic, magic_val = (0x6400, 1024.0) if q.dtype == torch.float16 else (0x4300, 128.0)
-    # as in the decode kernel: the packed V product runs in fp16 whenever the scales are fp16
-    # 8-bit codes: 1024 + code is exact in fp16 only (the K product converts q; int8's flipped sign bit adds 128;
-    # fp8's planes are values, no offset); NF4 planes are fp16 codebook values (no offset)
-    if k_bits == 8:
-        magic, magic_val = 0x6400, _da._MAGIC_VAL_8BIT[k_format]
-    if k_format == "nf":
-        magic, magic_val = 0x6400, 0.0
-    v_fp16 = v_scale.dtype == torch.float16 or q.dtype == torch.float16 or v_bits == 8 or v_format == "nf"
-    v_dtype, v_magic, v_magic_val = (tl.float16, 0x6400, 1024.0) if v_fp16 else (tl_dtype, magic, magic_val)
-    if v_bits == 8:
-        v_magic_val = _da._MAGIC_VAL_8BIT[v_format]
-    if v_format == "nf":
-        v_magic_val = 0.0
-    # int8 / fp8 / NF4 have no zero point: the scale stands in for the pointer (never read); 8-bit codes are read as
-    # int16 words of two codes (two planes, as for 4-bit)
-    k_zero = k_scale if k_zero is None else k_zero
-    v_zero = v_scale if v_zero is None else v_zero
-    if k_bits == 8:
-        k_codes = _da._int16_words("k_codes", k_codes)
-    if v_bits == 8:
-        v_codes = _da._int16_words("v_codes", v_codes)
+    # magic numbers, V's product dtype, zero stand-ins and 8-bit int16 words, as in the decode launcher
+    tl_dtype, magic, magic_val, v_dtype, v_magic, v_magic_val, k_codes, k_zero, v_codes, v_zero = _da._code_args(
+        q, k_bits, v_bits, k_format, v_format, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, fail=_fail)
     grid = (q_blocks, B * Hkv, num_splits)
     _prefill_kernel[grid](
         q, *q.stride(),
