@@ -799,3 +799,15 @@ def test_layouts_take_their_fast_variants():
         assert {k: got["kwargs"][k] for k in flags} == flags, case
     _, got = sass_probe.record_launch("vg32", group_fill=False)
     assert got["kwargs"]["GFILL"] == 1
+
+
+@pytest.mark.parametrize("k", [("int8", 8), ("fp8", 8), ("nf", 4)])
+@pytest.mark.parametrize("v_bits", [2, 4])
+@pytest.mark.parametrize("meta", [torch.float32, torch.bfloat16])
+def test_bf16_values_beside_fp16_coded_keys(k, v_bits, meta):
+    # a bf16 model whose keys are 8-bit / NF4 codes (fp16 planes) and whose values are affine codes in whole-head planes
+    # with non-fp16 scales: V's planes take bf16's own magic number (they took K's fp16 one and gave inf outputs)
+    kw = make_inputs(B=1, Hkv=2, r=2, NQ=3, D=64, S=2, n_quant=20, n_window=4, k_bits=k[1], v_bits=v_bits, k_group=64,
+                     v_group=64, dtype=torch.bfloat16, k_format=k[0], seed=v_bits)
+    kw["v_scale"], kw["v_zero"] = kw["v_scale"].to(meta), kw["v_zero"].to(meta)
+    check_against_reference(kw, **{})

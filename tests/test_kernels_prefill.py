@@ -560,3 +560,15 @@ def test_gpu_head_dim_64_two_plane_keys(k, v, tuning):
     kw = make_inputs(B=2, Hkv=2, r=1, NQ=97, D=64, S=3, n_quant=64, n_window=97, k_bits=4, v_bits=v[1], k_group=32,
                      v_group=64, dtype=torch.float16, seed=1, k_format=k[0], v_format=v[0], k_axis=k[3])
     check_against_reference(kw, **tuning)
+
+
+@pytest.mark.parametrize("k", [("int8", 8), ("fp8", 8), ("nf", 4)])
+@pytest.mark.parametrize("v_bits", [2, 4])
+@pytest.mark.parametrize("meta", [torch.float32, torch.bfloat16])
+def test_bf16_values_beside_fp16_coded_keys(k, v_bits, meta):
+    # a bf16 model whose keys are 8-bit / NF4 codes (fp16 planes) and whose values are affine codes in whole-head planes
+    # with non-fp16 scales: V's planes take bf16's own magic number (they took K's fp16 one and gave inf outputs)
+    kw = make_inputs(B=1, Hkv=2, r=2, NQ=3, D=64, S=2, n_quant=20, n_window=4, k_bits=k[1], v_bits=v_bits, k_group=64,
+                     v_group=64, dtype=torch.bfloat16, k_format=k[0], seed=v_bits)
+    kw["v_scale"], kw["v_zero"] = kw["v_scale"].to(meta), kw["v_zero"].to(meta)
+    check_against_reference(kw, **({"block_n": 16} if not ON_GPU else {}))

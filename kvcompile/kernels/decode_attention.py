@@ -1660,7 +1660,8 @@ def _code_args(q, k_bits, v_bits, k_format, v_format, k_codes, k_scale, k_zero, 
     # The packed V product (p * scale) . codes runs in fp16 whenever the scales are fp16 (p * s <= max
     # scale then fits fp16): 3 more mantissa bits than bf16 for bf16 models. 8-bit codes need fp16.
     v_fp16 = v_scale.dtype == torch.float16 or q.dtype == torch.float16 or v_bits == 8 or v_format == "nf"
-    v_dtype, v_magic, v_magic_val = (tl.float16, 0x6400, 1024.0) if v_fp16 else (tl_dtype, magic, magic_val)
+    # (not fp16: a bf16 model, whose magic is bf16's own even where K's 8-bit / NF4 codes took fp16's above)
+    v_dtype, v_magic, v_magic_val = (tl.float16, 0x6400, 1024.0) if v_fp16 else (tl.bfloat16, 0x4300, 128.0)
     if v_bits == 8:
         v_magic_val = _MAGIC_VAL_8BIT[v_format]
     if v_format == "nf":
