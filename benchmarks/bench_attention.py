@@ -54,6 +54,10 @@ EXTRA_CASES = {
     # per-sequence lengths 32k, 28k, ..., 4k in a 32k-capacity cache (mean 18k): each row's length spread
     # over the splits; SDPA / dequant+SDPA columns are at the full 32k (a padded batch)
     "ragged_k2v2_b8_gqa4_32k": ("k2v2_b8_gqa4_32k", dict(lens="ragged")),
+    # the same with 4 sink + 128 window tokens (the full-precision program per row, fp_split) and KIVI's layout
+    "ragged_k2v2_b8_gqa4_32k_s4_w128": ("k2v2_b8_gqa4_32k", dict(lens="ragged", sink=4, window=128)),
+    "ragged_kivi_k2v2_b8_gqa4_32k_w128": ("k2v2_b8_gqa4_32k", dict(lens="ragged", k_axis="channel", k_group=32,
+                                                                   v_group=32, window=128)),
     # a bf16 model (the whole-model benchmark's dtype): the bf16 magic number, V product in fp16; sink + window
     "bf16_k2v2_b8_gqa4_32k_s4_w128": ("k2v2_b8_gqa4_32k", dict(dtype=torch.bfloat16, sink=4, window=128)),
     "bf16_k4v4_b8_gqa4_32k_s4_w128": ("k4v4_b8_gqa4_32k", dict(dtype=torch.bfloat16, sink=4, window=128)),
@@ -151,7 +155,10 @@ def make_case(B, Hq, Hkv, D, L, kb, vb, g, sink=0, window=0, dtype=torch.float16
     if lens is None:
         kw.update(n_quant=n_quant, n_window=window)
     else:
-        rows = [(sink, n_quant if lens == "full" else (n_quant * (B - i)) // B, window) for i in range(B)]
+        # ragged rows; per-channel keys fill whole token groups (a KIVI cache flushes a group at a time)
+        grain = k_group if k_axis == "channel" and k_group else 1
+        rows = [(sink, n_quant if lens == "full" else (n_quant * (B - i)) // B // grain * grain, window)
+                for i in range(B)]
         kw["lengths"] = torch.tensor(rows, dtype=torch.int32, device="cuda")
     return kw
 
@@ -463,11 +470,19 @@ def with_flag_variants(var, name, args):
     """The variant sets the command-line flags add to a --cases row (NOTES.md v13, v14)."""
     for on, more in ((args.head_fill, lambda: HEAD_VARIANTS), (args.warps, lambda: warp_variants(name)),
                      (args.prefetch, lambda: PREFETCH_VARIANTS), (args.occupancy, lambda: occupancy_variants(name)),
-                     (args.stages, lambda: STAGE_VARIANTS), (args.warps4bit, lambda: WARPS4_VARIANTS)):
+                     (args.stages, lambda: STAGE_VARIANTS), (args.warps4bit, lambda: WARPS4_VARIANTS),
+                     (args.lazy, lambda: LAZY_VARIANTS), (args.balance, lambda: BALANCE_VARIANTS)):
         if on:
             var = dict(var or {}, **more())
     return var
 
+
+# --lazy: the accumulators' rescale skipped on tiles where no row's max grew (NOTES.md v23), against the default
+# measured again in the same row
+LAZY_VARIANTS = {"lazy": dict(lazy_rescale=True), "eager_rescale": dict(lazy_rescale=False)}
+# --balance: per-row device lengths with the programs shared out by the rows' work (the default) or a fixed number
+# per row (NOTES.md, ragged batches)
+BALANCE_VARIANTS = {"balanced": dict(balance=True), "fixed_split": dict(balance=False)}
 
 # --stages: BLOCK_N 32 with 2-4 pipeline stages (offline triton 3.6, K4V4 g128: 238 registers and no stack at 32,
 # against 255 and 8 bytes of stack for the 4-bit default BLOCK_N 64 with two stages)
@@ -525,6 +540,8 @@ def main(argv=None):
     ap.add_argument("--stages", action="store_true", help="time STAGE_VARIANTS on every row (BLOCK_N 32, 2-4 stages)")
     ap.add_argument("--warps4bit", action="store_true", help="time WARPS4_VARIANTS on every row (4-bit occupancy)")
     ap.add_argument("--rope", action="store_true", help="time ROPE_VARIANTS on the keys-before-RoPE rows (NOTES.md v22)")
+    ap.add_argument("--lazy", action="store_true", help="time LAZY_VARIANTS on every row (NOTES.md v23)")
+    ap.add_argument("--balance", action="store_true", help="time BALANCE_VARIANTS on every row (ragged batches)")
     ap.add_argument("--defaults-only", action="store_true", help="--extra rows: time the defaults only, no variants")
     args = ap.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
@@ -583,6 +600,10 @@ def main(argv=None):
             var = dict(WARPS4_VARIANTS)
         if args.rope and layout.get("rope"):
             var = dict(ROPE_VARIANTS)
+        if args.lazy:
+            var = dict(LAZY_VARIANTS)
+        if args.balance:
+            var = dict(var, **BALANCE_VARIANTS)
         if args.defaults_only:
             var = {}
         row = run_case(name, CASES[base], bw, False, sink=sink, window=window, log=log, variants=var, **layout)

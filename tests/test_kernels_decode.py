@@ -199,6 +199,7 @@ def variant_configs(draw):
         group_bcast=draw(st.sampled_from([None, False])),  # group fill's scales: broadcast per group or per row
         head_fill=draw(st.sampled_from([None, True, 2])),  # several KV heads per program (one group per token)
         prefetch=draw(st.sampled_from([None, True, False])),  # per-token scales / zeros loaded one tile ahead
+        lazy_rescale=draw(st.sampled_from([None, True])),  # the rescale skipped where no row's max grew
     )
     return cfg, tuning
 
@@ -209,6 +210,26 @@ def variant_configs(draw):
 def test_variants_match_reference(case):
     cfg, tuning = case
     check_against_reference(make_inputs(**cfg), **tuning)
+
+
+@pytest.mark.parametrize("layout", [
+    dict(r=4, NQ=1, k_bits=2, v_bits=2, k_group=128, v_group=128),
+    dict(r=4, NQ=3, k_bits=4, v_bits=4, k_group=128, v_group=128),
+    dict(r=1, NQ=1, k_bits=2, v_bits=4, k_group=128, v_group=128),  # MHA: row fill
+    dict(r=4, NQ=1, k_bits=2, v_bits=2, k_group=128, v_group=32),  # group fill on V
+    dict(r=4, NQ=2, k_bits=2, v_bits=2, k_group=32, v_group=32, k_axis="channel"),  # KIVI
+])
+def test_lazy_rescale_is_exact(layout):
+    # skipping the rescale only where every alpha is 1 changes no bit of the output or the lse; on random data
+    # the running max rises on the first tiles of a split and seldom after, so both branches run
+    layout = dict(layout)
+    kw = make_inputs(B=2, Hkv=2, D=128, S=3, n_quant=160, n_window=5, dtype=torch.float16, seed=7, **layout)
+    kw["q"] = kw["q"] * 4  # sharper scores: the max moves on fewer tiles
+    for tuning in (dict(block_n=16, num_splits=2), dict(block_n=32, num_splits=1)):
+        a = da.decode_attention(**kw, **tuning, lazy_rescale=True)
+        b = da.decode_attention(**kw, **tuning, lazy_rescale=False)
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    check_against_reference(kw, block_n=16, lazy_rescale=True)
 
 
 @pytest.mark.parametrize("r,NQ", [(1, 1), (3, 1), (4, 1), (8, 1), (1, 3), (4, 3), (2, 2)])
@@ -522,7 +543,8 @@ def per_sequence_configs(draw):
         if ON_GPU and cfg["k_group"] == 32:
             tuning["block_n"] = draw(st.sampled_from([None, 16, 32]))
     tuning.update(fp_split=draw(st.sampled_from([None, False, True])), fill_rows=draw(st.sampled_from([None, True])),
-                  use_dot=draw(st.sampled_from([None, True])))
+                  use_dot=draw(st.sampled_from([None, True])),
+                  balance=draw(st.sampled_from([None, False])))  # programs shared out by the rows' work (default)
     return cfg, tuning
 
 
@@ -541,6 +563,30 @@ def test_per_sequence_odd_lengths_and_empty_middle(fp_split):
     kw = make_inputs(B=4, Hkv=1, r=3, NQ=1, D=64, S=4, n_quant=0, n_window=0, k_bits=2, v_bits=4, k_group=64,
                      v_group=32, dtype=torch.float16, q_noncontig=True, lens=lens, seed=11)
     check_against_reference(kw, block_n=16, fp_split=fp_split)
+
+
+@pytest.mark.parametrize("fp_split", [False, True])
+@pytest.mark.parametrize("lens", [
+    [(0, 300, 5), (0, 0, 0), (0, 7, 1), (2, 1, 0)],  # one long row takes most programs: > SPLITS_P2 slots to merge
+    [(3, 97, 7), (1, 0, 7), (0, 150, 1), (4, 1, 9)],
+    [(3, 10**6, 99), (2, 61, 5), (0, 0, 0), (1, 31, 2)],  # past the capacities: clamped as the fixed split does
+])
+def test_balanced_ragged_rows(lens, fp_split):
+    # the balanced split (a head's programs shared out by work) against the reference and the fixed split
+    past = any(n > 300 for _, n, _ in lens)
+    kw = make_inputs(B=4, Hkv=1, r=4, NQ=1, D=64, S=4, n_quant=300, n_window=7, k_bits=2, v_bits=2, k_group=64,
+                     v_group=64, dtype=torch.float16, lens=[(min(s, 4), min(n, 300), min(w, 7)) for s, n, w in lens],
+                     seed=12)
+    if past:  # capacities from the clamped rows, then the lengths past them (the kernel clamps on the device)
+        kw["lengths"] = torch.tensor(lens, device=DEVICE)
+    for splits in (8, 3):
+        tuning = dict(block_n=16, num_splits=splits, fp_split=fp_split)
+        if not past:
+            check_against_reference(kw, balance=True, **tuning)
+        a = da.decode_attention(**kw, balance=True, **tuning)
+        b = da.decode_attention(**kw, balance=False, **tuning)
+        torch.testing.assert_close(a[0].float(), b[0].float(), rtol=2e-3, atol=2e-3)
+        torch.testing.assert_close(a[1], b[1], rtol=1e-4, atol=1e-4)
 
 
 def test_lengths_tensor_forms_and_host_ints_agree():
@@ -788,7 +834,7 @@ def test_layouts_take_their_fast_variants():
     from kvcompile.kernels import sass_probe
 
     want = {
-        "gqa4": dict(GFILL=1, K_GF=False, V_GF=False, M_PAD=16, PREFETCH=True),
+        "gqa4": dict(GFILL=1, K_GF=False, V_GF=False, M_PAD=16, PREFETCH=True, LAZY=True),
         "vg32": dict(GFILL=4, K_GF=False, V_GF=True, GF_BCAST=True, M_PAD=16, SUB=1, PREFETCH=True),
         "g32k4": dict(GFILL=4, K_GF=True, V_GF=True, GF_BCAST=True, M_PAD=16, PREFETCH=True),
         "kivi": dict(GFILL=4, K_GF=False, V_GF=True, K_CHANNEL=True, KC_DEQ=True, M_PAD=16, PREFETCH=True),
@@ -799,6 +845,8 @@ def test_layouts_take_their_fast_variants():
         assert {k: got["kwargs"][k] for k in flags} == flags, case
     _, got = sass_probe.record_launch("vg32", group_fill=False)
     assert got["kwargs"]["GFILL"] == 1
+    _, got = sass_probe.record_launch("int8")  # four warps: the lazy rescale's row test would cross warps
+    assert got["kwargs"]["num_warps"] == 4 and got["kwargs"]["LAZY"] is False
 
 
 @pytest.mark.parametrize("k", [("int8", 8), ("fp8", 8), ("nf", 4)])

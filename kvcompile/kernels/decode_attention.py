@@ -144,6 +144,8 @@ HEAD_FILL_MAX = 8
 #   one tile ahead instead of inside the tile (NOTES.md v14): H100 K2V2 32k 131.6 -> 109-122 us, KIVI 229 -> 178,
 #   V in groups of 32 146 -> 129, K4V4 in groups of 32 227 -> 169 (with BLOCK_N 32 for grouped keys)
 PREFETCH_DEFAULT = True
+LAZY_RESCALE_DEFAULT = True
+BALANCE_DEFAULT = True
 # - keys before RoPE (K_ROPE): ROPE_TAB, angle addition (v22): the tile's base angle rotates q once per tile and the
 #   in-tile offsets' cos / sin come from a [BLOCK_N] table, products in fp16 pairs; otherwise (v20) every key element
 #   takes its own angle, cos and sin in float32. Default where it measured faster (decode_attention's
@@ -578,8 +580,19 @@ def _acc_init(M: tl.constexpr, DP: tl.constexpr, PER_V: tl.constexpr):
 
 
 @triton.jit
-def _acc_rescale(acc0, acc1, acc2, acc3, alpha, PER_V: tl.constexpr):
-    """The output planes' online-softmax rescale by the tile's alpha (planes 2 and 3 exist for 2-bit V only)."""
+def _acc_rescale(acc0, acc1, acc2, acc3, alpha, PER_V: tl.constexpr, LAZY: tl.constexpr = False):
+    """The output planes' online-softmax rescale by the tile's alpha (planes 2 and 3 exist for 2-bit V only).
+    LAZY: skipped when no row's running max grew (every alpha is exactly 1, so the skip changes no bit)."""
+    if LAZY:
+        if tl.min(alpha, 0) < 1.0:
+            acc0, acc1, acc2, acc3 = _acc_scale(acc0, acc1, acc2, acc3, alpha, PER_V)
+    else:
+        acc0, acc1, acc2, acc3 = _acc_scale(acc0, acc1, acc2, acc3, alpha, PER_V)
+    return acc0, acc1, acc2, acc3
+
+
+@triton.jit
+def _acc_scale(acc0, acc1, acc2, acc3, alpha, PER_V: tl.constexpr):
     acc0 = acc0 * alpha[:, None]
     if PER_V >= 2:
         acc1 = acc1 * alpha[:, None]
@@ -877,7 +890,7 @@ def _packed_tile(q0, q1, q2, q3, qsum, qsum_mag, m_i, l_i, acc0, acc1, acc2, acc
                  KC_DEQ: tl.constexpr = False, hrow=0, HFILL: tl.constexpr = 1, skc_h=0, sks_h=0, skz_h=0,
                  svc_h=0, svs_h=0, svz_h=0, PREFETCH: tl.constexpr = False, pks=None, pkz=None, pvs=None, pvz=None,
                  pkc=None, K_FMT: tl.constexpr = 0, V_FMT: tl.constexpr = 0, prope=None, K_ROPE: tl.constexpr = False,
-                 ROPE_TAB: tl.constexpr = 0):
+                 ROPE_TAB: tl.constexpr = 0, LAZY: tl.constexpr = False):
     """One tile of packed middle tokens. Codes load per token (offs_t, tmask); scales, zeros and the softmax
     run in the score domain (offs_s, smask, pos_s: see _bc and _rows_select). K_CHANNEL (per-channel keys,
     KIVI): the tile [t0, t0 + BLOCK_N) lies inside one token group of K_GROUP tokens, whose per-channel
@@ -1105,7 +1118,7 @@ def _packed_tile(q0, q1, q2, q3, qsum, qsum_mag, m_i, l_i, acc0, acc1, acc2, acc
         else:  # int8 / fp8: no zero point; fp8's plain-Triton planes hold the value times 2**-8
             zacc = zacc * alpha
             pv = _rows_expand((p * (vs * (256.0 if (V_FMT == 2 and not FAST_ASM) else 1.0))).to(V_DTYPE), sbr, SUB)
-        acc0, acc1, acc2, acc3 = _acc_rescale(acc0, acc1, acc2, acc3, alpha, PER_V)
+        acc0, acc1, acc2, acc3 = _acc_rescale(acc0, acc1, acc2, acc3, alpha, PER_V, LAZY)
         acc0, acc1, acc2, acc3 = _v_exact_dot(pv, vb, acc0, acc1, acc2, acc3, V_BITS, V_MAGIC, V_MAGIC_VAL, V_DTYPE,
                                               DOT_FP32, V_SHIFTED, FAST_ASM, USE_DOT, V_FMT)
     else:
@@ -1153,7 +1166,51 @@ def _store_planes(acc0, acc1, acc2, acc3, zacc, inv_l, o_base, rows_off, rmask, 
                      V_GROUP, V_GF)
 
 
-@triton.jit(do_not_specialize=["n_sink", "n_quant", "n_window", "chunk", "v_cap", "v_wcap"])
+@triton.jit
+def _balance_table(lens_ptr, slen_b, slen_p, s_cap, q_cap, w_cap, n_rows, progs, MID_ONLY: tl.constexpr,
+                   B_P2: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Ragged batches (BALANCE): ``progs`` programs per KV head share the batch's rows by their work (the packed
+    middle with MID_ONLY, else the whole length; lengths clamped to the capacities): every program takes ``t`` tiles
+    of BLOCK_N tokens, t near the smallest with sum over rows of cdiv(tiles_b, t) <= progs (below), so the longest
+    chunk is about as short as the tile grain allows. Returns per row (a [B_P2] vector) its program count n (0 for an empty row) and the exclusive prefix of
+    the counts (row b's first program is excl[b]), and t. Equal rows get the fixed split's chunk."""
+    rb = tl.arange(0, B_P2)
+    rm = rb < n_rows
+    lp = lens_ptr + rb.to(tl.int64) * slen_b
+    work = tl.minimum(tl.maximum(tl.load(lp + slen_p, mask=rm, other=0).to(tl.int32), 0), q_cap)
+    if not MID_ONLY:
+        work += tl.minimum(tl.maximum(tl.load(lp, mask=rm, other=0).to(tl.int32), 0), s_cap)
+        work += tl.minimum(tl.maximum(tl.load(lp + 2 * slen_p, mask=rm, other=0).to(tl.int32), 0), w_cap)
+    tiles = tl.where(rm, (work + BLOCK_N - 1) // BLOCK_N, 0)
+    total = tl.sum(tiles, 0)
+    busy = tl.sum((tiles > 0).to(tl.int32), 0)  # <= n_rows <= progs
+    # no t below cdiv(total, progs) fits; t_hi >= total / (progs - busy) always does (each row's cdiv adds < 1), and
+    # where progs == busy every row takes one program (t = the longest row). Take the first of t_lo, t_lo + 1, t_hi
+    # that fits (straight-line: a search loop here made the build spill, offline triton 3.6). Equal rows fit at t_lo.
+    t_lo = tl.maximum((total + progs - 1) // progs, 1)
+    t_hi = tl.where(progs > busy, (total + tl.maximum(progs - busy, 1) - 1) // tl.maximum(progs - busy, 1),
+                    tl.max(tiles, 0))
+    t_hi = tl.maximum(t_hi, t_lo)
+    fits0 = tl.sum((tiles + t_lo - 1) // t_lo, 0) <= progs
+    fits1 = tl.sum((tiles + t_lo) // (t_lo + 1), 0) <= progs
+    t = tl.where(fits0, t_lo, tl.where(fits1, tl.minimum(t_lo + 1, t_hi), t_hi))
+    n = (tiles + t - 1) // t
+    excl = tl.cumsum(n, 0) - n
+    return n, excl, rb, t
+
+
+@triton.jit
+def _balanced_program(lens_ptr, slen_b, slen_p, s_cap, q_cap, w_cap, n_rows, progs, f, MID_ONLY: tl.constexpr,
+                      B_P2: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Program f (0 <= f < progs) of a KV head under _balance_table: (its row, its index among the row's programs,
+    its chunk of tokens); the row is n_rows (none) where the rows took fewer than progs programs."""
+    n, excl, rb, t = _balance_table(lens_ptr, slen_b, slen_p, s_cap, q_cap, w_cap, n_rows, progs, MID_ONLY, B_P2,
+                                    BLOCK_N)
+    row = tl.minimum(tl.sum((excl + n <= f).to(tl.int32), 0), n_rows)
+    return row, f - tl.sum(tl.where(rb == row, excl, 0), 0), t * BLOCK_N
+
+
+@triton.jit(do_not_specialize=["n_sink", "n_quant", "n_window", "chunk", "v_cap", "v_wcap", "n_rows"])
 def _decode_split_kernel(
     q_ptr, sq_b, sq_h, sq_n, sq_d,
     # K parts
@@ -1190,12 +1247,30 @@ def _decode_split_kernel(
     K_CHANNEL: tl.constexpr = False, GFILL: tl.constexpr = 1, K_GF: tl.constexpr = False,
     V_GF: tl.constexpr = False, GF_BCAST: tl.constexpr = False, KC_DEQ: tl.constexpr = False,
     HFILL: tl.constexpr = 1, PREFETCH: tl.constexpr = False, K_FMT: tl.constexpr = 0, V_FMT: tl.constexpr = 0,
-    K_ROPE: tl.constexpr = False, ROPE_TAB: tl.constexpr = 0,
+    K_ROPE: tl.constexpr = False, ROPE_TAB: tl.constexpr = 0, LAZY: tl.constexpr = False,
+    BALANCE: tl.constexpr = False, n_rows=1, B_P2: tl.constexpr = 1,
 ):
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
     # HFILL > 1 ("head fill"): a program serves HFILL consecutive KV heads h .. h + HFILL - 1 (H_KV % HFILL == 0)
-    b = (pid_bh // (H_KV // HFILL)).to(tl.int64)
+    b_slot = (pid_bh // (H_KV // HFILL)).to(tl.int64)  # the row whose partial-output slots this program writes
+    b = b_slot
+    if BALANCE:
+        # ragged rows (DEV_LENS, per-row lengths): the (row, split) programs of a KV head are shared out by work
+        # (_balance_table) rather than a fixed number per row, so the longest row no longer sets the time. Each
+        # program still writes its own slot; the merge finds a row's slots the same way. With FP_SPLIT each row
+        # keeps its own full-precision program (the last split) and the middle programs are shared out.
+        if FP_SPLIT:
+            n_mid_progs = tl.num_programs(1) - 1
+            is_mid = split != n_mid_progs
+        else:
+            n_mid_progs = tl.num_programs(1)
+            is_mid = split >= 0
+        bal_row, bal_s, bal_chunk = _balanced_program(lens_ptr, slen_b, slen_p, n_sink, n_quant, n_window, n_rows,
+                                                      n_rows * n_mid_progs, b_slot * n_mid_progs + split, FP_SPLIT,
+                                                      B_P2, BLOCK_N)
+        bal_idle = (bal_row >= n_rows) & is_mid
+        b = tl.where(is_mid, tl.minimum(bal_row, n_rows - 1).to(tl.int64), b_slot)
     h = (pid_bh % (H_KV // HFILL)).to(tl.int64) * HFILL
     # 8-bit codes come as int16 words of two codes: two planes, as for 4-bit
     PER_K: tl.constexpr = 2 if K_BITS == 8 else 8 // K_BITS
@@ -1305,19 +1380,29 @@ def _decode_split_kernel(
         # (separate branches: the short fp loops add no live registers to the packed loop)
         run_fp = split == tl.num_programs(1) - 1
         run_mid = split != tl.num_programs(1) - 1
-        if DEV_LENS:  # this row's middle spread over all middle programs (the grid is sized for capacity)
+        mid_split = split
+        if BALANCE:  # the balanced chunk, this program's place among its row's
+            chunk = bal_chunk
+            mid_split = bal_s
+        elif DEV_LENS:  # this row's middle spread over all middle programs (the grid is sized for capacity)
             n_mid_prog = tl.num_programs(1) - 1
             chunk = ((n_quant + n_mid_prog - 1) // n_mid_prog + BLOCK_N - 1) // BLOCK_N * BLOCK_N
-        lo = tl.where(run_fp, 0, n_sink + split * chunk)
+        lo = tl.where(run_fp, 0, n_sink + mid_split * chunk)
         hi = tl.where(run_fp, L, tl.minimum(lo + chunk, n_sink + n_quant))
+        if BALANCE:
+            hi = tl.where(bal_idle, lo, hi)
     else:
         run_fp = True
         run_mid = True
-        if DEV_LENS:  # this row's length spread over all splits; splits past it do no tile
-            n_prog = tl.num_programs(1)
-            chunk = ((L + n_prog - 1) // n_prog + BLOCK_N - 1) // BLOCK_N * BLOCK_N
-        lo = split * chunk
-        hi = tl.minimum(lo + chunk, L)
+        if BALANCE:  # the balanced chunk, this program's place among its row's
+            lo = bal_s * bal_chunk
+            hi = tl.where(bal_idle, lo, tl.minimum(lo + bal_chunk, L))
+        else:
+            if DEV_LENS:  # this row's length spread over all splits; splits past it do no tile
+                n_prog = tl.num_programs(1)
+                chunk = ((L + n_prog - 1) // n_prog + BLOCK_N - 1) // BLOCK_N * BLOCK_N
+            lo = split * chunk
+            hi = tl.minimum(lo + chunk, L)
 
     m_i = tl.full([M_PAD], -1.0e30, tl.float32)  # finite: fully masked tiles give p = 0, alpha = 1
     l_i = tl.zeros([M_PAD], tl.float32)
@@ -1399,7 +1484,7 @@ def _decode_split_kernel(
                     K_SHIFTED, V_SHIFTED, FAST_ASM, CAUSAL, USE_DOT, DOT_FP32, DTYPE, SUB, t0, K_CHANNEL,
                     grow, GFILL, K_GF, V_GF, GF_BCAST, KC_DEQ, hrow, HFILL, skc_h, sks_h, skz_h, svc_h, svs_h, svz_h,
                     PREFETCH, cks, ckz, cvs, cvz, (cs0, cz0, cs1, cz1, cs2, cz2, cs3, cz3), K_FMT, V_FMT,
-                    prope=prope, K_ROPE=K_ROPE, ROPE_TAB=ROPE_TAB)
+                    prope=prope, K_ROPE=K_ROPE, ROPE_TAB=ROPE_TAB, LAZY=LAZY)
 
     if HAS_WINDOW:
         if run_fp:
@@ -1470,36 +1555,70 @@ def _decode_split_kernel(
         _store_planes(acc0, acc1, acc2, acc3, zacc, inv_l, out_ptr, orow * D, rmask, PER_V, DPV, DTYPE, V_SHIFTED,
                       grow, GFILL, V_GROUP, V_GF)
     else:
-        prow = ((b * H_KV + hh) * tl.num_programs(1) + split) * ROWS + rows
+        prow = ((b_slot * H_KV + hh) * tl.num_programs(1) + split) * ROWS + rows  # its own slot (BALANCE)
         tl.store(lp_ptr + prow, lse2, mask=rmask & (grow == 0))
         _store_planes(acc0, acc1, acc2, acc3, zacc, inv_l, op_ptr, prow * D, rmask, PER_V, DPV, tl.float32,
                       V_SHIFTED, grow, GFILL, V_GROUP, V_GF)
 
 
-@triton.jit(do_not_specialize=["NUM_SPLITS"])
+@triton.jit(do_not_specialize=["NUM_SPLITS", "n_rows", "s_cap", "q_cap", "w_cap"])
 def _merge_kernel(op_ptr, lp_ptr, out_ptr, lse_ptr, NUM_SPLITS,
                   H_KV: tl.constexpr, GQA: tl.constexpr, NQ: tl.constexpr, D: tl.constexpr, SPLITS_P2: tl.constexpr, BLOCK_D: tl.constexpr,
-                  DTYPE: tl.constexpr):
-    """Combine the splits of one query row (and one BLOCK_D slice of the head dim)."""
+                  DTYPE: tl.constexpr, BALANCE: tl.constexpr = False, FP_SPLIT: tl.constexpr = False,
+                  lens_ptr=None, slen_b=0, slen_p=0, s_cap=0, q_cap=0, w_cap=0, n_rows=1, B_P2: tl.constexpr = 1,
+                  BLOCK_N: tl.constexpr = 16):
+    """Combine the splits of one query row (and one BLOCK_D slice of the head dim). BALANCE: the row's splits are
+    the programs _balance_table gave it (and with FP_SPLIT its own full-precision program), read SPLITS_P2 at a
+    time with a running log-sum-exp."""
     ROWS: tl.constexpr = GQA * NQ
     row = tl.program_id(0).to(tl.int64)  # (b * H_KV + h) * ROWS + m
     pid_d = tl.program_id(1)
     bh = row // ROWS
     m = row % ROWS
-    offs_s = tl.arange(0, SPLITS_P2)
-    smask = offs_s < NUM_SPLITS
-    prow = (bh * NUM_SPLITS + offs_s) * ROWS + m
-    lse = tl.load(lp_ptr + prow, mask=smask, other=float("-inf"))
-    mx = tl.max(lse, 0)
-    # a row that sees no token at all (every split empty: per-row lengths) gives out 0 and lse -inf
-    mx = tl.where(mx == float("-inf"), 0.0, mx)
-    w = tl.where(smask, tl.exp2(lse - mx), 0.0)
-    denom = tl.sum(w, 0)
-    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    o = tl.load(op_ptr + prow[:, None] * D + offs_d[None, :], mask=smask[:, None], other=0.0)
-    o = tl.sum(o * w[:, None], 0) / tl.where(denom == 0.0, 1.0, denom)
     b = bh // H_KV
     h = bh % H_KV
+    offs_s = tl.arange(0, SPLITS_P2)
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    if BALANCE:
+        n_mid = NUM_SPLITS - (1 if FP_SPLIT else 0)
+        n, excl, rb, _ = _balance_table(lens_ptr, slen_b, slen_p, s_cap, q_cap, w_cap, n_rows, n_rows * n_mid,
+                                        FP_SPLIT, B_P2, BLOCK_N)
+        first = tl.sum(tl.where(rb == b, excl, 0), 0)
+        cnt = tl.sum(tl.where(rb == b, n, 0), 0)
+        n_all = cnt + (1 if FP_SPLIT else 0)
+        mx = tl.full([], -1.0e30, tl.float32)  # finite: empty splits (lse -inf) weigh 0
+        denom = tl.zeros([], tl.float32)
+        o = tl.zeros([BLOCK_D], tl.float32)
+        for i0 in range(0, n_all, SPLITS_P2):
+            i = i0 + offs_s
+            valid = i < n_all
+            f = first + i  # the head's middle program f sits in slot (f // n_mid, f % n_mid)
+            sb = (f // n_mid).to(tl.int64)
+            ss = f % n_mid
+            if FP_SPLIT:  # the row's own full-precision program comes after its middle ones
+                sb = tl.where(i == cnt, b, sb)
+                ss = tl.where(i == cnt, NUM_SPLITS - 1, ss)
+            prow = ((sb * H_KV + h) * NUM_SPLITS + ss) * ROWS + m
+            lse = tl.load(lp_ptr + prow, mask=valid, other=float("-inf"))
+            mx_new = tl.maximum(mx, tl.max(lse, 0))
+            alpha = tl.exp2(mx - mx_new)
+            w = tl.where(valid, tl.exp2(lse - mx_new), 0.0)
+            part = tl.load(op_ptr + prow[:, None] * D + offs_d[None, :], mask=valid[:, None], other=0.0)
+            o = o * alpha + tl.sum(part * w[:, None], 0)
+            denom = denom * alpha + tl.sum(w, 0)
+            mx = mx_new
+        o = o / tl.where(denom == 0.0, 1.0, denom)
+    else:
+        smask = offs_s < NUM_SPLITS
+        prow = (bh * NUM_SPLITS + offs_s) * ROWS + m
+        lse = tl.load(lp_ptr + prow, mask=smask, other=float("-inf"))
+        mx = tl.max(lse, 0)
+        # a row that sees no token at all (every split empty: per-row lengths) gives out 0 and lse -inf
+        mx = tl.where(mx == float("-inf"), 0.0, mx)
+        w = tl.where(smask, tl.exp2(lse - mx), 0.0)
+        denom = tl.sum(w, 0)
+        o = tl.load(op_ptr + prow[:, None] * D + offs_d[None, :], mask=smask[:, None], other=0.0)
+        o = tl.sum(o * w[:, None], 0) / tl.where(denom == 0.0, 1.0, denom)
     hq = h * GQA + m // NQ
     qi = m % NQ
     orow = (b * (H_KV * GQA) + hq) * NQ + qi
@@ -1779,6 +1898,8 @@ def decode_attention(
     k_rope: torch.Tensor | None = None,
     k_perm: torch.Tensor | None = None,
     rope_table: bool | None = None,
+    lazy_rescale: bool | None = None,
+    balance: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of ``q`` over the packed KV ``sink ++ middle[:n_quant] ++ window[:n_window]``.
 
@@ -1805,6 +1926,15 @@ def decode_attention(
       [0, capacity] are clamped, never read out of bounds. ``v_lengths`` (same form): V's lengths where
       V quantized more of the sequence than K (KIVI: keys flush a token group at a time, values every
       token); the same n_sink and total length, V's n_quant >= K's n_quant.
+      ``balance`` (per-row [B, 3] lengths, B > 1, more than one split): a KV head's B x splits programs are shared
+      out over the rows by their work (every program takes about the same number of tiles, a long row gets more
+      programs than a short one) instead of the same number per row, so the batch's total tokens set the time
+      rather than its longest row; a row's full-precision program (``fp_split``) stays its own. None: on (H100,
+      rows of 32k down to 4k tokens: 73 against 102 us; equal rows in the [B, 3] form: 112 against 105 us, so a
+      batch whose rows are equal is better passed in the [3] form, as PackedKV's ``counts`` is).
+
+    ``lazy_rescale``: skip the output accumulators' online-softmax rescale on tiles where no row's running max
+    grew (exact: every alpha is 1 there). None: on for one-warp builds outside ``balance`` (NOTES.md v23).
 
     Keys quantized before RoPE (SKVQ's ``pre_rope``): ``k_rope`` the model's rotary inverse frequencies (float32
     [rotary_dim / 2]) and ``k_perm`` the keys' channel order ([Hkv, D], the model channel at each stored column;
@@ -2097,6 +2227,12 @@ def decode_attention(
         # K4V4 per token at 32k: fp16 154 -> 150 us, bf16 with sink + window 269 -> 222 us, the three-stage build
         # spills; NOTES.md v14)
         num_stages = 2
+    # per-row device lengths: a KV head's programs shared out over the rows by their work (_balance_table)
+    bal = bool(BALANCE_DEFAULT if balance is None else balance) and dev_lens and slen_b != 0 and B > 1 and not direct
+    # skip the accumulators' rescale on tiles where no row's max grew (exact: alpha is 1 there). By default for
+    # one-warp builds, where the test over the rows stays inside the warp (H100: -4% for 2-bit codes), and not beside
+    # the balanced split, whose build then spills (offline triton 3.6: 64 bytes of stack; NOTES.md v23)
+    lazy = bool(LAZY_RESCALE_DEFAULT and num_warps == 1 and not bal if lazy_rescale is None else lazy_rescale)
     _decode_split_kernel[grid](
         q, *q.stride(),
         *part(k_sink, has_sink), *part(k_codes, has_mid), *part(k_scale, has_mid), *part(k_zero, has_mid),
@@ -2118,7 +2254,7 @@ def decode_attention(
         V_GF=v_gf, GF_BCAST=gf_bcast,
         KC_DEQ=kc_deq,
         HFILL=hfill, PREFETCH=prefetch, K_FMT=_FMT_CODE[k_format], V_FMT=_FMT_CODE[v_format], K_ROPE=rope,
-        ROPE_TAB=rope_tab,
+        ROPE_TAB=rope_tab, LAZY=lazy, BALANCE=bal, n_rows=B, B_P2=_next_pow2(B) if bal else 1,
         num_warps=num_warps, num_stages=num_stages,
     )
     if not direct:
@@ -2127,6 +2263,9 @@ def decode_attention(
             o_part, l_part, out, lse, num_splits,
             H_KV=Hkv, GQA=r, NQ=NQ, D=D,
             SPLITS_P2=_next_pow2(num_splits), BLOCK_D=block_d, DTYPE=tl_dtype,
+            BALANCE=bal, FP_SPLIT=fp_split, lens_ptr=lens if bal else None, slen_b=slen_b if bal else 0,
+            slen_p=slen_p if bal else 0, s_cap=S, q_cap=n_quant_arg, w_cap=n_window_arg, n_rows=B,
+            B_P2=_next_pow2(B) if bal else 1, BLOCK_N=block_n,
             num_warps=4 if block_d * num_splits >= 4096 else 2,
         )
     return out, lse
