@@ -471,7 +471,8 @@ def with_flag_variants(var, name, args):
     for on, more in ((args.head_fill, lambda: HEAD_VARIANTS), (args.warps, lambda: warp_variants(name)),
                      (args.prefetch, lambda: PREFETCH_VARIANTS), (args.occupancy, lambda: occupancy_variants(name)),
                      (args.stages, lambda: STAGE_VARIANTS), (args.warps4bit, lambda: WARPS4_VARIANTS),
-                     (args.lazy, lambda: LAZY_VARIANTS), (args.balance, lambda: BALANCE_VARIANTS)):
+                     (args.lazy, lambda: LAZY_VARIANTS), (args.balance, lambda: BALANCE_VARIANTS),
+                     (args.fp_bn, lambda: FPBN_VARIANTS)):
         if on:
             var = dict(var or {}, **more())
     return var
@@ -483,6 +484,11 @@ LAZY_VARIANTS = {"lazy": dict(lazy_rescale=True), "eager_rescale": dict(lazy_res
 # --balance: per-row device lengths with the programs shared out by the rows' work (the default) or a fixed number
 # per row (NOTES.md, ragged batches)
 BALANCE_VARIANTS = {"balanced": dict(balance=True), "fixed_split": dict(balance=False)}
+# --fp-bn: the sink / window tiles at their own size, by plane or contiguous loads (NOTES.md v24)
+FPBN_VARIANTS = {"fp64": dict(fp_block_n=64), "fp16": dict(fp_block_n=16),
+                 "fp16_contig": dict(fp_block_n=16, fp_contig=True), "fp32": dict(fp_block_n=32),
+                 "fp16_contig_nosplit": dict(fp_block_n=16, fp_contig=True, fp_split=False),
+                 "fp64_nosplit": dict(fp_block_n=64, fp_split=False)}
 
 # --stages: BLOCK_N 32 with 2-4 pipeline stages (offline triton 3.6, K4V4 g128: 238 registers and no stack at 32,
 # against 255 and 8 bytes of stack for the 4-bit default BLOCK_N 64 with two stages)
@@ -542,6 +548,7 @@ def main(argv=None):
     ap.add_argument("--rope", action="store_true", help="time ROPE_VARIANTS on the keys-before-RoPE rows (NOTES.md v22)")
     ap.add_argument("--lazy", action="store_true", help="time LAZY_VARIANTS on every row (NOTES.md v23)")
     ap.add_argument("--balance", action="store_true", help="time BALANCE_VARIANTS on every row (ragged batches)")
+    ap.add_argument("--fp-bn", action="store_true", help="time FPBN_VARIANTS on every row (sink / window tiles)")
     ap.add_argument("--defaults-only", action="store_true", help="--extra rows: time the defaults only, no variants")
     args = ap.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
@@ -604,6 +611,8 @@ def main(argv=None):
             var = dict(LAZY_VARIANTS)
         if args.balance:
             var = dict(var, **BALANCE_VARIANTS)
+        if args.fp_bn:
+            var = dict(FPBN_VARIANTS)
         if args.defaults_only:
             var = {}
         row = run_case(name, CASES[base], bw, False, sink=sink, window=window, log=log, variants=var, **layout)

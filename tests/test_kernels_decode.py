@@ -200,6 +200,7 @@ def variant_configs(draw):
         head_fill=draw(st.sampled_from([None, True, 2])),  # several KV heads per program (one group per token)
         prefetch=draw(st.sampled_from([None, True, False])),  # per-token scales / zeros loaded one tile ahead
         lazy_rescale=draw(st.sampled_from([None, True])),  # the rescale skipped where no row's max grew
+        fp_block_n=draw(st.sampled_from([None, 16, 32])),  # the sink / window tiles' own size
     )
     return cfg, tuning
 
@@ -230,6 +231,36 @@ def test_lazy_rescale_is_exact(layout):
         b = da.decode_attention(**kw, **tuning, lazy_rescale=False)
         assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
     check_against_reference(kw, block_n=16, lazy_rescale=True)
+
+
+@pytest.mark.parametrize("seed", [18860, 18862])
+def test_bf16_grouped_keys_in_registers(seed):
+    # a bf16 model's keys in groups of 16 beside V in one group per head (group fill cannot take different sizes):
+    # the keys dequantized in registers must not be rounded to bf16 (2.5e-2 output error at amp 3 before session 9)
+    kw = make_inputs(B=1, Hkv=1, r=3, NQ=1, D=64, S=0, n_quant=7, n_window=7, k_bits=2, v_bits=2, k_group=16,
+                     v_group=64, dtype=torch.bfloat16, amp=3.0, seed=seed)
+    check_against_reference(kw, block_n=16, fp_split=False, group_fill=False)
+    check_against_reference(kw)
+
+
+@pytest.mark.parametrize("fp_bn,contig", [(16, False), (16, True), (32, False), (32, True)])
+@pytest.mark.parametrize("layout", [
+    dict(r=4, NQ=1, k_bits=2, v_bits=2, k_group=128, v_group=128, S=4, n_window=37),
+    dict(r=4, NQ=3, k_bits=4, v_bits=2, k_group=128, v_group=128, S=3, n_window=70),  # causal rows in the window
+    dict(r=2, NQ=1, k_bits=2, v_bits=2, k_group=32, v_group=32, k_axis="channel", S=0, n_window=40),  # KIVI
+])
+def test_fp_tile_sizes(layout, fp_bn, contig):
+    # the sink / window tiles at their own size (FP_BN), loaded by plane or contiguously, with and without the
+    # full-precision program (fp_split), several splits; KIVI's V ahead of K in the window (v_lag) in one layout
+    layout = dict(layout)
+    lens = None
+    if layout.get("k_axis") == "channel":
+        lens = [(0, 64, 40), (0, 32, 33)]
+        layout["v_lag"] = [8, 31]
+    kw = make_inputs(B=2, Hkv=2, D=128, n_quant=97 if lens is None else 0, dtype=torch.float16, seed=fp_bn + contig,
+                     lens=lens, **layout)
+    for tuning in (dict(block_n=32, num_splits=3, fp_split=True), dict(block_n=16, num_splits=2, fp_split=False)):
+        check_against_reference(kw, fp_block_n=fp_bn, fp_contig=contig, **tuning)
 
 
 @pytest.mark.parametrize("r,NQ", [(1, 1), (3, 1), (4, 1), (8, 1), (1, 3), (4, 3), (2, 2)])
@@ -847,6 +878,10 @@ def test_layouts_take_their_fast_variants():
     assert got["kwargs"]["GFILL"] == 1
     _, got = sass_probe.record_launch("int8")  # four warps: the lazy rescale's row test would cross warps
     assert got["kwargs"]["num_warps"] == 4 and got["kwargs"]["LAZY"] is False
+    _, got = sass_probe.record_launch("win")  # sink / window tiles of 16 tokens, loaded contiguously (v24)
+    assert got["kwargs"]["FP_BN"] == 16 and got["kwargs"]["FP_CONTIG"] is True
+    _, got = sass_probe.record_launch("mha")  # row fill keeps the packed loop's tile there
+    assert got["kwargs"]["FP_BN"] == got["kwargs"]["BLOCK_N"] and got["kwargs"]["FP_CONTIG"] is False
 
 
 @pytest.mark.parametrize("k", [("int8", 8), ("fp8", 8), ("nf", 4)])

@@ -122,10 +122,13 @@ _MAX_ROWS = 64  # r * Nq query rows per KV head
 #   rows), BLOCK_N 64: 303 -> 202 us. GQA (2..8 rows): row fill measured no better (156 vs 138 us at
 #   BLOCK_N 64, 134 at 32, within noise), so it stays off there (FILL_ROWS_DEFAULT).
 # - sink / window: one extra program per KV head takes the full-precision parts (177.5 -> 165.2 us).
-# - contiguous fp tiles (FP_CONTIG): 365 us, spills; off.
+# - contiguous fp tiles (FP_CONTIG): 365 us, spills; off at the packed loop's BLOCK_N. v24 (session 9): the fp
+#   tiles at their own 16 tokens (FP_BN), loaded contiguously: the window builds no longer spill (offline triton
+#   3.6: 64 bytes of stack at BLOCK_N, none at 16) and the sink + window rows drop 7-32% (K2V2 136 -> 112 us).
 FILL_ROWS_DEFAULT = False
 MHA_FILL_DEFAULT = True
-FP_CONTIG_DEFAULT = False
+FP_CONTIG_DEFAULT = True  # with FP_BLOCK_N_DEFAULT; at a 32- or 64-token fp tile the contiguous form spills
+FP_BLOCK_N_DEFAULT = 16
 FP_SPLIT_DEFAULT = True
 # - per-token groups smaller than D (KIVI's V, groups of 16, 32 or 64 channels, for K and / or V): "group fill"
 #   (GFILL), MMA rows (channel group, query row), up to _MAX_GFILL_ROWS rows, the per-token group scales loaded
@@ -1052,14 +1055,17 @@ def _packed_tile(q0, q1, q2, q3, qsum, qsum_mag, m_i, l_i, acc0, acc1, acc2, acc
                 a = ks * (qk_scale * (256.0 if (K_FMT == 2 and not FAST_ASM) else 1.0))
                 s = (raw - MAGIC_VAL * qsum_mag[:, None]) * _bc(a, SUB)
     else:
-        # plane element i holds channel PER * i + j, which is in group i // (K_GROUP // PER_K)
+        # plane element i holds channel PER * i + j, which is in group i // (K_GROUP // PER_K). The keys are rounded
+        # to the V product's dtype (fp16 where the scales are, also for bf16 models, q converted as KC_DEQ does):
+        # rounded to bf16 they cost a bf16 model 2.5% output error at large scores (hypothesis, session 9)
+        KD: tl.constexpr = V_DTYPE
         ks, kz = _group_meta(ks_base, sks_t, sks_g, kz_base, skz_t, skz_g, offs_t64, tmask, offs_t.shape[0],
                              D // K_GROUP, K_GROUP // PER_K)
-        raw = _mm(q0, tl.trans((_plane_f32(kb, 0, K_BITS) * ks + kz).to(DTYPE)), USE_DOT, DOT_FP32)
-        raw += _mm(q1, tl.trans((_plane_f32(kb, 1, K_BITS) * ks + kz).to(DTYPE)), USE_DOT, DOT_FP32)
+        raw = _mm(q0.to(KD), tl.trans((_plane_f32(kb, 0, K_BITS) * ks + kz).to(KD)), USE_DOT, DOT_FP32)
+        raw += _mm(q1.to(KD), tl.trans((_plane_f32(kb, 1, K_BITS) * ks + kz).to(KD)), USE_DOT, DOT_FP32)
         if PER_K == 4:
-            raw += _mm(q2, tl.trans((_plane_f32(kb, 2, K_BITS) * ks + kz).to(DTYPE)), USE_DOT, DOT_FP32)
-            raw += _mm(q3, tl.trans((_plane_f32(kb, 3, K_BITS) * ks + kz).to(DTYPE)), USE_DOT, DOT_FP32)
+            raw += _mm(q2.to(KD), tl.trans((_plane_f32(kb, 2, K_BITS) * ks + kz).to(KD)), USE_DOT, DOT_FP32)
+            raw += _mm(q3.to(KD), tl.trans((_plane_f32(kb, 3, K_BITS) * ks + kz).to(KD)), USE_DOT, DOT_FP32)
         s = _rows_select(raw, sbr, SUB) * qk_scale
     s = _mask_scores(s, smask, pos_s, row_lim, CAUSAL, SUB)
     p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i)
@@ -1248,7 +1254,7 @@ def _decode_split_kernel(
     V_GF: tl.constexpr = False, GF_BCAST: tl.constexpr = False, KC_DEQ: tl.constexpr = False,
     HFILL: tl.constexpr = 1, PREFETCH: tl.constexpr = False, K_FMT: tl.constexpr = 0, V_FMT: tl.constexpr = 0,
     K_ROPE: tl.constexpr = False, ROPE_TAB: tl.constexpr = 0, LAZY: tl.constexpr = False,
-    BALANCE: tl.constexpr = False, n_rows=1, B_P2: tl.constexpr = 1,
+    BALANCE: tl.constexpr = False, n_rows=1, B_P2: tl.constexpr = 1, FP_BN: tl.constexpr = 0,
 ):
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -1413,16 +1419,23 @@ def _decode_split_kernel(
         score_n = arange_n
     else:
         score_n = sbr[:, None] * BN_S + tl.arange(0, BN_S)[None, :]
+    # the full-precision tiles (sink, window) may take their own size FP_BN (SUB == 1 only: the launcher's check)
+    if FP_BN == BLOCK_N:
+        arange_fp = arange_n
+        score_fp = score_n
+    else:
+        arange_fp = tl.arange(0, FP_BN)
+        score_fp = arange_fp
 
     if HAS_SINK:
         if run_fp:
             k_base = ksk_ptr + b * sksk_b + h * sksk_h
             v_base = vsk_ptr + b * svsk_b + h * svsk_h
             end = tl.minimum(hi, n_sink)
-            for t0 in range(lo, end, BLOCK_N):
-                offs_t = t0 + arange_n
+            for t0 in range(lo, end, FP_BN):
+                offs_t = t0 + arange_fp
                 tmask = offs_t < end
-                offs_s = t0 + score_n
+                offs_s = t0 + score_fp
                 smask = offs_s < end
                 m_i, l_i, alpha, acc0, acc1, acc2, acc3 = _fp_tile(
                     q0, q1, q2, q3, m_i, l_i, acc0, acc1, acc2, acc3,
@@ -1513,10 +1526,10 @@ def _decode_split_kernel(
                 start = t_plain
                 end = tl.minimum(end, v_wcap + v_lag)  # only binds for lengths that break the contract
                 v_base = v_base - v_lag.to(tl.int64) * svw_t  # past the lag, V's window is K's shifted by v_lag
-            for t0 in range(start, end, BLOCK_N):
-                offs_t = t0 + arange_n
+            for t0 in range(start, end, FP_BN):
+                offs_t = t0 + arange_fp
                 tmask = offs_t < end
-                offs_s = t0 + score_n
+                offs_s = t0 + score_fp
                 smask = offs_s < end
                 m_i, l_i, alpha, acc0, acc1, acc2, acc3 = _fp_tile(
                     q0, q1, q2, q3, m_i, l_i, acc0, acc1, acc2, acc3,
@@ -1900,6 +1913,7 @@ def decode_attention(
     rope_table: bool | None = None,
     lazy_rescale: bool | None = None,
     balance: bool | None = None,
+    fp_block_n: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of ``q`` over the packed KV ``sink ++ middle[:n_quant] ++ window[:n_window]``.
 
@@ -1932,6 +1946,10 @@ def decode_attention(
       rather than its longest row; a row's full-precision program (``fp_split``) stays its own. None: on (H100,
       rows of 32k down to 4k tokens: 73 against 102 us; equal rows in the [B, 3] form: 112 against 105 us, so a
       batch whose rows are equal is better passed in the [3] form, as PackedKV's ``counts`` is).
+
+    ``fp_block_n`` / ``fp_contig``: the sink and window tiles' token count and whether they load contiguously (split
+    into channel planes in registers) rather than one strided load per plane. None: 16 and contiguous (NOTES.md v24;
+    row fill and V ahead of K keep the packed loop's tile, by plane).
 
     ``lazy_rescale``: skip the output accumulators' online-softmax rescale on tiles where no row's running max
     grew (exact: every alpha is 1 there). None: on for one-warp builds outside ``balance`` (NOTES.md v23).
@@ -2059,8 +2077,7 @@ def decode_attention(
     m_pad = _next_pow2(r * NQ)
     if fill_rows is None:
         fill_rows = FILL_ROWS_DEFAULT
-    if fp_contig is None:
-        fp_contig = FP_CONTIG_DEFAULT
+    fp_contig_default = fp_contig is None
     fp_split_default = fp_split is None
     if fp_split is None:
         fp_split = FP_SPLIT_DEFAULT
@@ -2227,6 +2244,16 @@ def decode_attention(
         # K4V4 per token at 32k: fp16 154 -> 150 us, bf16 with sink + window 269 -> 222 us, the three-stage build
         # spills; NOTES.md v14)
         num_stages = 2
+    # the full-precision tiles' token count (sink, window; v24): FP_BLOCK_N_DEFAULT, loaded contiguously. Row fill
+    # keeps BLOCK_N there (its score tiles are split by sub-block), and so does V ahead of K (KIVI through the op,
+    # kv_mixed): with v24 its attention measured 210 against 174 us (H100, bench_write's own-attention column; not
+    # diagnosed, no device time left), while the same layout without V ahead went 176 -> 155-158 us
+    fp_bn = block_n if (sub > 1 or (kv_mixed and fp_block_n is None)) else (
+        FP_BLOCK_N_DEFAULT if fp_block_n is None else int(fp_block_n))
+    if fp_bn not in (16, 32, 64, 128):
+        _fail(f"fp_block_n={fp_bn} unsupported (16, 32, 64 or 128)")
+    if fp_contig_default:
+        fp_contig = FP_CONTIG_DEFAULT and fp_bn <= 16 and not kv_mixed
     # per-row device lengths: a KV head's programs shared out over the rows by their work (_balance_table)
     bal = bool(BALANCE_DEFAULT if balance is None else balance) and dev_lens and slen_b != 0 and B > 1 and not direct
     # skip the accumulators' rescale on tiles where no row's max grew (exact: alpha is 1 there). By default for
@@ -2254,7 +2281,7 @@ def decode_attention(
         V_GF=v_gf, GF_BCAST=gf_bcast,
         KC_DEQ=kc_deq,
         HFILL=hfill, PREFETCH=prefetch, K_FMT=_FMT_CODE[k_format], V_FMT=_FMT_CODE[v_format], K_ROPE=rope,
-        ROPE_TAB=rope_tab, LAZY=lazy, BALANCE=bal, n_rows=B, B_P2=_next_pow2(B) if bal else 1,
+        ROPE_TAB=rope_tab, LAZY=lazy, BALANCE=bal, n_rows=B, B_P2=_next_pow2(B) if bal else 1, FP_BN=fp_bn,
         num_warps=num_warps, num_stages=num_stages,
     )
     if not direct:
