@@ -89,3 +89,13 @@ def with_rope(kw, rotary, permuted, seed):
     if permuted:
         kw["k_perm"] = torch.stack([torch.randperm(D, generator=gen) for _ in range(Hkv)]).to(dev)
     return kw
+
+
+def bf16_coded_key_inputs(k_format, k_bits, v_bits, meta):
+    """A bf16 model whose keys are 8-bit / NF4 codes (fp16 planes) and whose values are affine codes in whole-head
+    planes with ``meta`` (non-fp16) scales and zeros: the case where V's planes once took K's fp16 magic number
+    (both attention kernels' test_bf16_values_beside_fp16_coded_keys)."""
+    kw = make_inputs(B=1, Hkv=2, r=2, NQ=3, D=64, S=2, n_quant=20, n_window=4, k_bits=k_bits, v_bits=v_bits,
+                     k_group=64, v_group=64, dtype=torch.bfloat16, k_format=k_format, seed=v_bits)
+    kw["v_scale"], kw["v_zero"] = kw["v_scale"].to(meta), kw["v_zero"].to(meta)
+    return kw

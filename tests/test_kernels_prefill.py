@@ -29,9 +29,9 @@ if not ON_GPU and type(pa._prefill_kernel).__name__ != "InterpretedFunction":
 from kvcompile import ops  # noqa: E402
 from kvcompile.cache import PackedKV  # noqa: E402
 try:  # tests/ has no __init__.py: pytest's default import mode puts tests/ itself on sys.path
-    from kernel_inputs import TOL, make_inputs, with_rope  # noqa: E402
+    from kernel_inputs import TOL, bf16_coded_key_inputs, make_inputs, with_rope  # noqa: E402
 except ImportError:
-    from tests.kernel_inputs import TOL, make_inputs, with_rope  # noqa: E402
+    from tests.kernel_inputs import TOL, bf16_coded_key_inputs, make_inputs, with_rope  # noqa: E402
 from kvcompile.schemes import TensorQuant  # noqa: E402
 
 DEVICE = "cuda" if ON_GPU else "cpu"
@@ -566,9 +566,6 @@ def test_gpu_head_dim_64_two_plane_keys(k, v, tuning):
 @pytest.mark.parametrize("v_bits", [2, 4])
 @pytest.mark.parametrize("meta", [torch.float32, torch.bfloat16])
 def test_bf16_values_beside_fp16_coded_keys(k, v_bits, meta):
-    # a bf16 model whose keys are 8-bit / NF4 codes (fp16 planes) and whose values are affine codes in whole-head planes
-    # with non-fp16 scales: V's planes take bf16's own magic number (they took K's fp16 one and gave inf outputs)
-    kw = make_inputs(B=1, Hkv=2, r=2, NQ=3, D=64, S=2, n_quant=20, n_window=4, k_bits=k[1], v_bits=v_bits, k_group=64,
-                     v_group=64, dtype=torch.bfloat16, k_format=k[0], seed=v_bits)
-    kw["v_scale"], kw["v_zero"] = kw["v_scale"].to(meta), kw["v_zero"].to(meta)
+    # V's planes take bf16's own magic number beside fp16-coded keys (they took K's fp16 one and gave inf outputs)
+    kw = bf16_coded_key_inputs(k[0], k[1], v_bits, meta)
     check_against_reference(kw, **({"block_n": 16} if not ON_GPU else {}))

@@ -1178,8 +1178,9 @@ def _balance_table(lens_ptr, slen_b, slen_p, s_cap, q_cap, w_cap, n_rows, progs,
     """Ragged batches (BALANCE): ``progs`` programs per KV head share the batch's rows by their work (the packed
     middle with MID_ONLY, else the whole length; lengths clamped to the capacities): every program takes ``t`` tiles
     of BLOCK_N tokens, t near the smallest with sum over rows of cdiv(tiles_b, t) <= progs (below), so the longest
-    chunk is about as short as the tile grain allows. Returns per row (a [B_P2] vector) its program count n (0 for an empty row) and the exclusive prefix of
-    the counts (row b's first program is excl[b]), and t. Equal rows get the fixed split's chunk."""
+    chunk is about as short as the tile grain allows. Returns per row (a [B_P2] vector) its program count n (0 for an
+    empty row) and the exclusive prefix of the counts (row b's first program is excl[b]), and t. Equal rows get the
+    fixed split's chunk."""
     rb = tl.arange(0, B_P2)
     rm = rb < n_rows
     lp = lens_ptr + rb.to(tl.int64) * slen_b
