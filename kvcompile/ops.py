@@ -83,7 +83,7 @@ def write(pk: PackedKV, new: Tensor) -> None:
     if pk._host is not None and not torch.compiler.is_compiling():
         # the host knows the length: raise before writing (the CUDA kernel cannot raise; past capacity it
         # writes nothing and keeps the counts)
-        pk._check_capacity(pk.quantized_after(new.shape[2]))
+        pk._check_capacity(pk.codes_rows_after(new.shape[2]))
     torch.ops.kvcompile.quantize_kv_write_(
         new, pk.codes, pk.scale, pk.zero, pk.sink, pk.window, pk.perm, pk.counts, pk.rope, q.kind, float(q.bits),
         q.group_size or 0, q.axis, q.clip_ratio, pk.n_sink, pk.window_size,
@@ -99,7 +99,7 @@ def write_pair(k: PackedKV, k_new: Tensor, v: PackedKV, v_new: Tensor) -> None:
     if k_new.is_cuda and not torch.compiler.is_compiling():
         for pk, new in ((k, k_new), (v, v_new)):
             if pk._host is not None:
-                pk._check_capacity(pk.quantized_after(new.shape[2]))
+                pk._check_capacity(pk.codes_rows_after(new.shape[2]))
         if _write_pair_fused(k, k_new, v, v_new) is None:
             return
     write(k, k_new)
@@ -406,7 +406,7 @@ def _fused_cuda(q: Tensor, kp: PackedKV, vp: PackedKV, scale: float, mask: Optio
         k_bits=int(kp.quant.bits), v_bits=1.5 if vp.quant.bits == 1.5 else int(vp.quant.bits), k_axis=kp.quant.axis,
         k_group_size=kp.quant.group_size if k_channel else kp.quant.group_for(d),
         v_group_size=vp.quant.group_for(vp.head_dim), k_format=kp.quant.kind, v_format=vp.quant.kind, sm_scale=scale,
-        k_rope=kp.rope, k_perm=kp.perm if kp.rope is not None else None,
+        k_rope=kp.rope, k_perm=kp.perm if kp.rope is not None else None, window_ring=True,
     )
     out = _unfold_value_order(out, vp, r)
     if not torch.compiler.is_compiling():
@@ -490,7 +490,7 @@ def prefill_kwargs(q: Tensor, kp: PackedKV, vp: PackedKV) -> dict:
         k_bits=int(kp.quant.bits), v_bits=1.5 if vp.quant.bits == 1.5 else int(vp.quant.bits), k_axis=kp.quant.axis,
         k_group_size=kp.quant.group_size if kp.quant.axis == "channel" else kp.quant.group_for(d),
         v_group_size=vp.quant.group_for(vp.head_dim), k_rope=kp.rope, k_perm=kp.perm if kp.rope is not None else None,
-        k_format=kp.quant.kind, v_format=vp.quant.kind)
+        k_format=kp.quant.kind, v_format=vp.quant.kind, window_ring=True)  # PackedKV's windows are rings
 
 
 def _prefill_cuda(q: Tensor, kp: PackedKV, vp: PackedKV, scale: float, mask: Optional[Tensor],

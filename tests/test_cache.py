@@ -77,6 +77,12 @@ def test_append_matches_reference_for_any_chunking(qi, length, n_sink, window, c
     if n_q:
         mid = x[:, :, n_s : n_s + n_q]
         torch.testing.assert_close(out[:, :, n_s : n_s + n_q], _expected_middle(q, mid), rtol=0, atol=0)
+    if q.flush == 1 and n_w:
+        # per-token layouts quantize on entry: the codes rows past n_quant hold the window's tokens (docs/format.md)
+        ahead = pk.clone()
+        ahead._set_counts(n_s, n_q + n_w, 0)
+        torch.testing.assert_close(ahead.dequantize_middle()[:, :, n_q:], _expected_middle(q, x[:, :, n_s + n_q :]),
+                                   rtol=0, atol=0)
 
 
 @SETTINGS
@@ -86,18 +92,28 @@ def test_a_write_leaves_other_slots_bit_identical(qi, first, t, seed):
     g = torch.Generator().manual_seed(seed)
     pk = PackedKV.empty(1, 2, 16, q, capacity=64, n_sink=2, window=4, dtype=torch.float32)
     pk.append(torch.randn(1, 2, first, 16, generator=g))
-    _, n_q0, _ = pk.lengths()
-    before = {n: getattr(pk, n).clone() for n in ("codes", "scale", "zero", "sink") if getattr(pk, n) is not None}
+    _, n_q0, n_w0 = pk.lengths()
+    before = {n: getattr(pk, n).clone() for n in ("codes", "scale", "zero", "sink", "window")
+              if getattr(pk, n) is not None}
     pk.append(torch.randn(1, 2, t, 16, generator=g))
-    _, n_q1, _ = pk.lengths()
+    _, n_q1, n_w1 = pk.lengths()
     per_meta = q.flush if q.axis == "channel" else 1
+    # per-token layouts quantize on entry: the codes in use are the middle and the window's tokens
+    ahead0, ahead1 = (n_w0, n_w1) if q.flush == 1 else (0, 0)
     for name, old in before.items():
         new = getattr(pk, name)
         if name == "sink":
             n_old = min(first, 2)
             assert torch.equal(new[:, :, :n_old], old[:, :, :n_old])
             continue
-        lo, hi = (n_q0, n_q1) if name == "codes" else (n_q0 // per_meta, n_q1 // per_meta)
+        if name == "window":  # a ring: the rows of the tokens that stay are not moved
+            stay = range(max(n_q1 - n_q0, 0), n_w0)
+            rows = [(n_q0 + j) % new.shape[2] for j in stay]
+            assert torch.equal(new[:, :, rows], old[:, :, rows])
+            continue
+        lo, hi = n_q0 + ahead0, n_q1 + ahead1
+        if name != "codes":
+            lo, hi = lo // per_meta, hi // per_meta
         assert torch.equal(new[:, :, :lo], old[:, :, :lo]), name
         assert torch.equal(new[:, :, hi:], old[:, :, hi:]), name
 
@@ -149,10 +165,12 @@ def test_storage_bytes_are_measured_from_tensors():
     expect = sum(t.numel() * t.element_size() for t in (pk.codes, pk.scale, pk.zero, pk.sink, pk.window, pk.counts))
     assert pk.storage_nbytes() == expect
     assert pk.codes.shape[-1] == 16  # 64 channels at 2 bits
-    # at full capacity, the 2-bit middle + fp16 window and sinks stay well under fp16's 16 bits
+    # at full capacity, the 2-bit middle + fp16 window and sinks stay well under fp16's 16 bits (the window's tokens
+    # also hold their codes: quantized on entry, 1020 rows of codes beside the 4 sink tokens)
+    assert pk.codes.shape[2] == 1024 - 4
     pk.append(torch.randn(1, 4, 1024, 64, dtype=torch.float16))
     bits = 8 * pk.storage_nbytes() / (4 * 64 * 1024)
-    assert 3.0 < bits < 6.0
+    assert 3.0 < bits < 6.5
 
 
 def test_ops_without_a_rule_raise_naming_the_op():
@@ -238,7 +256,7 @@ def test_permuted_and_pre_rope_storage_round_trips(pre_rope):
     torch.testing.assert_close(out[:, :, :3], x[:, :, :3], rtol=0, atol=0)
     torch.testing.assert_close(out[:, :, -5:], x[:, :, -5:], rtol=0, atol=0)
     assert torch.equal(pk.sink, quant.apply_perm(x[:, :, :3], pk.perm))
-    assert torch.equal(pk.window, quant.apply_perm(x[:, :, -5:], pk.perm))
+    assert torch.equal(pk.window_tokens(), quant.apply_perm(x[:, :, -5:], pk.perm))
     mid = x[:, :, 3:55]
     if pre_rope:
         mid = rotate(mid, torch.arange(3, 55), inv, inverse=True)
@@ -247,3 +265,24 @@ def test_permuted_and_pre_rope_storage_round_trips(pre_rope):
     if pre_rope:
         expect = rotate(expect, torch.arange(3, 55), inv)
     torch.testing.assert_close(out[:, :, 3:55], expect, rtol=1e-5, atol=1e-5)
+
+
+def test_codes_on_entry_after_a_late_calibration():
+    """A channel order calibrated by the first token leaving the window (one-token appends): until then the window's
+    tokens have no codes; that append writes the codes of the whole window with the new token, so every non-sink
+    token's codes (middle and window) are the reference quantization in the calibrated order, as later appends keep
+    them (docs/format.md, quantize on entry)."""
+    torch.manual_seed(1)
+    q = TensorQuant("affine", 2, 8, "token", permute=True)
+    x = torch.randn(1, 2, 20, 16) * torch.exp(torch.randn(16))
+    pk = PackedKV.empty(1, 2, 16, q, capacity=32, n_sink=2, window=5, dtype=torch.float32)
+    for i in range(20):
+        pk.append(x[:, :, i : i + 1])
+        if i == 6:  # 2 sink + 5 window: nothing quantized, no codes written yet
+            assert pk.lengths() == (2, 0, 5) and not pk.codes.any()
+    n_s, n_q, n_w = pk.lengths()
+    assert (n_s, n_q, n_w) == (2, 13, 5)
+    c, s, z = quant.quantize_affine(quant.apply_perm(x[:, :, 2:], pk.perm), 2, 8)
+    assert torch.equal(pk.codes[:, :, : n_q + n_w], quant.pack_codes(c, 2))
+    assert torch.equal(pk.scale[:, :, : n_q + n_w], s) and torch.equal(pk.zero[:, :, : n_q + n_w], z)
+    assert torch.equal(pk.window_tokens(), quant.apply_perm(x[:, :, -5:], pk.perm))

@@ -38,6 +38,8 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 
 def check_against_reference(kw, **tuning):
+    if tuning.pop("window_ring", False):  # the windows' layout, not a tuning knob: the reference reads it too
+        kw = dict(kw, window_ring=True)
     out, lse = da.decode_attention(**kw, **tuning)
     ref_out, ref_lse = decode_attention_reference(**{k: (v.cpu() if torch.is_tensor(v) else v) for k, v in kw.items()})
     q = kw["q"]
@@ -201,6 +203,7 @@ def variant_configs(draw):
         prefetch=draw(st.sampled_from([None, True, False])),  # per-token scales / zeros loaded one tile ahead
         lazy_rescale=draw(st.sampled_from([None, True])),  # the rescale skipped where no row's max grew
         fp_block_n=draw(st.sampled_from([None, 16, 32])),  # the sink / window tiles' own size
+        window_ring=draw(st.booleans()),  # windows as rings (PackedKV's layout)
     )
     return cfg, tuning
 
@@ -575,7 +578,8 @@ def per_sequence_configs(draw):
             tuning["block_n"] = draw(st.sampled_from([None, 16, 32]))
     tuning.update(fp_split=draw(st.sampled_from([None, False, True])), fill_rows=draw(st.sampled_from([None, True])),
                   use_dot=draw(st.sampled_from([None, True])),
-                  balance=draw(st.sampled_from([None, False])))  # programs shared out by the rows' work (default)
+                  balance=draw(st.sampled_from([None, False])),  # programs shared out by the rows' work (default)
+                  window_ring=draw(st.booleans()))  # windows as rings: each row's own n_quant rotates its window
     return cfg, tuning
 
 
@@ -618,6 +622,23 @@ def test_balanced_ragged_rows(lens, fp_split):
         b = da.decode_attention(**kw, balance=False, **tuning)
         torch.testing.assert_close(a[0].float(), b[0].float(), rtol=2e-3, atol=2e-3)
         torch.testing.assert_close(a[1], b[1], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("fp_split", [False, True])
+@pytest.mark.parametrize("v_lag", [None, 3])
+def test_window_ring_rows(fp_split, v_lag):
+    # PackedKV's windows are rings: window token j at row (n_quant + j) % W. n_quant = 29 with W = 8 rotates the
+    # rows by 5, so a kernel that reads row j fails; V ahead of K (KIVI) rotates V's window by its own n_quant
+    lens = [(2, 29, 6), (0, 13, 5)]
+    kw = make_inputs(B=2, Hkv=1, r=4, NQ=2, D=64, S=2, n_quant=29, n_window=6, k_bits=2, v_bits=2, k_group=64,
+                     v_group=64, dtype=torch.float16, lens=lens, v_lag=None if v_lag is None else [v_lag] * 2,
+                     seed=21)
+    ref = {k: (v.cpu() if torch.is_tensor(v) else v) for k, v in kw.items()}
+    plain, _ = decode_attention_reference(**ref)
+    ring, _ = decode_attention_reference(**ref, window_ring=True)
+    assert (plain - ring).abs().max() > 1e-2  # the case does rotate
+    for num_splits in (1, 3):
+        check_against_reference(kw, window_ring=True, block_n=16, fp_split=fp_split, num_splits=num_splits)
 
 
 def test_lengths_tensor_forms_and_host_ints_agree():
@@ -681,6 +702,7 @@ def channel_configs(draw):
         n_w = cfg["n_window"]
         cfg["lens"] = [(cfg["S"], cfg["n_quant"], n_w)] * cfg["B"]  # one row per sequence
         cfg["v_lag"] = [draw(st.integers(0, n_w)) for _ in range(cfg["B"])]
+    tuning["window_ring"] = draw(st.booleans())
     return cfg, tuning
 
 

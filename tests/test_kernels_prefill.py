@@ -185,6 +185,79 @@ def test_kivi_token_group_as_long_as_head_dim(k_bits, D):
     check_against_reference(kw, **({"block_n": 32} if not ON_GPU else {}))
 
 
+def _ring_inputs(*, NQ, D, r, S, n_quant, n_window, W, W_v=None, lag=0, kivi=False, k_bits=2, v_bits=4,
+                 k_group=None, v_group=None, dtype=torch.float16, seed=0, garbage=False):
+    """Inputs with ring windows (``window_ring``: window token j at row (n_quant + j) % W of K's window, V's at
+    (n_quant + lag + j) % W_v); ``lag`` > 0: V's middle that far ahead of K's (host-int ``v_n_quant``). garbage: every
+    row outside the rings holds 1e4 (a read of one blows the output up)."""
+    W_v = W if W_v is None else W_v
+    kw = make_inputs(B=2, Hkv=2, r=r, NQ=NQ, D=D, S=S, n_quant=n_quant, n_window=n_window, k_bits=k_bits,
+                     v_bits=v_bits, k_group=k_group or D, v_group=v_group or D, dtype=dtype, seed=seed,
+                     k_axis="channel" if kivi else "token", win_extra=max(W, W_v) - n_window,
+                     cap_extra=2 * k_group if kivi else 3, v_lag=[lag] if lag else None, q_noncontig=bool(seed % 2))
+    kw["k_window"], kw["v_window"] = kw["k_window"][:, :, :W], kw["v_window"][:, :, :W_v]
+    if lag:
+        kw.pop("v_lengths", None)
+        kw["v_n_quant"] = n_quant + lag
+    if garbage:
+        for name, cap, n_q, n_w in (("k", W, n_quant, n_window), ("v", W_v, n_quant + lag, n_window - lag)):
+            unused = torch.ones(cap, dtype=torch.bool)
+            unused[(n_q + torch.arange(n_w)) % max(cap, 1)] = False
+            kw[f"{name}_window"][:, :, unused.to(kw["q"].device)] = 1e4
+    return dict(kw, window_ring=True)
+
+
+# (derandomized draws start from the first value of each list: the wrapping, lagging cases come first)
+@settings(deadline=None, max_examples=30 if ON_GPU else 16, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(D=st.sampled_from([64, 128]), r=st.sampled_from([3, 1, 4, 8]), NQ=st.sampled_from([5, 1, 2, 16]),
+       S=st.sampled_from([3, 0]), W=st.sampled_from([13, 8, 16] + ([128] if ON_GPU else [])),
+       fill=st.sampled_from([0.75, 1.0, 0.4, 0.0]),
+       n_quant=st.sampled_from([5, 21, 61, 1, 0] + ([1003] if ON_GPU else [])),
+       layout=st.sampled_from(["kivi", "token"]), lag=st.sampled_from([5, 1, 15, 0]),
+       v_short=st.sampled_from([3, 0, 6]), bits=st.sampled_from([(2, 4), (4, 2), (2, 1.5)]),
+       dtype=st.sampled_from([torch.float16, torch.bfloat16]),
+       tuning=st.sampled_from([{}, {"num_splits": 3}, {"block_n": 32}, {"block_m": 16}, {"causal": False}]),
+       seed=st.integers(0, 1000))
+def test_ring_windows_match_reference(D, r, NQ, S, W, fill, n_quant, layout, lag, v_short, bits, dtype, tuning, seed):
+    """Ring windows (PackedKV's layout, ``window_ring``): window token j of K at row (n_quant + j) % W, of V at
+    (v_n_quant + j) % W_v; n_quant mostly not a multiple of W, so the rings wrap. kivi's layout adds V's middle
+    ``lag`` tokens ahead of K's (the mixed tiles read V packed below the lag, V's own ring rows past it) and a V
+    window ``v_short`` rows shorter than K's (its own modulus). Keys / values of 2 and 4 bits and ternary values load
+    the window in 4, 2 and 1 planes. Against the reference with the same flag; every row outside the rings holds
+    garbage."""
+    kivi = layout == "kivi"
+    kg = 16 if kivi else 1
+    lag = min(lag, W) if kivi else 0
+    n_window = lag + round(fill * (W - lag))
+    n_quant = max(n_quant, NQ - S - n_window)  # the chunk's own K/V are in the cache
+    n_quant = -(-n_quant // kg) * kg  # (kivi: K flushes whole token groups)
+    W_v = max(n_window - lag, W - v_short)
+    kw = _ring_inputs(NQ=NQ, D=D, r=r, S=S, n_quant=n_quant, n_window=n_window, W=W, W_v=W_v, lag=lag, kivi=kivi,
+                      k_bits=bits[0], v_bits=2 if kivi and bits[1] == 1.5 else bits[1], k_group=kg if kivi else None,
+                      v_group=32 if kivi else None,
+                      dtype=dtype, seed=seed, garbage=True)
+    check_against_reference(kw, **({"block_n": 16} if not ON_GPU and "block_n" not in tuning else {}), **tuning)
+
+
+def test_ring_windows_wrap():
+    # K's ring: n_quant 5, 8 rows, 6 tokens: window tokens at rows 5 6 7 0 1 2, rows 3 4 garbage (read as rows j,
+    # tokens 3..5 would be garbage rows 3 4 and row 5 twice)
+    kw = _ring_inputs(NQ=4, D=64, r=3, S=2, n_quant=5, n_window=6, W=8, seed=1, garbage=True)
+    check_against_reference(kw, block_m=16, block_n=16)
+    check_against_reference(kw, block_m=16, block_n=16, num_splits=2, causal=False)
+    # kivi's layout: K 16 packed (10-row ring from row 6: 6..9 0..2), V 3 ahead (7-row ring from 19 % 7 = 5: 5 6 0
+    # 1); the first 3 tokens of K's window come from V's middle, the plain tiles from V's ring rows
+    kw = _ring_inputs(NQ=5, D=64, r=2, S=0, n_quant=16, n_window=7, W=10, W_v=7, lag=3, kivi=True, k_bits=2, v_bits=2,
+                      k_group=16, v_group=32, seed=2, garbage=True)
+    check_against_reference(kw, block_m=16, block_n=16)
+    check_against_reference(kw, block_m=16, block_n=16, num_splits=3)
+    # V's whole share of K's window still packed (lag == n_window): V's window holds no row and is never read
+    kw = _ring_inputs(NQ=3, D=64, r=1, S=0, n_quant=16, n_window=3, W=10, W_v=0, lag=3, kivi=True, k_bits=2, v_bits=2,
+                      k_group=16, v_group=32, seed=3, garbage=True)
+    check_against_reference(kw, block_m=16, block_n=16)
+
+
 def _cache_pair(hist, chunk, *, B=1, Hkv=2, D=64, k_quant, v_quant, n_sink=4, window=16, dtype=torch.float16,
                 seed=0, device=DEVICE, rope_inv_freq=None):
     """K and V PackedKV holding ``hist`` history tokens, then the chunk's ``chunk`` tokens appended (as a model
@@ -203,12 +276,14 @@ def _cache_pair(hist, chunk, *, B=1, Hkv=2, D=64, k_quant, v_quant, n_sink=4, wi
 
 
 def _kernel_kw(q, kp, vp):
+    # PackedKV's windows are rings (window token j at row (n_quant + j) % window rows)
     n_s, n_q, n_w = kp.lengths()
     d = q.shape[-1]
     return dict(q=q, k_sink=kp.sink[:, :, :n_s], k_codes=kp.codes, k_scale=kp.scale, k_zero=kp.zero,
                 k_window=kp.window, v_sink=vp.sink[:, :, :n_s], v_codes=vp.codes, v_scale=vp.scale, v_zero=vp.zero,
                 v_window=vp.window, n_quant=n_q, n_window=n_w, k_bits=int(kp.quant.bits),
-                v_bits=int(vp.quant.bits), k_group_size=kp.quant.group_for(d), v_group_size=vp.quant.group_for(d))
+                v_bits=int(vp.quant.bits), k_group_size=kp.quant.group_for(d), v_group_size=vp.quant.group_for(d),
+                window_ring=True)
 
 
 def _ops_prefill_rel(q, kp, vp, scale):

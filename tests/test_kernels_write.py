@@ -64,7 +64,7 @@ def _pair(q, *, b, h, d, n_sink, window, capacity, dtype, meta="float16"):
 def _kernel_write(pk: PackedKV, new: torch.Tensor, **tuning) -> None:
     """What the op's CUDA implementation does (ops._write_fused), run on this device (the interpreter on CPU):
     the kernel, or the reference for the call that calibrates a channel order. With ``tuning`` (launcher
-    keywords, e.g. ``block_s`` to force the multi-tile window shift) the launcher is called directly."""
+    keywords, e.g. ``block_t`` to force several token tiles per append) the launcher is called directly."""
     if not tuning:
         reason = ops._write_fused(new, pk)
     elif pk.perm is not None and int(pk.counts[1]) == 0:
@@ -114,9 +114,9 @@ def cases(draw, gpu=ON_GPU):
         meta=draw(st.sampled_from(["float16", "bfloat16"])),
         ts=draw(st.lists(st.sampled_from(lengths), min_size=2, max_size=5 if gpu else 3)),
         seed=draw(st.integers(0, 2**16)),
-        tuning=draw(st.sampled_from([{}, {}, {"block_s": 4}, {"block_s": 8, "num_warps": 1},
+        tuning=draw(st.sampled_from([{}, {}, {"block_t": 4}, {"block_t": 2, "num_warps": 1},
                                      {"preload": False, "parallel_arrivals": False, "pack_natural": False},
-                                     {"block_s": 4, "parallel_arrivals": False}])),
+                                     {"block_t": 4, "parallel_arrivals": False}])),
     )
 
 

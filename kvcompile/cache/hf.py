@@ -131,11 +131,11 @@ class PackedLayer(CacheLayerMixin):
 
     @staticmethod
     def _grown(p: PackedKV, t: int) -> PackedKV:
-        need = p.quantized_after(t)
+        need = p.codes_rows_after(t)
         if need <= p.codes.shape[2]:
             return p
         step = max(GROW_TOKENS, p.quant.flush)
-        return p.resized(p.n_sink + p.window_size + -(-need // step) * step)
+        return p.resized(p.capacity - p.codes.shape[2] + -(-need // step) * step)
 
     def get_seq_length(self) -> int | torch.Tensor:
         """Tokens held. Eagerly a Python int (from the host-side mirror, no device sync); under torch.compile

@@ -2,8 +2,11 @@
 
 Layout and math: docs/format.md. In short, the tokens live in three parts, in sequence order: full-precision
 sink tokens, a packed quantized middle (codes + scale/zero, preallocated to a capacity) and a full-precision
-window of recent tokens. ``append`` is quantize-on-write: tokens that leave the window are quantized into the
-middle. ``dequantize`` gives back the logical ``[B, H, L, D]`` tensor.
+window of recent tokens, held as a ring (window token j at row ``(n_quant + j) % window.shape[2]``, so an append
+moves no stored row). ``append`` is quantize-on-write: per-token layouts quantize every token as it arrives (the codes
+of the window's tokens sit ahead of ``n_quant``, so a token leaving the window costs nothing); per-channel layouts
+(KIVI keys) quantize a token group as it leaves the window. ``dequantize`` gives back the logical ``[B, H, L, D]``
+tensor.
 
 The subclass follows torchao's pattern (``tensor_data_names`` / ``tensor_attribute_names``, flatten/unflatten,
 an op table) without depending on torchao. Its logical shape is ``[B, H, capacity, D]``: the storage extent,
@@ -105,7 +108,7 @@ class PackedKV(torch.Tensor):
             raise ValueError(f"PackedKV holds floating-point K/V; got dtype {dtype}")
         g = quant.group_for(head_dim)
         flush = quant.flush
-        mid = _round_up(max(0, capacity - n_sink - window), flush)
+        mid = _mid_rows(capacity, n_sink, window, flush)
         nbytes_tok = _bytes_per_token(quant, head_dim)
         codes = torch.zeros(batch, heads, mid, nbytes_tok, dtype=torch.uint8, device=device)
         scale, zero = _alloc_meta(quant, batch, heads, mid, head_dim, g, meta, device)
@@ -162,8 +165,34 @@ class PackedKV(torch.Tensor):
 
     @property
     def capacity(self) -> int:
-        """Tokens this PackedKV can hold: sink + quantized middle + window."""
-        return self.n_sink + self.codes.shape[2] + self.window_size
+        """Tokens this PackedKV can hold: sink + the codes' rows (+ the window, where its tokens are quantized only
+        when they leave it: per-channel layouts)."""
+        return self.n_sink + self.codes.shape[2] + (0 if self.quant.flush == 1 else self.window_size)
+
+    @property
+    def quantize_on_entry(self) -> bool:
+        """Per-token layouts (flush 1) quantize each token as it arrives: the codes rows ``n_quant`` ..
+        ``n_quant + n_window - 1`` hold the window's tokens (docs/format.md), except while a channel order waits for
+        its calibration (``perm`` with ``n_quant == 0``)."""
+        return self.quant.flush == 1
+
+    def window_rows(self) -> torch.Tensor:
+        """The window tensor's rows holding window tokens 0 .. n_window - 1 (oldest first): the window is a ring,
+        token j at row ``(n_quant + j) % window.shape[2]``."""
+        _, n_q, n_w = self.lengths()
+        return (n_q + torch.arange(n_w, device=self.window.device)) % max(1, self.window.shape[2])
+
+    def window_tokens(self) -> torch.Tensor:
+        """The window's valid tokens in sequence order, as stored (channel order ``perm``): [B, H, n_window, D]."""
+        return self.window.index_select(2, self.window_rows())
+
+    def codes_rows_after(self, t: int) -> int:
+        """Rows of the codes storage in use after appending ``t`` more tokens (what the capacity check compares):
+        the middle, plus the window's tokens where they are quantized on entry."""
+        n_s, n_q, n_w = self.lengths()
+        if self.quantize_on_entry:
+            return n_q + n_w + max(0, t - max(0, self.n_sink - n_s))
+        return self.quantized_after(t)
 
     def quantized_after(self, t: int) -> int:
         """How many tokens the quantized middle will hold after appending ``t`` more tokens."""
@@ -175,9 +204,9 @@ class PackedKV(torch.Tensor):
 
     def resized(self, capacity: int) -> PackedKV:
         """A copy of this PackedKV with room for ``capacity`` tokens (it must hold what is already there)."""
-        mid = _round_up(max(0, capacity - self.n_sink - self.window_size), self.quant.flush)
-        _, n_q, _ = self.lengths()
-        if mid < n_q:
+        mid = _mid_rows(capacity, self.n_sink, self.window_size, self.quant.flush)
+        _, n_q, n_w = self.lengths()
+        if mid < n_q + (n_w if self.quantize_on_entry else 0):
             raise CacheCapacityError(f"cannot shrink a PackedKV holding {self.length} tokens to capacity {capacity}")
         per_meta = self.quant.flush if self.quant.axis == "channel" else 1
 
@@ -234,18 +263,33 @@ class PackedKV(torch.Tensor):
         if rest.shape[2] == 0:
             self._set_counts(n_s, n_q, n_w)
             return
-        pending = torch.cat([self._unstored(self.window[:, :, :n_w]), rest], dim=2) if n_w else rest
         flush = self.quant.flush
-        n_move = max(0, (pending.shape[2] - self.window_size) // flush * flush)
-        if n_move:
-            if self.perm is not None and n_q == 0:
-                self._calibrate_perm(pending[:, :, :n_move], n_s)
+        pend = n_w + rest.shape[2]
+        n_move = max(0, (pend - self.window_size) // flush * flush)
+        # an uncalibrated channel order (SKVQ) is calibrated by the first append that moves tokens out of the window,
+        # from those tokens; until then no codes are written (they would be in the wrong order)
+        calibrate = self.perm is not None and n_q == 0 and n_move > 0
+        ready = self.perm is None or n_q > 0
+        pending = None
+        if calibrate or not self.quantize_on_entry:
+            pending = torch.cat([self._unstored(self.window_tokens()), rest], dim=2) if n_w else rest
+        if calibrate:
+            self._calibrate_perm(pending[:, :, :n_move], n_s)
+        if self.quantize_on_entry:
+            if calibrate:  # the window's tokens get their codes now, with the new tokens
+                self._quantize_into(pending, n_q)
+            elif ready:
+                self._quantize_into(rest, n_q + n_w)
+        elif n_move:
             self._quantize_into(pending[:, :, :n_move], n_q)
-            n_q += n_move
-        keep = pending[:, :, n_move:]
-        n_w = keep.shape[2]
-        self.window[:, :, :n_w] = self._stored(keep)
-        self._set_counts(n_s, n_q, n_w)
+        # the tokens that stay in the window, at their ring rows (after a calibration the old ones are re-stored in
+        # the new channel order; otherwise only the new ones are written)
+        first = n_move if calibrate else max(n_move, n_w)
+        if first < pend:
+            rows = (n_q + torch.arange(first, pend, device=self.window.device)) % self.window.shape[2]
+            keep = pending[:, :, first:] if pending is not None else rest[:, :, first - n_w:]
+            self.window[:, :, rows] = self._stored(keep)
+        self._set_counts(n_s, n_q + n_move, pend - n_move)
 
     def _calibrate_perm(self, x: torch.Tensor, n_s: int) -> None:
         """SKVQ channel order, uncalibrated: taken from the first tokens that get quantized (the prefill).
@@ -260,12 +304,14 @@ class PackedKV(torch.Tensor):
             self.sink[:, :, :n_s] = quant.apply_perm(self.sink[:, :, :n_s], self.perm)
 
     def _check_capacity(self, needed: int) -> None:
+        """``needed``: rows of the codes storage an append fills (``codes_rows_after``)."""
         if needed > self.codes.shape[2]:
+            tokens = self.n_sink + needed + (0 if self.quantize_on_entry else self.window_size)
+            window = "" if self.quantize_on_entry else f" + {self.window_size} window"
             raise CacheCapacityError(
                 f"kvcompile cache capacity exceeded: this layer holds at most {self.capacity} tokens "
-                f"({self.n_sink} sink + {self.codes.shape[2]} quantized + {self.window_size} window), and this append "
-                f"needs room for {self.n_sink + needed + self.window_size}; create the cache with a larger "
-                "max_cache_len, or max_cache_len=None to grow on demand"
+                f"({self.n_sink} sink + {self.codes.shape[2]} quantized{window}), and this append needs room for "
+                f"{tokens}; create the cache with a larger max_cache_len, or max_cache_len=None to grow on demand"
             )
 
     def _quantize_into(self, x: torch.Tensor, start: int) -> None:
@@ -332,7 +378,7 @@ class PackedKV(torch.Tensor):
         parts = [self._unstored(self.sink[:, :, :n_s]).to(dtype)]
         if n_q:
             parts.append(self.dequantize_middle().to(dtype))
-        parts.append(self._unstored(self.window[:, :, :n_w]).to(dtype))
+        parts.append(self._unstored(self.window_tokens()).to(dtype))
         return torch.cat(parts, dim=2)
 
     # ------------------------------------------------------------------ batch reordering (beam search)
@@ -413,6 +459,14 @@ def rotate(x: torch.Tensor, pos: torch.Tensor, inv_freq: torch.Tensor, inverse: 
     half = rd // 2
     rot = torch.cat([-xr[..., half:], xr[..., :half]], dim=-1)
     return torch.cat([xr * cos + rot * sin, rest], dim=-1)
+
+
+def _mid_rows(capacity: int, n_sink: int, window: int, flush: int) -> int:
+    """Rows of the codes storage for ``capacity`` tokens: every non-sink token for per-token layouts (quantized on
+    entry, the window's tokens included), else the tokens past the window, in whole token groups."""
+    if flush == 1:
+        return max(0, capacity - n_sink)
+    return _round_up(max(0, capacity - n_sink - window), flush)
 
 
 def _bytes_per_token(q: TensorQuant, head_dim: int) -> int:

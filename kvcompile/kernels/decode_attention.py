@@ -536,15 +536,18 @@ def _v_mixed_plane(vb, vs, vz, w, in_mid, J: tl.constexpr, V_BITS: tl.constexpr,
 @triton.jit
 def _load_v_mixed(vw_base, svt, svc, offs_t, tmask, v_lag, v_wcap, vc_base, svc_t, svc_c, vs_base, svs_t, svs_g,
                   vz_base, svz_t, svz_g, v_mid0, PER_V: tl.constexpr, D: tl.constexpr, V_GROUP: tl.constexpr,
-                  DTYPE: tl.constexpr):
+                  DTYPE: tl.constexpr, RING: tl.constexpr = False, vrow=0):
     """The V planes of a tile of K's window (KV_MIXED): V quantizes earlier than K (KIVI: keys flush a
     whole token group at a time, values every token), so the first ``v_lag`` tokens of K's window are
     still packed in V's middle (at ``v_mid0 + t``, dequantized here in float32) and the rest sit in V's
-    window at ``t - v_lag``."""
+    window at ``t - v_lag`` (RING: at the ring rows ``vrow``, see _decode_split_kernel's window loop)."""
     V_BITS: tl.constexpr = 8 // PER_V
     DPV: tl.constexpr = D // PER_V
     in_win = tmask & (offs_t >= v_lag) & (offs_t - v_lag < v_wcap)
-    w0, w1, w2, w3 = _load_fp_tile(vw_base, offs_t - v_lag, in_win, svt, svc, PER_V, D, False)
+    if RING:
+        w0, w1, w2, w3 = _load_fp_tile(vw_base, vrow, in_win, svt, svc, PER_V, D, False)
+    else:
+        w0, w1, w2, w3 = _load_fp_tile(vw_base, offs_t - v_lag, in_win, svt, svc, PER_V, D, False)
     in_mid = tmask & (offs_t < v_lag)
     tm = (v_mid0 + offs_t).to(tl.int64)
     vb = tl.load(vc_base + tm[:, None] * svc_t + tl.arange(0, DPV)[None, :] * svc_c, mask=in_mid[:, None],
@@ -627,14 +630,22 @@ def _fp_tile(q0, q1, q2, q3, m_i, l_i, acc0, acc1, acc2, acc3,
              DTYPE: tl.constexpr, SUB: tl.constexpr, FP_CONTIG: tl.constexpr,
              v_lag=0, v_wcap=0, vc_base=None, svc_t=0, svc_c=0, vs_base=None, svs_t=0, svs_g=0,
              vz_base=None, svz_t=0, svz_g=0, v_mid0=0, V_MIXED: tl.constexpr = False, V_GROUP: tl.constexpr = 0,
-             K_GF: tl.constexpr = False, GFILL: tl.constexpr = 1, hrow=0, HFILL: tl.constexpr = 1, skh=0, svh=0):
+             K_GF: tl.constexpr = False, GFILL: tl.constexpr = 1, hrow=0, HFILL: tl.constexpr = 1, skh=0, svh=0,
+             RING: tl.constexpr = False, krow=0, vrow=0):
     """One tile of full-precision tokens (sink or window). With K_SHIFTED the q planes hold
     q_j * 2**-(j * bits): each plane's product is scaled back in float32; with V_SHIFTED the output
     planes hold 2**(j * bits) * out_j, so p is scaled by that (exact) factor. offs_s / smask / pos_s are
     the score-domain tokens (see _bc); with FP_CONTIG the tile is loaded contiguously and split into
     planes in registers instead of one strided load per plane. V_MIXED (K's window when V quantized
     more of the sequence than K): V comes from _load_v_mixed. HFILL > 1 (head fill): rows (KV head hg, query
-    row m), head hg's K / V at ``base + hg * skh / svh``."""
+    row m), head hg's K / V at ``base + hg * skh / svh``. RING (a ring window): the tile's K / V rows are
+    ``krow`` / ``vrow`` instead of ``offs_t`` (which still names the tokens for the lag masks)."""
+    if RING:
+        k_rows = krow
+        v_rows = vrow
+    else:
+        k_rows = offs_t
+        v_rows = offs_t
     KB: tl.constexpr = 8 // PER_K
     VB: tl.constexpr = 8 // PER_V
     KF1: tl.constexpr = (1 << KB) if K_SHIFTED else 1
@@ -643,11 +654,11 @@ def _fp_tile(q0, q1, q2, q3, m_i, l_i, acc0, acc1, acc2, acc3,
     if HFILL > 1:
         raw = tl.zeros([q0.shape[0], offs_t.shape[0]], tl.float32)
         for hg in tl.static_range(HFILL):
-            rh = _fp_k_dot(q0, q1, q2, q3, k_base + hg * skh, offs_t, tmask, skt, skc, PER_K, D, FP_CONTIG, KF1, KF2,
+            rh = _fp_k_dot(q0, q1, q2, q3, k_base + hg * skh, k_rows, tmask, skt, skc, PER_K, D, FP_CONTIG, KF1, KF2,
                            KF3, USE_DOT, DOT_FP32)
             raw = tl.where(hrow[:, None] == hg, rh, raw)
     else:
-        raw = _fp_k_dot(q0, q1, q2, q3, k_base, offs_t, tmask, skt, skc, PER_K, D, FP_CONTIG, KF1, KF2, KF3, USE_DOT,
+        raw = _fp_k_dot(q0, q1, q2, q3, k_base, k_rows, tmask, skt, skc, PER_K, D, FP_CONTIG, KF1, KF2, KF3, USE_DOT,
                         DOT_FP32)
     if K_GF:  # the q rows hold one channel group each: sum the groups of each query row
         raw = _group_allreduce(raw, GFILL)
@@ -664,7 +675,7 @@ def _fp_tile(q0, q1, q2, q3, m_i, l_i, acc0, acc1, acc2, acc3,
         p2 = (p * VF2).to(DTYPE)
         p3 = (p * VF3).to(DTYPE)
         for hg in tl.static_range(HFILL):
-            v0, v1, v2, v3 = _load_fp_tile(v_base + hg * svh, offs_t, tmask, svt, svc, PER_V, D, FP_CONTIG)
+            v0, v1, v2, v3 = _load_fp_tile(v_base + hg * svh, v_rows, tmask, svt, svc, PER_V, D, FP_CONTIG)
             mine = hrow[:, None] == hg
             acc0 += _mm(tl.where(mine, p0, tl.zeros_like(p0)), v0, USE_DOT, DOT_FP32)
             acc1 += _mm(tl.where(mine, p1, tl.zeros_like(p1)), v1, USE_DOT, DOT_FP32)
@@ -675,9 +686,9 @@ def _fp_tile(q0, q1, q2, q3, m_i, l_i, acc0, acc1, acc2, acc3,
     if V_MIXED:
         v0, v1, v2, v3 = _load_v_mixed(v_base, svt, svc, offs_t, tmask, v_lag, v_wcap, vc_base, svc_t, svc_c,
                                        vs_base, svs_t, svs_g, vz_base, svz_t, svz_g, v_mid0, PER_V, D, V_GROUP,
-                                       DTYPE)
+                                       DTYPE, RING, vrow)
     else:
-        v0, v1, v2, v3 = _load_fp_tile(v_base, offs_t, tmask, svt, svc, PER_V, D, FP_CONTIG)
+        v0, v1, v2, v3 = _load_fp_tile(v_base, v_rows, tmask, svt, svc, PER_V, D, FP_CONTIG)
     acc0 = acc0 * alpha[:, None] + _mm(_rows_expand(p.to(DTYPE), sbr, SUB), v0, USE_DOT, DOT_FP32)
     if PER_V >= 2:
         acc1 = acc1 * alpha[:, None] + _mm(_rows_expand((p * VF1).to(DTYPE), sbr, SUB), v1, USE_DOT, DOT_FP32)
@@ -1217,7 +1228,8 @@ def _balanced_program(lens_ptr, slen_b, slen_p, s_cap, q_cap, w_cap, n_rows, pro
     return row, f - tl.sum(tl.where(rb == row, excl, 0), 0), t * BLOCK_N
 
 
-@triton.jit(do_not_specialize=["n_sink", "n_quant", "n_window", "chunk", "v_cap", "v_wcap", "n_rows"])
+@triton.jit(do_not_specialize=["n_sink", "n_quant", "n_window", "chunk", "v_cap", "v_wcap", "n_rows", "wk_rows",
+                               "wv_rows"])
 def _decode_split_kernel(
     q_ptr, sq_b, sq_h, sq_n, sq_d,
     # K parts
@@ -1256,6 +1268,9 @@ def _decode_split_kernel(
     HFILL: tl.constexpr = 1, PREFETCH: tl.constexpr = False, K_FMT: tl.constexpr = 0, V_FMT: tl.constexpr = 0,
     K_ROPE: tl.constexpr = False, ROPE_TAB: tl.constexpr = 0, LAZY: tl.constexpr = False,
     BALANCE: tl.constexpr = False, n_rows=1, B_P2: tl.constexpr = 1, FP_BN: tl.constexpr = 0,
+    # WRING: the windows are rings (PackedKV, docs/format.md): window token t at row (n_quant + t) % rows of the K
+    # (wk_rows) and V (wv_rows) window tensors
+    WRING: tl.constexpr = False, wk_rows=1, wv_rows=1,
 ):
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -1522,21 +1537,26 @@ def _decode_split_kernel(
                         row_lim, qk_scale, PER_K, PER_V, D, K_SHIFTED, V_SHIFTED, CAUSAL, USE_DOT, DOT_FP32, DTYPE,
                         SUB, FP_CONTIG, v_lag, v_wcap,
                         vc_ptr + b * svc_b + h * svc_h, svc_t, svc_c, vs_ptr + b * svs_b + h * svs_h, svs_t, svs_g,
-                        vz_ptr + b * svz_b + h * svz_h, svz_t, svz_g, n_quant, True, V_GROUP)
+                        vz_ptr + b * svz_b + h * svz_h, svz_t, svz_g, n_quant, True, V_GROUP,
+                        RING=WRING, krow=(n_quant + offs_t) % wk_rows, vrow=(n_quant + offs_t) % wv_rows)
                     zacc = zacc * alpha
                 start = t_plain
                 end = tl.minimum(end, v_wcap + v_lag)  # only binds for lengths that break the contract
-                v_base = v_base - v_lag.to(tl.int64) * svw_t  # past the lag, V's window is K's shifted by v_lag
+                if not WRING:
+                    v_base = v_base - v_lag.to(tl.int64) * svw_t  # past the lag, V's window is K's shifted by v_lag
             for t0 in range(start, end, FP_BN):
                 offs_t = t0 + arange_fp
                 tmask = offs_t < end
                 offs_s = t0 + score_fp
                 smask = offs_s < end
+                # a ring window: token t at row (n_quant + t) % rows; V's (ahead of K's by v_lag in KV_MIXED) at the
+                # same expression, since V's window starts v_lag tokens later at V's n_quant = n_quant + v_lag
                 m_i, l_i, alpha, acc0, acc1, acc2, acc3 = _fp_tile(
                     q0, q1, q2, q3, m_i, l_i, acc0, acc1, acc2, acc3,
                     k_base, skw_t, skw_d, v_base, svw_t, svw_d, offs_t, tmask, offs_s, smask, offs_s + w0, sbr,
                     row_lim, qk_scale, PER_K, PER_V, D, K_SHIFTED, V_SHIFTED, CAUSAL, USE_DOT, DOT_FP32, DTYPE,
-                    SUB, FP_CONTIG, K_GF=K_GF, GFILL=GFILL, hrow=hrow, HFILL=HFILL, skh=skw_h, svh=svw_h)
+                    SUB, FP_CONTIG, K_GF=K_GF, GFILL=GFILL, hrow=hrow, HFILL=HFILL, skh=skw_h, svh=svw_h,
+                    RING=WRING, krow=(n_quant + offs_t) % wk_rows, vrow=(n_quant + offs_t) % wv_rows)
                 zacc = zacc * alpha
 
     if SUB > 1:
@@ -1915,6 +1935,7 @@ def decode_attention(
     lazy_rescale: bool | None = None,
     balance: bool | None = None,
     fp_block_n: int | None = None,
+    window_ring: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of ``q`` over the packed KV ``sink ++ middle[:n_quant] ++ window[:n_window]``.
 
@@ -1947,6 +1968,10 @@ def decode_attention(
       rather than its longest row; a row's full-precision program (``fp_split``) stays its own. None: on (H100,
       rows of 32k down to 4k tokens: 73 against 102 us; equal rows in the [B, 3] form: 112 against 105 us, so a
       batch whose rows are equal is better passed in the [3] form, as PackedKV's ``counts`` is).
+
+    ``window_ring``: the windows are rings, as PackedKV holds them (docs/format.md): a sequence's window token j sits
+    at row ``(n_quant + j) % W`` of ``k_window`` (``W`` its rows), and of ``v_window`` at ``(v_n_quant + j') % W_v``
+    for V's own window token j' (V's own n_quant). Otherwise window token j is row j.
 
     ``fp_block_n`` / ``fp_contig``: the sink and window tiles' token count and whether they load contiguously (split
     into channel planes in registers) rather than one strided load per plane. None: 16 and contiguous (NOTES.md v24;
@@ -2283,6 +2308,7 @@ def decode_attention(
         KC_DEQ=kc_deq,
         HFILL=hfill, PREFETCH=prefetch, K_FMT=_FMT_CODE[k_format], V_FMT=_FMT_CODE[v_format], K_ROPE=rope,
         ROPE_TAB=rope_tab, LAZY=lazy, BALANCE=bal, n_rows=B, B_P2=_next_pow2(B) if bal else 1, FP_BN=fp_bn,
+        WRING=bool(window_ring) and has_window, wk_rows=max(W, 1), wv_rows=max(W_v, 1),
         num_warps=num_warps, num_stages=num_stages,
     )
     if not direct:

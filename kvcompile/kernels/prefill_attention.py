@@ -31,8 +31,11 @@ affine 8-bit; one scale per token, int16 words of two codes as in the decode ker
 once per block and broadcast), per-channel keys
 (``kivi``; ``K_CHANNEL``: each key element dequantized in registers with its token group's channel scale / zero) with
 V's packed middle running up to a token group ahead of K's (``KV_MIXED``: K's window tiles below the lag read V
-packed, through the decode kernel's ``_load_v_mixed``). H100 (benchmarks/results/bench_prefill_schemes.md, Hq=32
-Hkv=8 D=128, 64- and 512-token chunks over 4k / 32k; nqkv from bench_prefill_nqkv.md): against dequantize + SDPA
+packed, through the decode kernel's ``_load_v_mixed``). Windows stored as rings (``window_ring``, PackedKV's layout:
+window token j at row ``(n_quant + j) % W``) load each token from its ring row, K's and V's each with their own
+``n_quant`` and row count; scores, masks and positions keep the logical index.
+H100 (benchmarks/results/bench_prefill_schemes.md, Hq=32 Hkv=8 D=128, 64- and 512-token chunks over 4k / 32k; nqkv
+from bench_prefill_nqkv.md): against dequantize + SDPA
 4.6-6.5x (kivi), 7.2-10x (nqkv), 4.4-6.9x (int8 / fp8) for 64-token chunks, 1.2-2.1x for 512-token chunks over 4k;
 against masked fp16 SDPA 1.9-3.4x for B=1 64-token chunks over 32k, 0.24-1.0x otherwise. 88-93 TFLOP/s for kivi's
 per-channel keys (scales and zeros gathered per element), 128-140 for NF4, 148-184 for 8-bit codes.
@@ -178,22 +181,40 @@ def _fp_planes(base, offs_t, tmask, st, sc, PER: tl.constexpr, D: tl.constexpr, 
 
 
 @triton.jit
+def _ring_rows(r0, offs_t, cap):
+    """Rows ``r0 + t`` of a ring window of ``cap`` rows, wrapped once (WRING; the kernel's window section sets r0 so
+    that every token to load lies in [0, 2 cap); masked tokens' rows may not, and are never loaded)."""
+    rows = r0 + offs_t
+    return tl.where(rows >= cap, rows - cap, rows)
+
+
+@triton.jit
 def _fp_tile(q0, q1, q2, q3, m_i, l_i, zacc, acc0, acc1, acc2, acc3,
              k_base, skt, skc, v_base, svt, svc, offs_t, end, pos, row_lim, qk_scale,
              PER_K: tl.constexpr, PER_V: tl.constexpr, D: tl.constexpr, K_SHIFTED: tl.constexpr,
              V_SHIFTED: tl.constexpr, CAUSAL: tl.constexpr, MASKED: tl.constexpr, DOT_FP32: tl.constexpr,
-             DTYPE: tl.constexpr, V_MIXED: tl.constexpr = False, pvm=None, V_GROUP: tl.constexpr = 0):
+             DTYPE: tl.constexpr, V_MIXED: tl.constexpr = False, pvm=None, V_GROUP: tl.constexpr = 0,
+             WRING: tl.constexpr = False, pring=None):
     """One tile of full-precision tokens (sink or window); see decode_attention._fp_tile for the shifted planes.
     V_MIXED (KIVI: V's packed middle runs ``v_lag`` tokens into K's window): the V planes come from
     decode_attention._load_v_mixed (tokens below the lag dequantized from V's middle, the rest from V's window);
-    ``v_base`` is then V's window itself and ``pvm`` the packed side's pointers."""
+    ``v_base`` is then V's window itself and ``pvm`` the packed side's pointers. WRING (ring windows): ``offs_t``
+    stays the logical token (masks, positions, the lag); K and V load from their own ring rows (``_ring_rows`` with
+    ``pring`` = K's start, K's capacity, V's start, V's capacity, see the kernel's window section)."""
     KB: tl.constexpr = 8 // PER_K
     VB: tl.constexpr = 8 // PER_V  # (PER_V 1, ternary values: never shifted)
     KF1: tl.constexpr = (1 << KB) if K_SHIFTED else 1
     KF2: tl.constexpr = (1 << (2 * KB)) if K_SHIFTED else 1
     KF3: tl.constexpr = (1 << (3 * KB)) if K_SHIFTED else 1
     tmask = offs_t < end
-    k0, k1, k2, k3 = _fp_planes(k_base, offs_t, tmask, skt, skc, PER_K, D, MASKED)
+    if WRING:
+        k_r0, k_cap, v_r0, v_cap = pring
+        k_rows = _ring_rows(k_r0, offs_t, k_cap)
+        v_rows = _ring_rows(v_r0, offs_t, v_cap)
+    else:
+        k_rows = offs_t
+        v_rows = offs_t
+    k0, k1, k2, k3 = _fp_planes(k_base, k_rows, tmask, skt, skc, PER_K, D, MASKED)
     raw = _mm(q0, tl.trans(k0), True, DOT_FP32)
     raw += KF1 * _mm(q1, tl.trans(k1), True, DOT_FP32)
     if PER_K == 4:
@@ -207,9 +228,10 @@ def _fp_tile(q0, q1, q2, q3, m_i, l_i, zacc, acc0, acc1, acc2, acc3,
     if V_MIXED:
         v_lag, v_wcap, vc_base, svc_t, svc_c, vs_base, svs_t, svs_g, vz_base, svz_t, svz_g, v_mid0 = pvm
         v0, v1, v2, v3 = _load_v_mixed(v_base, svt, svc, offs_t, tmask, v_lag, v_wcap, vc_base, svc_t, svc_c,
-                                       vs_base, svs_t, svs_g, vz_base, svz_t, svz_g, v_mid0, PER_V, D, V_GROUP, DTYPE)
+                                       vs_base, svs_t, svs_g, vz_base, svz_t, svz_g, v_mid0, PER_V, D, V_GROUP, DTYPE,
+                                       WRING, v_rows)
     else:
-        v0, v1, v2, v3 = _fp_planes(v_base, offs_t, tmask, svt, svc, PER_V, D, MASKED)
+        v0, v1, v2, v3 = _fp_planes(v_base, v_rows, tmask, svt, svc, PER_V, D, MASKED)
     acc0 = acc0 * alpha[:, None] + _mm(p.to(DTYPE), v0, True, DOT_FP32)
     if PER_V >= 2:
         acc1 = acc1 * alpha[:, None] + _mm((p * VF1).to(DTYPE), v1, True, DOT_FP32)
@@ -412,7 +434,7 @@ def _full_tiles_end(start, end, lim, off, BLOCK_N: tl.constexpr):
     return start + (tl.maximum(fe - start, 0) // BLOCK_N) * BLOCK_N
 
 
-@triton.jit(do_not_specialize=["n_sink", "n_quant", "n_window", "NQ", "NUM_SPLITS", "v_lag", "v_wcap"])
+@triton.jit(do_not_specialize=["n_sink", "n_quant", "n_window", "NQ", "NUM_SPLITS", "v_lag", "v_wcap", "k_wcap"])
 def _prefill_kernel(
     q_ptr, sq_b, sq_h, sq_n, sq_d,
     # K parts
@@ -433,8 +455,9 @@ def _prefill_kernel(
     # K_ROPE: q's rotate-half partners with their signs (q's shape and strides) and each stored key column's rotary
     # frequency [H_KV, D] float32 (decode_attention._rope_operands)
     qb_ptr, rw_ptr,
-    # KV_MIXED (KIVI): V's packed middle holds the first v_lag tokens of K's window; V's window capacity
-    v_lag, v_wcap,
+    # KV_MIXED (KIVI): V's packed middle holds the first v_lag tokens of K's window; V's and K's window capacities
+    # (rows: the ring's modulus with WRING)
+    v_lag, v_wcap, k_wcap,
     H_KV: tl.constexpr, GQA: tl.constexpr, D: tl.constexpr,
     K_BITS: tl.constexpr, V_BITS: tl.constexpr, K_GROUP: tl.constexpr, V_GROUP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
@@ -444,7 +467,7 @@ def _prefill_kernel(
     V_DTYPE: tl.constexpr, V_MAGIC: tl.constexpr, V_MAGIC_VAL: tl.constexpr,
     FAST_ASM: tl.constexpr = False, PREFETCH: tl.constexpr = False, K_ROPE: tl.constexpr = False,
     K_FMT: tl.constexpr = 0, V_FMT: tl.constexpr = 0, K_CHANNEL: tl.constexpr = False,
-    KV_MIXED: tl.constexpr = False,
+    KV_MIXED: tl.constexpr = False, WRING: tl.constexpr = False,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -601,8 +624,19 @@ def _prefill_kernel(
         w0 = n_sink + n_quant
         start = tl.maximum(lo, w0) - w0
         end = tl.minimum(hi, L) - w0
+        if WRING:
+            # ring windows (PackedKV): K's window token t sits at K's row (n_quant + t) % k_wcap and, past the lag, at
+            # V's row (v_n_quant + t - v_lag) % v_wcap (v_n_quant = n_quant + v_lag: V's own window token t - v_lag).
+            # The starts are reduced once here; a token to load then wraps at most once (t < n_window <= k_wcap,
+            # t - v_lag < v_wcap), so no division per token. No V window (v_wcap 0): every token of K's window is
+            # in V's middle and V's rows are never loaded
+            v_cap = tl.maximum(v_wcap, 1)
+            pring = (n_quant % k_wcap, k_wcap, (n_quant + v_lag) % v_cap - v_lag, v_cap)
+        else:
+            pring = None
         if KV_MIXED:
             # K's window token t: V packed at V's middle row n_quant + t below v_lag, else V's window row t - v_lag
+            # (WRING: its ring row, pring)
             pvm = (v_lag, v_wcap, vc_base, svc_t, svc_c, vs_base, svs_t, svs_g, vz_base, svz_t, svz_g, n_quant)
             mend = tl.minimum(end, start + tl.cdiv(tl.maximum(v_lag - start, 0), BLOCK_N) * BLOCK_N)
             for t0 in range(start, mend, BLOCK_N):
@@ -610,22 +644,24 @@ def _prefill_kernel(
                 m_i, l_i, zacc, acc0, acc1, acc2, acc3 = _fp_tile(
                     q0, q1, q2, q3, m_i, l_i, zacc, acc0, acc1, acc2, acc3,
                     k_base, skw_t, skw_d, v_base, svw_t, svw_d, offs_t, end, offs_t + w0, row_lim, qk_scale,
-                    PER_K, PER_V, D, K_SHIFTED, V_SHIFTED, CAUSAL, True, DOT_FP32, DTYPE, True, pvm, V_GROUP)
+                    PER_K, PER_V, D, K_SHIFTED, V_SHIFTED, CAUSAL, True, DOT_FP32, DTYPE, True, pvm, V_GROUP,
+                    WRING, pring)
             start = mend
-            v_base = v_base - v_lag * svw_t  # the plain tiles past the lag: V's window row t - v_lag
+            if not WRING:  # (ring rows carry the lag themselves)
+                v_base = v_base - v_lag * svw_t  # the plain tiles past the lag: V's window row t - v_lag
         mid = _full_tiles_end(start, end, lim_lo, w0, BLOCK_N)
         for t0 in range(start, mid, BLOCK_N):
             offs_t = t0 + arange_n
             m_i, l_i, zacc, acc0, acc1, acc2, acc3 = _fp_tile(
                 q0, q1, q2, q3, m_i, l_i, zacc, acc0, acc1, acc2, acc3,
                 k_base, skw_t, skw_d, v_base, svw_t, svw_d, offs_t, end, offs_t + w0, row_lim, qk_scale,
-                PER_K, PER_V, D, K_SHIFTED, V_SHIFTED, CAUSAL, False, DOT_FP32, DTYPE)
+                PER_K, PER_V, D, K_SHIFTED, V_SHIFTED, CAUSAL, False, DOT_FP32, DTYPE, WRING=WRING, pring=pring)
         for t0 in range(mid, end, BLOCK_N):
             offs_t = t0 + arange_n
             m_i, l_i, zacc, acc0, acc1, acc2, acc3 = _fp_tile(
                 q0, q1, q2, q3, m_i, l_i, zacc, acc0, acc1, acc2, acc3,
                 k_base, skw_t, skw_d, v_base, svw_t, svw_d, offs_t, end, offs_t + w0, row_lim, qk_scale,
-                PER_K, PER_V, D, K_SHIFTED, V_SHIFTED, CAUSAL, True, DOT_FP32, DTYPE)
+                PER_K, PER_V, D, K_SHIFTED, V_SHIFTED, CAUSAL, True, DOT_FP32, DTYPE, WRING=WRING, pring=pring)
 
     empty = l_i == 0.0
     inv_l = tl.where(empty, 0.0, 1.0 / tl.where(empty, 1.0, l_i))
@@ -799,6 +835,7 @@ def prefill_attention(
     v_format: str = "affine",
     k_axis: str = "token",
     v_n_quant: int | None = None,
+    window_ring: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of a chunk of ``Nq`` new queries over the packed KV ``sink ++ middle[:n_quant] ++ window[:n_window]``.
 
@@ -820,6 +857,9 @@ def prefill_attention(
     token group at a time): V then holds ``v_n_quant`` packed tokens and ``n_window - (v_n_quant - n_quant)`` window
     tokens (V's own capacities, ``v_codes`` [B, Hkv, cap_v, ...], ``v_window`` [B, Hkv, W_v, D]); the first
     ``v_n_quant - n_quant`` tokens of K's window are read from V's middle (affine 2/4-bit values).
+    ``window_ring``: the windows are rings (PackedKV's layout, docs/format.md): window token j sits at row
+    ``(n_quant + j) % W`` of ``k_window`` and at row ``(v_n_quant + j) % W_v`` of ``v_window`` (each side's own
+    packed length and row capacity ``window.shape[2]``); otherwise window token j is row j.
     Returns (out [B, Hq, Nq, D] in q's dtype, contiguous; lse [B, Hq, Nq] float32, natural log of the
     softmax denominator of ``sm_scale * q . k``).
     """
@@ -950,7 +990,7 @@ def prefill_attention(
         *part(v_window, has_window and W_v > 0),
         o_part, l_part, out, lse,
         S, n_quant, n_window, float(sm_scale) * _LOG2E, NQ, num_splits,
-        qb, rw, v_lag, W_v,
+        qb, rw, v_lag, W_v, W,
         H_KV=Hkv, GQA=r, D=D, K_BITS=k_bits, V_BITS=15 if ternary else v_bits, K_GROUP=k_group_size,
         V_GROUP=v_group_size,
         BLOCK_M=block_m, BLOCK_N=block_n, SPLIT=num_splits > 1,
@@ -959,7 +999,7 @@ def prefill_attention(
         V_DTYPE=v_dtype, V_MAGIC=v_magic, V_MAGIC_VAL=v_magic_val, FAST_ASM=fast_asm and not interp,
         PREFETCH=PREFETCH_DEFAULT if prefetch is None else bool(prefetch), K_ROPE=rope,
         K_FMT=_da._FMT_CODE[k_format], V_FMT=_da._FMT_CODE[v_format], K_CHANNEL=k_channel, KV_MIXED=v_lag > 0,
-        num_warps=num_warps, num_stages=num_stages,
+        WRING=bool(window_ring) and has_window, num_warps=num_warps, num_stages=num_stages,
     )
     if num_splits > 1:
         block_d = 64 if B * Hq * NQ < 4 * _da._num_sms(dev) else D

@@ -5,20 +5,22 @@ on the plain storage tensors, reading the valid lengths from the ``counts`` tens
 step's write needs no host synchronisation and can be captured in a CUDA graph:
 
 1. the first ``min(T, n_sink - n_sink_filled)`` new tokens fill the sink;
-2. the rest enter the window; the pending sequence is ``window[:n_window] ++ rest``, and its oldest
-   ``n_move = floor((n_window + rest - window) / flush) * flush`` tokens are quantized into the middle at
-   ``n_quant`` (codes, scale, zero);
-3. the remaining pending tokens become the new window (the old ones shift down by ``n_move``);
+2. the rest enter the window; of the pending sequence (the window's ``n_window`` tokens ++ rest) the oldest
+   ``n_move = floor((n_window + rest - window) / flush) * flush`` tokens leave it. Per-token layouts (flush 1)
+   quantize every new token on entry, at codes row ``n_quant + n_window + k``, so the tokens that leave the window
+   have their codes already; per-channel layouts (KIVI keys) quantize the ``n_move`` leaving tokens at ``n_quant``
+   (codes, scale, zero);
+3. the new tokens that stay are stored into the window, a ring: pending token ``p`` at row ``(n_quant + p) % WB``
+   (``WB``: the window tensor's rows), so no stored row moves;
 4. ``counts`` becomes ``[n_sink_filled', n_quant + n_move, pending - n_move]``.
 
 Every part is stored in the channel order ``perm`` (when there is one), as the reference does; window rows are
 already in that order, new rows are gathered through ``perm``.
 
-Grid: one program per (batch, KV head, channel block). A program owns its columns for all tokens, so the
-in-place shift of the window never races with another program; inside a program a barrier separates the loads
-of a tile from the stores that may overwrite them (quantize reads the evicted rows before the shift moves the
-others down). Per-token groups keep a group inside one channel block; ternary codes (5 per byte) and int8 /
-fp8 (one scale per token) use one block spanning the head dim.
+Grid: one program per (batch, KV head, channel block). A program owns its columns for all tokens; inside a program
+a barrier separates the quantize loads of the window's leaving tokens (per-channel layouts) from the ring stores
+that may overwrite their rows. Per-token groups keep a group inside one channel block; ternary codes (5 per byte)
+and int8 / fp8 (one scale per token) use one block spanning the head dim.
 
 Counts without a second launch: every program reads each word of ``counts`` with an atomic add of ``2**32``, its
 "arrival" at that word (the low 32 bits are the value it reads). The three atomics are independent: one round
@@ -30,10 +32,10 @@ different programs. Between launches ``counts`` holds the plain values. (``paral
 programs read ``counts[1:3]`` and then arrive at ``counts[0]`` with acq_rel, two round trips; the form before
 2026-11-26.)
 
-Loads before the counts (``preload``): the first new rows, the first window rows and the whole window (for its
-shift) do not depend on the counts, so they are issued first and their round trips overlap the atomics'. A decode
-step that quantizes window rows (or, with no window, new rows in order) and moves no new row into the sink takes
-them from registers; other steps load what they need after the counts.
+Loads before the counts (``preload``): the first new rows do not depend on the counts, so they are issued first
+and their round trips overlap the atomics'. A decode step that moves no new row into the sink quantizes and stores
+them from registers; other steps load what they need after the counts. (Before the ring window, 2026-11-26 session
+10, the whole window was loaded here too, for its shift down by one row per step.)
 
 Measured (H100, torch 2.11, triton 3.6, ``python benchmarks/bench_write.py``, B=8 Hkv=8 D=128, one new token,
 K and V of a layer from CUDA-graph replays): 15.2 us for 2-bit groups of 128 with a 128-token window (11.8% of
@@ -51,7 +53,10 @@ warps for a decode step, and one launch for two layouts: 6.3-6.7 us for the g128
 5.1 us without a window (4.7%), 6.5 us at groups of 32 (4.8%), KIVI 6.1 us in one launch (10.1 in two), SKVQ's
 layouts (post-RoPE keys) 6.7 us (11.9 in two); an empty launch of that grid takes 1.1-1.2 us. What is left with a
 window is mostly its shift (every row moves down by one each step: 2 x 2 MB through L2 for the pair, about 1 us);
-a ring-buffer window would remove it but changes the storage format every reader knows (docs/format.md).
+a ring-buffer window would remove it but changes the storage format every reader knows (docs/format.md). Session 10
+(2026-11-26) made that change: the window is a ring and per-token layouts quantize on entry, so a decode step reads
+only the new token: 5.0 us for the g128 pair with its window (4.6% of the layer's 110-us attention), 6.1-6.2 us
+before in the same run; KIVI 5.3, SKVQ's layouts 7.45 (BENCHMARKS.md).
 
 Codes are computed as the float32 references do (docs/format.md "Rounding rules"): true IEEE divisions where
 the reference divides two tensors (``div_rn``; Triton's ``/`` is approximate on the GPU); where it divides by a
@@ -66,8 +71,9 @@ assembled by hand (the interpreter's float8 conversion is wrong where rounding c
 are bit-identical to the reference's (the tests compare them with ``torch.equal``).
 
 Capacity: the host checks it where it knows the length (``kvcompile.ops.write``); the kernel itself never
-writes out of bounds: when ``n_quant + n_move`` would exceed the middle's capacity, the launch writes nothing
-and leaves ``counts`` as it was (the reference raises ``CacheCapacityError`` there).
+writes out of bounds: when the codes rows it would fill (``n_quant + n_window + rest`` for per-token layouts,
+``n_quant + n_move`` for per-channel ones) exceed the middle's capacity, the launch writes nothing and leaves
+``counts`` as it was (the reference raises ``CacheCapacityError`` there).
 
 Keys quantized before RoPE (``rope``: the model's inverse frequencies, SKVQ's ``pre_rope``): the rows being quantized
 are un-rotated by their middle positions ``n_sink + n_quant + i`` on the natural tile before their statistics, in the
@@ -208,12 +214,14 @@ def _e4m3_bits(v):
 
 @triton.jit
 def _load_pending(new_base, win_base, perm_row, rows, cols, rmask, cmask, n_w, take, snt, snd, swt, swd,
-                  HAS_PERM: tl.constexpr):
-    """Pending tokens ``rows`` (window[:n_w] ++ new[take:]) at stored channels ``cols``, in the K/V dtype.
-    Window rows are stored in perm order already; new rows are gathered through perm."""
+                  HAS_PERM: tl.constexpr, ring0=0, WB=1):
+    """Pending tokens ``rows`` (the window's n_w tokens ++ new[take:]) at stored channels ``cols``, in the K/V
+    dtype. The window is a ring: its token j at row ``(ring0 + j) % WB`` (ring0: n_quant). Window rows are stored
+    in perm order already; new rows are gathered through perm."""
     from_win = rows < n_w
     m = cmask[None, :]
-    xw = tl.load(win_base + rows[:, None].to(tl.int64) * swt + cols[None, :].to(tl.int64) * swd,
+    wrow = (ring0 + rows) % WB
+    xw = tl.load(win_base + wrow[:, None].to(tl.int64) * swt + cols[None, :].to(tl.int64) * swd,
                  mask=(rmask & from_win)[:, None] & m, other=0.0)
     if HAS_PERM:
         src = tl.load(perm_row + cols, mask=cmask, other=0)
@@ -226,19 +234,19 @@ def _load_pending(new_base, win_base, perm_row, rows, cols, rmask, cmask, n_w, t
 
 
 @triton.jit
-def _pending_tile(xw0, xn0, fast, new_base, win_base, perm_row, rows, cols, rmask, cmask, n_w, take, snt, snd, swt,
-                  swd, HAS_PERM: tl.constexpr, PRELOAD: tl.constexpr):
-    """``_load_pending``, or with PRELOAD in the common step (``fast``: the rows to quantize are window rows
-    0 .. BT - 1, or with no window the new rows 0 .. BT - 1) the tiles loaded before the counts."""
+def _new_tile(xn0, fast, new_base, perm_row, rows, cols, rmask, cmask, take, snt, snd, HAS_PERM: tl.constexpr,
+              PRELOAD: tl.constexpr):
+    """New rows ``take + rows`` (the per-token layouts quantize each token on entry), or with PRELOAD in the common
+    step (``fast``: no new row went to the sink and the first tile is rows 0 .. BT - 1) the tile loaded before the
+    counts."""
     if PRELOAD:
         if fast:
-            x = tl.where(n_w > 0, xw0, xn0)
+            x = xn0
         else:
-            x = _load_pending(new_base, win_base, perm_row, rows, cols, rmask, cmask, n_w, take, snt, snd, swt, swd,
+            x = _load_pending(new_base, new_base, perm_row, rows, cols, rmask, cmask, 0, take, snt, snd, 0, 0,
                               HAS_PERM)
     else:
-        x = _load_pending(new_base, win_base, perm_row, rows, cols, rmask, cmask, n_w, take, snt, snd, swt, swd,
-                          HAS_PERM)
+        x = _load_pending(new_base, new_base, perm_row, rows, cols, rmask, cmask, 0, take, snt, snd, 0, 0, HAS_PERM)
     return x
 
 
@@ -303,7 +311,7 @@ def _write_side(
     NC: tl.constexpr, NBY: tl.constexpr, NUNITS: tl.constexpr, LEVELS: tl.constexpr, G: tl.constexpr,
     AXIS_CH: tl.constexpr, CLIP: tl.constexpr, EPS: tl.constexpr, META: tl.constexpr, HAS_PERM: tl.constexpr,
     QDIV: tl.constexpr, INV: tl.constexpr, RECIP: tl.constexpr, BC: tl.constexpr, NU: tl.constexpr, BT: tl.constexpr,
-    BS: tl.constexpr, SHIFT_ONE_TILE: tl.constexpr, PRELOAD: tl.constexpr, ARRIVE3: tl.constexpr,
+    PRELOAD: tl.constexpr, ARRIVE3: tl.constexpr,
     PACK_NAT: tl.constexpr, RD: tl.constexpr,
 ):
     """One storage's write by program (program_id(0) = b * H + h, program_id(1) = channel block)."""
@@ -336,32 +344,21 @@ def _write_side(
     else:
         ps = cols
         wf = 0.0
+    ENTRY: tl.constexpr = F == 1  # per-token layouts quantize every token on entry (docs/format.md)
     if PRELOAD:
-        # loads that do not depend on the counts, issued before them so that their round trips overlap: the
-        # first BT new rows and window rows (the common decode step quantizes window rows and appends new
-        # rows: the "fast" branches below), and the whole window for its shift
+        # loads that do not depend on the counts, issued before them so that their round trips overlap: the first
+        # BT new rows (the common decode step quantizes them on entry and stores them into the window ring)
         r0 = tl.arange(0, BT)
         xn0 = tl.load(new_base + r0[:, None].to(tl.int64) * snt + src[None, :].to(tl.int64) * snd,
                       mask=(r0 < T)[:, None] & cmask[None, :], other=0.0)
-        xw0 = tl.load(win_base + r0[:, None].to(tl.int64) * swt + cols[None, :].to(tl.int64) * swd,
-                      mask=(r0 < WB)[:, None] & cmask[None, :], other=0.0)
-        if SHIFT_ONE_TILE:
-            sall = tl.arange(0, BS)
-            xs = tl.load(win_base + sall[:, None].to(tl.int64) * swt + cols[None, :].to(tl.int64) * swd,
-                         mask=(sall < WB)[:, None] & cmask[None, :], other=0.0)
         if RD > 0:  # the partners of those rows
             xn0p = tl.load(new_base + r0[:, None].to(tl.int64) * snt + po[None, :].to(tl.int64) * snd,
                            mask=(r0 < T)[:, None] & cmask[None, :], other=0.0)
-            xw0p = tl.load(win_base + r0[:, None].to(tl.int64) * swt + ps[None, :].to(tl.int64) * swd,
-                           mask=(r0 < WB)[:, None] & cmask[None, :], other=0.0)
         else:
             xn0p = 0.0
-            xw0p = 0.0
     else:
         xn0 = 0.0  # unused stand-ins
-        xw0 = 0.0
         xn0p = 0.0
-        xw0p = 0.0
 
     # ---- counts, read on the device; then arrive (see the module docstring)
     if ARRIVE3:
@@ -384,25 +381,23 @@ def _write_side(
     rest = T - take
     pend = n_w + rest
     n_move = tl.where(rest > 0, tl.maximum(pend - W, 0) // F * F, 0)
-    ok = n_q + n_move <= cap  # else: write nothing, keep counts (never out of bounds)
+    if ENTRY:
+        # the new tokens past the sink get their codes now, at rows n_q + n_w + k; the n_move tokens that leave the
+        # window have theirs already
+        q0 = n_q + n_w
+        n_enc = rest
+    else:
+        # per-channel token groups: the oldest n_move pending tokens (the window's, then new ones) are quantized
+        q0 = n_q
+        n_enc = n_move
+    ok = q0 + n_enc <= cap  # else: write nothing, keep counts (never out of bounds)
     take = tl.where(ok, take, 0)
     n_move = tl.where(ok, n_move, 0)
     rest = tl.where(ok, rest, 0)
-
-    # window rows that stay, window[n_move:n_w]: with a window that fits one tile they are loaded now, next to
-    # the rows that get quantized (disjoint rows), and stored after the barrier below (one fewer round trip)
-    shift_end = tl.where(n_move > 0, n_w, 0)
-    # the common decode step (PRELOAD): no new row goes to the sink, the rows to quantize fit one tile and come
-    # all from the window or (no window) all from the new rows in order; then the preloaded tiles are those rows
-    fast = (take == 0) & (n_move <= BT) & ((n_move <= n_w) | (n_w == 0)) & (n_move <= WB)
-    if PRELOAD and SHIFT_ONE_TILE:
-        srows = tl.arange(0, BS)  # xs holds window rows 0 .. BS - 1, loaded before the counts
-        smask = ((srows >= n_move) & (srows < shift_end) & (srows < WB))[:, None] & cmask[None, :]
-    elif SHIFT_ONE_TILE:
-        srows = n_move + tl.arange(0, BS)
-        smask = ((srows < shift_end) & (srows < WB))[:, None] & cmask[None, :]
-        xs = tl.load(win_base + srows[:, None].to(tl.int64) * swt + cols[None, :].to(tl.int64) * swd,
-                     mask=smask, other=0.0)
+    n_enc = tl.where(ok, n_enc, 0)
+    # the common decode step (PRELOAD): no new row goes to the sink and the rows to quantize fit one tile; then
+    # the preloaded tile holds them
+    fast = (take == 0) & (n_enc <= BT)
 
     # ---- 1. sink
     if S > 0:
@@ -415,7 +410,7 @@ def _write_side(
             tl.store(sink_base + (n_s + rows)[:, None].to(tl.int64) * sst + cols[None, :].to(tl.int64) * ssd, x,
                      mask=(rm & (n_s + rows < S))[:, None])
 
-    # ---- 2. quantize pending[:n_move] into the middle at n_q
+    # ---- 2. quantize into the middle's codes at q0
     codes_base = codes_ptr + b.to(tl.int64) * scb + h.to(tl.int64) * sch
     scale_base = scale_ptr + b.to(tl.int64) * smb + h.to(tl.int64) * smh
     zero_base = zero_ptr + b.to(tl.int64) * smb + h.to(tl.int64) * smh
@@ -424,28 +419,29 @@ def _write_side(
     umask = ug < NUNITS
     if KIND >= 2:
         # int8 / fp8: one absmax scale per token, one byte per element (BC == D)
-        for i0 in range(0, n_move, BT):
+        for i0 in range(0, n_enc, BT):
             rows = i0 + tl.arange(0, BT)
-            rm = rows < n_move
-            x = _pending_tile(xw0, xn0, fast & (i0 == 0), new_base, win_base, perm_row, rows, cols, rm, cmask, n_w,
-                              take, snt, snd, swt, swd, HAS_PERM, PRELOAD).to(tl.float32)
+            rm = rows < n_enc
+            x = _new_tile(xn0, fast & (i0 == 0), new_base, perm_row, rows, cols, rm, cmask, take, snt, snd, HAS_PERM,
+                          PRELOAD).to(tl.float32)
             if RD > 0:
-                xq = _pending_tile(xw0p, xn0p, fast & (i0 == 0), new_base, win_base, perm_row, rows, ps, rm, cmask,
-                                   n_w, take, snt, snd, swt, swd, HAS_PERM, PRELOAD).to(tl.float32)
-                x = _unrotate(x, xq, src, wf, S + n_q + rows, RD)
+                xq = _new_tile(xn0p, fast & (i0 == 0), new_base, perm_row, rows, ps, rm, cmask, take, snt, snd,
+                               HAS_PERM, PRELOAD).to(tl.float32)
+                x = _unrotate(x, xq, src, wf, S + q0 + rows, RD)
             amax = tl.max(tl.abs(x), 1)
             s = _to_meta(tl.maximum(_div_scalar(amax, QDIV, INV, RECIP), EPS), META)
-            tl.store(scale_base + (n_q + rows).to(tl.int64) * smt, s, mask=rm)
+            tl.store(scale_base + (q0 + rows).to(tl.int64) * smt, s, mask=rm)
             v = tl.math.div_rn(x, s.to(tl.float32)[:, None])
             if KIND == 2:
                 v = tl.minimum(tl.maximum(v, -128.0), 128.0)
                 q = tl.minimum(tl.maximum(_rint(v), -127.0), 127.0).to(tl.int8).to(tl.uint8, bitcast=True)
             else:
                 q = _e4m3_bits(tl.minimum(tl.maximum(v, -448.0), 448.0))
-            tl.store(codes_base + (n_q + rows)[:, None].to(tl.int64) * sct + cols[None, :].to(tl.int64) * scc, q,
+            tl.store(codes_base + (q0 + rows)[:, None].to(tl.int64) * sct + cols[None, :].to(tl.int64) * scc, q,
                      mask=rm[:, None])
     elif AXIS_CH:
-        # per-channel groups of F tokens (KIVI keys): stats per channel over the group, plane by plane
+        # per-channel groups of F tokens (KIVI keys): stats per channel over the group, plane by plane; the
+        # window's tokens come from their ring rows
         for gi in range(0, n_move // F):
             rows = gi * F + tl.arange(0, F)
             rm = rows < n_move
@@ -455,7 +451,7 @@ def _write_side(
                 c = cb * BC + u * NC + j
                 cm = (c < D) & umask
                 x = _load_pending(new_base, win_base, perm_row, rows, c, rm, cm, n_w, take, snt, snd, swt, swd,
-                                  HAS_PERM).to(tl.float32)
+                                  HAS_PERM, n_q, WB).to(tl.float32)
                 mn = tl.min(x, 0) * CLIP
                 mx = tl.max(x, 0) * CLIP
                 s = _to_meta(tl.maximum(_div_scalar(mx - mn, QDIV, INV, RECIP), EPS), META)
@@ -477,16 +473,16 @@ def _write_side(
         # stored scale / zero are broadcast to the planes in registers; otherwise read back from memory
         REG_META: tl.constexpr = G % NC == 0
         gcols = cb * NGB + tl.arange(0, NGB)
-        for i0 in range(0, n_move, BT):
+        for i0 in range(0, n_enc, BT):
             rows = i0 + tl.arange(0, BT)
-            rm = rows < n_move
-            mrow = (n_q + rows).to(tl.int64)
-            x = _pending_tile(xw0, xn0, fast & (i0 == 0), new_base, win_base, perm_row, rows, cols, rm, cmask, n_w,
-                              take, snt, snd, swt, swd, HAS_PERM, PRELOAD).to(tl.float32)
+            rm = rows < n_enc
+            mrow = (q0 + rows).to(tl.int64)
+            x = _new_tile(xn0, fast & (i0 == 0), new_base, perm_row, rows, cols, rm, cmask, take, snt, snd, HAS_PERM,
+                          PRELOAD).to(tl.float32)
             if RD > 0:
-                xq = _pending_tile(xw0p, xn0p, fast & (i0 == 0), new_base, win_base, perm_row, rows, ps, rm, cmask,
-                                   n_w, take, snt, snd, swt, swd, HAS_PERM, PRELOAD).to(tl.float32)
-                x = _unrotate(x, xq, src, wf, S + n_q + rows, RD)
+                xq = _new_tile(xn0p, fast & (i0 == 0), new_base, perm_row, rows, ps, rm, cmask, take, snt, snd,
+                               HAS_PERM, PRELOAD).to(tl.float32)
+                x = _unrotate(x, xq, src, wf, S + q0 + rows, RD)
             xg = tl.reshape(x, [BT, NGB, G])
             if KIND == 0:
                 mn = tl.min(xg, 2) * CLIP
@@ -510,7 +506,7 @@ def _write_side(
                 code = tl.where(cmask[None, :], code, 0)
                 sh = (tl.arange(0, NC) * BITS)[None, None, :]
                 acc = tl.sum(tl.reshape(code, [BT, NU, NC]) << sh, 2)
-                _store_units(codes_base, acc, n_q + rows, rm, ug, umask, sct, scc, NBY)
+                _store_units(codes_base, acc, q0 + rows, rm, ug, umask, sct, scc, NBY)
             elif REG_META:
                 # [BT, NGB] -> [BT, NU]: each group's value to its G // NC plane elements (exact: the stored values)
                 sp_r = tl.reshape(tl.broadcast_to(s.to(tl.float32)[:, :, None], [BT, NGB, G // NC]), [BT, NU])
@@ -522,7 +518,7 @@ def _write_side(
                 for j in tl.static_range(NC):
                     c = cb * BC + u * NC + j
                     cm = (c < D) & umask
-                    xp = _load_pending(new_base, win_base, perm_row, rows, c, rm, cm, n_w, take, snt, snd, swt, swd,
+                    xp = _load_pending(new_base, new_base, perm_row, rows, c, rm, cm, 0, take, snt, snd, 0, 0,
                                        HAS_PERM).to(tl.float32)
                     m2 = rm[:, None] & cm[None, :]
                     gi = (c // G).to(tl.int64)
@@ -545,38 +541,26 @@ def _write_side(
                         acc += code * (3 ** j)
                     else:
                         acc |= code << (BITS * j)
-                _store_units(codes_base, acc, n_q + rows, rm, ug, umask, sct, scc, NBY)
+                _store_units(codes_base, acc, q0 + rows, rm, ug, umask, sct, scc, NBY)
 
-    # ---- 3. shift the window rows that stay: window[n_move:n_w] -> window[0:n_w - n_move]
-    tl.debug_barrier()  # the quantize loads of evicted window rows are done
-    if SHIFT_ONE_TILE:
-        tl.store(win_base + (srows - n_move)[:, None].to(tl.int64) * swt + cols[None, :].to(tl.int64) * swd, xs,
-                 mask=smask)
-    else:
-        for i0 in range(n_move, shift_end, BS):
-            rows = i0 + tl.arange(0, BS)
-            rm = (rows < shift_end) & (rows < WB)
-            x = tl.load(win_base + rows[:, None].to(tl.int64) * swt + cols[None, :].to(tl.int64) * swd,
-                        mask=rm[:, None] & cmask[None, :], other=0.0)
-            tl.debug_barrier()  # this tile is loaded before any of it is overwritten
-            tl.store(win_base + (rows - n_move)[:, None].to(tl.int64) * swt + cols[None, :].to(tl.int64) * swd, x,
-                     mask=rm[:, None] & cmask[None, :])
-
-    # ---- 4. new tokens that stay in the window: rest[k] -> window[n_w + k - n_move]
-    tl.debug_barrier()  # every shift load is done
+    # ---- 3. new tokens that stay in the window: pending token p (= n_w + k for new token k) at ring row
+    # (n_q + p) % WB; no stored row moves. Where that row held a token leaving the window, the quantize loads above
+    # read it first (per-channel groups; per-token layouts never read the window)
+    if not ENTRY:
+        tl.debug_barrier()
     k0 = tl.maximum(n_move - n_w, 0)
     if PRELOAD:
         if (take == 0) & (k0 == 0):  # the first BT of them were loaded before the counts
             ks = tl.arange(0, BT)
-            wrow = n_w + ks - n_move
-            km = (ks < rest) & (wrow < WB)
+            wrow = (n_q + n_w + ks) % WB
+            km = ks < rest
             tl.store(win_base + wrow[:, None].to(tl.int64) * swt + cols[None, :].to(tl.int64) * swd, xn0,
                      mask=km[:, None] & cmask[None, :])
             k0 = k0 + BT
     for kk in range(k0, rest, BT):
         ks = kk + tl.arange(0, BT)
-        wrow = n_w + ks - n_move
-        km = (ks < rest) & (wrow < WB)
+        wrow = (n_q + n_w + ks) % WB
+        km = ks < rest
         x = tl.load(new_base + (take + ks)[:, None].to(tl.int64) * snt + src[None, :].to(tl.int64) * snd,
                     mask=km[:, None] & cmask[None, :], other=0.0)
         tl.store(win_base + wrow[:, None].to(tl.int64) * swt + cols[None, :].to(tl.int64) * swd, x,
@@ -611,7 +595,7 @@ def _quantize_write_kernel(
     NC: tl.constexpr, NBY: tl.constexpr, NUNITS: tl.constexpr, LEVELS: tl.constexpr, G: tl.constexpr,
     AXIS_CH: tl.constexpr, CLIP: tl.constexpr, EPS: tl.constexpr, META: tl.constexpr, HAS_PERM: tl.constexpr,
     QDIV: tl.constexpr, INV: tl.constexpr, RECIP: tl.constexpr, BC: tl.constexpr, NU: tl.constexpr, BT: tl.constexpr,
-    BS: tl.constexpr, SHIFT_ONE_TILE: tl.constexpr, PRELOAD: tl.constexpr, ARRIVE3: tl.constexpr,
+    PRELOAD: tl.constexpr, ARRIVE3: tl.constexpr,
     PACK_NAT: tl.constexpr, RD: tl.constexpr,
     PAIR: tl.constexpr = False,
 ):
@@ -631,7 +615,7 @@ def _quantize_write_kernel(
         WB,
         n_prog, snb, snh, snt, snd, scb, sch, sct, scc, smb, smh, smt, smc, ssb, ssh, sst, ssd, swb, swh, swt,
         swd, sph, D, S, W, F, KIND, BITS, NC, NBY, NUNITS, LEVELS, G, AXIS_CH, CLIP, EPS, META, HAS_PERM, QDIV,
-        INV, RECIP, BC, NU, BT, BS, SHIFT_ONE_TILE, PRELOAD, ARRIVE3, PACK_NAT, RD)
+        INV, RECIP, BC, NU, BT, PRELOAD, ARRIVE3, PACK_NAT, RD)
 
 
 @triton.jit
@@ -658,13 +642,13 @@ def _quantize_write_mixed_kernel(
     NC: tl.constexpr, NBY: tl.constexpr, NUNITS: tl.constexpr, LEVELS: tl.constexpr, G: tl.constexpr,
     AXIS_CH: tl.constexpr, CLIP: tl.constexpr, EPS: tl.constexpr, META: tl.constexpr, HAS_PERM: tl.constexpr,
     QDIV: tl.constexpr, INV: tl.constexpr, RECIP: tl.constexpr, BC: tl.constexpr, NU: tl.constexpr, BT: tl.constexpr,
-    BS: tl.constexpr, SHIFT_ONE_TILE: tl.constexpr, PRELOAD: tl.constexpr, ARRIVE3: tl.constexpr,
+    PRELOAD: tl.constexpr, ARRIVE3: tl.constexpr,
     PACK_NAT: tl.constexpr, RD: tl.constexpr,
     D2: tl.constexpr, S2: tl.constexpr, W2: tl.constexpr, F2: tl.constexpr, KIND2: tl.constexpr, BITS2: tl.constexpr,
     NC2: tl.constexpr, NBY2: tl.constexpr, NUNITS2: tl.constexpr, LEVELS2: tl.constexpr, G2: tl.constexpr,
     AXIS_CH2: tl.constexpr, CLIP2: tl.constexpr, EPS2: tl.constexpr, META2: tl.constexpr, HAS_PERM2: tl.constexpr,
     QDIV2: tl.constexpr, INV2: tl.constexpr, RECIP2: tl.constexpr, BC2: tl.constexpr, NU2: tl.constexpr,
-    BT2: tl.constexpr, BS2: tl.constexpr, SHIFT_ONE_TILE2: tl.constexpr, PRELOAD2: tl.constexpr,
+    BT2: tl.constexpr, PRELOAD2: tl.constexpr,
     ARRIVE32: tl.constexpr, PACK_NAT2: tl.constexpr, RD2: tl.constexpr,
 ):
     if tl.program_id(2) == 1:
@@ -672,14 +656,14 @@ def _quantize_write_mixed_kernel(
             new2_ptr, codes2_ptr, scale2_ptr, zero2_ptr, sink2_ptr, win2_ptr, perm2_ptr, counts2_ptr, cb2_ptr, rope2_ptr, T2,
             H2, cap2, WB2, n_prog2, snb2, snh2, snt2, snd2, scb2, sch2, sct2, scc2, smb2, smh2, smt2, smc2, ssb2,
             ssh2, sst2, ssd2, swb2, swh2, swt2, swd2, sph2, D2, S2, W2, F2, KIND2, BITS2, NC2, NBY2, NUNITS2,
-            LEVELS2, G2, AXIS_CH2, CLIP2, EPS2, META2, HAS_PERM2, QDIV2, INV2, RECIP2, BC2, NU2, BT2, BS2,
-            SHIFT_ONE_TILE2, PRELOAD2, ARRIVE32, PACK_NAT2, RD2)
+            LEVELS2, G2, AXIS_CH2, CLIP2, EPS2, META2, HAS_PERM2, QDIV2, INV2, RECIP2, BC2, NU2, BT2, PRELOAD2,
+            ARRIVE32, PACK_NAT2, RD2)
     else:
         _write_side(
             new_ptr, codes_ptr, scale_ptr, zero_ptr, sink_ptr, win_ptr, perm_ptr, counts_ptr, cb_ptr, rope_ptr, T, H,
             cap, WB, n_prog, snb, snh, snt, snd, scb, sch, sct, scc, smb, smh, smt, smc, ssb, ssh, sst, ssd, swb, swh, swt,
             swd, sph, D, S, W, F, KIND, BITS, NC, NBY, NUNITS, LEVELS, G, AXIS_CH, CLIP, EPS, META, HAS_PERM, QDIV,
-            INV, RECIP, BC, NU, BT, BS, SHIFT_ONE_TILE, PRELOAD, ARRIVE3, PACK_NAT, RD)
+            INV, RECIP, BC, NU, BT, PRELOAD, ARRIVE3, PACK_NAT, RD)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -747,7 +731,6 @@ def quantize_write(
     n_sink: int,
     window_size: int,
     block_t: int | None = None,
-    block_s: int | None = None,
     num_warps: int | None = None,
     scalar_division: str | None = None,
     pair: dict | None = None,
@@ -790,7 +773,7 @@ def quantize_write(
     first = dict(new=new, codes=codes, scale=scale, zero=zero, sink=sink, window=window, perm=perm, counts=counts)
     layout = dict(kind=kind, bits=bits, group_size=group_size, axis=axis, clip_ratio=clip_ratio, n_sink=n_sink,
                   window_size=window_size, rope=rope)
-    tuning = dict(block_t=block_t, block_s=block_s, scalar_division=scalar_division, preload=preload,
+    tuning = dict(block_t=block_t, scalar_division=scalar_division, preload=preload,
                   parallel_arrivals=parallel_arrivals, pack_natural=pack_natural)
     second = None
     if pair is not None:
@@ -914,11 +897,6 @@ def _prepare(t: dict, layout: dict, tuning: dict, whole: bool = False) -> dict:
     if scalar_division not in ("reciprocal", "ieee"):
         _fail(f"scalar_division must be 'reciprocal' or 'ieee', got {scalar_division!r}")
     qdiv = float(levels if kind in ("affine", "nf") else (127 if kind == "int8" else 448))
-    # the window shift: one tile when the window buffer fits 256 rows (loaded early, see the kernel), else a
-    # loop over 64-row tiles
-    block_s = tuning["block_s"]
-    if block_s is None:
-        block_s = _next_pow2(WB) if WB <= 256 else 64
     # a decode step (T = 1) is a chain of dependent latencies: the smallest token tile and 4 warps measured
     # fastest (H100, bench_write.py variants: 6.2 against 6.8 us for a g128 pair with its window)
     block_t = tuning["block_t"]
@@ -930,7 +908,7 @@ def _prepare(t: dict, layout: dict, tuning: dict, whole: bool = False) -> dict:
         LEVELS=levels, G=g, AXIS_CH=axis == "channel" and kind == "affine", CLIP=float(clip_ratio),
         EPS=float(torch.finfo(meta).tiny), META=_META_CODE[meta], HAS_PERM=perm is not None,
         QDIV=qdiv, INV=_reciprocal(qdiv), RECIP=scalar_division == "reciprocal",
-        BC=bc, NU=nu, BT=block_t, BS=max(block_s, 1), SHIFT_ONE_TILE=block_s >= WB,
+        BC=bc, NU=nu, BT=block_t,
         PRELOAD=bool(tuning["preload"]), ARRIVE3=bool(tuning["parallel_arrivals"]),
         # RoPE is undone on the natural tile, so it always packs from there
         PACK_NAT=(bool(tuning["pack_natural"]) or rope is not None) and _pow2(nc) and nu * nc == bc
@@ -940,9 +918,9 @@ def _prepare(t: dict, layout: dict, tuning: dict, whole: bool = False) -> dict:
     return dict(
         ptrs=[new, codes, scale, zero if zero is not None else scale, sink, window,
               perm if perm is not None else counts, counts, cb, rope if rope is not None else counts],
-        rt=[T, H, cap, WB, B * H * ncb],
+        rt=[T, H, cap, max(WB, 1), B * H * ncb],  # WB: the window ring's modulus
         strides=[*new.stride(), *codes.stride(), *scale.stride(), *(sink.stride() if sink.numel() else (0, 0, 0, 0)),
                  *window.stride(), perm.stride(0) if perm is not None else 0],
         consts=consts, ncb=ncb,
-        num_warps=4 if T <= 16 or block_s * bc < 16384 else 8,
+        num_warps=4 if T <= 16 else 8,
     )

@@ -79,10 +79,15 @@ def decode_attention_reference(
     sm_scale: float | None = None,
     k_rope: torch.Tensor | None = None,
     k_perm: torch.Tensor | None = None,
+    window_ring: bool = False,
     **_tuning,  # the kernel's tuning knobs (num_splits, block_n, ...) do not change the result
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (out [B, Hq, Nq, D] float32, lse [B, Hq, Nq] float32, natural log). A query row that sees
-    no token (a sequence shorter than its new tokens, or empty) gets out 0 and lse -inf."""
+    no token (a sequence shorter than its new tokens, or empty) gets out 0 and lse -inf.
+
+    ``window_ring``: the windows are rings (PackedKV's layout, docs/format.md): window token j of a row sits at
+    row ``(n_quant + j) % window.shape[2]`` of that row's K (V) window, with the row's own K (V) n_quant.
+    Otherwise window token j is row j."""
     B, Hq, NQ, D = q.shape
     Hkv = k_codes.shape[1]
     r = Hq // Hkv
@@ -119,7 +124,10 @@ def decode_attention_reference(
     for b in range(B):
         def logical(sink, mid, window, row):
             n_s, n_q, n_w = row
-            return torch.cat([sink[b, :, :n_s].float(), mid[b, :, :n_q], window[b, :, :n_w].float()], dim=1)
+            rows = torch.arange(n_w, device=window.device)
+            if window_ring:
+                rows = (n_q + rows) % window.shape[2]
+            return torch.cat([sink[b, :, :n_s].float(), mid[b, :, :n_q], window[b][:, rows].float()], dim=1)
 
         k = logical(k_sink, k_mid, k_window, k_rows[b]).repeat_interleave(r, dim=0)  # [Hq, L, D]
         v = logical(v_sink, v_mid, v_window, v_rows[b]).repeat_interleave(r, dim=0)
