@@ -125,6 +125,7 @@ _MAX_ROWS = 64  # r * Nq query rows per KV head
 # - contiguous fp tiles (FP_CONTIG): 365 us, spills; off at the packed loop's BLOCK_N. v24 (session 9): the fp
 #   tiles at their own 16 tokens (FP_BN), loaded contiguously: the window builds no longer spill (offline triton
 #   3.6: 64 bytes of stack at BLOCK_N, none at 16) and the sink + window rows drop 7-32% (K2V2 136 -> 112 us).
+#   v25 (session 10): V ahead of K (KIVI) takes them too, its lag tiles at the same 16 tokens: 172-175 -> 152-155 us.
 FILL_ROWS_DEFAULT = False
 MHA_FILL_DEFAULT = True
 FP_CONTIG_DEFAULT = True  # with FP_BLOCK_N_DEFAULT; at a 32- or 64-token fp tile the contiguous form spills
@@ -1525,11 +1526,11 @@ def _decode_split_kernel(
             if KV_MIXED:
                 # the tiles holding V's first v_lag (< one key token group) tokens, which V already packed,
                 # in their own loop: its registers stay out of the plain window loop below
-                t_plain = start + tl.maximum(v_lag - start + BLOCK_N - 1, 0) // BLOCK_N * BLOCK_N
-                for t0 in range(start, tl.minimum(t_plain, end), BLOCK_N):
-                    offs_t = t0 + arange_n
+                t_plain = start + tl.maximum(v_lag - start + FP_BN - 1, 0) // FP_BN * FP_BN
+                for t0 in range(start, tl.minimum(t_plain, end), FP_BN):
+                    offs_t = t0 + arange_fp
                     tmask = offs_t < end
-                    offs_s = t0 + score_n
+                    offs_s = t0 + score_fp
                     smask = offs_s < end
                     m_i, l_i, alpha, acc0, acc1, acc2, acc3 = _fp_tile(
                         q0, q1, q2, q3, m_i, l_i, acc0, acc1, acc2, acc3,
@@ -2271,15 +2272,15 @@ def decode_attention(
         # spills; NOTES.md v14)
         num_stages = 2
     # the full-precision tiles' token count (sink, window; v24): FP_BLOCK_N_DEFAULT, loaded contiguously. Row fill
-    # keeps BLOCK_N there (its score tiles are split by sub-block), and so does V ahead of K (KIVI through the op,
-    # kv_mixed): with v24 its attention measured 210 against 174 us (H100, bench_write's own-attention column; not
-    # diagnosed, no device time left), while the same layout without V ahead went 176 -> 155-158 us
-    fp_bn = block_n if (sub > 1 or (kv_mixed and fp_block_n is None)) else (
-        FP_BLOCK_N_DEFAULT if fp_block_n is None else int(fp_block_n))
+    # keeps BLOCK_N there (its score tiles are split by sub-block). V ahead of K (KIVI through the op, kv_mixed) takes
+    # them too since v25, its lag tiles at the same size: before, those tiles kept BLOCK_N, and the two tile shapes
+    # in one build needed 30 KB of shared memory (7 one-warp programs per SM, not 8) and 440 bytes of stack (offline
+    # triton 3.6), 207-211 us against 172-175 with the old tiles everywhere (H100, KIVI at 32k, NOTES.md v25)
+    fp_bn = block_n if sub > 1 else (FP_BLOCK_N_DEFAULT if fp_block_n is None else int(fp_block_n))
     if fp_bn not in (16, 32, 64, 128):
         _fail(f"fp_block_n={fp_bn} unsupported (16, 32, 64 or 128)")
     if fp_contig_default:
-        fp_contig = FP_CONTIG_DEFAULT and fp_bn <= 16 and not kv_mixed
+        fp_contig = FP_CONTIG_DEFAULT and fp_bn <= 16
     # per-row device lengths: a KV head's programs shared out over the rows by their work (_balance_table)
     bal = bool(BALANCE_DEFAULT if balance is None else balance) and dev_lens and slen_b != 0 and B > 1 and not direct
     # skip the accumulators' rescale on tiles where no row's max grew (exact: alpha is 1 there). By default for
