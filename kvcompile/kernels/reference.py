@@ -4,9 +4,9 @@ Same keyword signature; dequantizes the packed middle with the project's referen
 (``kvcompile.quant``: affine groups per token, or for keys with ``k_axis="channel"`` per channel over
 ``k_group_size`` tokens; codes little-endian within the byte, docs/format.md; or ``*_format`` "int8" / "fp8":
 one absmax scale per token; "nf": NF4 codebook values times a per-group absmax scale), then per sequence
-concatenates sink[:n_sink] ++ middle[:n_quant] ++ window[:n_window] with that sequence's lengths, repeats
-the KV heads for GQA and runs a masked softmax in float32. This is the spec the Triton kernel is tested
-against. Keys quantized before RoPE (``k_rope``, ``k_perm``): the middle is rotated by its positions
+concatenates sink[:n_sink] ++ middle[:n_quant] ++ window[:n_window] (or the window's ring rows, ``window_ring``)
+with that sequence's lengths, repeats the KV heads for GQA and runs a masked softmax in float32. This is the spec
+the Triton kernel is tested against. Keys quantized before RoPE (``k_rope``, ``k_perm``): the middle is rotated by its positions
 (kvcompile.cache.packed.rotate) in model channel order, then compared in the stored order.
 """
 
