@@ -904,6 +904,9 @@ def test_layouts_take_their_fast_variants():
     assert got["kwargs"]["FP_BN"] == 16 and got["kwargs"]["FP_CONTIG"] is True
     _, got = sass_probe.record_launch("mha")  # row fill keeps the packed loop's tile there
     assert got["kwargs"]["FP_BN"] == got["kwargs"]["BLOCK_N"] and got["kwargs"]["FP_CONTIG"] is False
+    _, got = sass_probe.record_launch("kivi_op")  # KIVI as the op launches it: V ahead of K takes them too (v25)
+    assert got["kwargs"]["KV_MIXED"] and got["kwargs"]["WRING"] and got["kwargs"]["DEV_LENS"]
+    assert got["kwargs"]["FP_BN"] == 16 and got["kwargs"]["FP_CONTIG"] is True
 
 
 @pytest.mark.parametrize("k", [("int8", 8), ("fp8", 8), ("nf", 4)])

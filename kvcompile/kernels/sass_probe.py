@@ -2,7 +2,7 @@
 then print registers / spills and the instruction histogram of the hot loop.
 
     python -m kvcompile.kernels.sass_probe [--case gqa4|gqa8|mha|k4|win|vg32|g32k4|kivi|kivi_bf16|hf4|hf4k4|hf4win|hf8mha|
-    int8|fp8|int8_bf16|int8mha|nf4|nf4g128|nf4_bf16|g16|g16d64|rope_g16|rope|rope_g16d64|skvq|skvq_d64]
+    int8|fp8|int8_bf16|int8mha|nf4|nf4g128|nf4_bf16|g16|g16d64|rope_g16|rope|rope_g16d64|skvq|skvq_d64|kivi_op]
         [--tune KEY=VALUE ...] [--set KEY=VALUE ...] [--dump DIR]
 
 The launcher runs on CPU tensors with the real kernel replaced by a recorder; the recorded arguments give
@@ -41,6 +41,8 @@ CASES = {  # B, Hq, Hkv, D, L, k_bits, v_bits, sink, window, NQ[, layout: k_grou
     "kivi": (1, 4, 1, 128, 4096, 2, 2, 0, 128, 1, dict(k_group=32, v_group=32, k_axis="channel")),
     "kivi_bf16": (1, 4, 1, 128, 4096, 2, 2, 0, 128, 1,
                   dict(k_group=32, v_group=32, k_axis="channel", dtype=torch.bfloat16)),
+    # KIVI as kvcompile.ops launches it: device lengths, V's own (KV_MIXED), ring windows (NOTES.md v25)
+    "kivi_op": (1, 4, 1, 128, 4096, 2, 2, 0, 128, 1, dict(k_group=32, v_group=32, k_axis="channel", op=True)),
     # head fill (NOTES.md v13): four KV heads of GQA-4 per program (--tune head_fill=True)
     "hf4": (1, 16, 4, 128, 4096, 2, 2, 0, 0, 1),
     "hf4k4": (1, 16, 4, 128, 4096, 4, 4, 0, 0, 1),
@@ -97,9 +99,14 @@ def record_launch(case, **tuning):
 
     real = da._decode_split_kernel
     da._decode_split_kernel = Rec()
+    if layout.get("op"):  # lengths on the device, V's own lengths (V may run ahead of K), ring windows
+        lens = torch.tensor([S, n_quant, W])
+        lengths = dict(lengths=lens, v_lengths=lens.clone(), window_ring=True)
+    else:
+        lengths = dict(n_quant=n_quant, n_window=W)
     try:
         try:
-            da.decode_attention(**kw, n_quant=n_quant, n_window=W, k_bits=kb, v_bits=vb, k_group_size=k_group,
+            da.decode_attention(**kw, **lengths, k_bits=kb, v_bits=vb, k_group_size=k_group,
                                 v_group_size=v_group, k_axis=k_axis, k_format=fmts["k"], v_format=fmts["v"],
                                 num_splits=2, **rope, **tuning)
         except Exception:
