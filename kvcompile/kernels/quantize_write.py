@@ -213,23 +213,27 @@ def _e4m3_bits(v):
 
 
 @triton.jit
-def _load_pending(new_base, win_base, perm_row, rows, cols, rmask, cmask, n_w, take, snt, snd, swt, swd,
-                  HAS_PERM: tl.constexpr, ring0=0, WB=1):
-    """Pending tokens ``rows`` (the window's n_w tokens ++ new[take:]) at stored channels ``cols``, in the K/V
-    dtype. The window is a ring: its token j at row ``(ring0 + j) % WB`` (ring0: n_quant). Window rows are stored
-    in perm order already; new rows are gathered through perm."""
-    from_win = rows < n_w
-    m = cmask[None, :]
-    wrow = (ring0 + rows) % WB
-    xw = tl.load(win_base + wrow[:, None].to(tl.int64) * swt + cols[None, :].to(tl.int64) * swd,
-                 mask=(rmask & from_win)[:, None] & m, other=0.0)
+def _load_new(new_base, perm_row, rows, cols, rmask, cmask, take, snt, snd, HAS_PERM: tl.constexpr):
+    """New tokens ``take + rows`` at stored channels ``cols`` (gathered through perm), in the K/V dtype."""
     if HAS_PERM:
         src = tl.load(perm_row + cols, mask=cmask, other=0)
     else:
         src = cols
-    nrow = take + rows - n_w
-    xn = tl.load(new_base + nrow[:, None].to(tl.int64) * snt + src[None, :].to(tl.int64) * snd,
-                 mask=(rmask & (rows >= n_w))[:, None] & m, other=0.0)
+    return tl.load(new_base + (take + rows)[:, None].to(tl.int64) * snt + src[None, :].to(tl.int64) * snd,
+                   mask=rmask[:, None] & cmask[None, :], other=0.0)
+
+
+@triton.jit
+def _load_pending(new_base, win_base, perm_row, rows, cols, rmask, cmask, n_w, take, snt, snd, swt, swd,
+                  HAS_PERM: tl.constexpr, ring0, WB):
+    """Pending tokens ``rows`` (the window's n_w tokens ++ new[take:]) at stored channels ``cols``, in the K/V
+    dtype. The window is a ring: its token j at row ``(ring0 + j) % WB`` (ring0: n_quant). Window rows are stored
+    in perm order already; new rows are gathered through perm."""
+    from_win = rows < n_w
+    wrow = (ring0 + rows) % WB
+    xw = tl.load(win_base + wrow[:, None].to(tl.int64) * swt + cols[None, :].to(tl.int64) * swd,
+                 mask=(rmask & from_win)[:, None] & cmask[None, :], other=0.0)
+    xn = _load_new(new_base, perm_row, rows - n_w, cols, rmask & (rows >= n_w), cmask, take, snt, snd, HAS_PERM)
     return tl.where(from_win[:, None], xw, xn)
 
 
@@ -243,10 +247,9 @@ def _new_tile(xn0, fast, new_base, perm_row, rows, cols, rmask, cmask, take, snt
         if fast:
             x = xn0
         else:
-            x = _load_pending(new_base, new_base, perm_row, rows, cols, rmask, cmask, 0, take, snt, snd, 0, 0,
-                              HAS_PERM)
+            x = _load_new(new_base, perm_row, rows, cols, rmask, cmask, take, snt, snd, HAS_PERM)
     else:
-        x = _load_pending(new_base, new_base, perm_row, rows, cols, rmask, cmask, 0, take, snt, snd, 0, 0, HAS_PERM)
+        x = _load_new(new_base, perm_row, rows, cols, rmask, cmask, take, snt, snd, HAS_PERM)
     return x
 
 
@@ -518,8 +521,7 @@ def _write_side(
                 for j in tl.static_range(NC):
                     c = cb * BC + u * NC + j
                     cm = (c < D) & umask
-                    xp = _load_pending(new_base, new_base, perm_row, rows, c, rm, cm, 0, take, snt, snd, 0, 0,
-                                       HAS_PERM).to(tl.float32)
+                    xp = _load_new(new_base, perm_row, rows, c, rm, cm, take, snt, snd, HAS_PERM).to(tl.float32)
                     m2 = rm[:, None] & cm[None, :]
                     gi = (c // G).to(tl.int64)
                     if REG_META:
