@@ -167,7 +167,7 @@ class PackedKV(torch.Tensor):
     def capacity(self) -> int:
         """Tokens this PackedKV can hold: sink + the codes' rows (+ the window, where its tokens are quantized only
         when they leave it: per-channel layouts)."""
-        return self.n_sink + self.codes.shape[2] + (0 if self.quant.flush == 1 else self.window_size)
+        return self.n_sink + self.codes.shape[2] + (0 if self.quantize_on_entry else self.window_size)
 
     @property
     def quantize_on_entry(self) -> bool:

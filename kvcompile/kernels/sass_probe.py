@@ -104,9 +104,10 @@ def record_launch(case, **tuning):
         lengths = dict(lengths=lens, v_lengths=lens.clone(), window_ring=True)
     else:
         lengths = dict(n_quant=n_quant, n_window=W)
+    tuning = {**lengths, **tuning}  # a --tune of the same key (e.g. window_ring) wins
     try:
         try:
-            da.decode_attention(**kw, **lengths, k_bits=kb, v_bits=vb, k_group_size=k_group,
+            da.decode_attention(**kw, k_bits=kb, v_bits=vb, k_group_size=k_group,
                                 v_group_size=v_group, k_axis=k_axis, k_format=fmts["k"], v_format=fmts["v"],
                                 num_splits=2, **rope, **tuning)
         except Exception:
