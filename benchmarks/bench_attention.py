@@ -472,7 +472,7 @@ def with_flag_variants(var, name, args):
                      (args.prefetch, lambda: PREFETCH_VARIANTS), (args.occupancy, lambda: occupancy_variants(name)),
                      (args.stages, lambda: STAGE_VARIANTS), (args.warps4bit, lambda: WARPS4_VARIANTS),
                      (args.lazy, lambda: LAZY_VARIANTS), (args.balance, lambda: BALANCE_VARIANTS),
-                     (args.fp_bn, lambda: FPBN_VARIANTS)):
+                     (args.fp_bn, lambda: FPBN_VARIANTS), (args.denormal, lambda: DEN_VARIANTS)):
         if on:
             var = dict(var or {}, **more())
     return var
@@ -489,6 +489,10 @@ FPBN_VARIANTS = {"fp64": dict(fp_block_n=64), "fp16": dict(fp_block_n=16),
                  "fp16_contig": dict(fp_block_n=16, fp_contig=True), "fp32": dict(fp_block_n=32),
                  "fp16_contig_nosplit": dict(fp_block_n=16, fp_contig=True, fp_split=False),
                  "fp64_nosplit": dict(fp_block_n=64, fp_split=False)}
+
+# --denormal: the packed values' codes as fp16 subnormals, nothing to subtract (the default, session 11), against
+# 1024 + code and an exact subtraction
+DEN_VARIANTS = {"v_den": dict(v_denormal=True), "v_offset": dict(v_denormal=False)}
 
 # --stages: BLOCK_N 32 with 2-4 pipeline stages (offline triton 3.6, K4V4 g128: 238 registers and no stack at 32,
 # against 255 and 8 bytes of stack for the 4-bit default BLOCK_N 64 with two stages)
@@ -549,6 +553,7 @@ def main(argv=None):
     ap.add_argument("--lazy", action="store_true", help="time LAZY_VARIANTS on every row (NOTES.md v23)")
     ap.add_argument("--balance", action="store_true", help="time BALANCE_VARIANTS on every row (ragged batches)")
     ap.add_argument("--fp-bn", action="store_true", help="time FPBN_VARIANTS on every row (sink / window tiles)")
+    ap.add_argument("--denormal", action="store_true", help="time DEN_VARIANTS on every row (value codes as subnormals)")
     ap.add_argument("--defaults-only", action="store_true", help="--extra rows: time the defaults only, no variants")
     args = ap.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
@@ -613,6 +618,8 @@ def main(argv=None):
             var = dict(var, **BALANCE_VARIANTS)
         if args.fp_bn:
             var = dict(FPBN_VARIANTS)
+        if args.denormal:
+            var = dict(var, **DEN_VARIANTS)
         if args.defaults_only:
             var = {}
         row = run_case(name, CASES[base], bw, False, sink=sink, window=window, log=log, variants=var, **layout)

@@ -42,10 +42,10 @@ LAYOUTS = {
 }
 
 
-def make_caches(kq, vq, n_sink, window, batch, length, device="cuda"):
+def make_caches(kq, vq, n_sink, window, batch, length, device="cuda", spare=64):
     caches = []
     for q in (kq, vq):
-        p = PackedKV.empty(batch, HKV, D, q, capacity=length + 64, n_sink=n_sink, window=window,
+        p = PackedKV.empty(batch, HKV, D, q, capacity=length + spare, n_sink=n_sink, window=window,
                            dtype=torch.float16, device=device)
         p.append(torch.randn(batch, HKV, length, D, device=device, dtype=torch.float16))
         caches.append(p)
@@ -66,10 +66,12 @@ def per_call_us(fn, calls):
 def breakdown(calls, out_dir):
     """Per-call wall time of each layer of an eager fused call; one line each, printed and written."""
     from kvcompile.kernels import decode_attention as da
+    from kvcompile.kernels import quantize_write as qw
 
     kq, vq, n_sink, window = LAYOUTS["k2v2_g128_s4_w128"]
-    k, v = make_caches(kq, vq, n_sink, window, 8, 4096)
+    k, v = make_caches(kq, vq, n_sink, window, 8, 4096, spare=16 * calls + 64)  # room for the writes below
     q = torch.randn(8, HQ, 1, D, device="cuda", dtype=torch.float16)
+    new = torch.randn(8, HKV, 1, D, device="cuda", dtype=torch.float16)
     kw = dict(q=q, k_sink=k.sink, k_codes=k.codes, k_scale=k.scale, k_zero=k.zero, k_window=k.window, v_sink=v.sink,
               v_codes=v.codes, v_scale=v.scale, v_zero=v.zero, v_window=v.window, lengths=k.counts, k_bits=2,
               v_bits=2, k_group_size=D, v_group_size=D)
@@ -80,12 +82,27 @@ def breakdown(calls, out_dir):
         "ops._fused_cuda (checks, key order, launcher)": lambda: ops._fused_cuda(q, k, v, D**-0.5, None, True),
         "decode_attention (validation + split and merge launches)": lambda: da.decode_attention(**kw),
         "decode_attention, one split (no merge launch)": lambda: da.decode_attention(**kw, num_splits=1),
+        "ops.write_pair (one write launch for K and V)": lambda: ops.write_pair(k, new, v, new),
         "empty torch op (torch.empty_like(q)) for scale": lambda: torch.empty_like(q),
     }
     lines = []
-    for name, fn in steps.items():
-        lines.append(f"{per_call_us(fn, calls * 4):8.1f} us  {name}")
-        print(lines[-1], flush=True)
+    saved = os.environ.get("KVCOMPILE_DIRECT_LAUNCH")
+    try:
+        for direct in ("1", "0"):  # the cached plans launch directly (kvcompile/kernels/launch.py), or dispatch
+            os.environ["KVCOMPILE_DIRECT_LAUNCH"] = direct
+            da._DECODE_PLANS.clear()
+            qw._WRITE_PLANS.clear()
+            for name, fn in steps.items():
+                if direct == "0" and name.startswith("empty"):
+                    continue
+                how = "" if direct == "1" else ", direct launches off (Triton's dispatch)"
+                lines.append(f"{per_call_us(fn, calls * 4):8.1f} us  {name}{how}")
+                print(lines[-1], flush=True)
+    finally:
+        if saved is None:
+            os.environ.pop("KVCOMPILE_DIRECT_LAUNCH", None)
+        else:
+            os.environ["KVCOMPILE_DIRECT_LAUNCH"] = saved
     with open(os.path.join(out_dir, "bench_eager_breakdown.txt"), "w") as f:
         f.write("\n".join(lines) + "\n")
 
@@ -98,8 +115,9 @@ def main(argv=None):
     ap.add_argument("--calls", type=int, default=50)
     ap.add_argument("--repeats", type=int, default=3, help="timings per route; the median is reported")
     ap.add_argument("--breakdown", action="store_true",
-                    help="also time the layers of one eager fused call (B=8, 4096 tokens, K2V2 g128): the op through "
-                         "torch.library dispatch, the op's CUDA implementation, the kernel launcher, its launches")
+                    help="also time the layers of one eager fused call (B=8, 4096 tokens, K2V2 g128): the op, the op's "
+                         "CUDA implementation, the kernel launcher, one split; and a layer's write pair; each with the "
+                         "cached plans' direct launches on and off")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("bench_eager.py needs CUDA (it times the op's CUDA routes)")

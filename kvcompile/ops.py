@@ -9,9 +9,9 @@ static quantization config as scalars, so a compiled graph sees ordinary tensors
 is the ``counts`` tensor, never a Python int, so decode steps do not recompile. Each op has a fake (meta)
 implementation, a CPU implementation on the PyTorch references, and a CUDA implementation that uses the fused
 Triton kernel wherever it supports the layout, and dequantize + SDPA otherwise. The fused kernel is the faster
-route at every length measured, eagerly too (``benchmarks/bench_eager.py``, H100: about 140 us per eager call from
-256 to 32k tokens, against 380 us to 13 ms for dequantize + SDPA, whose host work and sync alone exceed the kernel
-launch's).
+route at every length measured, eagerly too (``benchmarks/bench_eager.py``, H100: about 60 us per eager call from
+256 to 32k tokens with the launchers' cached plans, kvcompile/kernels/launch.py, against 490 us to 12 ms for
+dequantize + SDPA, whose host work and sync alone exceed the kernel launch's).
 ``KVCOMPILE_FUSED=never`` forces the fallback (``always`` / ``auto``: the fused kernel where supported).
 """
 
@@ -109,7 +109,7 @@ def write_pair(k: PackedKV, k_new: Tensor, v: PackedKV, v_new: Tensor) -> None:
 def _write_pair_fused(k: PackedKV, k_new: Tensor, v: PackedKV, v_new: Tensor) -> str | None:
     """One write launch for a layer's two storages (their own layouts: the kernel takes one of each, e.g. KIVI's
     per-channel keys beside per-token values); None, or why the caller must write them apart."""
-    from .kernels.quantize_write import pair_compatible, quantize_write
+    from .kernels.quantize_write import quantize_write
 
     for pk, new in ((k, k_new), (v, v_new)):
         reason = _write_unsupported(new, pk) or _perm_unready(new, pk)
@@ -117,15 +117,14 @@ def _write_pair_fused(k: PackedKV, k_new: Tensor, v: PackedKV, v_new: Tensor) ->
             return reason
     if tuple(k_new.shape) != tuple(v_new.shape) or k_new.device != v_new.device:
         return f"new tokens {tuple(k_new.shape)} on {k_new.device} vs {tuple(v_new.shape)} on {v_new.device}"
-    first, second = (dict(new=new, codes=pk.codes, scale=pk.scale, zero=pk.zero, sink=pk.sink, window=pk.window,
-                          perm=pk.perm, counts=pk.counts) for pk, new in ((k, k_new), (v, v_new)))
     qk, qv = k.quant, v.quant
-    same = qk == qv and (k.n_sink, k.window_size) == (v.n_sink, v.window_size) and pair_compatible(first, second) is None
-    same = same and k.rope is None and v.rope is None
-    second.update(kind=qv.kind, bits=qv.bits, group_size=qv.group_size or 0, axis=qv.axis, clip_ratio=qv.clip_ratio,
-                  n_sink=v.n_sink, window_size=v.window_size, rope=v.rope)
-    quantize_write(**first, kind=qk.kind, bits=qk.bits, group_size=qk.group_size or 0, axis=qk.axis,
-                   clip_ratio=qk.clip_ratio, n_sink=k.n_sink, window_size=k.window_size, rope=k.rope, pair=second)
+    second = dict(new=v_new, codes=v.codes, scale=v.scale, zero=v.zero, sink=v.sink, window=v.window, perm=v.perm,
+                  counts=v.counts, kind=qv.kind, bits=qv.bits, group_size=qv.group_size or 0, axis=qv.axis,
+                  clip_ratio=qv.clip_ratio, n_sink=v.n_sink, window_size=v.window_size, rope=v.rope)
+    same = quantize_write(new=k_new, codes=k.codes, scale=k.scale, zero=k.zero, sink=k.sink, window=k.window,
+                          perm=k.perm, counts=k.counts, kind=qk.kind, bits=qk.bits, group_size=qk.group_size or 0,
+                          axis=qk.axis, clip_ratio=qk.clip_ratio, n_sink=k.n_sink, window_size=k.window_size,
+                          rope=k.rope, pair=second)
     k._host = v._host = None  # the kernel wrote the counts
     if not torch.compiler.is_compiling():
         counters["kvcompile"]["fused_write_calls"] += 2
@@ -379,10 +378,36 @@ def _unfold_value_order(out: Tensor, vp: PackedKV, r: int) -> Tensor:
     return torch.gather(out, -1, inv)
 
 
+# (the call's static facts) -> (why the fused kernel cannot take it or None, decode_attention's layout arguments)
+_FUSED_STATIC: dict = {}
+
+
+def _fused_static(q: Tensor, kp: PackedKV, vp: PackedKV, mask: Optional[Tensor], is_causal: bool):
+    """``_fused_unsupported`` and the kernel's layout arguments, computed once per combination of what they depend
+    on (an eager decode step asks again for every layer)."""
+    key = (q.shape, q.dtype, kp.shape[1], kp.quant, vp.quant, kp.kv_dtype, kp.head_dim, vp.head_dim,
+           kp.rope is None, vp.rope is None, mask is None, is_causal)
+    hit = _FUSED_STATIC.get(key)
+    if hit is None:
+        reason = _fused_unsupported(q, kp, vp, mask, is_causal)
+        layout = None
+        if reason is None:
+            d, kq, vq = q.shape[-1], kp.quant, vp.quant
+            layout = dict(
+                k_bits=int(kq.bits), v_bits=1.5 if vq.bits == 1.5 else int(vq.bits), k_axis=kq.axis,
+                k_group_size=kq.group_size if kq.axis == "channel" else kq.group_for(d),
+                v_group_size=vq.group_for(vp.head_dim), k_format=kq.kind, v_format=vq.kind, window_ring=True)
+        hit = (reason, layout, vp.quant.flush != kp.quant.flush)
+        if len(_FUSED_STATIC) > 1024:
+            _FUSED_STATIC.clear()
+        _FUSED_STATIC[key] = hit
+    return hit
+
+
 def _fused_cuda(q: Tensor, kp: PackedKV, vp: PackedKV, scale: float, mask: Optional[Tensor],
                 is_causal: bool) -> Tensor | None:
     """The Triton path, or None where it does not apply or would not win (the caller then dequantizes)."""
-    reason = _fused_unsupported(q, kp, vp, mask, is_causal)
+    reason, layout, v_ahead = _fused_static(q, kp, vp, mask, is_causal)
     if reason is not None:
         if reason not in _FALLBACK_LOGGED:
             _FALLBACK_LOGGED.add(reason)
@@ -391,22 +416,17 @@ def _fused_cuda(q: Tensor, kp: PackedKV, vp: PackedKV, scale: float, mask: Optio
         return None
     from .kernels.decode_attention import decode_attention
 
-    b, hq, nq, d = q.shape
     if os.environ.get("KVCOMPILE_FUSED", "auto") == "never":  # auto | always | never
         return None
-    r = hq // kp.shape[1]
+    r = q.shape[1] // kp.shape[1]
     qq = _fold_key_order(q, kp, r)
     # lengths stay on the device (``counts``): no host sync, so the step can be captured in a CUDA graph.
     # K and V count separately when they flush differently (KIVI: V's middle runs ahead of K's).
-    k_channel = kp.quant.axis == "channel"
     out, _ = decode_attention(
         q=qq, k_sink=kp.sink, k_codes=kp.codes, k_scale=kp.scale, k_zero=kp.zero,
         k_window=kp.window, v_sink=vp.sink, v_codes=vp.codes, v_scale=vp.scale, v_zero=vp.zero,
-        v_window=vp.window, lengths=kp.counts, v_lengths=vp.counts if vp.quant.flush != kp.quant.flush else None,
-        k_bits=int(kp.quant.bits), v_bits=1.5 if vp.quant.bits == 1.5 else int(vp.quant.bits), k_axis=kp.quant.axis,
-        k_group_size=kp.quant.group_size if k_channel else kp.quant.group_for(d),
-        v_group_size=vp.quant.group_for(vp.head_dim), k_format=kp.quant.kind, v_format=vp.quant.kind, sm_scale=scale,
-        k_rope=kp.rope, k_perm=kp.perm if kp.rope is not None else None, window_ring=True,
+        v_window=vp.window, lengths=kp.counts, v_lengths=vp.counts if v_ahead else None, sm_scale=scale,
+        k_rope=kp.rope, k_perm=kp.perm if kp.rope is not None else None, **layout,
     )
     out = _unfold_value_order(out, vp, r)
     if not torch.compiler.is_compiling():

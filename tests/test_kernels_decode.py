@@ -236,6 +236,40 @@ def test_lazy_rescale_is_exact(layout):
     check_against_reference(kw, block_n=16, lazy_rescale=True)
 
 
+@pytest.mark.parametrize("layout", [
+    dict(r=4, NQ=1, k_bits=2, v_bits=2, k_group=128, v_group=128, S=3, n_window=5),  # sink + window: fp tiles too
+    dict(r=4, NQ=3, k_bits=4, v_bits=4, k_group=128, v_group=128, S=0, n_window=0),
+    dict(r=1, NQ=1, k_bits=2, v_bits=2, k_group=128, v_group=128, S=3, n_window=5),  # MHA: row fill
+    dict(r=4, NQ=1, k_bits=2, v_bits=2, k_group=128, v_group=32, S=3, n_window=5),  # group fill on V
+    dict(r=4, NQ=1, k_bits=2, v_bits=2, k_group=32, v_group=32, k_axis="channel", S=0, n_window=40,
+         lens=[(0, 128, 40), (0, 96, 33)], v_lag=[16, 9]),  # KIVI, V ahead of K (its lag tiles stay fp)
+    dict(r=4, NQ=1, k_bits=2, v_bits=2, k_group=128, v_group=128, S=3, n_window=5, dtype=torch.bfloat16),
+])
+def test_subnormal_value_codes_are_exact(layout):
+    """Value codes read as fp16 subnormals (2**-24 * code, no offset to subtract; v_denormal, the default) against
+    1024 + code less 1024. The accumulators are held 2**-24 small around the packed loop (exact in float32), so the fp
+    tiles before and after it add to the same sums: bit for bit in the interpreter. The H100's MMA accumulates the
+    scaled products with other last-bit roundings (measured: output relative differences 1e-5 to 7e-5 in fp16, up to
+    3.5e-4 in bf16, one or two units of the output's last place; the same lse), so there the two must agree that
+    closely and be as near the reference."""
+    layout = dict(layout)
+    dtype = layout.pop("dtype", torch.float16)
+    kw = make_inputs(B=2, Hkv=2, D=128, n_quant=160, dtype=dtype, seed=11, **layout)
+    ref_out, _ = decode_attention_reference(**{k: (v.cpu() if torch.is_tensor(v) else v) for k, v in kw.items()})
+    for tuning in (dict(block_n=16, num_splits=3), dict(num_splits=1), dict(fp_split=False, num_splits=2)):
+        a = da.decode_attention(**kw, **tuning, v_denormal=True)
+        b = da.decode_attention(**kw, **tuning, v_denormal=False)
+        if not ON_GPU:
+            assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]), tuning
+            continue
+        assert torch.equal(a[1], b[1]), tuning
+        diff = ((a[0].float() - b[0].float()).norm() / b[0].float().norm()).item()
+        assert diff < (2e-4 if dtype == torch.float16 else 1e-3), (tuning, diff)
+        err_a, err_b = (((o[0].float().cpu() - ref_out).norm() / ref_out.norm()).item() for o in (a, b))
+        assert err_a < 1.05 * err_b + 1e-5, (tuning, err_a, err_b)
+    check_against_reference(kw, v_denormal=True)
+
+
 @pytest.mark.parametrize("seed", [18860, 18862])
 def test_bf16_grouped_keys_in_registers(seed):
     # a bf16 model's keys in groups of 16 beside V in one group per head (group fill cannot take different sizes):

@@ -59,6 +59,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import Launch, PlanCache
+
 __all__ = [
     "decode_attention",
     "fused_decode_is_profitable",
@@ -156,6 +158,8 @@ BALANCE_DEFAULT = True
 #   rope_table=None): values not ternary, and one key group per token, or D = 128 with groups of 16 (there without
 #   group fill)
 ROPE_TAB_DEFAULT = True
+# the packed values' codes as fp16 subnormals (no offset to subtract) where they keep their bits in place (session 11)
+V_DEN_DEFAULT = True
 
 _LOG2E = 1.4426950408889634
 _LN2 = 0.6931471805599453
@@ -185,29 +189,31 @@ def _mm(a, b, USE_DOT: tl.constexpr, DOT_FP32: tl.constexpr):
 
 
 @triton.jit
-def _asm_spread_mask_or(b8, MASK: tl.constexpr):
+def _asm_spread_mask_or(b8, MASK: tl.constexpr, OR: tl.constexpr):
     return tl.inline_asm_elementwise(
         asm="{ .reg .b32 lo, hi; prmt.b32 lo, $2, 0, 0x4140; prmt.b32 hi, $2, 0, 0x4342; "
-            "lop3.b32 $0, lo, " + MASK + ", 0x64006400, 0xea; lop3.b32 $1, hi, " + MASK + ", 0x64006400, 0xea; }",
+            "lop3.b32 $0, lo, " + MASK + ", " + OR + ", 0xea; lop3.b32 $1, hi, " + MASK + ", " + OR + ", 0xea; }",
         constraints="=r,=r,r", args=[b8], dtype=tl.float16, is_pure=True, pack=4)
 
 
 @triton.jit
-def _spread_mask_or(b8, J: tl.constexpr, BITS: tl.constexpr):
+def _spread_mask_or(b8, J: tl.constexpr, BITS: tl.constexpr, MAGIC: tl.constexpr = 0x6400):
     """uint8 tile -> fp16 1024 + 2**(J * BITS) * code_J. Four bytes per 32-bit register: two PRMTs spread
-    them into fp16 lanes, then one LOP3 per two codes masks plane J in place and ORs in 0x6400."""
+    them into fp16 lanes, then one LOP3 per two codes masks plane J in place and ORs in 0x6400. MAGIC 0: nothing
+    ORed in, the fp16 subnormal 2**-24 * 2**(J * BITS) * code_J (exact; V_DEN)."""
+    OR: tl.constexpr = "0x64006400" if MAGIC == 0x6400 else "0x0"
     if BITS == 2 and J == 0:
-        r = _asm_spread_mask_or(b8, "0x30003")
+        r = _asm_spread_mask_or(b8, "0x30003", OR)
     elif BITS == 2 and J == 1:
-        r = _asm_spread_mask_or(b8, "0xc000c")
+        r = _asm_spread_mask_or(b8, "0xc000c", OR)
     elif BITS == 2 and J == 2:
-        r = _asm_spread_mask_or(b8, "0x300030")
+        r = _asm_spread_mask_or(b8, "0x300030", OR)
     elif BITS == 2 and J == 3:
-        r = _asm_spread_mask_or(b8, "0xc000c0")
+        r = _asm_spread_mask_or(b8, "0xc000c0", OR)
     elif BITS == 4 and J == 0:
-        r = _asm_spread_mask_or(b8, "0xf000f")
+        r = _asm_spread_mask_or(b8, "0xf000f", OR)
     elif BITS == 4 and J == 1:
-        r = _asm_spread_mask_or(b8, "0xf000f0")
+        r = _asm_spread_mask_or(b8, "0xf000f0", OR)
     return r
 
 
@@ -290,7 +296,7 @@ def _plane_magic(b16, J: tl.constexpr, BITS: tl.constexpr, MAGIC: tl.constexpr, 
     if FMT == 3:
         out = _nf4_plane(b16, J, FAST_ASM)
     elif SHIFTED and FAST_ASM:
-        out = _spread_mask_or(b16, J, BITS)
+        out = _spread_mask_or(b16, J, BITS, MAGIC)
     elif BITS == 8 and FAST_ASM:
         out = _asm_byte_plane(b16, J, FMT)
     else:
@@ -311,9 +317,10 @@ def _plane_magic(b16, J: tl.constexpr, BITS: tl.constexpr, MAGIC: tl.constexpr, 
 def _v_plane_exact(b16, J: tl.constexpr, BITS: tl.constexpr, MAGIC: tl.constexpr, MAGIC_VAL: tl.constexpr,
                    DTYPE: tl.constexpr, DOT_FP32: tl.constexpr, SHIFTED: tl.constexpr, FAST_ASM: tl.constexpr,
                    FMT: tl.constexpr = 0):
-    """Plane J as exact code values (times 2**(J * BITS) if SHIFTED): (MAGIC_VAL + c) - MAGIC_VAL is exact."""
+    """Plane J as exact code values (times 2**(J * BITS) if SHIFTED): (MAGIC_VAL + c) - MAGIC_VAL is exact. MAGIC 0
+    (V_DEN, SHIFTED fp16 only): the code bits alone, the subnormal 2**-24 * 2**(J * BITS) * c, no subtraction."""
     v = _plane_magic(b16, J, BITS, MAGIC, DTYPE, SHIFTED, FAST_ASM, FMT)
-    if FMT >= 2:  # fp8 (the value, or times 2**-8) and NF4 (the codebook value): no offset
+    if FMT >= 2 or MAGIC == 0:  # fp8 (the value, or times 2**-8), NF4 (the codebook value), subnormals: no offset
         if DOT_FP32:
             return v.to(tl.float32)
         else:
@@ -606,6 +613,18 @@ def _acc_scale(acc0, acc1, acc2, acc3, alpha, PER_V: tl.constexpr):
     if PER_V == 4:
         acc2 = acc2 * alpha[:, None]
         acc3 = acc3 * alpha[:, None]
+    return acc0, acc1, acc2, acc3
+
+
+@triton.jit
+def _acc_pow2(acc0, acc1, acc2, acc3, f, PER_V: tl.constexpr):
+    """The output planes times a power of two (exact in float32)."""
+    acc0 = acc0 * f
+    if PER_V >= 2:
+        acc1 = acc1 * f
+    if PER_V == 4:
+        acc2 = acc2 * f
+        acc3 = acc3 * f
     return acc0, acc1, acc2, acc3
 
 
@@ -905,7 +924,7 @@ def _packed_tile(q0, q1, q2, q3, qsum, qsum_mag, m_i, l_i, acc0, acc1, acc2, acc
                  KC_DEQ: tl.constexpr = False, hrow=0, HFILL: tl.constexpr = 1, skc_h=0, sks_h=0, skz_h=0,
                  svc_h=0, svs_h=0, svz_h=0, PREFETCH: tl.constexpr = False, pks=None, pkz=None, pvs=None, pvz=None,
                  pkc=None, K_FMT: tl.constexpr = 0, V_FMT: tl.constexpr = 0, prope=None, K_ROPE: tl.constexpr = False,
-                 ROPE_TAB: tl.constexpr = 0, LAZY: tl.constexpr = False):
+                 ROPE_TAB: tl.constexpr = 0, LAZY: tl.constexpr = False, V_DEN: tl.constexpr = False):
     """One tile of packed middle tokens. Codes load per token (offs_t, tmask); scales, zeros and the softmax
     run in the score domain (offs_s, smask, pos_s: see _bc and _rows_select). K_CHANNEL (per-channel keys,
     KIVI): the tile [t0, t0 + BLOCK_N) lies inside one token group of K_GROUP tokens, whose per-channel
@@ -923,6 +942,10 @@ def _packed_tile(q0, q1, q2, q3, qsum, qsum_mag, m_i, l_i, acc0, acc1, acc2, acc
 
     # ---- K: scores --------------------------------------------------------------------------------
     # the PTX unpack takes the raw bytes (fp16 magic, shifted codes); the other forms work on int16
+    # V_DEN (V_SHIFTED only): the value codes as fp16 subnormals 2**-24 * 2**(J * bits) * c, nothing to subtract; the
+    # caller holds the accumulators scaled by 2**-24 around the packed loop
+    VMG: tl.constexpr = 0 if V_DEN else V_MAGIC
+    VMV: tl.constexpr = 0.0 if V_DEN else V_MAGIC_VAL
     K_RAW: tl.constexpr = FAST_ASM and (K_SHIFTED or (K_CHANNEL and KC_DEQ and V_MAGIC == 0x6400) or K_FMT == 3)
     if HFILL == 1:
         kb = _load_codes(kc_base, offs_t64, tmask, skc_t, skc_c, DPK, K_RAW)
@@ -1110,7 +1133,7 @@ def _packed_tile(q0, q1, q2, q3, qsum, qsum_mag, m_i, l_i, acc0, acc1, acc2, acc
         for hg in tl.static_range(HFILL):
             vbh = _load_codes(vc_base + hg * svc_h, offs_t64, tmask, svc_t, svc_c, DPV, V_RAW)
             pvh = tl.where(hrow[:, None] == hg, pv, tl.zeros_like(pv))
-            acc0, acc1, acc2, acc3 = _v_exact_dot(pvh, vbh, acc0, acc1, acc2, acc3, V_BITS, V_MAGIC, V_MAGIC_VAL,
+            acc0, acc1, acc2, acc3 = _v_exact_dot(pvh, vbh, acc0, acc1, acc2, acc3, V_BITS, VMG, VMV,
                                                   V_DTYPE, DOT_FP32, V_SHIFTED, FAST_ASM, USE_DOT)
     elif V_GROUP == D or V_GF:
         if V_GF:
@@ -1137,7 +1160,7 @@ def _packed_tile(q0, q1, q2, q3, qsum, qsum_mag, m_i, l_i, acc0, acc1, acc2, acc
             zacc = zacc * alpha
             pv = _rows_expand((p * (vs * (256.0 if (V_FMT == 2 and not FAST_ASM) else 1.0))).to(V_DTYPE), sbr, SUB)
         acc0, acc1, acc2, acc3 = _acc_rescale(acc0, acc1, acc2, acc3, alpha, PER_V, LAZY)
-        acc0, acc1, acc2, acc3 = _v_exact_dot(pv, vb, acc0, acc1, acc2, acc3, V_BITS, V_MAGIC, V_MAGIC_VAL, V_DTYPE,
+        acc0, acc1, acc2, acc3 = _v_exact_dot(pv, vb, acc0, acc1, acc2, acc3, V_BITS, VMG, VMV, V_DTYPE,
                                               DOT_FP32, V_SHIFTED, FAST_ASM, USE_DOT, V_FMT)
     else:
         vs, vz = _group_meta(vs_base, svs_t, svs_g, vz_base, svz_t, svz_g, offs_t64, tmask, offs_t.shape[0],
@@ -1272,6 +1295,8 @@ def _decode_split_kernel(
     # WRING: the windows are rings (PackedKV, docs/format.md): window token t at row (n_quant + t) % rows of the K
     # (wk_rows) and V (wv_rows) window tensors
     WRING: tl.constexpr = False, wk_rows=1, wv_rows=1,
+    # V_DEN: the packed values' codes become fp16 subnormals (no 1024 offset to subtract; see _v_plane_exact)
+    V_DEN: tl.constexpr = False,
 ):
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -1351,6 +1376,7 @@ def _decode_split_kernel(
                                and not K_ROPE)
     V_SHIFTED: tl.constexpr = ((V_MAGIC == 0x6400) and (V_GROUP == D or V_GF) and V_BITS != 8 and V_FMT == 0
                                and V_BITS != 15)
+    V_DEN_ON: tl.constexpr = V_DEN and V_SHIFTED
     KB: tl.constexpr = K_BITS
     q0 = _load_q_plane(q_base, q_rows, rmask, 0, PER_K, DPK, sq_d)
     q1 = _load_q_plane(q_base, q_rows, rmask, 1, PER_K, DPK, sq_d)
@@ -1487,6 +1513,8 @@ def _decode_split_kernel(
             ns0, nz0, ns1, nz1, ns2, nz2, ns3, nz3 = _kc_meta(ks_base, sks_t, sks_g, kz_base, skz_t, skz_g, t_first,
                                                               tl.where(PREFETCH and K_CHANNEL, end, t_first), K_GROUP,
                                                               DPK, PER_K)
+            if V_DEN_ON:  # the packed loop's value products come 2**-24 small: hold the accumulators there
+                acc0, acc1, acc2, acc3 = _acc_pow2(acc0, acc1, acc2, acc3, 1.0 / (1 << 24), PER_V)
             for t0 in range(t_first, end, BLOCK_N):
                 cks, ckz, cvs, cvz = nks, nkz, nvs, nvz
                 cs0, cz0, cs1, cz1, cs2, cz2, cs3, cz3 = ns0, nz0, ns1, nz1, ns2, nz2, ns3, nz3
@@ -1514,7 +1542,9 @@ def _decode_split_kernel(
                     K_SHIFTED, V_SHIFTED, FAST_ASM, CAUSAL, USE_DOT, DOT_FP32, DTYPE, SUB, t0, K_CHANNEL,
                     grow, GFILL, K_GF, V_GF, GF_BCAST, KC_DEQ, hrow, HFILL, skc_h, sks_h, skz_h, svc_h, svs_h, svz_h,
                     PREFETCH, cks, ckz, cvs, cvz, (cs0, cz0, cs1, cz1, cs2, cz2, cs3, cz3), K_FMT, V_FMT,
-                    prope=prope, K_ROPE=K_ROPE, ROPE_TAB=ROPE_TAB, LAZY=LAZY)
+                    prope=prope, K_ROPE=K_ROPE, ROPE_TAB=ROPE_TAB, LAZY=LAZY, V_DEN=V_DEN_ON)
+            if V_DEN_ON:
+                acc0, acc1, acc2, acc3 = _acc_pow2(acc0, acc1, acc2, acc3, float(1 << 24), PER_V)
 
     if HAS_WINDOW:
         if run_fp:
@@ -1865,15 +1895,20 @@ def _rope_operands(q: torch.Tensor, inv_freq: torch.Tensor, perm: torch.Tensor |
     return qb.contiguous(), w
 
 
-def _rope_args(q: torch.Tensor, k_rope: torch.Tensor, k_perm: torch.Tensor | None, hkv: int, fail):
-    """Checks ``k_rope`` / ``k_perm`` (keys before RoPE; ``fail`` raises with the caller's name) and returns q made
-    contiguous with its rotate-half partners and the stored columns' frequencies (``_rope_operands``)."""
+def _rope_check(q: torch.Tensor, k_rope: torch.Tensor, k_perm: torch.Tensor | None, hkv: int, fail) -> None:
+    """Checks ``k_rope`` / ``k_perm`` (keys before RoPE) against q; ``fail`` raises with the caller's name."""
     D, dev = q.shape[-1], q.device
     if k_rope.dim() != 1 or k_rope.dtype != torch.float32 or not 1 <= k_rope.numel() <= D // 2 or k_rope.device != dev:
         fail(f"k_rope must be float32 [rotary_dim / 2 <= {D // 2}] on {dev}, got {k_rope.dtype} "
              f"{tuple(k_rope.shape)} on {k_rope.device}")
     if k_perm is not None and (tuple(k_perm.shape) != (hkv, D) or k_perm.device != dev):
         fail(f"k_perm must be [Hkv={hkv}, D={D}] on {dev}, got {tuple(k_perm.shape)} on {k_perm.device}")
+
+
+def _rope_args(q: torch.Tensor, k_rope: torch.Tensor, k_perm: torch.Tensor | None, hkv: int, fail):
+    """Checks ``k_rope`` / ``k_perm`` (keys before RoPE; ``fail`` raises with the caller's name) and returns q made
+    contiguous with its rotate-half partners and the stored columns' frequencies (``_rope_operands``)."""
+    _rope_check(q, k_rope, k_perm, hkv, fail)
     q = q.contiguous()
     qb, rw = _rope_operands(q, k_rope, k_perm, hkv)
     return q, qb, rw
@@ -1937,6 +1972,7 @@ def decode_attention(
     balance: bool | None = None,
     fp_block_n: int | None = None,
     window_ring: bool = False,
+    v_denormal: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of ``q`` over the packed KV ``sink ++ middle[:n_quant] ++ window[:n_window]``.
 
@@ -1993,7 +2029,28 @@ def decode_attention(
     Returns (out [B, Hq, Nq, D] in q's dtype, contiguous; lse [B, Hq, Nq] float32, natural log of the
     softmax denominator of ``sm_scale * q . k``).
     """
-    # Validation runs every decode step: cheap comparisons, messages formatted only on failure.
+    # An eager decode step calls this once per layer with the same storage: the checks and decisions below run once
+    # per layout (a plan, kvcompile/kernels/launch.py), later calls only fill in their tensors. Host lengths change
+    # every step and are not cached.
+    storage = (k_sink, k_codes, k_scale, k_zero, k_window, v_sink, v_codes, v_scale, v_zero, v_window, lengths,
+               v_lengths, k_rope, k_perm)
+    key = None
+    if lengths is not None:
+        try:
+            key = PlanCache.key((q,), storage, (
+                k_bits, v_bits, k_group_size, v_group_size, n_quant, n_window, k_axis, k_format, v_format, sm_scale,
+                num_splits, block_n, num_warps, num_stages, use_dot, programs_per_sm, fast_asm, fill_rows,
+                fp_contig, fp_split, group_fill, group_bcast, kchan_dequant, head_fill, prefetch, rope_table,
+                lazy_rescale, balance, fp_block_n, window_ring, v_denormal,
+            ))
+        except (AttributeError, TypeError):  # not tensors: the plan's checks say what is wrong
+            key = None
+        else:
+            plan = _DECODE_PLANS.get(key, storage)
+            if plan is not None:
+                return plan(q, storage)
+    # Not cached (host lengths, or a layout / storage not seen yet): the checks (messages formatted only on failure)
+    # and decisions, then the plan, run once and kept.
     if q.dim() != 4:
         _fail(f"q must be [B, Hq, Nq, D], got shape {tuple(q.shape)}")
     B, Hq, NQ, D = q.shape
@@ -2051,7 +2108,7 @@ def decode_attention(
     if rope:
         if k_channel or k_format != "affine" or k_bits not in (2, 4):
             _fail("k_rope (keys before RoPE) takes affine 2- or 4-bit keys in per-token groups")
-        q, qb, rw = _rope_args(q, k_rope, k_perm, Hkv, _fail)
+        _rope_check(q, k_rope, k_perm, Hkv, _fail)
         if rope_table is None:
             # (H100, 32k, NOTES.md v22) the table wins with one key group per token (K2V2 g128, 8B shape: 409-418
             # against 536-541 us) and for groups of 16 at D = 128 without group fill (512 against 775-780 with it, the
@@ -2060,8 +2117,6 @@ def decode_attention(
             # (groups of 32 / 64 were not timed: they keep the per-element form)
             rope_table = ROPE_TAB_DEFAULT and not ternary and (k_group_size == D
                                                                or (D == 128 and k_group_size == 16))
-    else:
-        qb, rw = q, q  # unused
     dev_lens = lengths is not None
     kv_mixed = False
     if dev_lens:
@@ -2234,31 +2289,17 @@ def decode_attention(
             chunk = _cdiv(_cdiv(L_grid, num_splits), block_n) * block_n
             num_splits = _cdiv(L_grid, chunk)
 
-    out = torch.empty((B, Hq, NQ, D), device=dev, dtype=q.dtype)
-    lse = torch.empty((B, Hq, NQ), device=dev, dtype=torch.float32)
     direct = num_splits == 1
-    if direct:
-        o_part, l_part = out, lse  # unused
-    else:
-        o_part = torch.empty((B * Hkv, num_splits, r * NQ, D), device=dev, dtype=torch.float32)
-        l_part = torch.empty((B * Hkv, num_splits, r * NQ), device=dev, dtype=torch.float32)
-
-    # Empty parts get a stand-in pointer (an empty CUDA tensor may have a null pointer); never read.
-    def part(t: torch.Tensor, used: bool):
-        if used:
-            return (t, *t.stride())
-        return (q, 0, 0, 0, 0)
-
     has_sink, has_mid, has_window = S > 0, mid_cap > 0, n_window_arg > 0
-    tl_dtype, magic, magic_val, v_dtype, v_magic, v_magic_val, k_codes, k_zero, v_codes, v_zero = _code_args(
+    tl_dtype, magic, magic_val, v_dtype, v_magic, v_magic_val, _, k_zero, _, v_zero = _code_args(
         q, k_bits, v_bits, k_format, v_format, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero)
     grid = (B * (Hkv // hfill), num_splits)
-    rope_tab, rt = 0, q  # rt unused unless rope_tab
+    rope_tab, rt_dtype = 0, None
     if rope and rope_table:
         # angle addition (v22): the per-element key math in fp16 pairs where the scales are fp16 (as the V product)
         k16 = k_scale.dtype == torch.float16 or q.dtype == torch.float16
         rope_tab = 1 if k16 else 2
-        rt = _rope_table(rw, block_n, 8 // k_bits, torch.float16 if k16 else torch.bfloat16)
+        rt_dtype = torch.float16 if k16 else torch.bfloat16
     gf_bcast = GROUP_BCAST_DEFAULT if group_bcast is None else bool(group_bcast)
     kc_deq = k_channel and (KCHAN_DEQUANT_DEFAULT if kchan_dequant is None else bool(kchan_dequant))
     # scales / zeros one tile ahead: per-token groups (one per head, or group fill with per-group loads) and
@@ -2287,8 +2328,23 @@ def decode_attention(
     # one-warp builds, where the test over the rows stays inside the warp (H100: -4% for 2-bit codes), and not beside
     # the balanced split, whose build then spills (offline triton 3.6: 64 bytes of stack; NOTES.md v23)
     lazy = bool(LAZY_RESCALE_DEFAULT and num_warps == 1 and not bal if lazy_rescale is None else lazy_rescale)
-    _decode_split_kernel[grid](
-        q, *q.stride(),
+    # the call's tensors: its inputs, then what each call derives from them (_DecodePlan.derive); every tensor argument
+    # below is one of them (Launch maps each to its place in ``sources``)
+    plan = _DecodePlan(out_shape=(B, Hq, NQ, D), dtype=q.dtype, hkv=Hkv, rope=rope, rt_dtype=rt_dtype,
+                       block_n=block_n, k_bits=k_bits, v_bits=v_bits,
+                       parts=None if direct else (B * Hkv, num_splits, r * NQ, D))
+    derived = plan.derive(q, storage)
+    qc, qb, rw, rt, k_codes, v_codes, out, lse, o_part, l_part = derived
+    sources = (q, *storage, *derived)
+
+    # Empty parts get a stand-in pointer (an empty CUDA tensor may have a null pointer); never read.
+    def part(t: torch.Tensor, used: bool):
+        if used:
+            return (t, *t.stride())
+        return (qc, 0, 0, 0, 0)
+
+    plan.split = Launch(_decode_split_kernel, grid, (
+        qc, *qc.stride(),
         *part(k_sink, has_sink), *part(k_codes, has_mid), *part(k_scale, has_mid), *part(k_zero, has_mid),
         *part(k_window, has_window),
         *part(v_sink, has_sink), *part(v_codes, has_mid), *part(v_scale, has_mid), *part(v_zero, has_mid),
@@ -2297,6 +2353,7 @@ def decode_attention(
         lens, slen_b, slen_p, vlens, svlen_b, svlen_p,
         S, n_quant_arg, n_window_arg, chunk, cap_v, W_v, float(sm_scale) * _LOG2E,
         qb, rw, rt,
+    ), dict(
         H_KV=Hkv, GQA=r, NQ=NQ, D=D, K_BITS=k_bits, V_BITS=15 if ternary else v_bits, K_GROUP=k_group_size,
         V_GROUP=v_group_size,
         M_PAD=m_pad, BLOCK_N=block_n,
@@ -2310,17 +2367,72 @@ def decode_attention(
         HFILL=hfill, PREFETCH=prefetch, K_FMT=_FMT_CODE[k_format], V_FMT=_FMT_CODE[v_format], K_ROPE=rope,
         ROPE_TAB=rope_tab, LAZY=lazy, BALANCE=bal, n_rows=B, B_P2=_next_pow2(B) if bal else 1, FP_BN=fp_bn,
         WRING=bool(window_ring) and has_window, wk_rows=max(W, 1), wv_rows=max(W_v, 1),
+        V_DEN=bool(V_DEN_DEFAULT if v_denormal is None else v_denormal),
         num_warps=num_warps, num_stages=num_stages,
-    )
+    ), sources)
     if not direct:
         block_d = 64 if B * Hq * NQ < 4 * _num_sms(dev) else D
-        _merge_kernel[(B * Hkv * r * NQ, D // block_d)](
+        plan.merge = Launch(_merge_kernel, (B * Hkv * r * NQ, D // block_d), (
             o_part, l_part, out, lse, num_splits,
+        ), dict(
             H_KV=Hkv, GQA=r, NQ=NQ, D=D,
             SPLITS_P2=_next_pow2(num_splits), BLOCK_D=block_d, DTYPE=tl_dtype,
             BALANCE=bal, FP_SPLIT=fp_split, lens_ptr=lens if bal else None, slen_b=slen_b if bal else 0,
             slen_p=slen_p if bal else 0, s_cap=S, q_cap=n_quant_arg, w_cap=n_window_arg, n_rows=B,
             B_P2=_next_pow2(B) if bal else 1, BLOCK_N=block_n,
             num_warps=4 if block_d * num_splits >= 4096 else 2,
-        )
+        ), sources)
+    plan.run(sources)
+    if key is not None:
+        _DECODE_PLANS.put(key, storage, plan)
     return out, lse
+
+
+class _DecodePlan:
+    """A ``decode_attention`` layout's launches (``split``, ``merge`` or None; kvcompile/kernels/launch.py) and what
+    each call derives from its tensors (``derive``)."""
+
+    __slots__ = ("out_shape", "dtype", "hkv", "rope", "rt_dtype", "block_n", "k_bits", "v_bits", "parts", "split",
+                 "merge")
+
+    def __init__(self, *, out_shape, dtype, hkv, rope, rt_dtype, block_n, k_bits, v_bits, parts):
+        self.out_shape, self.dtype, self.hkv, self.rope, self.rt_dtype = out_shape, dtype, hkv, rope, rt_dtype
+        self.block_n, self.k_bits, self.v_bits, self.parts = block_n, k_bits, v_bits, parts
+        self.split = self.merge = None
+
+    def derive(self, q: torch.Tensor, storage: tuple) -> tuple:
+        """(q contiguous where keys are before RoPE, q's rotate-half partners, the stored columns' frequencies, the
+        angle table, the key / value codes as the kernel reads them, out, lse, the splits' partial outputs and
+        log-sum-exps): stand-ins (q, the codes, out / lse) where the layout has no use for one."""
+        k_codes, v_codes, k_rope, k_perm = storage[1], storage[6], storage[12], storage[13]
+        qc = qb = rw = rt = q
+        if self.rope:
+            qc = q.contiguous()
+            qb, rw = _rope_operands(qc, k_rope, k_perm, self.hkv)
+            rt = qc if self.rt_dtype is None else _rope_table(rw, self.block_n, 8 // self.k_bits, self.rt_dtype)
+        if self.k_bits == 8:
+            k_codes = _int16_words("k_codes", k_codes)
+        if self.v_bits == 8:
+            v_codes = _int16_words("v_codes", v_codes)
+        dev = q.device
+        out = torch.empty(self.out_shape, device=dev, dtype=self.dtype)
+        lse = torch.empty(self.out_shape[:3], device=dev, dtype=torch.float32)
+        if self.parts is None:
+            o_part, l_part = out, lse  # unused
+        else:
+            o_part = torch.empty(self.parts, device=dev, dtype=torch.float32)
+            l_part = torch.empty(self.parts[:3], device=dev, dtype=torch.float32)
+        return qc, qb, rw, rt, k_codes, v_codes, out, lse, o_part, l_part
+
+    def run(self, sources: tuple) -> None:
+        self.split(sources)
+        if self.merge is not None:
+            self.merge(sources)
+
+    def __call__(self, q: torch.Tensor, storage: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+        derived = self.derive(q, storage)
+        self.run((q, *storage, *derived))
+        return derived[6], derived[7]
+
+
+_DECODE_PLANS = PlanCache()

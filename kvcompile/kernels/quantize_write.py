@@ -95,6 +95,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import Launch, PlanCache
+
 __all__ = ["quantize_write", "pair_compatible", "unsupported_reason", "SUPPORTED_KV_DTYPES", "SUPPORTED_META_DTYPES"]
 
 SUPPORTED_KV_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -129,6 +131,7 @@ def _unit(bits: float) -> tuple[int, int]:
     return 8 // int(bits), 1
 
 
+@functools.lru_cache(maxsize=1024)  # pure; asked for every layer of every eager step
 def unsupported_reason(*, kind: str, bits: float, group_size: int, axis: str, head_dim: int,
                        kv_dtype: torch.dtype, meta_dtype: torch.dtype, has_rope: bool) -> str | None:
     """Why the write kernel cannot run this layout (None: it can). The caller falls back to the reference."""
@@ -715,6 +718,10 @@ def _blocking(kind: str, bits: float, group: int, axis: str, d: int, whole: bool
     return bc, bc // nc, nunits
 
 
+# a pair's own layout arguments (no tensor: a plan key must compare without tensor equality)
+_LAYOUT_SCALARS = ("kind", "bits", "group_size", "axis", "clip_ratio", "n_sink", "window_size")
+
+
 def quantize_write(
     *,
     new: torch.Tensor,
@@ -740,7 +747,7 @@ def quantize_write(
     preload: bool = True,
     parallel_arrivals: bool = True,
     pack_natural: bool = True,
-) -> None:
+) -> bool:
     """Append ``new`` [B, H, T, D] to the packed storage in place (``PackedKV.append`` on plain tensors).
 
     ``codes`` [B, H, cap, bytes per token] uint8; ``scale`` / ``zero`` ``[B, H, cap, D // group]`` (per-token
@@ -769,7 +776,30 @@ def quantize_write(
     first new and window rows, the window for its shift) before reading them; ``parallel_arrivals`` reads each
     counts word with its own arrival (one atomic round trip instead of two); ``pack_natural`` computes per-token
     group codes on the natural tile and packs them by a reshape instead of loading each code plane again.
+
+    Returns whether a pair shared the first's layout (one set of arguments; True without a pair). The checks and
+    decisions run once per layout and storage (a plan, kvcompile/kernels/launch.py); a later call with the same
+    storage tensors only fills in its new tokens.
     """
+    storage = (codes, scale, zero, sink, window, perm, counts, rope)
+    news = (new,)
+    scalars = (kind, bits, group_size, axis, clip_ratio, n_sink, window_size, block_t, num_warps, scalar_division,
+               preload, parallel_arrivals, pack_natural)
+    key = None
+    try:
+        if pair is not None:
+            storage += tuple(pair[k] for k in _PAIR_KEYS[1:]) + (pair.get("rope"),)
+            news += (pair["new"],)
+            scalars += (tuple(pair),) + tuple(pair.get(k) for k in _LAYOUT_SCALARS)  # its rope: in storage
+        key = PlanCache.key(news, storage, scalars)
+    except (AttributeError, TypeError, KeyError):  # the plan's checks say what is wrong
+        key = None
+    else:
+        plan = _WRITE_PLANS.get(key, storage)
+        if plan is not None:
+            plan(news, storage)
+            return plan.same
+    # Not cached (or a layout / storage not seen yet): the checks and decisions, then the plan, run once and kept.
     if new.dim() != 4:
         _fail(f"new must be 4-d [B, H, T, D], got {tuple(new.shape)}")
     first = dict(new=new, codes=codes, scale=scale, zero=zero, sink=sink, window=window, perm=perm, counts=counts)
@@ -789,14 +819,26 @@ def quantize_write(
         same = (rope is None and layout2["rope"] is None
                 and all(layout2[k] == layout[k] for k in layout if k != "rope") and pair_compatible(first, pair) is None)
         second = (pair, layout2, same)
-    a = _prepare(first, layout, tuning)
+    # the call's tensors: its new tokens and storages, then what each call derives from them (_WritePlan.derive)
+    nf2 = second is not None and second[1]["kind"] == "nf"
+    plan = _WritePlan(window.dtype, None if second is None else second[0]["window"].dtype, kind == "nf", nf2,
+                      int(bits) if kind == "nf" else 0, int(second[1]["bits"]) if nf2 else 0)
+    plan.same = second is None or second[2]
+    _prepare(first, layout, tuning)  # the checks, before anything is derived from the tensors
     if second is not None and not second[2]:
-        b = _prepare(second[0], second[1], tuning)
+        _prepare(second[0], second[1], tuning)
+    derived = plan.derive(news, storage)
+    sources = (*news, *storage, *derived)
+    a = _prepare(first, layout, tuning, derived=derived[0:3])
+    if second is not None and not second[2]:
+        b = _prepare(second[0], second[1], tuning, derived=derived[3:6])
         if b["ncb"] != a["ncb"]:  # one grid: both sides in one block spanning the head dim
-            a = _prepare(first, layout, tuning, whole=True)
-            b = _prepare(second[0], second[1], tuning, whole=True)
-    if new.shape[2] == 0:
-        return
+            a = _prepare(first, layout, tuning, whole=True, derived=derived[0:3])
+            b = _prepare(second[0], second[1], tuning, whole=True, derived=derived[3:6])
+    if new.shape[2] == 0:  # nothing to launch (plan.launch stays None)
+        if key is not None:
+            _WRITE_PLANS.put(key, storage, plan)
+        return plan.same
     B, H, T, D = new.shape
     if num_warps is None:
         num_warps = a["num_warps"] if second is None or second[2] else max(a["num_warps"], b["num_warps"])
@@ -807,19 +849,50 @@ def quantize_write(
             b_ptrs = a["ptrs"][:8] + a["ptrs"][9:]
         else:  # pair_compatible checked shapes, dtypes and strides against the first's (validated) tensors
             p2 = second[0]
-            n2 = p2["new"] if p2["new"].dtype == window.dtype else p2["new"].to(window.dtype)
-            b_ptrs = [n2, p2["codes"], p2["scale"], p2["zero"] if p2["zero"] is not None else p2["scale"], p2["sink"],
-                      p2["window"], p2["perm"] if p2["perm"] is not None else p2["counts"], p2["counts"],
-                      p2["counts"]]  # no RoPE (a stand-in)
-        _quantize_write_kernel[grid](*a["ptrs"], *b_ptrs, *a["rt"], *a["strides"], **a["consts"],
-                                     PAIR=second is not None, num_warps=num_warps, enable_fp_fusion=False)
+            b_ptrs = [derived[3], p2["codes"], p2["scale"], p2["zero"] if p2["zero"] is not None else p2["scale"],
+                      p2["sink"], p2["window"], p2["perm"] if p2["perm"] is not None else p2["counts"], p2["counts"],
+                      p2["counts"]]  # derived[3]: its new tokens in the K/V dtype; no RoPE (a stand-in)
+        plan.launch = Launch(_quantize_write_kernel, grid, (*a["ptrs"], *b_ptrs, *a["rt"], *a["strides"]),
+                             dict(**a["consts"], PAIR=second is not None, num_warps=num_warps, enable_fp_fusion=False),
+                             sources)
     else:
         consts2 = {k + "2": v for k, v in b["consts"].items()}
-        _quantize_write_mixed_kernel[grid](*a["ptrs"], *a["rt"], *a["strides"], *b["ptrs"], *b["rt"], *b["strides"],
-                                           **a["consts"], **consts2, num_warps=num_warps, enable_fp_fusion=False)
+        plan.launch = Launch(_quantize_write_mixed_kernel, grid,
+                             (*a["ptrs"], *a["rt"], *a["strides"], *b["ptrs"], *b["rt"], *b["strides"]),
+                             dict(**a["consts"], **consts2, num_warps=num_warps, enable_fp_fusion=False), sources)
+    plan.launch(sources)
+    if key is not None:
+        _WRITE_PLANS.put(key, storage, plan)
+    return plan.same
 
 
-def _prepare(t: dict, layout: dict, tuning: dict, whole: bool = False) -> dict:
+class _WritePlan:
+    """A ``quantize_write`` layout's launch (None: nothing to write) and what each call derives from its tensors;
+    ``same``: a pair shares the first's layout."""
+
+    __slots__ = ("kv_dtypes", "nf", "bits", "same", "launch")
+
+    def __init__(self, kv_dtype, kv_dtype2, nf, nf2, bits, bits2):
+        self.kv_dtypes, self.nf, self.bits = (kv_dtype, kv_dtype2), (nf, nf2), (bits, bits2)
+        self.same, self.launch = True, None
+
+    def derive(self, news: tuple, storage: tuple) -> tuple:
+        """Per side: the new tokens in the storage's K/V dtype (as PackedKV.append's ``x.to(kv_dtype)``; a device
+        op, no sync), ``counts`` as [3], the NF codebook (``counts`` where the layout has none)."""
+        out = []
+        for side, new in enumerate(news):
+            counts = storage[8 * side + 6].view(3)
+            dtype = self.kv_dtypes[side]
+            out += [new if new.dtype == dtype or not new.shape[2] else new.to(dtype), counts,
+                    _codebook(self.bits[side], str(new.device)) if self.nf[side] else counts]
+        return tuple(out)
+
+    def __call__(self, news: tuple, storage: tuple) -> None:
+        if self.launch is not None:
+            self.launch((*news, *storage, *self.derive(news, storage)))
+
+
+def _prepare(t: dict, layout: dict, tuning: dict, whole: bool = False, derived: tuple | None = None) -> dict:
     """Validate one storage (``t``: the ``_PAIR_KEYS`` tensors) and build its kernel arguments: ``ptrs`` (10),
     ``rt`` (T, H, cap, WB, n_prog), ``strides`` (21), ``consts`` (the constexprs of ``_write_side``), ``ncb``
     (channel blocks) and the default ``num_warps``."""
@@ -879,16 +952,14 @@ def _prepare(t: dict, layout: dict, tuning: dict, whole: bool = False) -> dict:
             ((perm,) if perm is not None else ()):
         if x.device != dev:
             _fail(f"all tensors must be on new's device {dev}, found one on {x.device}")
-    if new.dtype != kv_dtype and T:
-        new = new.to(kv_dtype)  # as PackedKV.append does (x.to(kv_dtype)); a device op, no sync
-    counts = counts.view(3)
     if not counts.is_contiguous():
         _fail("counts must be contiguous")
+    # (new in the K/V dtype, counts as [3], the NF codebook or a stand-in): _WritePlan.derive; None: checks only
+    new, counts, cb = (new, counts, counts) if derived is None else derived
 
     bc, nu, nunits = _blocking(kind, bits, g, axis, D, whole or rope is not None)  # RoPE pairs span the head
     ncb = D // bc if bc <= D else 1
     levels = 2 if bits == 1.5 else ((1 << int(bits)) - 1 if kind in ("affine", "nf") else 127)
-    cb = _codebook(int(bits), str(dev)) if kind == "nf" else counts
     # The reference divides by the level count (int8: 127, fp8: 448) with ``tensor / python_number``, which
     # PyTorch computes as a multiplication by the float32 reciprocal on CUDA and as a division on CPU; the
     # kernel follows the reference of the data's device (bit-identical there; the two references can differ
@@ -926,3 +997,6 @@ def _prepare(t: dict, layout: dict, tuning: dict, whole: bool = False) -> dict:
         consts=consts, ncb=ncb,
         num_warps=4 if T <= 16 else 8,
     )
+
+
+_WRITE_PLANS = PlanCache()

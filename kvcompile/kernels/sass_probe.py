@@ -91,13 +91,16 @@ def record_launch(case, **tuning):
     got = {}
     rope = dict(k_rope=torch.ones(D // 2), k_perm=torch.arange(D).repeat(Hkv, 1)) if layout.get("rope") else {}
 
+    real = da._decode_split_kernel
+
     class Rec:
+        fn = real.fn  # the kernel's parameters (kvcompile.kernels.launch reads them)
+
         def __getitem__(self, grid):
             def launch(*args, **kwargs):
                 got.update(args=args, kwargs=kwargs)
             return launch
 
-    real = da._decode_split_kernel
     da._decode_split_kernel = Rec()
     if layout.get("op"):  # lengths on the device, V's own lengths (V may run ahead of K), ring windows
         lens = torch.tensor([S, n_quant, W])
