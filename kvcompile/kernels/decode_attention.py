@@ -2369,7 +2369,7 @@ def decode_attention(
         WRING=bool(window_ring) and has_window, wk_rows=max(W, 1), wv_rows=max(W_v, 1),
         V_DEN=bool(V_DEN_DEFAULT if v_denormal is None else v_denormal),
         num_warps=num_warps, num_stages=num_stages,
-    ), sources)
+    ), sources, stable=_STORAGE_SOURCES)
     if not direct:
         block_d = 64 if B * Hq * NQ < 4 * _num_sms(dev) else D
         plan.merge = Launch(_merge_kernel, (B * Hkv * r * NQ, D // block_d), (
@@ -2381,7 +2381,7 @@ def decode_attention(
             slen_p=slen_p if bal else 0, s_cap=S, q_cap=n_quant_arg, w_cap=n_window_arg, n_rows=B,
             B_P2=_next_pow2(B) if bal else 1, BLOCK_N=block_n,
             num_warps=4 if block_d * num_splits >= 4096 else 2,
-        ), sources)
+        ), sources, stable=_STORAGE_SOURCES)
     plan.run(sources)
     if key is not None:
         _DECODE_PLANS.put(key, storage, plan)
@@ -2436,3 +2436,5 @@ class _DecodePlan:
 
 
 _DECODE_PLANS = PlanCache()
+# sources = (q, *storage, *derived): the storage's 14 entries are the plan's own tensors (its key)
+_STORAGE_SOURCES = range(1, 15)

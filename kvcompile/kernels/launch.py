@@ -63,11 +63,18 @@ class Launch:
     Built from a first call's arguments (``args``, ``kwargs``, as ``fn[grid](*args, **kwargs)`` takes them) and that
     call's tensors ``sources``: every tensor argument must be one of ``sources`` (by identity); it becomes a slot
     that a later call fills with its own ``sources[j]``. ``kwargs`` that are not parameters of ``fn`` (num_warps,
-    num_stages, ...) are launch options."""
+    num_stages, ...) are launch options. ``stable``: the indices of ``sources`` that are the same tensors at the same
+    addresses in every call of this plan (the storage: the plan's key holds their identity and address).
 
-    __slots__ = ("fn", "grid", "vals", "slots", "options", "nargs", "kw_idx", "compiled", "device")
+    Direct launches pass every pointer as an int (Triton's launcher takes ints as addresses): the stable ones read
+    once, the others by ``data_ptr()`` per call. A tensor costs the launcher a ``data_ptr`` call and a driver query
+    (``cuPointerGetAttribute``) per argument; the first, dispatched launch made those checks for this plan's
+    device."""
 
-    def __init__(self, fn, grid, args, kwargs, sources):
+    __slots__ = ("fn", "grid", "vals", "slots", "options", "nargs", "kw_idx", "compiled", "device", "stable", "dynamic",
+                 "direct_vals")
+
+    def __init__(self, fn, grid, args, kwargs, sources, stable=()):
         params = _params(fn)
         names = {n for n, _ in params}
         vals = []
@@ -101,15 +108,25 @@ class Launch:
         self.nargs = len(args)
         self.kw_idx = tuple((n, i) for i, (n, _) in enumerate(params) if i >= len(args) and n in kwargs)
         self.compiled, self.device = None, None
+        stable = set(stable)
+        self.stable = tuple((i, j) for i, j in self.slots if j in stable)
+        self.dynamic = tuple((i, j) for i, j in self.slots if j not in stable)
+        self.direct_vals = None  # vals with the stable pointers as ints (the first direct launch fills it)
 
     def __call__(self, sources) -> None:
-        vals = list(self.vals)
-        for i, j in self.slots:
-            vals[i] = sources[j]
         ck = self.compiled
         if ck is not None and not _DIRECT_BROKEN:
             dev = _driver.active.get_current_device()
             if dev == self.device and _hooks_idle():
+                vals = self.direct_vals
+                if vals is None:
+                    vals = list(self.vals)
+                    for i, j in self.stable:
+                        vals[i] = sources[j].data_ptr()
+                    self.direct_vals = vals
+                vals = list(vals)
+                for i, j in self.dynamic:
+                    vals[i] = sources[j].data_ptr()
                 try:
                     ck.run(*self.grid, _driver.active.get_current_stream(dev), ck.function, ck.packed_metadata, None,
                            None, None, *vals)
@@ -118,6 +135,9 @@ class Launch:
                     _DIRECT_BROKEN.append(repr(e))
                     log.warning("kvcompile: direct kernel launches are off for this process (Triton's compiled "
                                 "kernel did not take them: %r); launching through Triton's dispatch", e)
+        vals = list(self.vals)
+        for i, j in self.slots:
+            vals[i] = sources[j]
         r = self.fn[self.grid](*vals[:self.nargs], **{n: vals[i] for n, i in self.kw_idx}, **self.options)
         if ck is None and _direct_wanted() and all(hasattr(r, a) for a in ("run", "function", "packed_metadata")):
             self.compiled, self.device = r, _driver.active.get_current_device()

@@ -829,6 +829,7 @@ def quantize_write(
         _prepare(second[0], second[1], tuning)
     derived = plan.derive(news, storage)
     sources = (*news, *storage, *derived)
+    stable = range(len(news), len(news) + len(storage))  # the storage: the same tensors in every call of the plan
     a = _prepare(first, layout, tuning, derived=derived[0:3])
     if second is not None and not second[2]:
         b = _prepare(second[0], second[1], tuning, derived=derived[3:6])
@@ -854,12 +855,13 @@ def quantize_write(
                       p2["counts"]]  # derived[3]: its new tokens in the K/V dtype; no RoPE (a stand-in)
         plan.launch = Launch(_quantize_write_kernel, grid, (*a["ptrs"], *b_ptrs, *a["rt"], *a["strides"]),
                              dict(**a["consts"], PAIR=second is not None, num_warps=num_warps, enable_fp_fusion=False),
-                             sources)
+                             sources, stable=stable)
     else:
         consts2 = {k + "2": v for k, v in b["consts"].items()}
         plan.launch = Launch(_quantize_write_mixed_kernel, grid,
                              (*a["ptrs"], *a["rt"], *a["strides"], *b["ptrs"], *b["rt"], *b["strides"]),
-                             dict(**a["consts"], **consts2, num_warps=num_warps, enable_fp_fusion=False), sources)
+                             dict(**a["consts"], **consts2, num_warps=num_warps, enable_fp_fusion=False), sources,
+                             stable=stable)
     plan.launch(sources)
     if key is not None:
         _WRITE_PLANS.put(key, storage, plan)
