@@ -156,10 +156,10 @@ def _direct_wanted() -> bool:
 
 
 class PlanCache:
-    """Plans of one launcher, least recently used first out (``maxsize``). ``key`` takes the call's own tensors (``calls``,
-    new each call: the query, the new tokens; their shape, strides, dtype, device and 16-byte alignment), its storage
-    tensors (any order, None allowed; identity and data pointer) and the non-tensor arguments; ``get`` returns the plan only if the storage tensors are
-    still the plan's objects."""
+    """Plans of one launcher, least recently used first out (``maxsize``). ``key`` takes the call's own tensors
+    (``calls``, new each call: the query, the new tokens; their shape, strides, dtype, device and 16-byte alignment),
+    its storage tensors (any order, None allowed; identity and data pointer) and the non-tensor arguments; ``get``
+    returns the plan only if the storage tensors are still the plan's objects."""
 
     def __init__(self, maxsize: int = 512):
         self.maxsize = maxsize
