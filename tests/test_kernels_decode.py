@@ -921,11 +921,11 @@ def test_layouts_take_their_fast_variants():
     from kvcompile.kernels import sass_probe
 
     want = {
-        "gqa4": dict(GFILL=1, K_GF=False, V_GF=False, M_PAD=16, PREFETCH=True, LAZY=True),
+        "gqa4": dict(GFILL=1, K_GF=False, V_GF=False, M_PAD=16, PREFETCH=True, LAZY=True, V_DEN=True),
         "vg32": dict(GFILL=4, K_GF=False, V_GF=True, GF_BCAST=True, M_PAD=16, SUB=1, PREFETCH=True),
         "g32k4": dict(GFILL=4, K_GF=True, V_GF=True, GF_BCAST=True, M_PAD=16, PREFETCH=True),
         "kivi": dict(GFILL=4, K_GF=False, V_GF=True, K_CHANNEL=True, KC_DEQ=True, M_PAD=16, PREFETCH=True),
-        "mha": dict(GFILL=1, SUB=8, PREFETCH=False),  # row fill: score-domain tiles, loads in the tile
+        "mha": dict(GFILL=1, SUB=8, PREFETCH=False, V_DEN=True),  # row fill: score-domain tiles, loads in the tile
     }
     for case, flags in want.items():
         _, got = sass_probe.record_launch(case)
@@ -939,7 +939,7 @@ def test_layouts_take_their_fast_variants():
     _, got = sass_probe.record_launch("mha")  # row fill keeps the packed loop's tile there
     assert got["kwargs"]["FP_BN"] == got["kwargs"]["BLOCK_N"] and got["kwargs"]["FP_CONTIG"] is False
     _, got = sass_probe.record_launch("kivi_op")  # KIVI as the op launches it: V ahead of K takes them too (v25)
-    assert got["kwargs"]["KV_MIXED"] and got["kwargs"]["WRING"] and got["kwargs"]["DEV_LENS"]
+    assert got["kwargs"]["KV_MIXED"] and got["kwargs"]["WRING"] and got["kwargs"]["DEV_LENS"] and got["kwargs"]["V_DEN"]
     assert got["kwargs"]["FP_BN"] == 16 and got["kwargs"]["FP_CONTIG"] is True
 
 
