@@ -599,26 +599,15 @@ def _acc_rescale(acc0, acc1, acc2, acc3, alpha, PER_V: tl.constexpr, LAZY: tl.co
     LAZY: skipped when no row's running max grew (every alpha is exactly 1, so the skip changes no bit)."""
     if LAZY:
         if tl.min(alpha, 0) < 1.0:
-            acc0, acc1, acc2, acc3 = _acc_scale(acc0, acc1, acc2, acc3, alpha, PER_V)
+            acc0, acc1, acc2, acc3 = _acc_scale(acc0, acc1, acc2, acc3, alpha[:, None], PER_V)
     else:
-        acc0, acc1, acc2, acc3 = _acc_scale(acc0, acc1, acc2, acc3, alpha, PER_V)
+        acc0, acc1, acc2, acc3 = _acc_scale(acc0, acc1, acc2, acc3, alpha[:, None], PER_V)
     return acc0, acc1, acc2, acc3
 
 
 @triton.jit
-def _acc_scale(acc0, acc1, acc2, acc3, alpha, PER_V: tl.constexpr):
-    acc0 = acc0 * alpha[:, None]
-    if PER_V >= 2:
-        acc1 = acc1 * alpha[:, None]
-    if PER_V == 4:
-        acc2 = acc2 * alpha[:, None]
-        acc3 = acc3 * alpha[:, None]
-    return acc0, acc1, acc2, acc3
-
-
-@triton.jit
-def _acc_pow2(acc0, acc1, acc2, acc3, f, PER_V: tl.constexpr):
-    """The output planes times a power of two (exact in float32)."""
+def _acc_scale(acc0, acc1, acc2, acc3, f, PER_V: tl.constexpr):
+    """The output planes times ``f`` (a row's alpha as [rows, 1], or a scalar)."""
     acc0 = acc0 * f
     if PER_V >= 2:
         acc1 = acc1 * f
@@ -1514,7 +1503,7 @@ def _decode_split_kernel(
                                                               tl.where(PREFETCH and K_CHANNEL, end, t_first), K_GROUP,
                                                               DPK, PER_K)
             if V_DEN_ON:  # the packed loop's value products come 2**-24 small: hold the accumulators there
-                acc0, acc1, acc2, acc3 = _acc_pow2(acc0, acc1, acc2, acc3, 1.0 / (1 << 24), PER_V)
+                acc0, acc1, acc2, acc3 = _acc_scale(acc0, acc1, acc2, acc3, 1.0 / (1 << 24), PER_V)
             for t0 in range(t_first, end, BLOCK_N):
                 cks, ckz, cvs, cvz = nks, nkz, nvs, nvz
                 cs0, cz0, cs1, cz1, cs2, cz2, cs3, cz3 = ns0, nz0, ns1, nz1, ns2, nz2, ns3, nz3
@@ -1544,7 +1533,7 @@ def _decode_split_kernel(
                     PREFETCH, cks, ckz, cvs, cvz, (cs0, cz0, cs1, cz1, cs2, cz2, cs3, cz3), K_FMT, V_FMT,
                     prope=prope, K_ROPE=K_ROPE, ROPE_TAB=ROPE_TAB, LAZY=LAZY, V_DEN=V_DEN_ON)
             if V_DEN_ON:
-                acc0, acc1, acc2, acc3 = _acc_pow2(acc0, acc1, acc2, acc3, float(1 << 24), PER_V)
+                acc0, acc1, acc2, acc3 = _acc_scale(acc0, acc1, acc2, acc3, float(1 << 24), PER_V)
 
     if HAS_WINDOW:
         if run_fp:
