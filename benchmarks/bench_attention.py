@@ -472,7 +472,8 @@ def with_flag_variants(var, name, args):
                      (args.prefetch, lambda: PREFETCH_VARIANTS), (args.occupancy, lambda: occupancy_variants(name)),
                      (args.stages, lambda: STAGE_VARIANTS), (args.warps4bit, lambda: WARPS4_VARIANTS),
                      (args.lazy, lambda: LAZY_VARIANTS), (args.balance, lambda: BALANCE_VARIANTS),
-                     (args.fp_bn, lambda: FPBN_VARIANTS), (args.denormal, lambda: DEN_VARIANTS)):
+                     (args.fp_bn, lambda: FPBN_VARIANTS), (args.denormal, lambda: DEN_VARIANTS),
+                     (args.gluon, lambda: GLUON_VARIANTS)):
         if on:
             var = dict(var or {}, **more())
     return var
@@ -493,6 +494,10 @@ FPBN_VARIANTS = {"fp64": dict(fp_block_n=64), "fp16": dict(fp_block_n=16),
 # --denormal: the packed values' codes as fp16 subnormals, nothing to subtract (the default, session 11), against
 # 1024 + code and an exact subtraction
 DEN_VARIANTS = {"v_den": dict(v_denormal=True), "v_offset": dict(v_denormal=False)}
+
+# --gluon: the Gluon kernel (kvcompile/kernels/gluon_decode.py, v27) against the Triton kernel, each forced (rows the
+# Gluon kernel does not take report its error and are skipped)
+GLUON_VARIANTS = {"gluon": dict(gluon=True), "triton": dict(gluon=False)}
 
 # --stages: BLOCK_N 32 with 2-4 pipeline stages (offline triton 3.6, K4V4 g128: 238 registers and no stack at 32,
 # against 255 and 8 bytes of stack for the 4-bit default BLOCK_N 64 with two stages)
@@ -554,6 +559,7 @@ def main(argv=None):
     ap.add_argument("--balance", action="store_true", help="time BALANCE_VARIANTS on every row (ragged batches)")
     ap.add_argument("--fp-bn", action="store_true", help="time FPBN_VARIANTS on every row (sink / window tiles)")
     ap.add_argument("--denormal", action="store_true", help="time DEN_VARIANTS on every row (value codes as subnormals)")
+    ap.add_argument("--gluon", action="store_true", help="time GLUON_VARIANTS on every row (the Gluon kernel, v27)")
     ap.add_argument("--defaults-only", action="store_true", help="--extra rows: time the defaults only, no variants")
     args = ap.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
@@ -620,6 +626,8 @@ def main(argv=None):
             var = dict(FPBN_VARIANTS)
         if args.denormal:
             var = dict(var, **DEN_VARIANTS)
+        if args.gluon:
+            var = dict(var, **GLUON_VARIANTS)
         if args.defaults_only:
             var = {}
         row = run_case(name, CASES[base], bw, False, sink=sink, window=window, log=log, variants=var, **layout)

@@ -47,6 +47,9 @@ its tokens' positions through two products per plane, q . (k cos) + qb . (k sin)
 from a [BLOCK_N] table, the per-element products in fp16 pairs (0.7-0.85x fp16 SDPA where it is the default).
 Ternary values (v21; ``v_bits=1.5``, 5 base-3 digits per byte, SKVQ's default V) are dequantized per element into
 one output plane in natural channel order (PER_V == 1).
+One group per head of 128 channels at 2 or 4 bits without sink or window tokens runs by default in a Gluon kernel
+(``gluon_decode.py``, explicit register layouts, nothing through shared memory; NOTES.md v27) where the splits are
+long enough; this module's launcher builds its plan and its partials go through the same merge kernel.
 """
 
 from __future__ import annotations
@@ -59,6 +62,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import gluon_decode as _gl
 from .launch import Launch, PlanCache
 
 __all__ = [
@@ -160,6 +164,10 @@ BALANCE_DEFAULT = True
 ROPE_TAB_DEFAULT = True
 # the packed values' codes as fp16 subnormals (no offset to subtract) where they keep their bits in place (session 11)
 V_DEN_DEFAULT = True
+# v27 (NOTES.md): the Gluon kernel (gluon_decode.py) for the layouts it takes, where each split has at least
+# GLUON_MIN_TILES tiles of 64 tokens (below that its per-program setup costs more than it saves)
+GLUON_DEFAULT = True
+GLUON_MIN_TILES = 8
 
 _LOG2E = 1.4426950408889634
 _LN2 = 0.6931471805599453
@@ -1962,6 +1970,7 @@ def decode_attention(
     fp_block_n: int | None = None,
     window_ring: bool = False,
     v_denormal: bool | None = None,
+    gluon: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of ``q`` over the packed KV ``sink ++ middle[:n_quant] ++ window[:n_window]``.
 
@@ -2006,6 +2015,12 @@ def decode_attention(
     ``lazy_rescale``: skip the output accumulators' online-softmax rescale on tiles where no row's running max
     grew (exact: every alpha is 1 there). None: on for one-warp builds outside ``balance`` (NOTES.md v23).
 
+    ``gluon``: run the split in the Gluon kernel (kvcompile/kernels/gluon_decode.py, NOTES.md v27; CUDA only) for
+    the layouts it takes: one group per head of 128 channels, 2 or 4 bits (the same for K and V), affine fp16 scales
+    and zeros, fp16 q, one new token, up to 16 query heads per KV head, no sink or window tokens, an even capacity.
+    None: there, where each split gets at least ``GLUON_MIN_TILES`` tiles of 64 tokens (H100: 4.3x fp16 SDPA against
+    the Triton kernel's 3.5x for K2V2 at 32k); True: always (an error says why a layout cannot); False: never.
+
     Keys quantized before RoPE (SKVQ's ``pre_rope``): ``k_rope`` the model's rotary inverse frequencies (float32
     [rotary_dim / 2]) and ``k_perm`` the keys' channel order ([Hkv, D], the model channel at each stored column;
     None: the identity; q is in that stored order, as for any permuted layout). The packed middle's token t then
@@ -2030,7 +2045,7 @@ def decode_attention(
                 k_bits, v_bits, k_group_size, v_group_size, n_quant, n_window, k_axis, k_format, v_format, sm_scale,
                 num_splits, block_n, num_warps, num_stages, use_dot, programs_per_sm, fast_asm, fill_rows,
                 fp_contig, fp_split, group_fill, group_bcast, kchan_dequant, head_fill, prefetch, rope_table,
-                lazy_rescale, balance, fp_block_n, window_ring, v_denormal,
+                lazy_rescale, balance, fp_block_n, window_ring, v_denormal, gluon,
             ))
         except (AttributeError, TypeError):  # not tensors: the plan's checks say what is wrong
             key = None
@@ -2138,6 +2153,14 @@ def decode_attention(
         sm_scale = 1.0 / math.sqrt(D)
 
     interp = _interpreting() or dev.type != "cuda"
+    if gluon is not False and GLUON_DEFAULT or gluon:
+        plan = _gluon_plan(q, storage, gluon, interp, B, Hq, NQ, D, Hkv, r, S, W, W_v, mid_cap, n_quant_arg, dev_lens,
+                           kv_mixed, lens, slen_b, slen_p, k_bits, v_bits, k_group_size, v_group_size, k_axis,
+                           k_format, v_format, rope, sm_scale, num_splits, programs_per_sm)
+        if plan is not None:
+            if key is not None:
+                _DECODE_PLANS.put(key, storage, plan)
+            return plan(q, storage)
     # Defaults from the H100 sweep (kvcompile/kernels/NOTES.md): one warp per program; one query row
     # (MHA decode) is faster as multiply-and-reduce on CUDA cores than as a 16-row MMA.
     mha_fill = use_dot is None and fill_rows is None and r * NQ == 1 and MHA_FILL_DEFAULT
@@ -2375,6 +2398,56 @@ def decode_attention(
     if key is not None:
         _DECODE_PLANS.put(key, storage, plan)
     return out, lse
+
+
+def _gluon_plan(q, storage, gluon, interp, B, Hq, NQ, D, Hkv, r, S, W, W_v, mid_cap, n_quant_arg, dev_lens, kv_mixed,
+                lens, slen_b, slen_p, k_bits, v_bits, k_group_size, v_group_size, k_axis, k_format, v_format, rope,
+                sm_scale, num_splits, programs_per_sm):
+    """The Gluon kernel's plan (gluon_decode.py: split kernel, then the merge), or None where it does not take the
+    layout (``gluon=True`` then fails with the reason) or, by default, where its splits would be too short."""
+    k_codes, k_scale, k_zero, v_codes, v_scale, v_zero = (storage[i] for i in (1, 2, 3, 6, 7, 8))
+    metas = tuple(t.dtype for t in (k_scale, k_zero, v_scale, v_zero) if t is not None)
+    reason = _gl.gluon_unsupported_reason(
+        D=D, r=r, NQ=NQ, k_bits=k_bits, v_bits=v_bits, k_group=k_group_size, v_group=v_group_size, k_axis=k_axis,
+        k_format=k_format, v_format=v_format, dtype=q.dtype, has_sink=S > 0, has_window=max(W, W_v) > 0, rope=rope,
+        meta_dtypes=metas, kv_mixed=kv_mixed)
+    if reason is None and interp:
+        reason = "Gluon kernels run on CUDA only (not under the Triton interpreter)"
+    if reason is None and mid_cap == 0:
+        reason = "no packed tokens"
+    if reason is None:
+        reason = _gl.storage_unsupported_reason(k_codes, k_scale, k_zero, v_codes, v_scale, v_zero)
+    if reason is not None:
+        if gluon:
+            _fail(f"gluon=True: {reason}")
+        return None
+    bn = _gl.BLOCK_N
+    if num_splits is None:
+        num_splits = choose_num_splits(batch=B, kv_heads=Hkv, seq_len=mid_cap, block_n=bn, num_sms=_num_sms(q.device),
+                                       programs_per_sm=programs_per_sm)
+    num_splits = max(1, min(num_splits, _cdiv(mid_cap, bn)))
+    chunk = _cdiv(_cdiv(mid_cap, num_splits), bn) * bn
+    if not dev_lens:
+        num_splits = _cdiv(mid_cap, chunk)
+    if gluon is None and chunk < GLUON_MIN_TILES * bn:
+        return None
+    plan = _DecodePlan(out_shape=(B, Hq, NQ, D), dtype=q.dtype, hkv=Hkv, rope=False, rt_dtype=None, block_n=bn,
+                       k_bits=k_bits, v_bits=v_bits, parts=(B * Hkv, num_splits, r * NQ, D))
+    derived = plan.derive(q, storage)
+    o_part, l_part, out, lse = derived[8], derived[9], derived[6], derived[7]
+    sources = (q, *storage, *derived)
+    args, kwargs = _gl.launch_args(
+        q=q, k_codes=k_codes, k_scale=k_scale, k_zero=k_zero, v_codes=v_codes, v_scale=v_scale, v_zero=v_zero,
+        o_part=o_part, l_part=l_part, lens=lens if dev_lens else q, slen_b=slen_b, slen_p=slen_p, n_tok=n_quant_arg,
+        cap=mid_cap, chunk=chunk, qk_scale=float(sm_scale) * _LOG2E, H_KV=Hkv, R=r, num_splits=num_splits,
+        bits=k_bits, dev_lens=dev_lens)
+    plan.split = Launch(_gl._gluon_split_kernel, (num_splits, B * Hkv), args, kwargs, sources,
+                        stable=_STORAGE_SOURCES)
+    block_d = 64 if B * Hq * NQ < 4 * _num_sms(q.device) else D
+    plan.merge = Launch(_merge_kernel, (B * Hkv * r * NQ, D // block_d), (o_part, l_part, out, lse, num_splits), dict(
+        H_KV=Hkv, GQA=r, NQ=NQ, D=D, SPLITS_P2=_next_pow2(num_splits), BLOCK_D=block_d,
+        DTYPE=tl.float16, num_warps=4 if block_d * num_splits >= 4096 else 2), sources, stable=_STORAGE_SOURCES)
+    return plan
 
 
 class _DecodePlan:

@@ -1,0 +1,465 @@
+"""Split-K decode attention over 2- or 4-bit packed KV, written in Gluon (Triton's explicit-layout layer).
+
+The Triton kernel (``decode_attention.py``) lets the compiler pick register layouts; it stages the code tiles
+through shared memory and ldmatrix, and the V operand (consecutive tokens per register) through byte gathers
+(NOTES.md lever 7). Here every layout is chosen by hand so that the code words go from global memory straight into
+the registers of the MMA operands, with nothing in shared memory:
+
+- **K** (the B operand of S = q . K^T, k = channel, n = token): a thread of the m16n8k16 MMA holds, per token,
+  the k indices ``16 s + 8 h + 2 c + e`` (c = lane % 4). Each thread loads ``bits`` contiguous words of a token
+  (8 or 16 bytes, one vector load) and the tensor is *relabelled* (reshape / permute: no data movement) so that
+  k runs over exactly those bytes: k ``16 s + 8 h + 2 c + e`` is byte ``4 bits c + 4 s + 2 h + e``. q is loaded in
+  the same permuted channel order, so q . k is unchanged. Two PRMTs per word put each byte under an fp16 lane, one
+  LOP3 per two codes keeps a plane's bits in place.
+- **V** (the B operand of O = P . V, k = token, n = channel): a register must hold two consecutive tokens of one
+  channel. A thread loads the words of an even and an odd token; one PRMT per two bytes pairs them.
+- **Token order**: the S tile's column n = ``e + 2 c + 8 t`` is token ``e + 2 t + 16 c`` of the tile, so the 16
+  columns a thread holds are 16 consecutive tokens and the per-token scales and zeros load as two 16-byte vectors
+  (read as int32 pairs of fp16, split in registers). K and V are loaded in that token order.
+- Codes are read as fp16 **subnormals** (the code bits alone: ``2**-24 * 2**(bits * j) * code``, exact; the
+  tensor cores keep fp16 subnormals, decode_attention's v26): no offset to subtract on either side. The power-of-two
+  factors are folded into q's planes (K) and into the output planes (V).
+- The next tile's words, scales and zeros are loaded before the current tile is computed (registers, one tile
+  ahead). Full tiles run without masks; the last, partial tile of a split runs a masked copy of the tile body.
+- The running maximum is updated lazily (only when some row's maximum grew by more than 8, in log2 units), so most
+  tiles skip the accumulator rescale.
+
+Layouts taken: per-token affine groups of the whole head (G == D == 128), 2 or 4 bits for K and for V (the same),
+fp16 scales and zeros, fp16 q, one new token (Nq == 1), up to 16 query heads per KV head, no sink and no window
+(the packed middle only), host or device lengths. decode_attention routes those here (``gluon=``); everything
+else runs the Triton kernel. The split partials go through decode_attention's merge kernel.
+
+Gluon kernels do not run under the Triton interpreter: on CPU only their compilation for sm_90 is tested
+(tests/test_kernels_gluon.py); on the GPU the same tests compare them with the float32 reference.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:  # Triton >= 3.5 ships Gluon; without it decode_attention keeps the Triton kernel
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.ampere import mma_v2
+    HAVE_GLUON = True
+except ImportError:  # pragma: no cover - depends on the installed Triton
+    HAVE_GLUON = False
+
+__all__ = ["HAVE_GLUON", "gluon_unsupported_reason", "storage_unsupported_reason", "launch_args"]
+
+BLOCK_N = 64  # tokens per tile (the token relabelling below is written for 64)
+
+
+def gluon_unsupported_reason(*, D: int, r: int, NQ: int, k_bits, v_bits, k_group: int, v_group: int,
+                             k_axis: str, k_format: str, v_format: str, dtype: torch.dtype, has_sink: bool,
+                             has_window: bool, rope: bool, meta_dtypes: tuple, kv_mixed: bool) -> str | None:
+    """Why the Gluon kernel cannot take this layout (None: it can)."""
+    if not HAVE_GLUON:
+        return "this Triton has no Gluon (triton.experimental.gluon)"
+    if D != 128 or k_group != D or v_group != D:
+        return "the Gluon kernel takes D 128 with one group per token"
+    if k_bits != v_bits or k_bits not in (2, 4):
+        return "the Gluon kernel takes 2- or 4-bit codes, the same for K and V"
+    if k_axis != "token" or k_format != "affine" or v_format != "affine" or rope or kv_mixed:
+        return "the Gluon kernel takes per-token affine codes (no per-channel keys, codebooks or RoPE)"
+    if dtype != torch.float16 or any(t != torch.float16 for t in meta_dtypes):
+        return "the Gluon kernel takes fp16 q, scales and zeros"
+    if NQ != 1 or r > 16:
+        return "the Gluon kernel takes one new token and up to 16 query heads per KV head"
+    if has_sink or has_window:
+        return "the Gluon kernel reads the packed middle only (no sink or window tokens)"
+    return None
+
+
+if HAVE_GLUON:
+
+    @gluon.jit
+    def _x4(x):
+        """x four times along two new minor dims (the same registers: a pack=4 asm then sees one 32-bit word)."""
+        x2 = gl.join(x, x)
+        return gl.join(x2, x2)
+
+    @gluon.jit
+    def _spread_k(kw):
+        """int32 words [..] -> int16 [.., 2, 2]: element (a, b) holds byte 2 a + b of the word (two PRMTs)."""
+        return gl.inline_asm_elementwise(
+            asm="prmt.b32 $0, $2, 0, 0x4140; prmt.b32 $1, $2, 0, 0x4342;",
+            constraints="=r,=r,r,r,r,r", args=[_x4(kw)], dtype=gl.int16, is_pure=True, pack=4)
+
+    @gluon.jit
+    def _spread_v(ve, vo, HI: gl.constexpr):
+        """Words of an even (ve) and an odd (vo) token -> int16 [.., 2, 2]: element (a, b) holds byte 2 HI + a of
+        the token of parity b (the asm pairs the two tokens' bytes into one register; its elements are not the
+        inputs' elements, the caller relabels)."""
+        if HI == 0:
+            r = gl.inline_asm_elementwise(
+                asm="prmt.b32 $0, $2, $6, 0x4400; prmt.b32 $1, $2, $6, 0x5511;",
+                constraints="=r,=r,r,r,r,r,r,r,r,r", args=[_x4(ve), _x4(vo)], dtype=gl.int16, is_pure=True,
+                pack=4)
+        else:
+            r = gl.inline_asm_elementwise(
+                asm="prmt.b32 $0, $2, $6, 0x6622; prmt.b32 $1, $2, $6, 0x7733;",
+                constraints="=r,=r,r,r,r,r,r,r,r,r", args=[_x4(ve), _x4(vo)], dtype=gl.int16, is_pure=True,
+                pack=4)
+        return r
+
+    @gluon.jit
+    def _plane(w16, MASK: gl.constexpr):
+        """int16 (a byte in the low half) -> the fp16 subnormal of plane MASK's bits in place (one LOP3 per two)."""
+        return gl.inline_asm_elementwise(asm="and.b32 $0, $1, " + MASK + ";", constraints="=r,r", args=[w16],
+                                         dtype=gl.float16, is_pure=True, pack=2)
+
+    @gluon.constexpr_function
+    def _mask(bits, j):
+        m = ((1 << bits) - 1) << (bits * j)
+        return hex(m | (m << 16))
+
+    @gluon.constexpr_function
+    def _kw_layout(bits):
+        """[4 bits words, 64 tokens] int32: thread (g, c) holds words bits * c ..+bits of tokens e' + 2 t + 16 c'
+        with e', c' from g (lane bits 2, 3, 4) and t from the registers."""
+        regs = [[1 << i, 0] for i in range(bits.bit_length() - 1)] + [[0, 2], [0, 4], [0, 8]]
+        return gl.DistributedLinearLayout(regs, [[bits, 0], [2 * bits, 0], [0, 1], [0, 16], [0, 32]], [], [],
+                                          [4 * bits, 64])
+
+    @gluon.constexpr_function
+    def _vw_layout(bits):
+        """[32 token pairs, 4 bits words] int32: thread (g, c) holds words bits / 2 * g ..+bits/2 of pairs
+        p = h + 2 s + 8 c (h, s from the registers)."""
+        nw = bits // 2
+        regs = [[0, 1 << i] for i in range(nw.bit_length() - 1)] + [[1, 0], [2, 0], [4, 0]]
+        return gl.DistributedLinearLayout(regs, [[8, 0], [16, 0], [0, nw], [0, 2 * nw], [0, 4 * nw]], [], [],
+                                          [32, 4 * bits])
+
+    @gluon.constexpr_function
+    def _pair_layout():
+        """[32 token pairs] int32: thread c holds pairs 8 c .. 8 c + 7 (tokens 16 c .. 16 c + 15)."""
+        return gl.DistributedLinearLayout([[1], [2], [4]], [[8], [16], [0], [0], [0]], [], [], [32])
+
+    @gluon.jit
+    def _meta(x, COL: gl.constexpr):
+        """int32 pairs of fp16 [32 pairs] -> float32 [64] by S column (n = e + 2 c + 8 t is token e + 2 t + 16 c)."""
+        hv = gl.inline_asm_elementwise(asm="mov.b32 $0, $1;", constraints="=r,r,r", args=[gl.join(x, x)],
+                                       dtype=gl.float16, is_pure=True, pack=2)  # [32, 2]: token 2 p + e
+        hv = gl.permute(gl.reshape(hv, [4, 8, 2]), [1, 0, 2])  # (c, t, e) -> (t, c, e)
+        return gl.convert_layout(gl.reshape(hv, [64]), COL).to(gl.float32)
+
+    @gluon.jit
+    def _k_operand(kw, BITS: gl.constexpr, B_OP: gl.constexpr):
+        """int32 words [4 BITS, 64 tokens] -> int16 bytes [16 BITS k, 64 n]: k = 16 s + 8 h + 2 c + e is byte
+        4 BITS c + 4 s + 2 h + e; n = e' + 2 c' + 8 t is token e' + 2 t + 16 c'."""
+        x = _spread_k(kw)  # [4 BITS, 64, 2, 2]
+        x = gl.reshape(x, [4, BITS, 4, 8, 2, 2, 2])  # (c, s, c', t, e', h, e)
+        x = gl.permute(x, [1, 5, 0, 6, 3, 2, 4])  # (s, h, c, e, t, c', e')
+        return gl.convert_layout(gl.reshape(x, [16 * BITS, 64]), B_OP)
+
+    @gluon.jit
+    def _v_operand(ve, vo, BITS: gl.constexpr, B_OP: gl.constexpr):
+        """int32 words of the even / odd token of each pair [32, 4 BITS] -> int16 [64 k, 16 BITS n]: k = e + 2 c +
+        8 h + 16 s is token e + 2 (h + 2 s) + 16 c (the S columns' order); n = 8 t' + g is byte t' of the thread's
+        BITS / 2 words (word BITS / 2 g + t' // 4), i.e. byte 2 BITS g + t' of the token."""
+        x = gl.join(_spread_v(ve, vo, 0), _spread_v(ve, vo, 1))  # [32 p, W, 2 a, 2 b, 2 w]: token 2 p + b, byte 2 w + a
+        if BITS == 2:
+            x = gl.reshape(x, [4, 2, 2, 2, 8, 2, 2, 2])  # (c, s1, s0, h, g, a, b, w)
+            x = gl.permute(x, [1, 2, 3, 0, 6, 7, 5, 4])  # (s1, s0, h, c, b, w, a, g)
+        else:
+            x = gl.reshape(x, [4, 2, 2, 2, 8, 2, 2, 2, 2])  # (c, s1, s0, h, g, wl, a, b, w)
+            x = gl.permute(x, [1, 2, 3, 0, 7, 5, 8, 6, 4])  # (s1, s0, h, c, b, wl, w, a, g)
+        return gl.convert_layout(gl.reshape(x, [64, 16 * BITS]), B_OP)
+
+    @gluon.jit
+    def _q_plane(q_row_ptr, sq_d, rmask, BITS: gl.constexpr, J: gl.constexpr, FACT: gl.constexpr,
+                 A_OP: gl.constexpr):
+        """q's plane J as the A operand [16, 16 BITS] in the K operand's channel order, times FACT = 2**-(BITS J)
+        (exact: the K codes' values are 2**(BITS J) too large in place); sm_scale is applied to the scores."""
+        PER: gl.constexpr = 8 // BITS
+        k = gl.arange(0, 16 * BITS, layout=gl.SliceLayout(0, A_OP))
+        u = 4 * BITS * ((k >> 1) & 3) + 4 * (k >> 4) + 2 * ((k >> 3) & 1) + (k & 1)
+        x = gl.load(q_row_ptr[:, None] + ((PER * u + J) * sq_d)[None, :], mask=rmask[:, None], other=0.0)
+        return (x.to(gl.float32) * FACT).to(gl.float16)
+
+    @gluon.jit
+    def _tile(q0, q1, q2, q3, kw, ve, vo, k_s, k_z, v_s, v_z, m_i, l_i, z_i, o0, o1, o2, o3, n_valid, b_z, k_fac,
+              BITS: gl.constexpr, MASKED: gl.constexpr, MMA: gl.constexpr, A_OP: gl.constexpr,
+              B_OP: gl.constexpr, COL: gl.constexpr):
+        """One tile of 64 tokens. k_fac: 2**24 (the K codes are the fp16 subnormals 2**-24 * 2**(BITS j) * code)
+        times sm_scale * log2(e); b_z: sum(q) * sm_scale * log2(e) per row."""
+        ksp = _k_operand(kw, BITS, B_OP)
+        acc = gl.zeros([16, 64], gl.float32, MMA)
+        acc = mma_v2(q0, _plane(ksp, _mask(BITS, 0)), acc)
+        acc = mma_v2(q1, _plane(ksp, _mask(BITS, 1)), acc)
+        if BITS == 2:
+            acc = mma_v2(q2, _plane(ksp, _mask(BITS, 2)), acc)
+            acc = mma_v2(q3, _plane(ksp, _mask(BITS, 3)), acc)
+        s = (_meta(k_s, COL) * k_fac)[None, :] * acc + _meta(k_z, COL)[None, :] * b_z[:, None]
+        vs_f = _meta(v_s, COL)
+        vz_f = _meta(v_z, COL)
+        if MASKED:
+            n = gl.arange(0, 64, layout=COL)
+            cm = ((n & 1) + 2 * (n >> 3) + 16 * ((n >> 1) & 3)) < n_valid
+            s = gl.where(cm[None, :], s, float("-inf"))
+            vs_f = gl.where(cm, vs_f, 0.0)  # past the end p is 0 and the scale may be anything
+            vz_f = gl.where(cm, vz_f, 0.0)
+        m_new = gl.maximum(m_i, gl.max(s, axis=1))
+        if gl.max(m_new - m_i, axis=0) > 8.0:  # rescale only when a row's maximum grew by > 2**8
+            alpha = gl.exp2(m_i - m_new)
+            l_i = l_i * alpha
+            z_i = z_i * alpha
+            o0 = o0 * alpha[:, None]
+            o1 = o1 * alpha[:, None]
+            if BITS == 2:
+                o2 = o2 * alpha[:, None]
+                o3 = o3 * alpha[:, None]
+            m_i = m_new
+        p = gl.exp2(s - m_i[:, None])
+        l_i = l_i + gl.sum(p, axis=1)
+        z_i = z_i + gl.sum(p * vz_f[None, :], axis=1)
+        pa = gl.convert_layout((p * vs_f[None, :]).to(gl.float16), A_OP)
+        vsp = _v_operand(ve, vo, BITS, B_OP)
+        o0 = mma_v2(pa, _plane(vsp, _mask(BITS, 0)), o0)
+        o1 = mma_v2(pa, _plane(vsp, _mask(BITS, 1)), o1)
+        if BITS == 2:
+            o2 = mma_v2(pa, _plane(vsp, _mask(BITS, 2)), o2)
+            o3 = mma_v2(pa, _plane(vsp, _mask(BITS, 3)), o3)
+        return m_i, l_i, z_i, o0, o1, o2, o3
+
+    @gluon.jit
+    def _load_v(v_base, v_off, vw_p, t, n_valid, W: gl.constexpr, MASKED: gl.constexpr):
+        """The V words of the even and the odd token of each pair of the tile at token t."""
+        if MASKED:
+            ve = gl.load(v_base + t * W + v_off, mask=(2 * vw_p)[:, None] < n_valid, other=0)
+            vo = gl.load(v_base + t * W + W + v_off, mask=(2 * vw_p + 1)[:, None] < n_valid, other=0)
+        else:
+            ve = gl.load(v_base + t * W + v_off)
+            vo = gl.load(v_base + t * W + W + v_off)
+        return ve, vo
+
+    @gluon.jit
+    def _load_meta(ks_base, kz_base, vs_base, vz_base, pp, t, n_valid, MASKED: gl.constexpr):
+        """K's and V's scales and zeros of the tile at token t, as int32 pairs."""
+        p2 = t // 2  # (the scalar added to each base first: the per-element offsets then fold into the loads)
+        if MASKED:
+            m = 2 * pp < n_valid
+            r = (gl.load(ks_base + p2 + pp, mask=m, other=0), gl.load(kz_base + p2 + pp, mask=m, other=0),
+                 gl.load(vs_base + p2 + pp, mask=m, other=0), gl.load(vz_base + p2 + pp, mask=m, other=0))
+        else:
+            r = (gl.load(ks_base + p2 + pp), gl.load(kz_base + p2 + pp), gl.load(vs_base + p2 + pp),
+                 gl.load(vz_base + p2 + pp))
+        return r
+
+    @gluon.jit
+    def _store_plane(o, optr, sc, zo, omask, J: gl.constexpr, FACT: gl.constexpr):
+        gl.store(optr + J, o * (sc * FACT)[:, None] + zo[:, None], mask=omask)  # FACT: 2**-(BITS J)
+
+    @gluon.jit
+    def _gluon_split_kernel(q_ptr, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, op_ptr, lp_ptr, lens_ptr,
+                            sq_b, sq_h, sq_d, skc_b, skc_h, sks_b, sks_h, svc_b, svc_h, svs_b, svs_h, slen_b, slen_p,
+                            n_tok, cap, chunk, qk_scale,
+                            H_KV: gl.constexpr, R: gl.constexpr, NUM_SPLITS: gl.constexpr, BITS: gl.constexpr,
+                            DEV_LENS: gl.constexpr, PREFETCH_V: gl.constexpr):
+        """One program per (split, batch x KV head): the split's tokens of the packed middle, all R query heads of
+        the KV head in the MMA rows. The codes (uint8, token rows contiguous) are read as int32 words (4 BITS per
+        token), the fp16 per-token scales and zeros as int32 pairs of consecutive tokens; their strides come in
+        those units. DEV_LENS: the row's packed length is lens[b * slen_b + slen_p] (clamped to cap) and its chunk is
+        derived from it, else n_tok and chunk. Writes the split's normalised output and base-2 log-sum-exp
+        (decode_attention's merge kernel reads them)."""
+        kc_ptr = k_codes.to(gl.pointer_type(gl.int32))
+        vc_ptr = v_codes.to(gl.pointer_type(gl.int32))
+        ks_ptr = k_scale.to(gl.pointer_type(gl.int32))
+        kz_ptr = k_zero.to(gl.pointer_type(gl.int32))
+        vs_ptr = v_scale.to(gl.pointer_type(gl.int32))
+        vz_ptr = v_zero.to(gl.pointer_type(gl.int32))
+        BN: gl.constexpr = 64
+        W: gl.constexpr = 4 * BITS  # int32 words per token
+        PER: gl.constexpr = 8 // BITS
+        MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, 1], instr_shape=[16, 8])
+        A_OP: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
+        B_OP: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=MMA, k_width=2)
+        ROW: gl.constexpr = gl.SliceLayout(1, MMA)
+        COL: gl.constexpr = gl.SliceLayout(0, MMA)
+        KW: gl.constexpr = _kw_layout(BITS)
+        VW: gl.constexpr = _vw_layout(BITS)
+        PL: gl.constexpr = _pair_layout()
+
+        pid_s = gl.program_id(0)
+        bh = gl.program_id(1)
+        b = (bh // H_KV).to(gl.int64)
+        h = (bh % H_KV).to(gl.int64)
+        if DEV_LENS:
+            n_row = gl.minimum(gl.maximum(gl.load(lens_ptr + b * slen_b + slen_p).to(gl.int32), 0), cap)
+            chunk = ((n_row + NUM_SPLITS - 1) // NUM_SPLITS + BN - 1) // BN * BN
+        else:
+            n_row = n_tok
+        start = pid_s * chunk
+        end = gl.minimum(start + chunk, n_row)
+
+        qm = gl.arange(0, 16, layout=gl.SliceLayout(1, A_OP))
+        q_rows = q_ptr + b * sq_b + (h * R + qm) * sq_h
+        qmask = qm < R
+        q0 = _q_plane(q_rows, sq_d, qmask, BITS, 0, 1.0, A_OP)
+        if BITS == 2:
+            q1 = _q_plane(q_rows, sq_d, qmask, BITS, 1, 0.25, A_OP)
+            q2 = _q_plane(q_rows, sq_d, qmask, BITS, 2, 0.0625, A_OP)
+            q3 = _q_plane(q_rows, sq_d, qmask, BITS, 3, 0.015625, A_OP)
+            qz = (q0.to(gl.float32) + 4.0 * q1.to(gl.float32) + 16.0 * q2.to(gl.float32)
+                  + 64.0 * q3.to(gl.float32))
+        else:
+            q1 = _q_plane(q_rows, sq_d, qmask, BITS, 1, 0.0625, A_OP)
+            q2 = q0
+            q3 = q0
+            qz = q0.to(gl.float32) + 16.0 * q1.to(gl.float32)
+        b_z = gl.convert_layout(gl.sum(qz, axis=1) * qk_scale, ROW)  # the zero point's factor per row
+        k_fac = qk_scale * 16777216.0
+
+        kw_i = gl.arange(0, W, layout=gl.SliceLayout(1, KW))
+        kw_t = gl.arange(0, BN, layout=gl.SliceLayout(0, KW))
+        k_off = kw_t[None, :] * W + kw_i[:, None]
+        k_base = kc_ptr + b * skc_b + h * skc_h
+        vw_p = gl.arange(0, BN // 2, layout=gl.SliceLayout(1, VW))
+        vw_i = gl.arange(0, W, layout=gl.SliceLayout(0, VW))
+        v_off = vw_p[:, None] * (2 * W) + vw_i[None, :]  # the even token of pair p; the odd one W words further
+        v_base = vc_ptr + b * svc_b + h * svc_h
+        pp = gl.arange(0, BN // 2, layout=PL)
+        ks_base = ks_ptr + b * sks_b + h * sks_h
+        kz_base = kz_ptr + b * sks_b + h * sks_h
+        vs_base = vs_ptr + b * svs_b + h * svs_h
+        vz_base = vz_ptr + b * svs_b + h * svs_h
+
+        m_i = gl.full([16], float("-inf"), gl.float32, ROW)
+        l_i = gl.zeros([16], gl.float32, ROW)
+        z_i = gl.zeros([16], gl.float32, ROW)
+        o0 = gl.zeros([16, 16 * BITS], gl.float32, MMA)
+        o1 = gl.zeros([16, 16 * BITS], gl.float32, MMA)
+        o2 = gl.zeros([16, 16 * BITS], gl.float32, MMA)
+        o3 = gl.zeros([16, 16 * BITS], gl.float32, MMA)
+
+        n_full = gl.maximum(end - start, 0) // BN
+        if n_full > 0:
+            t = gl.multiple_of(start, BN)  # chunk is a multiple of BN
+            kw = gl.load(k_base + t * W + k_off)
+            ve, vo = _load_v(v_base, v_off, vw_p, t, BN, W, False)
+            k_s, k_z, v_s, v_z = _load_meta(ks_base, kz_base, vs_base, vz_base, pp, t, BN, False)
+            last = start + (n_full - 1) * BN
+            for i in range(0, n_full):
+                # the next tile, loaded before this one is computed (at the end the last one again: in bounds)
+                tn = gl.multiple_of(gl.minimum(start + (i + 1) * BN, last), BN)
+                kw_n = gl.load(k_base + tn * W + k_off)
+                if PREFETCH_V:
+                    ve_n, vo_n = _load_v(v_base, v_off, vw_p, tn, BN, W, False)
+                else:  # 4-bit: the next tile's V words would spill; this tile's are loaded now, used after softmax
+                    ve, vo = _load_v(v_base, v_off, vw_p, gl.multiple_of(start + i * BN, BN), BN, W, False)
+                k_s_n, k_z_n, v_s_n, v_z_n = _load_meta(ks_base, kz_base, vs_base, vz_base, pp, tn, BN, False)
+                m_i, l_i, z_i, o0, o1, o2, o3 = _tile(q0, q1, q2, q3, kw, ve, vo, k_s, k_z, v_s, v_z, m_i, l_i,
+                                                      z_i, o0, o1, o2, o3, BN, b_z, k_fac, BITS, False, MMA, A_OP, B_OP,
+                                                      COL)
+                kw = kw_n
+                if PREFETCH_V:
+                    ve = ve_n
+                    vo = vo_n
+                k_s = k_s_n
+                k_z = k_z_n
+                v_s = v_s_n
+                v_z = v_z_n
+        t = gl.multiple_of(start + n_full * BN, BN)
+        if t < end:  # the split's last, partial tile
+            nv = end - t
+            kw = gl.load(k_base + t * W + k_off, mask=kw_t[None, :] < nv, other=0)
+            ve, vo = _load_v(v_base, v_off, vw_p, t, nv, W, True)
+            k_s, k_z, v_s, v_z = _load_meta(ks_base, kz_base, vs_base, vz_base, pp, t, nv, True)
+            m_i, l_i, z_i, o0, o1, o2, o3 = _tile(q0, q1, q2, q3, kw, ve, vo, k_s, k_z, v_s, v_z, m_i, l_i, z_i,
+                                                  o0, o1, o2, o3, nv, b_z, k_fac, BITS, True, MMA, A_OP, B_OP, COL)
+
+        # normalised partial output; plane j's column n = 8 t' + g is channel PER (2 BITS g + t') + j
+        inv = gl.where(l_i > 0.0, 1.0 / l_i, 0.0)
+        zo = z_i * inv
+        sc = inv * 16777216.0  # the V codes were fp16 subnormals (2**-24 * 2**(BITS j) * code)
+        om = gl.arange(0, 16, layout=ROW)
+        on = gl.arange(0, 16 * BITS, layout=COL)
+        ch = 16 * (on % 8) + PER * (on // 8)
+        prow = (bh.to(gl.int64) * NUM_SPLITS + pid_s) * R + om
+        optr = op_ptr + prow[:, None] * 128 + ch[None, :]
+        omask = (om < R)[:, None]
+        _store_plane(o0, optr, sc, zo, omask, 0, 1.0)
+        if BITS == 2:
+            _store_plane(o1, optr, sc, zo, omask, 1, 0.25)
+            _store_plane(o2, optr, sc, zo, omask, 2, 0.0625)
+            _store_plane(o3, optr, sc, zo, omask, 3, 0.015625)
+        else:
+            _store_plane(o1, optr, sc, zo, omask, 1, 0.0625)
+        lse = gl.where(l_i > 0.0, m_i + gl.log2(l_i), float("-inf"))
+        gl.store(lp_ptr + prow, lse, mask=om < R)
+
+
+def storage_unsupported_reason(k_codes, k_scale, k_zero, v_codes, v_scale, v_zero) -> str | None:
+    """Why the kernel cannot read this storage as int32 words and pairs (None: it can): token rows of codes
+    contiguous and whole words; per-token fp16 scales and zeros contiguous along tokens, 4-byte aligned, with an
+    even capacity (pairs of consecutive tokens)."""
+    for c in (k_codes, v_codes):
+        if c.stride(-1) != 1 or c.stride(-2) != c.shape[-1] or c.shape[-1] % 4 or any(x % 4 for x in c.stride()[:2]):
+            return "the Gluon kernel reads contiguous token rows of codes as int32 words"
+    for x in (k_scale, k_zero, v_scale, v_zero):
+        if x.shape[-1] != 1 or x.stride(-2) != 1 or x.data_ptr() % 4 or any(t % 2 for t in x.stride()[:2]) \
+                or x.shape[-2] % 2:
+            return "the Gluon kernel reads per-token scales and zeros as pairs (contiguous, even capacity)"
+    if k_zero.stride() != k_scale.stride() or v_zero.stride() != v_scale.stride():
+        return "the Gluon kernel takes zeros laid out as their scales"
+    return None
+
+
+def launch_args(*, q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, o_part, l_part, lens, slen_b, slen_p,
+                n_tok,
+                cap, chunk, qk_scale, H_KV, R, num_splits, bits, dev_lens):
+    """(args, kwargs) of the split kernel's launch over (num_splits, B * H_KV) programs."""
+    return (
+        q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, o_part, l_part, lens,
+        q.stride(0), q.stride(1), q.stride(3), k_codes.stride(0) // 4, k_codes.stride(1) // 4,
+        k_scale.stride(0) // 2, k_scale.stride(1) // 2, v_codes.stride(0) // 4, v_codes.stride(1) // 4,
+        v_scale.stride(0) // 2, v_scale.stride(1) // 2, slen_b, slen_p, n_tok, cap, chunk, qk_scale,
+    ), dict(H_KV=H_KV, R=R, NUM_SPLITS=num_splits, BITS=bits, DEV_LENS=dev_lens, PREFETCH_V=bits == 2, num_warps=1)
+
+
+def sm90_resources(bits: int, dev_lens: bool, r: int) -> dict:
+    """Compile the split kernel for sm_90 on this machine (no GPU needed; not under the Triton interpreter) and
+    report what the design relies on: registers, stack (spills), shared memory, and any shared-memory or
+    local-memory instruction in the SASS (``forbidden``). tests/test_kernels_gluon.py checks it in CI."""
+    import re
+    import subprocess
+    import tempfile
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    fn = _gluon_split_kernel
+    ptrs = {"q_ptr": "*fp16", "k_codes": "*u8", "v_codes": "*u8", "k_scale": "*fp16", "k_zero": "*fp16",
+            "v_scale": "*fp16", "v_zero": "*fp16", "op_ptr": "*fp32", "lp_ptr": "*fp32", "lens_ptr": "*i32"}
+    const = dict(H_KV=8, R=r, NUM_SPLITS=16, BITS=bits, DEV_LENS=dev_lens, PREFETCH_V=bits == 2, sq_d=1)
+    sig, consts, attrs = {}, {}, {}
+    for i, name in enumerate(fn.arg_names):
+        if name in ptrs:
+            sig[name] = ptrs[name]
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif name in const:
+            sig[name], consts[name] = "constexpr", const[name]
+        elif name == "qk_scale":
+            sig[name] = "fp32"
+        else:  # strides divisible by 16, as the runtime specialises them for the benchmark shapes
+            sig[name] = "i32"
+            if name not in ("n_tok", "cap", "chunk", "slen_b", "slen_p"):
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    k = triton.compile(GluonASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", 90, 32),
+                       options=dict(num_warps=1, num_stages=1))
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    if not os.path.exists(cuobjdump):
+        return {"skip": "this Triton ships no cuobjdump"}
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "k.cubin")
+        with open(path, "wb") as f:
+            f.write(k.asm["cubin"])
+        res = subprocess.run([cuobjdump, "-res-usage", path], capture_output=True, text=True, check=True).stdout
+        sass = subprocess.run([cuobjdump, "-sass", path], capture_output=True, text=True, check=True).stdout
+    ops = [op for op in ("LDS", "STS", "LDSM", "LDL", "STL", "BAR") if re.search(rf"\b{op}\b", sass)]
+    return {"registers": int(re.search(r"REG:(\d+)", res).group(1)), "stack": int(re.search(r"STACK:(\d+)", res).group(1)),
+            "shared": int(k.metadata.shared), "forbidden": ops, "triton": triton.__version__}

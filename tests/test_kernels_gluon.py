@@ -1,0 +1,180 @@
+"""The Gluon decode kernel (kvcompile.kernels.gluon_decode) through decode_attention(gluon=True).
+
+Gluon kernels do not run under the Triton interpreter. On CPU these tests compile the kernel for sm_90 with the
+installed Triton (no GPU needed: Triton ships ptxas) and check what the design relies on (no shared memory, no
+spills), and check the launcher's errors; with CUDA they compare the kernel with the float32 reference on inputs
+drawn by hypothesis.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import kvcompile.kernels.decode_attention as da
+import kvcompile.kernels.gluon_decode as gd
+from kvcompile.kernels.reference import decode_attention_reference
+
+try:  # tests/ has no __init__.py: pytest's default import mode puts tests/ itself on sys.path
+    from kernel_inputs import TOL, make_inputs
+except ImportError:
+    from tests.kernel_inputs import TOL, make_inputs
+
+ON_GPU = torch.cuda.is_available()
+gpu = pytest.mark.skipif(not ON_GPU, reason="Gluon kernels run on CUDA only")
+pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"),
+              pytest.mark.skipif(not gd.HAVE_GLUON, reason="this Triton has no Gluon")]
+
+
+def inputs(*, B=2, Hkv=2, r=4, bits=2, n_quant=300, lens=None, lens_form="B3", q_noncontig=False, seed=0,
+           device=None):
+    cap_extra = 4 if (max([n_quant] + [ls[1] for ls in lens or []]) % 2 == 0) else 3  # an even capacity
+    kw = make_inputs(B=B, Hkv=Hkv, r=r, NQ=1, D=128, S=0, n_quant=n_quant, n_window=0, k_bits=bits, v_bits=bits,
+                     k_group=128, v_group=128, dtype=torch.float16, cap_extra=cap_extra, win_extra=0, lens=lens,
+                     lens_form=lens_form, q_noncontig=q_noncontig, seed=seed,
+                     **({} if device is None else {"device": device}))
+    assert kw["k_codes"].shape[2] % 2 == 0
+    return kw
+
+
+def check(kw, **tuning):
+    out, lse = da.decode_attention(**kw, gluon=True, **tuning)
+    ref_out, ref_lse = decode_attention_reference(**kw)
+    assert out.shape == kw["q"].shape and out.dtype == torch.float16
+    seen = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(lse), seen)
+    out = out.float()
+    assert torch.isfinite(out).all() and (out[~seen] == 0).all()
+    rel = ((out - ref_out).norm() / ref_out.norm().clamp_min(1e-6)).item()
+    tol_out, tol_lse = TOL[torch.float16]
+    assert rel < tol_out, f"output relative error {rel:.3e}"
+    if seen.any():  # (decode_attention's tests' tolerance: relative beyond |lse| 8)
+        lse_err = (lse[seen] - ref_lse[seen]).abs().max().item()
+        assert lse_err < tol_lse * max(1.0, ref_lse[seen].abs().max().item() / 8), f"lse error {lse_err:.3e}"
+
+
+# ----------------------------------------------------------------------------------------- CPU
+
+
+VARIANTS = [(2, False, 4), (2, True, 4), (4, False, 4), (4, True, 1), (2, False, 8)]  # (R = 16: 24 bytes of stack)
+
+
+@pytest.fixture(scope="module")
+def sm90_builds():
+    """Each variant compiled for sm_90 in a fresh process: on CPU the test session runs Triton under the interpreter
+    (conftest.py), whose library functions Gluon's compiler cannot take."""
+    code = ("import json, sys; from kvcompile.kernels.gluon_decode import sm90_resources; "
+            f"print(json.dumps([sm90_resources(*v) for v in {VARIANTS!r}]))")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return dict(zip(VARIANTS, json.loads(run.stdout.strip().splitlines()[-1])))
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_compiles_for_sm90_without_shared_memory_or_spills(sm90_builds, variant):
+    """The design (code words loaded straight into the MMA operands' registers) holds in the build: no shared
+    memory, no local-memory spills, one warp under the 255-register cap (8 programs per SM)."""
+    res = sm90_builds[variant]
+    if res.get("skip"):
+        pytest.skip(res["skip"])
+    assert res["shared"] == 0 and res["stack"] == 0 and res["registers"] <= 255, res
+    assert not res["forbidden"], res
+
+
+@pytest.mark.parametrize("change,match", [
+    (dict(dtype=torch.bfloat16), "fp16"),
+    (dict(S=4), "sink or window"),
+    (dict(k_bits=4), "the same for K and V"),
+    (dict(k_group=64, v_group=64), "one group per token"),
+])
+def test_unsupported_layouts_say_why(change, match):
+    base = dict(B=1, Hkv=1, r=4, NQ=1, D=128, S=0, n_quant=40, n_window=0, k_bits=2, v_bits=2, k_group=128,
+                v_group=128, dtype=torch.float16, cap_extra=4, win_extra=0, device="cpu")
+    kw = make_inputs(**{**base, **change})
+    with pytest.raises(ValueError, match=match):
+        da.decode_attention(**kw, gluon=True)
+
+
+@pytest.mark.skipif(ON_GPU, reason="checks the CPU message")
+def test_cpu_says_cuda_only():
+    with pytest.raises(ValueError, match="CUDA only"):
+        da.decode_attention(**inputs(device="cpu"), gluon=True)
+
+
+def test_odd_capacity_says_why():
+    kw = inputs(device="cpu")
+    for name in ("k_scale", "k_zero", "v_scale", "v_zero"):
+        kw[name] = kw[name][:, :, :-1]
+    kw["k_codes"], kw["v_codes"] = kw["k_codes"][:, :, :-1], kw["v_codes"][:, :, :-1]
+    assert gd.storage_unsupported_reason(*(kw[n] for n in ("k_codes", "k_scale", "k_zero", "v_codes", "v_scale",
+                                                          "v_zero"))) is not None
+
+
+# ----------------------------------------------------------------------------------------- GPU
+
+LENGTHS = [1, 7, 63, 64, 65, 97, 128, 1000, 4099]
+
+
+@st.composite
+def configs(draw):
+    B = draw(st.integers(1, 3))
+    n_quant = draw(st.sampled_from(LENGTHS))
+    form = draw(st.sampled_from(["host", "3", "B3"]))
+    lens = None
+    if form == "3":
+        lens = [(0, n_quant, 0)] * B
+    elif form == "B3":
+        lens = [(0, draw(st.sampled_from([0] + LENGTHS)), 0) for _ in range(B)]
+    return dict(B=B, Hkv=draw(st.integers(1, 4)), r=draw(st.sampled_from([1, 2, 3, 4, 8, 16])),
+                bits=draw(st.sampled_from([2, 4])), n_quant=n_quant, lens=lens, lens_form="3" if form == "3" else "B3",
+                q_noncontig=draw(st.booleans()), seed=draw(st.integers(0, 2**16)),
+                num_splits=draw(st.sampled_from([None, 1, 3])))
+
+
+@gpu
+@settings(deadline=None, max_examples=120, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(configs())
+def test_matches_reference(case):
+    case = dict(case)
+    num_splits = case.pop("num_splits")
+    check(inputs(**case), num_splits=num_splits)
+
+
+@gpu
+@pytest.mark.parametrize("bits", [2, 4])
+def test_extreme_codes_and_scales(bits):
+    """All-zero and all-ones code bytes (every code 0 / the largest), large and tiny scales."""
+    kw = inputs(B=1, Hkv=2, r=4, bits=bits, n_quant=700, seed=3)
+    kw["k_codes"][:, 0] = 0xFF
+    kw["v_codes"][:, 1] = 0x00
+    kw["k_scale"][:, 1] *= 8
+    kw["v_scale"][:, 0] *= 1e-3
+    check(kw)
+
+
+@gpu
+def test_default_takes_gluon_where_splits_are_long():
+    """B x Hkv = 64 programs' worth of heads: 16 splits (one wave of 8 per SM on an H100); 8192 tokens give each split
+    8 tiles (the Gluon kernel), 1024 one (the Triton kernel)."""
+    long = inputs(B=8, Hkv=8, r=4, n_quant=8192, lens=[(0, 8192, 0)] * 8, lens_form="3")
+    short = inputs(B=8, Hkv=8, r=4, n_quant=1024, lens=[(0, 1024, 0)] * 8, lens_form="3")
+    da._DECODE_PLANS.clear()
+    for kw, want in ((long, True), (short, False)):
+        da.decode_attention(**kw)
+        plans = list(da._DECODE_PLANS._d.values())
+        assert (plans[-1][1].split.fn is gd._gluon_split_kernel) == want
+
+
+@gpu
+def test_cached_plan_launch_matches_first_call():
+    kw = inputs(B=2, Hkv=2, r=4, n_quant=3000, lens=[(0, 3000, 0), (0, 1500, 0)])
+    first = da.decode_attention(**kw, gluon=True)
+    again = da.decode_attention(**kw, gluon=True)  # the cached plan, launched directly
+    assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
