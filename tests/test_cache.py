@@ -162,8 +162,10 @@ def test_resized_keeps_contents():
 def test_storage_bytes_are_measured_from_tensors():
     q = TensorQuant("affine", 2, 16, "token")
     pk = PackedKV.empty(1, 4, 64, q, capacity=1024, n_sink=4, window=128, dtype=torch.float16)
-    expect = sum(t.numel() * t.element_size() for t in (pk.codes, pk.scale, pk.zero, pk.sink, pk.window, pk.counts))
+    expect = sum(t.untyped_storage().nbytes() for t in (pk.codes, pk.scale, pk.zero, pk.sink, pk.window, pk.counts))
     assert pk.storage_nbytes() == expect
+    # the per-token scales and zeros: rows padded to a multiple of 32 tokens (1020 -> 1024), counted
+    assert pk.scale.untyped_storage().nbytes() == 4 * 1024 * (64 // 16) * 2 and pk.scale.shape[2] == 1020
     assert pk.codes.shape[-1] == 16  # 64 channels at 2 bits
     # at full capacity, the 2-bit middle + fp16 window and sinks stay well under fp16's 16 bits (the window's tokens
     # also hold their codes: quantized on entry, 1020 rows of codes beside the 4 sink tokens)

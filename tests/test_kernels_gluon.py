@@ -31,12 +31,12 @@ pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"),
               pytest.mark.skipif(not gd.HAVE_GLUON, reason="this Triton has no Gluon")]
 
 
-def inputs(*, B=2, Hkv=2, r=4, bits=2, n_quant=300, lens=None, lens_form="B3", q_noncontig=False, seed=0,
-           device=None):
+def inputs(*, B=2, Hkv=2, r=4, bits=2, n_quant=300, S=0, n_window=0, win_extra=0, lens=None, lens_form="B3",
+           q_noncontig=False, seed=0, device=None, dtype=torch.float16):
     cap_extra = 4 if (max([n_quant] + [ls[1] for ls in lens or []]) % 2 == 0) else 3  # an even capacity
-    kw = make_inputs(B=B, Hkv=Hkv, r=r, NQ=1, D=128, S=0, n_quant=n_quant, n_window=0, k_bits=bits, v_bits=bits,
-                     k_group=128, v_group=128, dtype=torch.float16, cap_extra=cap_extra, win_extra=0, lens=lens,
-                     lens_form=lens_form, q_noncontig=q_noncontig, seed=seed,
+    kw = make_inputs(B=B, Hkv=Hkv, r=r, NQ=1, D=128, S=S, n_quant=n_quant, n_window=n_window, k_bits=bits,
+                     v_bits=bits, k_group=128, v_group=128, dtype=dtype, cap_extra=cap_extra,
+                     win_extra=win_extra, lens=lens, lens_form=lens_form, q_noncontig=q_noncontig, seed=seed,
                      **({} if device is None else {"device": device}))
     assert kw["k_codes"].shape[2] % 2 == 0
     return kw
@@ -45,13 +45,13 @@ def inputs(*, B=2, Hkv=2, r=4, bits=2, n_quant=300, lens=None, lens_form="B3", q
 def check(kw, **tuning):
     out, lse = da.decode_attention(**kw, gluon=True, **tuning)
     ref_out, ref_lse = decode_attention_reference(**kw)
-    assert out.shape == kw["q"].shape and out.dtype == torch.float16
+    assert out.shape == kw["q"].shape and out.dtype == kw["q"].dtype
     seen = torch.isfinite(ref_lse)
     assert torch.equal(torch.isfinite(lse), seen)
     out = out.float()
     assert torch.isfinite(out).all() and (out[~seen] == 0).all()
     rel = ((out - ref_out).norm() / ref_out.norm().clamp_min(1e-6)).item()
-    tol_out, tol_lse = TOL[torch.float16]
+    tol_out, tol_lse = TOL[kw["q"].dtype]
     assert rel < tol_out, f"output relative error {rel:.3e}"
     if seen.any():  # (decode_attention's tests' tolerance: relative beyond |lse| 8)
         lse_err = (lse[seen] - ref_lse[seen]).abs().max().item()
@@ -61,7 +61,10 @@ def check(kw, **tuning):
 # ----------------------------------------------------------------------------------------- CPU
 
 
-VARIANTS = [(2, False, 4), (2, True, 4), (4, False, 4), (4, True, 1), (2, False, 8)]  # (R = 16: 24 bytes of stack)
+# (bits, device lengths, query heads per KV head, sink / window program, model dtype); R = 16 spills 24 bytes
+VARIANTS = [(2, False, 4, False, "fp16"), (2, True, 4, False, "fp16"), (4, False, 4, False, "fp16"),
+            (4, True, 1, False, "fp16"), (2, False, 8, False, "fp16"), (2, True, 4, True, "fp16"),
+            (4, True, 4, True, "fp16"), (2, True, 4, True, "bf16")]
 
 
 @pytest.fixture(scope="module")
@@ -88,8 +91,8 @@ def test_compiles_for_sm90_without_shared_memory_or_spills(sm90_builds, variant)
 
 
 @pytest.mark.parametrize("change,match", [
-    (dict(dtype=torch.bfloat16), "fp16"),
-    (dict(S=4), "sink or window"),
+    (dict(v_group=64), "one group per token"),
+    (dict(k_bits=4, v_bits=4, k_format="nf", v_format="nf"), "per-token affine"),
     (dict(k_bits=4), "the same for K and V"),
     (dict(k_group=64, v_group=64), "one group per token"),
 ])
@@ -107,13 +110,22 @@ def test_cpu_says_cuda_only():
         da.decode_attention(**inputs(device="cpu"), gluon=True)
 
 
-def test_odd_capacity_says_why():
-    kw = inputs(device="cpu")
-    for name in ("k_scale", "k_zero", "v_scale", "v_zero"):
-        kw[name] = kw[name][:, :, :-1]
-    kw["k_codes"], kw["v_codes"] = kw["k_codes"][:, :, :-1], kw["v_codes"][:, :, :-1]
-    assert gd.storage_unsupported_reason(*(kw[n] for n in ("k_codes", "k_scale", "k_zero", "v_codes", "v_scale",
-                                                          "v_zero"))) is not None
+def test_odd_capacity_needs_padded_rows():
+    """Scales are read as pairs of tokens: rows must start at even tokens, and with an odd capacity a row's last pair
+    reads one element past it (PackedKV allocates its per-token scale rows padded to 32 tokens)."""
+    names = ("k_codes", "k_scale", "k_zero", "v_codes", "v_scale", "v_zero")
+    kw = inputs(device="cpu", n_quant=300)  # capacity 304
+    assert gd.storage_unsupported_reason(*(kw[n] for n in names)) is None
+    odd = {n: kw[n].contiguous() if "codes" in n else kw[n][:, :, :-1].contiguous() for n in names}
+    odd["k_codes"], odd["v_codes"] = kw["k_codes"][:, :, :-1].contiguous(), kw["v_codes"][:, :, :-1].contiguous()
+    assert "rows at even tokens" in gd.storage_unsupported_reason(*(odd[n] for n in names))
+    padded = {n: (kw[n][:, :, :-1] if "codes" not in n else odd[n]) for n in names}  # views: rows of 304, 303 used
+    assert gd.storage_unsupported_reason(*(padded[n] for n in names)) is None
+    from kvcompile.cache.packed import PackedKV
+    from kvcompile.schemes import TensorQuant
+    pk = PackedKV.empty(2, 2, 128, TensorQuant("affine", 2, 128, "token"), capacity=1001, n_sink=4, window=8)
+    assert pk.scale.shape[2] % 2 == 1
+    assert gd.storage_unsupported_reason(pk.codes, pk.scale, pk.zero, pk.codes, pk.scale, pk.zero) is None
 
 
 # ----------------------------------------------------------------------------------------- GPU
@@ -125,16 +137,23 @@ LENGTHS = [1, 7, 63, 64, 65, 97, 128, 1000, 4099]
 def configs(draw):
     B = draw(st.integers(1, 3))
     n_quant = draw(st.sampled_from(LENGTHS))
+    fp = draw(st.booleans())  # sink / window tokens: the full-precision program
+    S = draw(st.sampled_from([0, 1, 4, 7])) if fp else 0
+    n_window = draw(st.sampled_from([0, 1, 7, 33, 97, 130])) if fp else 0
+    win_extra = draw(st.sampled_from([0, 2, 31])) if fp else 0
+    ring = fp and draw(st.booleans())
     form = draw(st.sampled_from(["host", "3", "B3"]))
     lens = None
     if form == "3":
-        lens = [(0, n_quant, 0)] * B
+        lens = [(S, n_quant, n_window)] * B
     elif form == "B3":
-        lens = [(0, draw(st.sampled_from([0] + LENGTHS)), 0) for _ in range(B)]
+        lens = [(draw(st.integers(0, S)), draw(st.sampled_from([0] + LENGTHS)), draw(st.integers(0, n_window)))
+                for _ in range(B)]
     return dict(B=B, Hkv=draw(st.integers(1, 4)), r=draw(st.sampled_from([1, 2, 3, 4, 8, 16])),
-                bits=draw(st.sampled_from([2, 4])), n_quant=n_quant, lens=lens, lens_form="3" if form == "3" else "B3",
-                q_noncontig=draw(st.booleans()), seed=draw(st.integers(0, 2**16)),
-                num_splits=draw(st.sampled_from([None, 1, 3])))
+                bits=draw(st.sampled_from([2, 4])), n_quant=n_quant, S=S, n_window=n_window, win_extra=win_extra,
+                lens=lens, lens_form="3" if form == "3" else "B3", q_noncontig=draw(st.booleans()),
+                seed=draw(st.integers(0, 2**16)), num_splits=draw(st.sampled_from([None, 1, 3])), ring=ring,
+                dtype=draw(st.sampled_from([torch.float16, torch.bfloat16])))
 
 
 @gpu
@@ -143,8 +162,11 @@ def configs(draw):
 @given(configs())
 def test_matches_reference(case):
     case = dict(case)
-    num_splits = case.pop("num_splits")
-    check(inputs(**case), num_splits=num_splits)
+    num_splits, ring = case.pop("num_splits"), case.pop("ring")
+    kw = inputs(**case)
+    if ring:
+        kw["window_ring"] = True
+    check(kw, num_splits=num_splits)
 
 
 @gpu
@@ -178,3 +200,16 @@ def test_cached_plan_launch_matches_first_call():
     first = da.decode_attention(**kw, gluon=True)
     again = da.decode_attention(**kw, gluon=True)  # the cached plan, launched directly
     assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
+
+
+@gpu
+@pytest.mark.parametrize("bits", [2, 4])
+def test_odd_capacity_in_padded_rows(bits):
+    """An odd capacity whose scale / zero rows are padded (as PackedKV allocates them): the last pair of a row reads
+    the padding, never a token that counts."""
+    kw = inputs(B=2, Hkv=2, r=4, bits=bits, n_quant=1001, S=4, n_window=20, win_extra=8,
+                lens=[(4, 1001, 20), (3, 999, 17)], seed=bits)
+    for name in ("k_codes", "k_scale", "k_zero", "v_codes", "v_scale", "v_zero"):
+        kw[name] = kw[name][:, :, :1003]  # capacity 1003 (odd) in rows of 1004
+    kw["window_ring"] = True
+    check(kw)

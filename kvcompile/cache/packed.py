@@ -210,15 +210,18 @@ class PackedKV(torch.Tensor):
             raise CacheCapacityError(f"cannot shrink a PackedKV holding {self.length} tokens to capacity {capacity}")
         per_meta = self.quant.flush if self.quant.axis == "channel" else 1
 
-        def fit(t: torch.Tensor, n: int) -> torch.Tensor:
-            out = t.new_zeros(*t.shape[:2], n, *t.shape[3:])
+        def fit(t: torch.Tensor, n: int, meta: bool = False) -> torch.Tensor:
+            if meta and per_meta == 1:  # per-token scales / zeros: rows aligned as PackedKV.empty allocates them
+                out = _meta_zeros(*t.shape[:2], n, tuple(t.shape[3:]), t.dtype, t.device)
+            else:
+                out = t.new_zeros(*t.shape[:2], n, *t.shape[3:])
             keep = min(n, t.shape[2])
             out[:, :, :keep] = t[:, :, :keep]
             return out
 
         out = type(self)(
-            fit(self.codes, mid), fit(self.scale, mid // per_meta),
-            None if self.zero is None else fit(self.zero, mid // per_meta),
+            fit(self.codes, mid), fit(self.scale, mid // per_meta, True),
+            None if self.zero is None else fit(self.zero, mid // per_meta, True),
             self.sink.clone(), self.window.clone(), None if self.perm is None else self.perm.clone(),
             self.counts.clone(), self.rope, *(getattr(self, a) for a in self.tensor_attribute_names),
         )
@@ -226,8 +229,9 @@ class PackedKV(torch.Tensor):
         return out
 
     def storage_nbytes(self) -> int:
-        """Bytes held: every storage tensor's real allocation (codes, metadata, sink, window, perm, counts)."""
-        return sum(t.numel() * t.element_size() for t in self._storage_tensors())
+        """Bytes held: every storage tensor's real allocation (codes, metadata with its row padding, sink, window,
+        perm, counts)."""
+        return sum(t.untyped_storage().nbytes() for t in self._storage_tensors())
 
     def _storage_tensors(self) -> list[torch.Tensor]:
         return [t for t in (getattr(self, n) for n in self.tensor_data_names) if t is not None]
@@ -475,15 +479,26 @@ def _bytes_per_token(q: TensorQuant, head_dim: int) -> int:
     return quant.packed_dim(head_dim, q.bits)
 
 
+META_ROW_ALIGN = 32  # per-token scale / zero rows allocated in multiples of this many tokens
+
+
+def _meta_zeros(b: int, h: int, rows: int, tail: tuple, dtype: torch.dtype, device) -> torch.Tensor:
+    """Zeros [b, h, rows, *tail] whose (batch, head) rows start every ``META_ROW_ALIGN`` tokens (a view of an
+    allocation rounded up to that many rows): the Gluon decode kernel reads per-token fp16 scales and zeros as
+    aligned int32 pairs and 16-byte vectors, whatever the capacity (storage_nbytes counts the allocation)."""
+    return torch.zeros(b, h, _round_up(rows, META_ROW_ALIGN), *tail, dtype=dtype, device=device)[:, :, :rows]
+
+
 def _alloc_meta(q: TensorQuant, b: int, h: int, mid: int, d: int, g: int, meta: torch.dtype, device):
     if q.kind in ("int8", "fp8"):
-        return torch.zeros(b, h, mid, 1, dtype=meta, device=device), None
+        return _meta_zeros(b, h, mid, (1,), meta, device), None
     if q.axis == "channel":
         shape = (b, h, mid // q.flush, d)
-    else:
-        shape = (b, h, mid, d // g)
-    scale = torch.zeros(shape, dtype=meta, device=device)
-    zero = torch.zeros(shape, dtype=meta, device=device) if q.kind == "affine" else None
+        scale = torch.zeros(shape, dtype=meta, device=device)
+        zero = torch.zeros(shape, dtype=meta, device=device) if q.kind == "affine" else None
+        return scale, zero
+    scale = _meta_zeros(b, h, mid, (d // g,), meta, device)
+    zero = _meta_zeros(b, h, mid, (d // g,), meta, device) if q.kind == "affine" else None
     return scale, zero
 
 

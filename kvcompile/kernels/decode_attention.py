@@ -47,7 +47,7 @@ its tokens' positions through two products per plane, q . (k cos) + qb . (k sin)
 from a [BLOCK_N] table, the per-element products in fp16 pairs (0.7-0.85x fp16 SDPA where it is the default).
 Ternary values (v21; ``v_bits=1.5``, 5 base-3 digits per byte, SKVQ's default V) are dequantized per element into
 one output plane in natural channel order (PER_V == 1).
-One group per head of 128 channels at 2 or 4 bits without sink or window tokens runs by default in a Gluon kernel
+One group per head of 128 channels at 2 or 4 bits (fp16 scales) runs by default in a Gluon kernel
 (``gluon_decode.py``, explicit register layouts, nothing through shared memory; NOTES.md v27) where the splits are
 long enough; this module's launcher builds its plan and its partials go through the same merge kernel.
 """
@@ -2017,7 +2017,9 @@ def decode_attention(
 
     ``gluon``: run the split in the Gluon kernel (kvcompile/kernels/gluon_decode.py, NOTES.md v27; CUDA only) for
     the layouts it takes: one group per head of 128 channels, 2 or 4 bits (the same for K and V), affine fp16 scales
-    and zeros, fp16 q, one new token, up to 16 query heads per KV head, no sink or window tokens, an even capacity.
+    and zeros, an fp16 or bf16 model, one new token, up to 16 query heads per KV head, K and V packed as far (no
+    ``v_lengths``), scale / zero rows starting at even tokens (PackedKV aligns them; sink and window tokens go to one
+    extra program per KV head).
     None: there, where each split gets at least ``GLUON_MIN_TILES`` tiles of 64 tokens (H100: 4.3x fp16 SDPA against
     the Triton kernel's 3.5x for K2V2 at 32k); True: always (an error says why a layout cannot); False: never.
 
@@ -2154,9 +2156,10 @@ def decode_attention(
 
     interp = _interpreting() or dev.type != "cuda"
     if gluon is not False and GLUON_DEFAULT or gluon:
-        plan = _gluon_plan(q, storage, gluon, interp, B, Hq, NQ, D, Hkv, r, S, W, W_v, mid_cap, n_quant_arg, dev_lens,
-                           kv_mixed, lens, slen_b, slen_p, k_bits, v_bits, k_group_size, v_group_size, k_axis,
-                           k_format, v_format, rope, sm_scale, num_splits, programs_per_sm)
+        plan = _gluon_plan(q, storage, gluon, interp, B, Hq, NQ, D, Hkv, r, S, W, W_v, mid_cap, n_quant_arg,
+                           n_window_arg, dev_lens, kv_mixed, lens, slen_b, slen_p, k_bits, v_bits, k_group_size,
+                           v_group_size, k_axis, k_format, v_format, rope, sm_scale, num_splits, programs_per_sm,
+                           window_ring)
         if plan is not None:
             if key is not None:
                 _DECODE_PLANS.put(key, storage, plan)
@@ -2400,35 +2403,38 @@ def decode_attention(
     return out, lse
 
 
-def _gluon_plan(q, storage, gluon, interp, B, Hq, NQ, D, Hkv, r, S, W, W_v, mid_cap, n_quant_arg, dev_lens, kv_mixed,
-                lens, slen_b, slen_p, k_bits, v_bits, k_group_size, v_group_size, k_axis, k_format, v_format, rope,
-                sm_scale, num_splits, programs_per_sm):
+def _gluon_plan(q, storage, gluon, interp, B, Hq, NQ, D, Hkv, r, S, W, W_v, mid_cap, n_quant_arg, n_window_arg,
+                dev_lens, kv_mixed, lens, slen_b, slen_p, k_bits, v_bits, k_group_size, v_group_size, k_axis, k_format,
+                v_format, rope, sm_scale, num_splits, programs_per_sm, window_ring):
     """The Gluon kernel's plan (gluon_decode.py: split kernel, then the merge), or None where it does not take the
     layout (``gluon=True`` then fails with the reason) or, by default, where its splits would be too short."""
-    k_codes, k_scale, k_zero, v_codes, v_scale, v_zero = (storage[i] for i in (1, 2, 3, 6, 7, 8))
+    k_sink, k_codes, k_scale, k_zero, k_window, v_sink, v_codes, v_scale, v_zero, v_window = storage[:10]
     metas = tuple(t.dtype for t in (k_scale, k_zero, v_scale, v_zero) if t is not None)
     reason = _gl.gluon_unsupported_reason(
         D=D, r=r, NQ=NQ, k_bits=k_bits, v_bits=v_bits, k_group=k_group_size, v_group=v_group_size, k_axis=k_axis,
-        k_format=k_format, v_format=v_format, dtype=q.dtype, has_sink=S > 0, has_window=max(W, W_v) > 0, rope=rope,
-        meta_dtypes=metas, kv_mixed=kv_mixed)
+        k_format=k_format, v_format=v_format, dtype=q.dtype, rope=rope, meta_dtypes=metas,
+        kv_mixed=kv_mixed or W != W_v)
     if reason is None and interp:
         reason = "Gluon kernels run on CUDA only (not under the Triton interpreter)"
     if reason is None and mid_cap == 0:
         reason = "no packed tokens"
     if reason is None:
-        reason = _gl.storage_unsupported_reason(k_codes, k_scale, k_zero, v_codes, v_scale, v_zero)
+        reason = _gl.storage_unsupported_reason(k_codes, k_scale, k_zero, v_codes, v_scale, v_zero,
+                                                (k_sink, v_sink, k_window, v_window))
     if reason is not None:
         if gluon:
             _fail(f"gluon=True: {reason}")
         return None
     bn = _gl.BLOCK_N
+    has_fp = S > 0 or W > 0  # the last split of each (batch, KV head) is its full-precision program
     if num_splits is None:
         num_splits = choose_num_splits(batch=B, kv_heads=Hkv, seq_len=mid_cap, block_n=bn, num_sms=_num_sms(q.device),
                                        programs_per_sm=programs_per_sm)
-    num_splits = max(1, min(num_splits, _cdiv(mid_cap, bn)))
-    chunk = _cdiv(_cdiv(mid_cap, num_splits), bn) * bn
+    mid = max(1, min(num_splits - (1 if has_fp and num_splits > 1 else 0), _cdiv(mid_cap, bn)))
+    chunk = _cdiv(_cdiv(mid_cap, mid), bn) * bn
     if not dev_lens:
-        num_splits = _cdiv(mid_cap, chunk)
+        mid = _cdiv(mid_cap, chunk)
+    num_splits = mid + (1 if has_fp else 0)
     if gluon is None and chunk < GLUON_MIN_TILES * bn:
         return None
     plan = _DecodePlan(out_shape=(B, Hq, NQ, D), dtype=q.dtype, hkv=Hkv, rope=False, rt_dtype=None, block_n=bn,
@@ -2438,15 +2444,17 @@ def _gluon_plan(q, storage, gluon, interp, B, Hq, NQ, D, Hkv, r, S, W, W_v, mid_
     sources = (q, *storage, *derived)
     args, kwargs = _gl.launch_args(
         q=q, k_codes=k_codes, k_scale=k_scale, k_zero=k_zero, v_codes=v_codes, v_scale=v_scale, v_zero=v_zero,
-        o_part=o_part, l_part=l_part, lens=lens if dev_lens else q, slen_b=slen_b, slen_p=slen_p, n_tok=n_quant_arg,
-        cap=mid_cap, chunk=chunk, qk_scale=float(sm_scale) * _LOG2E, H_KV=Hkv, R=r, num_splits=num_splits,
-        bits=k_bits, dev_lens=dev_lens)
+        k_sink=k_sink, v_sink=v_sink, k_window=k_window, v_window=v_window, o_part=o_part, l_part=l_part,
+        lens=lens if dev_lens else q, slen_b=slen_b, slen_p=slen_p, n_tok=n_quant_arg, cap=mid_cap, chunk=chunk,
+        n_sink=S, n_window=n_window_arg, qk_scale=float(sm_scale) * _LOG2E, H_KV=Hkv, R=r, num_splits=num_splits,
+        bits=k_bits, dev_lens=dev_lens, window_ring=window_ring)
     plan.split = Launch(_gl._gluon_split_kernel, (num_splits, B * Hkv), args, kwargs, sources,
                         stable=_STORAGE_SOURCES)
     block_d = 64 if B * Hq * NQ < 4 * _num_sms(q.device) else D
     plan.merge = Launch(_merge_kernel, (B * Hkv * r * NQ, D // block_d), (o_part, l_part, out, lse, num_splits), dict(
         H_KV=Hkv, GQA=r, NQ=NQ, D=D, SPLITS_P2=_next_pow2(num_splits), BLOCK_D=block_d,
-        DTYPE=tl.float16, num_warps=4 if block_d * num_splits >= 4096 else 2), sources, stable=_STORAGE_SOURCES)
+        DTYPE=tl.bfloat16 if q.dtype == torch.bfloat16 else tl.float16,
+        num_warps=4 if block_d * num_splits >= 4096 else 2), sources, stable=_STORAGE_SOURCES)
     return plan
 
 

@@ -24,10 +24,14 @@ the registers of the MMA operands, with nothing in shared memory:
 - The running maximum is updated lazily (only when some row's maximum grew by more than 8, in log2 units), so most
   tiles skip the accumulator rescale.
 
+- Sink and window tokens (full precision, the window possibly a ring) go to one extra program per (batch, KV head),
+  the last split: plain MMAs over the natural channel order in the model's dtype, 16-token tiles.
+- A bf16 model's q is rounded to fp16 for the packed products (as the Triton kernel does where scales are fp16).
+
 Layouts taken: per-token affine groups of the whole head (G == D == 128), 2 or 4 bits for K and for V (the same),
-fp16 scales and zeros, fp16 q, one new token (Nq == 1), up to 16 query heads per KV head, no sink and no window
-(the packed middle only), host or device lengths. decode_attention routes those here (``gluon=``); everything
-else runs the Triton kernel. The split partials go through decode_attention's merge kernel.
+fp16 scales and zeros, an fp16 or bf16 model, one new token (Nq == 1), up to 16 query heads per KV head, K and V
+packed as far (no ``v_lengths``), host or device lengths, an even capacity. decode_attention routes those here
+(``gluon=``); everything else runs the Triton kernel. The split partials go through decode_attention's merge kernel.
 
 Gluon kernels do not run under the Triton interpreter: on CPU only their compilation for sm_90 is tested
 (tests/test_kernels_gluon.py); on the GPU the same tests compare them with the float32 reference.
@@ -53,8 +57,8 @@ BLOCK_N = 64  # tokens per tile (the token relabelling below is written for 64)
 
 
 def gluon_unsupported_reason(*, D: int, r: int, NQ: int, k_bits, v_bits, k_group: int, v_group: int,
-                             k_axis: str, k_format: str, v_format: str, dtype: torch.dtype, has_sink: bool,
-                             has_window: bool, rope: bool, meta_dtypes: tuple, kv_mixed: bool) -> str | None:
+                             k_axis: str, k_format: str, v_format: str, dtype: torch.dtype, rope: bool,
+                             meta_dtypes: tuple, kv_mixed: bool) -> str | None:
     """Why the Gluon kernel cannot take this layout (None: it can)."""
     if not HAVE_GLUON:
         return "this Triton has no Gluon (triton.experimental.gluon)"
@@ -62,14 +66,14 @@ def gluon_unsupported_reason(*, D: int, r: int, NQ: int, k_bits, v_bits, k_group
         return "the Gluon kernel takes D 128 with one group per token"
     if k_bits != v_bits or k_bits not in (2, 4):
         return "the Gluon kernel takes 2- or 4-bit codes, the same for K and V"
-    if k_axis != "token" or k_format != "affine" or v_format != "affine" or rope or kv_mixed:
+    if k_axis != "token" or k_format != "affine" or v_format != "affine" or rope:
         return "the Gluon kernel takes per-token affine codes (no per-channel keys, codebooks or RoPE)"
-    if dtype != torch.float16 or any(t != torch.float16 for t in meta_dtypes):
-        return "the Gluon kernel takes fp16 q, scales and zeros"
+    if dtype not in (torch.float16, torch.bfloat16) or any(t != torch.float16 for t in meta_dtypes):
+        return "the Gluon kernel takes fp16 scales and zeros (and an fp16 or bf16 model)"
     if NQ != 1 or r > 16:
         return "the Gluon kernel takes one new token and up to 16 query heads per KV head"
-    if has_sink or has_window:
-        return "the Gluon kernel reads the packed middle only (no sink or window tokens)"
+    if kv_mixed:
+        return "the Gluon kernel takes K and V packed as far (no v_lengths)"
     return None
 
 
@@ -254,47 +258,76 @@ if HAVE_GLUON:
         gl.store(optr + J, o * (sc * FACT)[:, None] + zo[:, None], mask=omask)  # FACT: 2**-(BITS J)
 
     @gluon.jit
-    def _gluon_split_kernel(q_ptr, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, op_ptr, lp_ptr, lens_ptr,
-                            sq_b, sq_h, sq_d, skc_b, skc_h, sks_b, sks_h, svc_b, svc_h, svs_b, svs_h, slen_b, slen_p,
-                            n_tok, cap, chunk, qk_scale,
-                            H_KV: gl.constexpr, R: gl.constexpr, NUM_SPLITS: gl.constexpr, BITS: gl.constexpr,
-                            DEV_LENS: gl.constexpr, PREFETCH_V: gl.constexpr):
-        """One program per (split, batch x KV head): the split's tokens of the packed middle, all R query heads of
-        the KV head in the MMA rows. The codes (uint8, token rows contiguous) are read as int32 words (4 BITS per
-        token), the fp16 per-token scales and zeros as int32 pairs of consecutive tokens; their strides come in
-        those units. DEV_LENS: the row's packed length is lens[b * slen_b + slen_p] (clamped to cap) and its chunk is
-        derived from it, else n_tok and chunk. Writes the split's normalised output and base-2 log-sum-exp
-        (decode_attention's merge kernel reads them)."""
-        kc_ptr = k_codes.to(gl.pointer_type(gl.int32))
-        vc_ptr = v_codes.to(gl.pointer_type(gl.int32))
-        ks_ptr = k_scale.to(gl.pointer_type(gl.int32))
-        kz_ptr = k_zero.to(gl.pointer_type(gl.int32))
-        vs_ptr = v_scale.to(gl.pointer_type(gl.int32))
-        vz_ptr = v_zero.to(gl.pointer_type(gl.int32))
+    def _fp_tile(qa, kt, vt, valid, m_i, l_i, o, qk_scale, A_OP: gl.constexpr, MMA: gl.constexpr):
+        """One tile of full-precision keys kt [128, FBN] and values vt [FBN, 128] (the sink or the window)."""
+        s = mma_v2(qa, kt, gl.zeros([16, kt.shape[1]], gl.float32, MMA)) * qk_scale
+        s = gl.where(valid[None, :], s, float("-inf"))
+        m_new = gl.maximum(m_i, gl.max(s, axis=1))
+        alpha = gl.exp2(m_i - m_new)
+        p = gl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + gl.sum(p, axis=1)
+        o = mma_v2(gl.convert_layout(p.to(vt.dtype), A_OP), vt, o * alpha[:, None])
+        return m_new, l_i, o
+
+    @gluon.jit
+    def _fp_program(q_ptr, sq_b, sq_h, sq_d, k_sink, v_sink, k_win, v_win, sks_b, sks_h, sks_t, svs_b, svs_h, svs_t,
+                    skw_b, skw_h, skw_t, svw_b, svw_h, svw_t, n_s, n_q, n_w, w_rows, op_ptr, lp_ptr, prow0, b, h,
+                    qk_scale, R: gl.constexpr, WRING: gl.constexpr, MMA: gl.constexpr, A_OP: gl.constexpr,
+                    B_OP: gl.constexpr, ROW: gl.constexpr, COL: gl.constexpr):
+        """The (batch, KV head)'s own program for its full-precision tokens: n_s sink tokens, then n_w window tokens
+        (window token j at row (n_q + j) % w_rows with WRING, else row j), in tiles of FBN tokens; plain fp16 MMAs
+        over the natural channel order. Writes its normalised output and base-2 log-sum-exp at row prow0."""
+        FBN: gl.constexpr = 16
+        qm = gl.arange(0, 16, layout=gl.SliceLayout(1, A_OP))
+        qd = gl.arange(0, 128, layout=gl.SliceLayout(0, A_OP))
+        qa = gl.load(q_ptr + b * sq_b + (h * R + qm)[:, None] * sq_h + qd[None, :] * sq_d, mask=(qm < R)[:, None],
+                     other=0.0)
+        kd = gl.arange(0, 128, layout=gl.SliceLayout(1, B_OP))
+        kt = gl.arange(0, FBN, layout=gl.SliceLayout(0, B_OP))
+        vt = gl.arange(0, FBN, layout=gl.SliceLayout(1, B_OP))
+        vd = gl.arange(0, 128, layout=gl.SliceLayout(0, B_OP))
+        ct = gl.arange(0, FBN, layout=COL)
+        m_i = gl.full([16], float("-inf"), gl.float32, ROW)
+        l_i = gl.zeros([16], gl.float32, ROW)
+        o = gl.zeros([16, 128], gl.float32, MMA)
+        ks_base = k_sink + b * sks_b + h * sks_h
+        vs_base = v_sink + b * svs_b + h * svs_h
+        for t0 in range(0, n_s, FBN):
+            kk = gl.load(ks_base + (t0 + kt)[None, :] * sks_t + kd[:, None], mask=(t0 + kt)[None, :] < n_s, other=0.0)
+            vv = gl.load(vs_base + (t0 + vt)[:, None] * svs_t + vd[None, :], mask=(t0 + vt)[:, None] < n_s, other=0.0)
+            m_i, l_i, o = _fp_tile(qa, kk, vv, (t0 + ct) < n_s, m_i, l_i, o, qk_scale, A_OP, MMA)
+        kw_base = k_win + b * skw_b + h * skw_h
+        vw_base = v_win + b * svw_b + h * svw_h
+        for t0 in range(0, n_w, FBN):
+            rk = t0 + kt
+            rv = t0 + vt
+            if WRING:
+                rk = (n_q + rk) % w_rows
+                rv = (n_q + rv) % w_rows
+            kk = gl.load(kw_base + rk[None, :] * skw_t + kd[:, None], mask=(t0 + kt)[None, :] < n_w, other=0.0)
+            vv = gl.load(vw_base + rv[:, None] * svw_t + vd[None, :], mask=(t0 + vt)[:, None] < n_w, other=0.0)
+            m_i, l_i, o = _fp_tile(qa, kk, vv, (t0 + ct) < n_w, m_i, l_i, o, qk_scale, A_OP, MMA)
+        om = gl.arange(0, 16, layout=ROW)
+        on = gl.arange(0, 128, layout=COL)
+        prow = prow0 * R + om
+        inv = gl.where(l_i > 0.0, 1.0 / l_i, 0.0)
+        gl.store(op_ptr + prow[:, None] * 128 + on[None, :], o * inv[:, None], mask=(om < R)[:, None])
+        gl.store(lp_ptr + prow, gl.where(l_i > 0.0, m_i + gl.log2(l_i), float("-inf")), mask=om < R)
+
+    @gluon.jit
+    def _packed_program(q_ptr, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, op_ptr, lp_ptr,
+                        sq_b, sq_h, sq_d, skc_b, skc_h, sks_b, sks_h, svc_b, svc_h, svs_b, svs_h, start, end, prow0,
+                        b, h, qk_scale, R: gl.constexpr, BITS: gl.constexpr, PREFETCH_V: gl.constexpr,
+                        MMA: gl.constexpr, A_OP: gl.constexpr, B_OP: gl.constexpr, ROW: gl.constexpr,
+                        COL: gl.constexpr):
+        """A split of the packed middle: tokens [start, end) of the (batch, KV head), all R query heads in the MMA
+        rows. Writes the split's normalised output and base-2 log-sum-exp at row prow0."""
         BN: gl.constexpr = 64
         W: gl.constexpr = 4 * BITS  # int32 words per token
         PER: gl.constexpr = 8 // BITS
-        MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, 1], instr_shape=[16, 8])
-        A_OP: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
-        B_OP: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=MMA, k_width=2)
-        ROW: gl.constexpr = gl.SliceLayout(1, MMA)
-        COL: gl.constexpr = gl.SliceLayout(0, MMA)
         KW: gl.constexpr = _kw_layout(BITS)
         VW: gl.constexpr = _vw_layout(BITS)
         PL: gl.constexpr = _pair_layout()
-
-        pid_s = gl.program_id(0)
-        bh = gl.program_id(1)
-        b = (bh // H_KV).to(gl.int64)
-        h = (bh % H_KV).to(gl.int64)
-        if DEV_LENS:
-            n_row = gl.minimum(gl.maximum(gl.load(lens_ptr + b * slen_b + slen_p).to(gl.int32), 0), cap)
-            chunk = ((n_row + NUM_SPLITS - 1) // NUM_SPLITS + BN - 1) // BN * BN
-        else:
-            n_row = n_tok
-        start = pid_s * chunk
-        end = gl.minimum(start + chunk, n_row)
-
         qm = gl.arange(0, 16, layout=gl.SliceLayout(1, A_OP))
         q_rows = q_ptr + b * sq_b + (h * R + qm) * sq_h
         qmask = qm < R
@@ -378,7 +411,7 @@ if HAVE_GLUON:
         om = gl.arange(0, 16, layout=ROW)
         on = gl.arange(0, 16 * BITS, layout=COL)
         ch = 16 * (on % 8) + PER * (on // 8)
-        prow = (bh.to(gl.int64) * NUM_SPLITS + pid_s) * R + om
+        prow = prow0 * R + om
         optr = op_ptr + prow[:, None] * 128 + ch[None, :]
         omask = (om < R)[:, None]
         _store_plane(o0, optr, sc, zo, omask, 0, 1.0)
@@ -392,50 +425,117 @@ if HAVE_GLUON:
         gl.store(lp_ptr + prow, lse, mask=om < R)
 
 
-def storage_unsupported_reason(k_codes, k_scale, k_zero, v_codes, v_scale, v_zero) -> str | None:
+
+    @gluon.jit
+    def _gluon_split_kernel(q_ptr, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, op_ptr, lp_ptr, lens_ptr,
+                            k_sink, v_sink, k_win, v_win,
+                            sq_b, sq_h, sq_d, skc_b, skc_h, sks_b, sks_h, svc_b, svc_h, svs_b, svs_h, slen_b, slen_p,
+                            sfk_b, sfk_h, sfk_t, sfv_b, sfv_h, sfv_t, swk_b, swk_h, swk_t, swv_b, swv_h, swv_t,
+                            n_tok, cap, chunk, n_sink, n_win, s_cap, w_rows, qk_scale,
+                            H_KV: gl.constexpr, R: gl.constexpr, NUM_SPLITS: gl.constexpr, BITS: gl.constexpr,
+                            DEV_LENS: gl.constexpr, PREFETCH_V: gl.constexpr, HAS_FP: gl.constexpr,
+                            WRING: gl.constexpr):
+        """One program per (split, batch x KV head). The packed middle's splits: the codes (uint8, token rows
+        contiguous) are read as int32 words (4 BITS per token), the fp16 per-token scales and zeros as int32 pairs
+        of consecutive tokens (their strides come in those units). HAS_FP: the last split is the (batch, KV head)'s
+        full-precision program (the sink, then the window; WRING: a ring of w_rows rows). DEV_LENS: each row's
+        (n_sink, n_quant, n_window) is lens[b * slen_b + i * slen_p] (clamped to s_cap / cap / w_rows) and its chunk
+        is derived from its n_quant; else n_sink / n_tok / n_win and chunk. Writes each split's normalised output and
+        base-2 log-sum-exp (decode_attention's merge kernel reads them)."""
+        MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, 1], instr_shape=[16, 8])
+        A_OP: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
+        B_OP: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=MMA, k_width=2)
+        ROW: gl.constexpr = gl.SliceLayout(1, MMA)
+        COL: gl.constexpr = gl.SliceLayout(0, MMA)
+        NUM_MID: gl.constexpr = NUM_SPLITS - 1 if HAS_FP else NUM_SPLITS
+        BN: gl.constexpr = 64
+
+        pid_s = gl.program_id(0)
+        bh = gl.program_id(1)
+        b = (bh // H_KV).to(gl.int64)
+        h = (bh % H_KV).to(gl.int64)
+        if DEV_LENS:
+            n_q = gl.minimum(gl.maximum(gl.load(lens_ptr + b * slen_b + slen_p).to(gl.int32), 0), cap)
+            chunk = ((n_q + NUM_MID - 1) // NUM_MID + BN - 1) // BN * BN
+        else:
+            n_q = n_tok
+        prow0 = bh.to(gl.int64) * NUM_SPLITS + pid_s
+        if HAS_FP and pid_s == NUM_SPLITS - 1:
+            if DEV_LENS:
+                n_s = gl.minimum(gl.maximum(gl.load(lens_ptr + b * slen_b).to(gl.int32), 0), s_cap)
+                n_w = gl.minimum(gl.maximum(gl.load(lens_ptr + b * slen_b + 2 * slen_p).to(gl.int32), 0), w_rows)
+            else:
+                n_s = n_sink
+                n_w = n_win
+            _fp_program(q_ptr, sq_b, sq_h, sq_d, k_sink, v_sink, k_win, v_win, sfk_b, sfk_h, sfk_t, sfv_b, sfv_h,
+                        sfv_t, swk_b, swk_h, swk_t, swv_b, swv_h, swv_t, n_s, n_q, n_w, w_rows, op_ptr, lp_ptr, prow0,
+                        b, h, qk_scale, R, WRING, MMA, A_OP, B_OP, ROW, COL)
+        else:
+            start = pid_s * chunk
+            _packed_program(q_ptr, k_codes.to(gl.pointer_type(gl.int32)), k_scale.to(gl.pointer_type(gl.int32)),
+                            k_zero.to(gl.pointer_type(gl.int32)), v_codes.to(gl.pointer_type(gl.int32)),
+                            v_scale.to(gl.pointer_type(gl.int32)), v_zero.to(gl.pointer_type(gl.int32)), op_ptr,
+                            lp_ptr, sq_b, sq_h, sq_d, skc_b, skc_h, sks_b, sks_h, svc_b, svc_h, svs_b, svs_h, start,
+                            gl.minimum(start + chunk, n_q), prow0, b, h, qk_scale, R, BITS, PREFETCH_V, MMA, A_OP,
+                            B_OP, ROW, COL)
+
+
+def storage_unsupported_reason(k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, fp=()) -> str | None:
     """Why the kernel cannot read this storage as int32 words and pairs (None: it can): token rows of codes
     contiguous and whole words; per-token fp16 scales and zeros contiguous along tokens, 4-byte aligned, with an
-    even capacity (pairs of consecutive tokens)."""
+    even capacity (pairs of consecutive tokens); the sink / window tensors ``fp`` with contiguous channels."""
+    if any(t.shape[2] > 0 and t.stride(3) != 1 for t in fp):
+        return "the Gluon kernel reads sink and window tokens with contiguous channels"
     for c in (k_codes, v_codes):
         if c.stride(-1) != 1 or c.stride(-2) != c.shape[-1] or c.shape[-1] % 4 or any(x % 4 for x in c.stride()[:2]):
             return "the Gluon kernel reads contiguous token rows of codes as int32 words"
     for x in (k_scale, k_zero, v_scale, v_zero):
-        if x.shape[-1] != 1 or x.stride(-2) != 1 or x.data_ptr() % 4 or any(t % 2 for t in x.stride()[:2]) \
-                or x.shape[-2] % 2:
-            return "the Gluon kernel reads per-token scales and zeros as pairs (contiguous, even capacity)"
+        if x.shape[-1] != 1 or x.stride(-2) != 1 or x.data_ptr() % 4 or any(t % 2 for t in x.stride()[:2]):
+            return "the Gluon kernel reads per-token scales and zeros as pairs (contiguous, rows at even tokens)"
+        # an odd capacity: a row's last pair reads one element past it, which must exist (PackedKV pads its rows)
+        last = x.storage_offset() + sum((n - 1) * t for n, t in zip(x.shape, x.stride())) + 1
+        if x.shape[-2] % 2 and x.untyped_storage().nbytes() < (last + 1) * x.element_size():
+            return "the Gluon kernel reads per-token scales and zeros as pairs (an odd capacity needs a padded row)"
     if k_zero.stride() != k_scale.stride() or v_zero.stride() != v_scale.stride():
         return "the Gluon kernel takes zeros laid out as their scales"
     return None
 
 
-def launch_args(*, q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, o_part, l_part, lens, slen_b, slen_p,
-                n_tok,
-                cap, chunk, qk_scale, H_KV, R, num_splits, bits, dev_lens):
-    """(args, kwargs) of the split kernel's launch over (num_splits, B * H_KV) programs."""
+def launch_args(*, q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_sink, v_sink, k_window, v_window, o_part,
+                l_part, lens, slen_b, slen_p, n_tok, cap, chunk, n_sink, n_window, qk_scale, H_KV, R, num_splits, bits,
+                dev_lens, window_ring):
+    """(args, kwargs) of the split kernel's launch over (num_splits, B * H_KV) programs; with sink or window rows
+    (capacities above 0) the last split of each (batch, KV head) is its full-precision program."""
+    S, W = k_sink.shape[2], k_window.shape[2]
+    has_fp = S > 0 or W > 0
+
+    def fp(t):  # an empty part gets a stand-in pointer (an empty CUDA tensor may have a null pointer); never read
+        return (t, t.stride(0), t.stride(1), t.stride(2)) if t.shape[2] > 0 else (q, 0, 0, 0)
+
+    (ks, *sks), (vs, *svs), (kw, *skw), (vw, *svw) = fp(k_sink), fp(v_sink), fp(k_window), fp(v_window)
     return (
-        q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, o_part, l_part, lens,
+        q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, o_part, l_part, lens, ks, vs, kw, vw,
         q.stride(0), q.stride(1), q.stride(3), k_codes.stride(0) // 4, k_codes.stride(1) // 4,
         k_scale.stride(0) // 2, k_scale.stride(1) // 2, v_codes.stride(0) // 4, v_codes.stride(1) // 4,
-        v_scale.stride(0) // 2, v_scale.stride(1) // 2, slen_b, slen_p, n_tok, cap, chunk, qk_scale,
-    ), dict(H_KV=H_KV, R=R, NUM_SPLITS=num_splits, BITS=bits, DEV_LENS=dev_lens, PREFETCH_V=bits == 2, num_warps=1)
+        v_scale.stride(0) // 2, v_scale.stride(1) // 2, slen_b, slen_p, *sks, *svs, *skw, *svw,
+        n_tok, cap, chunk, n_sink, n_window, S, max(W, 1), qk_scale,
+    ), dict(H_KV=H_KV, R=R, NUM_SPLITS=num_splits, BITS=bits, DEV_LENS=dev_lens, PREFETCH_V=bits == 2,
+            HAS_FP=has_fp, WRING=bool(window_ring) and W > 0, num_warps=1)
 
 
-def sm90_resources(bits: int, dev_lens: bool, r: int) -> dict:
-    """Compile the split kernel for sm_90 on this machine (no GPU needed; not under the Triton interpreter) and
-    report what the design relies on: registers, stack (spills), shared memory, and any shared-memory or
-    local-memory instruction in the SASS (``forbidden``). tests/test_kernels_gluon.py checks it in CI."""
-    import re
-    import subprocess
-    import tempfile
-
+def compile_sm90(bits: int, dev_lens: bool, r: int, has_fp: bool = False, dtype: str = "fp16"):
+    """The split kernel compiled for sm_90 on this machine (no GPU needed; not under the Triton interpreter), with
+    strides divisible by 16 as the runtime specialises them for the benchmark shapes: a triton CompiledKernel."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
 
     fn = _gluon_split_kernel
-    ptrs = {"q_ptr": "*fp16", "k_codes": "*u8", "v_codes": "*u8", "k_scale": "*fp16", "k_zero": "*fp16",
-            "v_scale": "*fp16", "v_zero": "*fp16", "op_ptr": "*fp32", "lp_ptr": "*fp32", "lens_ptr": "*i32"}
-    const = dict(H_KV=8, R=r, NUM_SPLITS=16, BITS=bits, DEV_LENS=dev_lens, PREFETCH_V=bits == 2, sq_d=1)
+    ptrs = {"q_ptr": "*" + dtype, "k_codes": "*u8", "v_codes": "*u8", "k_scale": "*fp16", "k_zero": "*fp16",
+            "v_scale": "*fp16", "v_zero": "*fp16", "op_ptr": "*fp32", "lp_ptr": "*fp32", "lens_ptr": "*i32",
+            "k_sink": "*" + dtype, "v_sink": "*" + dtype, "k_win": "*" + dtype, "v_win": "*" + dtype}
+    const = dict(H_KV=8, R=r, NUM_SPLITS=16, BITS=bits, DEV_LENS=dev_lens, PREFETCH_V=bits == 2, HAS_FP=has_fp,
+                 WRING=has_fp, sq_d=1)
     sig, consts, attrs = {}, {}, {}
     for i, name in enumerate(fn.arg_names):
         if name in ptrs:
@@ -445,12 +545,24 @@ def sm90_resources(bits: int, dev_lens: bool, r: int) -> dict:
             sig[name], consts[name] = "constexpr", const[name]
         elif name == "qk_scale":
             sig[name] = "fp32"
-        else:  # strides divisible by 16, as the runtime specialises them for the benchmark shapes
+        else:
             sig[name] = "i32"
-            if name not in ("n_tok", "cap", "chunk", "slen_b", "slen_p"):
+            if name not in ("n_tok", "cap", "chunk", "slen_b", "slen_p", "n_sink", "n_win", "s_cap", "w_rows"):
                 attrs[(i,)] = [["tt.divisibility", 16]]
-    k = triton.compile(GluonASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", 90, 32),
-                       options=dict(num_warps=1, num_stages=1))
+    return triton.compile(GluonASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", 90, 32),
+                          options=dict(num_warps=1, num_stages=1))
+
+
+def sm90_resources(bits: int, dev_lens: bool, r: int, has_fp: bool = False, dtype: str = "fp16") -> dict:
+    """:func:`compile_sm90`'s build and what the design relies on: registers, stack (spills), shared memory, and any
+    shared-memory or local-memory instruction in the SASS (``forbidden``). tests/test_kernels_gluon.py checks it."""
+    import re
+    import subprocess
+    import tempfile
+
+    import triton
+
+    k = compile_sm90(bits, dev_lens, r, has_fp, dtype)
     cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     if not os.path.exists(cuobjdump):
         return {"skip": "this Triton ships no cuobjdump"}
