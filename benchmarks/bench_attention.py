@@ -495,9 +495,9 @@ FPBN_VARIANTS = {"fp64": dict(fp_block_n=64), "fp16": dict(fp_block_n=16),
 # 1024 + code and an exact subtraction
 DEN_VARIANTS = {"v_den": dict(v_denormal=True), "v_offset": dict(v_denormal=False)}
 
-# --gluon: the Gluon kernel (kvcompile/kernels/gluon_decode.py, v27) against the Triton kernel, each forced (rows the
-# Gluon kernel does not take report its error and are skipped)
-GLUON_VARIANTS = {"gluon": dict(gluon=True), "triton": dict(gluon=False)}
+# --gluon: the Gluon kernel (kvcompile/kernels/gluon_decode.py) in its two forms, tokens on the MMA's M side (v28) and
+# query rows on it (v27), against the Triton kernel, each forced (rows a form does not take report its error, skipped)
+GLUON_VARIANTS = {"gluon_tokens": dict(gluon="tokens"), "gluon_rows": dict(gluon="rows"), "triton": dict(gluon=False)}
 
 # --stages: BLOCK_N 32 with 2-4 pipeline stages (offline triton 3.6, K4V4 g128: 238 registers and no stack at 32,
 # against 255 and 8 bytes of stack for the 4-bit default BLOCK_N 64 with two stages)

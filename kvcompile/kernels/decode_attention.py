@@ -168,6 +168,8 @@ V_DEN_DEFAULT = True
 # GLUON_MIN_TILES tiles of 64 tokens (below that its per-program setup costs more than it saves)
 GLUON_DEFAULT = True
 GLUON_MIN_TILES = 8
+# the tokens-on-M form for up to 8 query rows per KV head (v28; H100 K2V2 32k: 72 against 84 us in the 16-row form)
+GLUON_TOKENS_DEFAULT = True
 
 _LOG2E = 1.4426950408889634
 _LN2 = 0.6931471805599453
@@ -1970,7 +1972,7 @@ def decode_attention(
     fp_block_n: int | None = None,
     window_ring: bool = False,
     v_denormal: bool | None = None,
-    gluon: bool | None = None,
+    gluon: bool | str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of ``q`` over the packed KV ``sink ++ middle[:n_quant] ++ window[:n_window]``.
 
@@ -2020,8 +2022,10 @@ def decode_attention(
     and zeros, an fp16 or bf16 model, one new token, up to 16 query heads per KV head, K and V packed as far (no
     ``v_lengths``), scale / zero rows starting at even tokens (PackedKV aligns them; sink and window tokens go to one
     extra program per KV head).
-    None: there, where each split gets at least ``GLUON_MIN_TILES`` tiles of 64 tokens (H100: 4.3x fp16 SDPA against
-    the Triton kernel's 3.5x for K2V2 at 32k); True: always (an error says why a layout cannot); False: never.
+    None: there, where each split gets at least ``GLUON_MIN_TILES`` tiles of 64 tokens (H100: 5.0x fp16 SDPA against
+    the Triton kernel's 3.6x for K2V2 at 32k); True: always (an error says why a layout cannot); False: never.
+    ``"tokens"`` / ``"rows"`` force one of its two forms: the tokens on the MMA's M side (S^T = K q^T, up to 8 query
+    heads per KV head; the default there, NOTES.md v28) or the query heads on it (16 rows, up to 16 heads).
 
     Keys quantized before RoPE (SKVQ's ``pre_rope``): ``k_rope`` the model's rotary inverse frequencies (float32
     [rotary_dim / 2]) and ``k_perm`` the keys' channel order ([Hkv, D], the model channel at each stored column;
@@ -2418,12 +2422,17 @@ def _gluon_plan(q, storage, gluon, interp, B, Hq, NQ, D, Hkv, r, S, W, W_v, mid_
         reason = "Gluon kernels run on CUDA only (not under the Triton interpreter)"
     if reason is None and mid_cap == 0:
         reason = "no packed tokens"
+    if gluon not in (None, True, False, "rows", "tokens"):
+        _fail(f"gluon={gluon!r}: None, True, False, 'rows' or 'tokens'")
+    tokens_on_m = gluon == "tokens" or (gluon in (None, True) and GLUON_TOKENS_DEFAULT and r * NQ <= _gl.TOKM_MAX_ROWS)
+    if reason is None and tokens_on_m and r * NQ > _gl.TOKM_MAX_ROWS:
+        reason = f"gluon='tokens' takes at most {_gl.TOKM_MAX_ROWS} query heads per KV head"
     if reason is None:
         reason = _gl.storage_unsupported_reason(k_codes, k_scale, k_zero, v_codes, v_scale, v_zero,
                                                 (k_sink, v_sink, k_window, v_window))
     if reason is not None:
         if gluon:
-            _fail(f"gluon=True: {reason}")
+            _fail(f"gluon={gluon!r}: {reason}")
         return None
     bn = _gl.BLOCK_N
     has_fp = S > 0 or W > 0  # the last split of each (batch, KV head) is its full-precision program
@@ -2447,7 +2456,7 @@ def _gluon_plan(q, storage, gluon, interp, B, Hq, NQ, D, Hkv, r, S, W, W_v, mid_
         k_sink=k_sink, v_sink=v_sink, k_window=k_window, v_window=v_window, o_part=o_part, l_part=l_part,
         lens=lens if dev_lens else q, slen_b=slen_b, slen_p=slen_p, n_tok=n_quant_arg, cap=mid_cap, chunk=chunk,
         n_sink=S, n_window=n_window_arg, qk_scale=float(sm_scale) * _LOG2E, H_KV=Hkv, R=r, num_splits=num_splits,
-        bits=k_bits, dev_lens=dev_lens, window_ring=window_ring)
+        bits=k_bits, dev_lens=dev_lens, window_ring=window_ring, tokens_on_m=tokens_on_m)
     plan.split = Launch(_gl._gluon_split_kernel, (num_splits, B * Hkv), args, kwargs, sources,
                         stable=_STORAGE_SOURCES)
     block_d = 64 if B * Hq * NQ < 4 * _num_sms(q.device) else D

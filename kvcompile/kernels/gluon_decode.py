@@ -24,6 +24,12 @@ the registers of the MMA operands, with nothing in shared memory:
 - The running maximum is updated lazily (only when some row's maximum grew by more than 8, in log2 units), so most
   tiles skip the accumulator rescale.
 
+- Two forms. For up to 8 query heads per KV head (the default there, NOTES.md v28) the tokens sit on the MMA's M
+  side: S^T = K q^T over [64 tokens, 8 rows], O^T = V^T P^T, with P^T made from S^T's accumulator by one movmatrix
+  (an 8 x 8 transpose across the warp) per block: half the MMAs and half the softmax elements of the other form, the
+  query heads on the M side (S = q K^T over [16 rows, 64 tokens], v27; up to 16 heads). The token order then differs
+  (row m = g + 8 r is token 8 g + r) and so do the operands' relabellings; the loop, the loads and the unpack are
+  shared.
 - Sink and window tokens (full precision, the window possibly a ring) go to one extra program per (batch, KV head),
   the last split: plain MMAs over the natural channel order in the model's dtype, 16-token tiles.
 - A bf16 model's q is rounded to fp16 for the packed products (as the Triton kernel does where scales are fp16).
@@ -54,6 +60,11 @@ except ImportError:  # pragma: no cover - depends on the installed Triton
 __all__ = ["HAVE_GLUON", "gluon_unsupported_reason", "storage_unsupported_reason", "launch_args"]
 
 BLOCK_N = 64  # tokens per tile (the token relabelling below is written for 64)
+TOKM_MAX_ROWS = 8  # query rows per KV head the tokens-on-M form takes (its MMA's N side)
+# ptxas's own choice for the tokens-on-M builds was 168 registers with a spill in the packed loop (R = 8 with device
+# lengths; 48 bytes in the sink / window program); with the cap stated it takes 173-198 and spills nothing (the 16-row
+# form keeps ptxas's choice: with the cap its loop grew 1044 -> 1081 instructions)
+MAXNREG = 255
 
 
 def gluon_unsupported_reason(*, D: int, r: int, NQ: int, k_bits, v_bits, k_group: int, v_group: int,
@@ -160,18 +171,29 @@ if HAVE_GLUON:
         return gl.convert_layout(gl.reshape(x, [16 * BITS, 64]), B_OP)
 
     @gluon.jit
-    def _v_operand(ve, vo, BITS: gl.constexpr, B_OP: gl.constexpr):
-        """int32 words of the even / odd token of each pair [32, 4 BITS] -> int16 [64 k, 16 BITS n]: k = e + 2 c +
-        8 h + 16 s is token e + 2 (h + 2 s) + 16 c (the S columns' order); n = 8 t' + g is byte t' of the thread's
-        BITS / 2 words (word BITS / 2 g + t' // 4), i.e. byte 2 BITS g + t' of the token."""
-        x = gl.join(_spread_v(ve, vo, 0), _spread_v(ve, vo, 1))  # [32 p, W, 2 a, 2 b, 2 w]: token 2 p + b, byte 2 w + a
+    def _v_operand(ve, vo, BITS: gl.constexpr, OP: gl.constexpr, TRANS: gl.constexpr):
+        """int32 words of each row's pair of tokens [32 rows p, 4 BITS] -> int16 V tile with k = e + 2 c + 8 h + 16 s
+        (the pair member e of row p = h + 2 s + 8 c: the S columns' token order) and n = 8 t' + g (byte t' of the
+        thread's BITS / 2 words: byte 2 BITS g + t' of the token): [64 k, 16 BITS n] as the B operand of P . V, or
+        with TRANS [16 BITS n, 64 k] as the A operand of V^T . P^T (the tokens-on-M form)."""
+        x = gl.join(_spread_v(ve, vo, 0), _spread_v(ve, vo, 1))  # [32 p, W, 2 a, 2 b, 2 w]: member b, byte 2 w + a
         if BITS == 2:
             x = gl.reshape(x, [4, 2, 2, 2, 8, 2, 2, 2])  # (c, s1, s0, h, g, a, b, w)
-            x = gl.permute(x, [1, 2, 3, 0, 6, 7, 5, 4])  # (s1, s0, h, c, b, w, a, g)
+            if TRANS:
+                x = gl.permute(x, [7, 5, 4, 1, 2, 3, 0, 6])  # (w, a, g, s1, s0, h, c, b)
+            else:
+                x = gl.permute(x, [1, 2, 3, 0, 6, 7, 5, 4])  # (s1, s0, h, c, b, w, a, g)
         else:
             x = gl.reshape(x, [4, 2, 2, 2, 8, 2, 2, 2, 2])  # (c, s1, s0, h, g, wl, a, b, w)
-            x = gl.permute(x, [1, 2, 3, 0, 7, 5, 8, 6, 4])  # (s1, s0, h, c, b, wl, w, a, g)
-        return gl.convert_layout(gl.reshape(x, [64, 16 * BITS]), B_OP)
+            if TRANS:
+                x = gl.permute(x, [5, 8, 6, 4, 1, 2, 3, 0, 7])  # (wl, w, a, g, s1, s0, h, c, b)
+            else:
+                x = gl.permute(x, [1, 2, 3, 0, 7, 5, 8, 6, 4])  # (s1, s0, h, c, b, wl, w, a, g)
+        if TRANS:
+            x = gl.reshape(x, [16 * BITS, 64])
+        else:
+            x = gl.reshape(x, [64, 16 * BITS])
+        return gl.convert_layout(x, OP)
 
     @gluon.jit
     def _q_plane(q_row_ptr, sq_d, rmask, BITS: gl.constexpr, J: gl.constexpr, FACT: gl.constexpr,
@@ -221,7 +243,7 @@ if HAVE_GLUON:
         l_i = l_i + gl.sum(p, axis=1)
         z_i = z_i + gl.sum(p * vz_f[None, :], axis=1)
         pa = gl.convert_layout((p * vs_f[None, :]).to(gl.float16), A_OP)
-        vsp = _v_operand(ve, vo, BITS, B_OP)
+        vsp = _v_operand(ve, vo, BITS, B_OP, False)
         o0 = mma_v2(pa, _plane(vsp, _mask(BITS, 0)), o0)
         o1 = mma_v2(pa, _plane(vsp, _mask(BITS, 1)), o1)
         if BITS == 2:
@@ -230,9 +252,21 @@ if HAVE_GLUON:
         return m_i, l_i, z_i, o0, o1, o2, o3
 
     @gluon.jit
-    def _load_v(v_base, v_off, vw_p, t, n_valid, W: gl.constexpr, MASKED: gl.constexpr):
-        """The V words of the even and the odd token of each pair of the tile at token t."""
-        if MASKED:
+    def _load_v(v_base, v_off, vw_p, vw_i, t, n_valid, W: gl.constexpr, TOKM: gl.constexpr, MASKED: gl.constexpr):
+        """V words of each row's pair of tokens of the tile at token t: row p holds tokens 2 p and 2 p + 1 (v_off:
+        their words' offsets), or with TOKM 16 (p // 8) + p % 8 and 8 further (offsets computed here from the
+        arange: hoisted, they did not fold into the loads' immediates; offline SASS)."""
+        if TOKM:
+            tok = 16 * (vw_p // 8) + vw_p % 8
+            if MASKED:
+                ve = gl.load(v_base + t * W + (tok * W)[:, None] + vw_i[None, :], mask=tok[:, None] < n_valid,
+                             other=0)
+                vo = gl.load(v_base + t * W + ((tok + 8) * W)[:, None] + vw_i[None, :],
+                             mask=(tok + 8)[:, None] < n_valid, other=0)
+            else:
+                ve = gl.load(v_base + t * W + (tok * W)[:, None] + vw_i[None, :])
+                vo = gl.load(v_base + t * W + ((tok + 8) * W)[:, None] + vw_i[None, :])
+        elif MASKED:
             ve = gl.load(v_base + t * W + v_off, mask=(2 * vw_p)[:, None] < n_valid, other=0)
             vo = gl.load(v_base + t * W + W + v_off, mask=(2 * vw_p + 1)[:, None] < n_valid, other=0)
         else:
@@ -252,10 +286,6 @@ if HAVE_GLUON:
             r = (gl.load(ks_base + p2 + pp), gl.load(kz_base + p2 + pp), gl.load(vs_base + p2 + pp),
                  gl.load(vz_base + p2 + pp))
         return r
-
-    @gluon.jit
-    def _store_plane(o, optr, sc, zo, omask, J: gl.constexpr, FACT: gl.constexpr):
-        gl.store(optr + J, o * (sc * FACT)[:, None] + zo[:, None], mask=omask)  # FACT: 2**-(BITS J)
 
     @gluon.jit
     def _fp_tile(qa, kt, vt, valid, m_i, l_i, o, qk_scale, A_OP: gl.constexpr, MMA: gl.constexpr):
@@ -314,36 +344,159 @@ if HAVE_GLUON:
         gl.store(op_ptr + prow[:, None] * 128 + on[None, :], o * inv[:, None], mask=(om < R)[:, None])
         gl.store(lp_ptr + prow, gl.where(l_i > 0.0, m_i + gl.log2(l_i), float("-inf")), mask=om < R)
 
+    # ------------------------------------------------------------------------------------------------------------
+    # Tokens on the MMA's M side (TOKM): S^T = K . q^T over [64 tokens, 8 query rows], O^T = V^T . P^T. Half the MMAs
+    # and half the softmax elements of the 16-row form for up to 8 query rows per KV head. The m index m = g + 8 r
+    # (g: lane // 4) is token 8 g + r of the tile, so each thread's 8 tokens are consecutive.
+
+    @gluon.constexpr_function
+    def _kw_layout_t(bits):
+        """[4 bits words, 64 tokens] int32: thread (g, c) holds words bits * c ..+bits of tokens 8 g .. 8 g + 7."""
+        regs = [[1 << i, 0] for i in range(bits.bit_length() - 1)] + [[0, 1], [0, 2], [0, 4]]
+        return gl.DistributedLinearLayout(regs, [[bits, 0], [2 * bits, 0], [0, 8], [0, 16], [0, 32]], [], [],
+                                          [4 * bits, 64])
+
+    @gluon.constexpr_function
+    def _pair_layout_t():
+        """[32 token pairs] int32: thread (g, c) holds pairs 4 g .. 4 g + 3 (tokens 8 g .. 8 g + 7)."""
+        return gl.DistributedLinearLayout([[1], [2]], [[0], [0], [4], [8], [16]], [], [], [32])
+
+    @gluon.jit
+    def _meta_t(x, MROW: gl.constexpr):
+        """int32 pairs [32] -> float32 [64] by m (m = g + 8 r is token 8 g + r)."""
+        hv = gl.inline_asm_elementwise(asm="mov.b32 $0, $1;", constraints="=r,r,r", args=[gl.join(x, x)],
+                                       dtype=gl.float16, is_pure=True, pack=2)  # [32, 2]: token 2 p + e
+        hv = gl.permute(gl.reshape(hv, [8, 8]), [1, 0])  # token 8 g + r: (g, r) -> (r, g)
+        return gl.convert_layout(gl.reshape(hv, [64]), MROW).to(gl.float32)
+
+    @gluon.jit
+    def _k_operand_t(kw, BITS: gl.constexpr, A_OP: gl.constexpr):
+        """int32 words [4 BITS, 64 tokens] -> int16 bytes [64 m, 16 BITS k] (the A operand): m = g + 8 r is token
+        8 g + r; k = 16 s + 8 h + 2 c + e is byte 4 BITS c + 4 s + 2 h + e."""
+        x = _spread_k(kw)  # [4 BITS, 64, 2, 2]
+        x = gl.reshape(x, [4, BITS, 8, 8, 2, 2])  # (c, s, g, r, h, e)
+        x = gl.permute(x, [3, 2, 1, 4, 0, 5])  # (r, g, s, h, c, e)
+        return gl.convert_layout(gl.reshape(x, [64, 16 * BITS]), A_OP)
+
+    @gluon.jit
+    def _q_plane_t(q_ptr_b, sq_h, sq_d, h, R: gl.constexpr, BITS: gl.constexpr, J: gl.constexpr,
+                   FACT: gl.constexpr, B_OP: gl.constexpr):
+        """q's plane J as the B operand [16 BITS k, 8 rows] in the K operand's channel order, times FACT."""
+        PER: gl.constexpr = 8 // BITS
+        k = gl.arange(0, 16 * BITS, layout=gl.SliceLayout(1, B_OP))
+        n = gl.arange(0, 8, layout=gl.SliceLayout(0, B_OP))
+        u = 4 * BITS * ((k >> 1) & 3) + 4 * (k >> 4) + 2 * ((k >> 3) & 1) + (k & 1)
+        x = gl.load(q_ptr_b + ((h * R + n) * sq_h)[None, :] + ((PER * u + J) * sq_d)[:, None],
+                    mask=(n < R)[None, :], other=0.0)
+        return (x.to(gl.float32) * FACT).to(gl.float16)
+
+    @gluon.jit
+    def _transpose8(p16):
+        """fp16 [64 m, 8 n] in the accumulator layout -> the same values as the B operand [64 k, 8 n] (k = m): one
+        movmatrix (8 x 8 transpose across the warp) per 8 x 8 block; the asm's elements are relabelled after."""
+        t = gl.inline_asm_elementwise(asm="movmatrix.sync.aligned.m8n8.trans.b16 $0, $1;", constraints="=r,r",
+                                      args=[p16], dtype=gl.float16, is_pure=True, pack=2)
+        t = gl.permute(gl.reshape(t, [8, 8, 8]), [0, 2, 1])  # (b, g, c2e) holds (m 8 b + c2e, n g)
+        return gl.reshape(t, [64, 8])
+
+    @gluon.jit
+    def _tile_t(q0, q1, q2, q3, kw, ve, vo, k_s, k_z, v_s, v_z, m_i, l_i, z_i, o0, o1, o2, o3, n_valid, b_z, k_fac,
+                BITS: gl.constexpr, MASKED: gl.constexpr, MMA: gl.constexpr, A_OP: gl.constexpr,
+                B_OP: gl.constexpr, MROW: gl.constexpr):
+        ksp = _k_operand_t(kw, BITS, A_OP)
+        acc = gl.zeros([64, 8], gl.float32, MMA)
+        acc = mma_v2(_plane(ksp, _mask(BITS, 0)), q0, acc)
+        acc = mma_v2(_plane(ksp, _mask(BITS, 1)), q1, acc)
+        if BITS == 2:
+            acc = mma_v2(_plane(ksp, _mask(BITS, 2)), q2, acc)
+            acc = mma_v2(_plane(ksp, _mask(BITS, 3)), q3, acc)
+        s = (_meta_t(k_s, MROW) * k_fac)[:, None] * acc + _meta_t(k_z, MROW)[:, None] * b_z[None, :]
+        vs_f = _meta_t(v_s, MROW)
+        vz_f = _meta_t(v_z, MROW)
+        if MASKED:
+            m = gl.arange(0, 64, layout=MROW)
+            cm = (8 * (m & 7) + (m >> 3)) < n_valid
+            s = gl.where(cm[:, None], s, float("-inf"))
+            vs_f = gl.where(cm, vs_f, 0.0)
+            vz_f = gl.where(cm, vz_f, 0.0)
+        m_new = gl.maximum(m_i, gl.max(s, axis=0))
+        if gl.max(m_new - m_i, axis=0) > 8.0:
+            alpha = gl.exp2(m_i - m_new)
+            l_i = l_i * alpha
+            z_i = z_i * alpha
+            o0 = o0 * alpha[None, :]
+            o1 = o1 * alpha[None, :]
+            if BITS == 2:
+                o2 = o2 * alpha[None, :]
+                o3 = o3 * alpha[None, :]
+            m_i = m_new
+        p = gl.exp2(s - m_i[None, :])
+        l_i = l_i + gl.sum(p, axis=0)
+        z_i = z_i + gl.sum(p * vz_f[:, None], axis=0)
+        pb = gl.convert_layout(_transpose8((p * vs_f[:, None]).to(gl.float16)), B_OP)
+        vsp = _v_operand(ve, vo, BITS, A_OP, True)
+        o0 = mma_v2(_plane(vsp, _mask(BITS, 0)), pb, o0)
+        o1 = mma_v2(_plane(vsp, _mask(BITS, 1)), pb, o1)
+        if BITS == 2:
+            o2 = mma_v2(_plane(vsp, _mask(BITS, 2)), pb, o2)
+            o3 = mma_v2(_plane(vsp, _mask(BITS, 3)), pb, o3)
+        return m_i, l_i, z_i, o0, o1, o2, o3
+
     @gluon.jit
     def _packed_program(q_ptr, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, op_ptr, lp_ptr,
                         sq_b, sq_h, sq_d, skc_b, skc_h, sks_b, sks_h, svc_b, svc_h, svs_b, svs_h, start, end, prow0,
                         b, h, qk_scale, R: gl.constexpr, BITS: gl.constexpr, PREFETCH_V: gl.constexpr,
-                        MMA: gl.constexpr, A_OP: gl.constexpr, B_OP: gl.constexpr, ROW: gl.constexpr,
-                        COL: gl.constexpr):
-        """A split of the packed middle: tokens [start, end) of the (batch, KV head), all R query heads in the MMA
-        rows. Writes the split's normalised output and base-2 log-sum-exp at row prow0."""
+                        TOKM: gl.constexpr, MMA: gl.constexpr, A_OP: gl.constexpr, B_OP: gl.constexpr):
+        """A split of the packed middle: tokens [start, end) of the (batch, KV head), all R query heads in the MMA.
+        TOKM: the tokens on the MMA's M side (S^T = K q^T over [64 tokens, 8 rows], R <= 8), else the query rows
+        (S = q K^T over [16 rows, 64 tokens]). Writes the split's normalised output and base-2 log-sum-exp at row
+        prow0."""
         BN: gl.constexpr = 64
         W: gl.constexpr = 4 * BITS  # int32 words per token
         PER: gl.constexpr = 8 // BITS
-        KW: gl.constexpr = _kw_layout(BITS)
         VW: gl.constexpr = _vw_layout(BITS)
-        PL: gl.constexpr = _pair_layout()
-        qm = gl.arange(0, 16, layout=gl.SliceLayout(1, A_OP))
-        q_rows = q_ptr + b * sq_b + (h * R + qm) * sq_h
-        qmask = qm < R
-        q0 = _q_plane(q_rows, sq_d, qmask, BITS, 0, 1.0, A_OP)
+        if TOKM:
+            KW: gl.constexpr = _kw_layout_t(BITS)
+            PL: gl.constexpr = _pair_layout_t()
+            RV: gl.constexpr = gl.SliceLayout(0, MMA)  # per query row
+            TV: gl.constexpr = gl.SliceLayout(1, MMA)  # per token
+            NR: gl.constexpr = 8
+        else:
+            KW: gl.constexpr = _kw_layout(BITS)
+            PL: gl.constexpr = _pair_layout()
+            RV: gl.constexpr = gl.SliceLayout(1, MMA)
+            TV: gl.constexpr = gl.SliceLayout(0, MMA)
+            NR: gl.constexpr = 16
+
+        q_b = q_ptr + b * sq_b
+        if TOKM:
+            q0 = _q_plane_t(q_b, sq_h, sq_d, h, R, BITS, 0, 1.0, B_OP)
+        else:
+            qm = gl.arange(0, 16, layout=gl.SliceLayout(1, A_OP))
+            q_rows = q_b + (h * R + qm) * sq_h
+            qmask = qm < R
+            q0 = _q_plane(q_rows, sq_d, qmask, BITS, 0, 1.0, A_OP)
+        QAX: gl.constexpr = 0 if TOKM else 1  # the axis q's planes hold their channels on
         if BITS == 2:
-            q1 = _q_plane(q_rows, sq_d, qmask, BITS, 1, 0.25, A_OP)
-            q2 = _q_plane(q_rows, sq_d, qmask, BITS, 2, 0.0625, A_OP)
-            q3 = _q_plane(q_rows, sq_d, qmask, BITS, 3, 0.015625, A_OP)
+            if TOKM:
+                q1 = _q_plane_t(q_b, sq_h, sq_d, h, R, BITS, 1, 0.25, B_OP)
+                q2 = _q_plane_t(q_b, sq_h, sq_d, h, R, BITS, 2, 0.0625, B_OP)
+                q3 = _q_plane_t(q_b, sq_h, sq_d, h, R, BITS, 3, 0.015625, B_OP)
+            else:
+                q1 = _q_plane(q_rows, sq_d, qmask, BITS, 1, 0.25, A_OP)
+                q2 = _q_plane(q_rows, sq_d, qmask, BITS, 2, 0.0625, A_OP)
+                q3 = _q_plane(q_rows, sq_d, qmask, BITS, 3, 0.015625, A_OP)
             qz = (q0.to(gl.float32) + 4.0 * q1.to(gl.float32) + 16.0 * q2.to(gl.float32)
                   + 64.0 * q3.to(gl.float32))
         else:
-            q1 = _q_plane(q_rows, sq_d, qmask, BITS, 1, 0.0625, A_OP)
+            if TOKM:
+                q1 = _q_plane_t(q_b, sq_h, sq_d, h, R, BITS, 1, 0.0625, B_OP)
+            else:
+                q1 = _q_plane(q_rows, sq_d, qmask, BITS, 1, 0.0625, A_OP)
             q2 = q0
             q3 = q0
             qz = q0.to(gl.float32) + 16.0 * q1.to(gl.float32)
-        b_z = gl.convert_layout(gl.sum(qz, axis=1) * qk_scale, ROW)  # the zero point's factor per row
+        b_z = gl.convert_layout(gl.sum(qz, axis=QAX) * qk_scale, RV)  # the zero point's factor per row
         k_fac = qk_scale * 16777216.0
 
         kw_i = gl.arange(0, W, layout=gl.SliceLayout(1, KW))
@@ -352,7 +505,7 @@ if HAVE_GLUON:
         k_base = kc_ptr + b * skc_b + h * skc_h
         vw_p = gl.arange(0, BN // 2, layout=gl.SliceLayout(1, VW))
         vw_i = gl.arange(0, W, layout=gl.SliceLayout(0, VW))
-        v_off = vw_p[:, None] * (2 * W) + vw_i[None, :]  # the even token of pair p; the odd one W words further
+        v_off = vw_p[:, None] * (2 * W) + vw_i[None, :]  # (the 16-row form's token pairs 2 p, 2 p + 1)
         v_base = vc_ptr + b * svc_b + h * svc_h
         pp = gl.arange(0, BN // 2, layout=PL)
         ks_base = ks_ptr + b * sks_b + h * sks_h
@@ -360,19 +513,22 @@ if HAVE_GLUON:
         vs_base = vs_ptr + b * svs_b + h * svs_h
         vz_base = vz_ptr + b * svs_b + h * svs_h
 
-        m_i = gl.full([16], float("-inf"), gl.float32, ROW)
-        l_i = gl.zeros([16], gl.float32, ROW)
-        z_i = gl.zeros([16], gl.float32, ROW)
-        o0 = gl.zeros([16, 16 * BITS], gl.float32, MMA)
-        o1 = gl.zeros([16, 16 * BITS], gl.float32, MMA)
-        o2 = gl.zeros([16, 16 * BITS], gl.float32, MMA)
-        o3 = gl.zeros([16, 16 * BITS], gl.float32, MMA)
+        m_i = gl.full([NR], float("-inf"), gl.float32, RV)
+        l_i = gl.zeros([NR], gl.float32, RV)
+        z_i = gl.zeros([NR], gl.float32, RV)
+        if TOKM:
+            o0 = gl.zeros([16 * BITS, 8], gl.float32, MMA)
+        else:
+            o0 = gl.zeros([16, 16 * BITS], gl.float32, MMA)
+        o1 = o0
+        o2 = o0
+        o3 = o0
 
         n_full = gl.maximum(end - start, 0) // BN
         if n_full > 0:
             t = gl.multiple_of(start, BN)  # chunk is a multiple of BN
             kw = gl.load(k_base + t * W + k_off)
-            ve, vo = _load_v(v_base, v_off, vw_p, t, BN, W, False)
+            ve, vo = _load_v(v_base, v_off, vw_p, vw_i, t, BN, W, TOKM, False)
             k_s, k_z, v_s, v_z = _load_meta(ks_base, kz_base, vs_base, vz_base, pp, t, BN, False)
             last = start + (n_full - 1) * BN
             for i in range(0, n_full):
@@ -380,13 +536,18 @@ if HAVE_GLUON:
                 tn = gl.multiple_of(gl.minimum(start + (i + 1) * BN, last), BN)
                 kw_n = gl.load(k_base + tn * W + k_off)
                 if PREFETCH_V:
-                    ve_n, vo_n = _load_v(v_base, v_off, vw_p, tn, BN, W, False)
+                    ve_n, vo_n = _load_v(v_base, v_off, vw_p, vw_i, tn, BN, W, TOKM, False)
                 else:  # 4-bit: the next tile's V words would spill; this tile's are loaded now, used after softmax
-                    ve, vo = _load_v(v_base, v_off, vw_p, gl.multiple_of(start + i * BN, BN), BN, W, False)
+                    ve, vo = _load_v(v_base, v_off, vw_p, vw_i, gl.multiple_of(start + i * BN, BN), BN, W, TOKM, False)
                 k_s_n, k_z_n, v_s_n, v_z_n = _load_meta(ks_base, kz_base, vs_base, vz_base, pp, tn, BN, False)
-                m_i, l_i, z_i, o0, o1, o2, o3 = _tile(q0, q1, q2, q3, kw, ve, vo, k_s, k_z, v_s, v_z, m_i, l_i,
-                                                      z_i, o0, o1, o2, o3, BN, b_z, k_fac, BITS, False, MMA, A_OP, B_OP,
-                                                      COL)
+                if TOKM:
+                    m_i, l_i, z_i, o0, o1, o2, o3 = _tile_t(q0, q1, q2, q3, kw, ve, vo, k_s, k_z, v_s, v_z, m_i,
+                                                            l_i, z_i, o0, o1, o2, o3, BN, b_z, k_fac, BITS, False,
+                                                            MMA, A_OP, B_OP, TV)
+                else:
+                    m_i, l_i, z_i, o0, o1, o2, o3 = _tile(q0, q1, q2, q3, kw, ve, vo, k_s, k_z, v_s, v_z, m_i, l_i,
+                                                          z_i, o0, o1, o2, o3, BN, b_z, k_fac, BITS, False, MMA,
+                                                          A_OP, B_OP, TV)
                 kw = kw_n
                 if PREFETCH_V:
                     ve = ve_n
@@ -399,32 +560,45 @@ if HAVE_GLUON:
         if t < end:  # the split's last, partial tile
             nv = end - t
             kw = gl.load(k_base + t * W + k_off, mask=kw_t[None, :] < nv, other=0)
-            ve, vo = _load_v(v_base, v_off, vw_p, t, nv, W, True)
+            ve, vo = _load_v(v_base, v_off, vw_p, vw_i, t, nv, W, TOKM, True)
             k_s, k_z, v_s, v_z = _load_meta(ks_base, kz_base, vs_base, vz_base, pp, t, nv, True)
-            m_i, l_i, z_i, o0, o1, o2, o3 = _tile(q0, q1, q2, q3, kw, ve, vo, k_s, k_z, v_s, v_z, m_i, l_i, z_i,
-                                                  o0, o1, o2, o3, nv, b_z, k_fac, BITS, True, MMA, A_OP, B_OP, COL)
+            if TOKM:
+                m_i, l_i, z_i, o0, o1, o2, o3 = _tile_t(q0, q1, q2, q3, kw, ve, vo, k_s, k_z, v_s, v_z, m_i, l_i,
+                                                        z_i, o0, o1, o2, o3, nv, b_z, k_fac, BITS, True, MMA, A_OP,
+                                                        B_OP, TV)
+            else:
+                m_i, l_i, z_i, o0, o1, o2, o3 = _tile(q0, q1, q2, q3, kw, ve, vo, k_s, k_z, v_s, v_z, m_i, l_i, z_i,
+                                                      o0, o1, o2, o3, nv, b_z, k_fac, BITS, True, MMA, A_OP, B_OP, TV)
 
-        # normalised partial output; plane j's column n = 8 t' + g is channel PER (2 BITS g + t') + j
+        # normalised partial output; plane j's channel index n = 8 i + g (n the MMA's N side for the 16-row form,
+        # its M side for TOKM) is byte 2 BITS g + i of the token: channel PER (2 BITS g + i) + j
         inv = gl.where(l_i > 0.0, 1.0 / l_i, 0.0)
         zo = z_i * inv
         sc = inv * 16777216.0  # the V codes were fp16 subnormals (2**-24 * 2**(BITS j) * code)
-        om = gl.arange(0, 16, layout=ROW)
-        on = gl.arange(0, 16 * BITS, layout=COL)
-        ch = 16 * (on % 8) + PER * (on // 8)
-        prow = prow0 * R + om
-        optr = op_ptr + prow[:, None] * 128 + ch[None, :]
-        omask = (om < R)[:, None]
-        _store_plane(o0, optr, sc, zo, omask, 0, 1.0)
-        if BITS == 2:
-            _store_plane(o1, optr, sc, zo, omask, 1, 0.25)
-            _store_plane(o2, optr, sc, zo, omask, 2, 0.0625)
-            _store_plane(o3, optr, sc, zo, omask, 3, 0.015625)
+        rows = gl.arange(0, NR, layout=RV)
+        cn = gl.arange(0, 16 * BITS, layout=TV)
+        ch = 16 * (cn % 8) + PER * (cn // 8)
+        prow = prow0 * R + rows
+        rmask = rows < R
+        if TOKM:
+            optr = op_ptr + prow[None, :] * 128 + ch[:, None]
+            omask = rmask[None, :]
+            sc2 = sc[None, :]
+            zo2 = zo[None, :]
         else:
-            _store_plane(o1, optr, sc, zo, omask, 1, 0.0625)
+            optr = op_ptr + prow[:, None] * 128 + ch[None, :]
+            omask = rmask[:, None]
+            sc2 = sc[:, None]
+            zo2 = zo[:, None]
+        gl.store(optr, o0 * sc2 + zo2, mask=omask)
+        if BITS == 2:
+            gl.store(optr + 1, o1 * (sc2 * 0.25) + zo2, mask=omask)
+            gl.store(optr + 2, o2 * (sc2 * 0.0625) + zo2, mask=omask)
+            gl.store(optr + 3, o3 * (sc2 * 0.015625) + zo2, mask=omask)
+        else:
+            gl.store(optr + 1, o1 * (sc2 * 0.0625) + zo2, mask=omask)
         lse = gl.where(l_i > 0.0, m_i + gl.log2(l_i), float("-inf"))
-        gl.store(lp_ptr + prow, lse, mask=om < R)
-
-
+        gl.store(lp_ptr + prow, lse, mask=rmask)
 
     @gluon.jit
     def _gluon_split_kernel(q_ptr, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, op_ptr, lp_ptr, lens_ptr,
@@ -434,7 +608,7 @@ if HAVE_GLUON:
                             n_tok, cap, chunk, n_sink, n_win, s_cap, w_rows, qk_scale,
                             H_KV: gl.constexpr, R: gl.constexpr, NUM_SPLITS: gl.constexpr, BITS: gl.constexpr,
                             DEV_LENS: gl.constexpr, PREFETCH_V: gl.constexpr, HAS_FP: gl.constexpr,
-                            WRING: gl.constexpr):
+                            WRING: gl.constexpr, TOKM: gl.constexpr = False):
         """One program per (split, batch x KV head). The packed middle's splits: the codes (uint8, token rows
         contiguous) are read as int32 words (4 BITS per token), the fp16 per-token scales and zeros as int32 pairs
         of consecutive tokens (their strides come in those units). HAS_FP: the last split is the (batch, KV head)'s
@@ -476,8 +650,8 @@ if HAVE_GLUON:
                             k_zero.to(gl.pointer_type(gl.int32)), v_codes.to(gl.pointer_type(gl.int32)),
                             v_scale.to(gl.pointer_type(gl.int32)), v_zero.to(gl.pointer_type(gl.int32)), op_ptr,
                             lp_ptr, sq_b, sq_h, sq_d, skc_b, skc_h, sks_b, sks_h, svc_b, svc_h, svs_b, svs_h, start,
-                            gl.minimum(start + chunk, n_q), prow0, b, h, qk_scale, R, BITS, PREFETCH_V, MMA, A_OP,
-                            B_OP, ROW, COL)
+                            gl.minimum(start + chunk, n_q), prow0, b, h, qk_scale, R, BITS, PREFETCH_V, TOKM, MMA,
+                            A_OP, B_OP)
 
 
 def storage_unsupported_reason(k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, fp=()) -> str | None:
@@ -503,7 +677,7 @@ def storage_unsupported_reason(k_codes, k_scale, k_zero, v_codes, v_scale, v_zer
 
 def launch_args(*, q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_sink, v_sink, k_window, v_window, o_part,
                 l_part, lens, slen_b, slen_p, n_tok, cap, chunk, n_sink, n_window, qk_scale, H_KV, R, num_splits, bits,
-                dev_lens, window_ring):
+                dev_lens, window_ring, tokens_on_m=False):
     """(args, kwargs) of the split kernel's launch over (num_splits, B * H_KV) programs; with sink or window rows
     (capacities above 0) the last split of each (batch, KV head) is its full-precision program."""
     S, W = k_sink.shape[2], k_window.shape[2]
@@ -520,10 +694,11 @@ def launch_args(*, q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_sink
         v_scale.stride(0) // 2, v_scale.stride(1) // 2, slen_b, slen_p, *sks, *svs, *skw, *svw,
         n_tok, cap, chunk, n_sink, n_window, S, max(W, 1), qk_scale,
     ), dict(H_KV=H_KV, R=R, NUM_SPLITS=num_splits, BITS=bits, DEV_LENS=dev_lens, PREFETCH_V=bits == 2,
-            HAS_FP=has_fp, WRING=bool(window_ring) and W > 0, num_warps=1)
+            HAS_FP=has_fp, WRING=bool(window_ring) and W > 0, TOKM=bool(tokens_on_m), num_warps=1,
+            **({"maxnreg": MAXNREG} if tokens_on_m else {}))
 
 
-def compile_sm90(bits: int, dev_lens: bool, r: int, has_fp: bool = False, dtype: str = "fp16"):
+def compile_sm90(bits: int, dev_lens: bool, r: int, has_fp: bool = False, dtype: str = "fp16", tokm: bool = False):
     """The split kernel compiled for sm_90 on this machine (no GPU needed; not under the Triton interpreter), with
     strides divisible by 16 as the runtime specialises them for the benchmark shapes: a triton CompiledKernel."""
     import triton
@@ -535,7 +710,7 @@ def compile_sm90(bits: int, dev_lens: bool, r: int, has_fp: bool = False, dtype:
             "v_scale": "*fp16", "v_zero": "*fp16", "op_ptr": "*fp32", "lp_ptr": "*fp32", "lens_ptr": "*i32",
             "k_sink": "*" + dtype, "v_sink": "*" + dtype, "k_win": "*" + dtype, "v_win": "*" + dtype}
     const = dict(H_KV=8, R=r, NUM_SPLITS=16, BITS=bits, DEV_LENS=dev_lens, PREFETCH_V=bits == 2, HAS_FP=has_fp,
-                 WRING=has_fp, sq_d=1)
+                 WRING=has_fp, TOKM=tokm, sq_d=1)
     sig, consts, attrs = {}, {}, {}
     for i, name in enumerate(fn.arg_names):
         if name in ptrs:
@@ -550,19 +725,21 @@ def compile_sm90(bits: int, dev_lens: bool, r: int, has_fp: bool = False, dtype:
             if name not in ("n_tok", "cap", "chunk", "slen_b", "slen_p", "n_sink", "n_win", "s_cap", "w_rows"):
                 attrs[(i,)] = [["tt.divisibility", 16]]
     return triton.compile(GluonASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", 90, 32),
-                          options=dict(num_warps=1, num_stages=1))
+                          options=dict(num_warps=1, num_stages=1, **({"maxnreg": MAXNREG} if tokm else {})))
 
 
-def sm90_resources(bits: int, dev_lens: bool, r: int, has_fp: bool = False, dtype: str = "fp16") -> dict:
-    """:func:`compile_sm90`'s build and what the design relies on: registers, stack (spills), shared memory, and any
-    shared-memory or local-memory instruction in the SASS (``forbidden``). tests/test_kernels_gluon.py checks it."""
+def sm90_resources(bits: int, dev_lens: bool, r: int, has_fp: bool = False, dtype: str = "fp16",
+                   tokm: bool = False) -> dict:
+    """:func:`compile_sm90`'s build and what the design relies on: registers, stack, shared memory, the hot loop's
+    length, and ``forbidden``: any shared-memory instruction, or a local-memory one (a spill) inside the hot loop (the
+    packed tiles'). tests/test_kernels_gluon.py checks it."""
     import re
     import subprocess
     import tempfile
 
     import triton
 
-    k = compile_sm90(bits, dev_lens, r, has_fp, dtype)
+    k = compile_sm90(bits, dev_lens, r, has_fp, dtype, tokm)
     cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     if not os.path.exists(cuobjdump):
         return {"skip": "this Triton ships no cuobjdump"}
@@ -572,6 +749,21 @@ def sm90_resources(bits: int, dev_lens: bool, r: int, has_fp: bool = False, dtyp
             f.write(k.asm["cubin"])
         res = subprocess.run([cuobjdump, "-res-usage", path], capture_output=True, text=True, check=True).stdout
         sass = subprocess.run([cuobjdump, "-sass", path], capture_output=True, text=True, check=True).stdout
-    ops = [op for op in ("LDS", "STS", "LDSM", "LDL", "STL", "BAR") if re.search(rf"\b{op}\b", sass)]
+    ins = []  # (address, opcode) of every instruction
+    for line in sass.splitlines():
+        m = re.match(r"\s*/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)\s*(.*?);", line)
+        if m:
+            ins.append((int(m.group(1), 16), m.group(2), m.group(3)))
+    loops = []  # backward branches: (first, last) instruction index of each loop
+    index = {a: i for i, (a, _, _) in enumerate(ins)}
+    for i, (a, op, rest) in enumerate(ins):
+        t = re.search(r"0x([0-9a-f]+)", rest) if op.startswith("BRA") else None
+        if t and int(t.group(1), 16) < a and int(t.group(1), 16) in index:
+            loops.append((index[int(t.group(1), 16)], i))
+    lo, hi = max(loops, key=lambda x: x[1] - x[0]) if loops else (0, -1)
+    hot = [op.split(".")[0] for _, op, _ in ins[lo:hi + 1]]
     return {"registers": int(re.search(r"REG:(\d+)", res).group(1)), "stack": int(re.search(r"STACK:(\d+)", res).group(1)),
-            "shared": int(k.metadata.shared), "forbidden": ops, "triton": triton.__version__}
+            "shared": int(k.metadata.shared), "triton": triton.__version__, "hot_loop": len(hot),
+            # shared memory anywhere; local memory (spills) in the hot loop, the packed tiles'
+            "forbidden": sorted({op for _, op, _ in ins if op.split(".")[0] in ("LDS", "STS", "LDSM", "BAR")}
+                                | {op for op in hot if op in ("LDL", "STL")})}
