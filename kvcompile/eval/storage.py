@@ -19,10 +19,12 @@ logger = logging.getLogger(__name__)
 
 
 def tensor_storage_bytes(t) -> int:
-    """Bytes held by ``t``: plain tensors ``numel * element_size``; wrapper subclasses the sum over their
-    inner tensors (``__tensor_flatten__``), recursively."""
+    """Bytes held by ``t``: plain tensors ``numel * element_size``; PackedKV its ``storage_nbytes()``; other wrapper
+    subclasses the sum over their inner tensors (``__tensor_flatten__``), recursively."""
     if t is None:
         return 0
+    if callable(getattr(t, "storage_nbytes", None)):  # PackedKV: its allocations (padded scale rows included)
+        return t.storage_nbytes()
     if type(t) is not torch.Tensor and hasattr(t, "__tensor_flatten__"):
         names, _ = t.__tensor_flatten__()
         return sum(tensor_storage_bytes(getattr(t, n)) for n in names)
