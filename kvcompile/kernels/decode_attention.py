@@ -2390,17 +2390,11 @@ def decode_attention(
         num_warps=num_warps, num_stages=num_stages,
     ), sources, stable=_STORAGE_SOURCES)
     if not direct:
-        block_d = 64 if B * Hq * NQ < 4 * _num_sms(dev) else D
-        plan.merge = Launch(_merge_kernel, (B * Hkv * r * NQ, D // block_d), (
-            o_part, l_part, out, lse, num_splits,
-        ), dict(
-            H_KV=Hkv, GQA=r, NQ=NQ, D=D,
-            SPLITS_P2=_next_pow2(num_splits), BLOCK_D=block_d, DTYPE=tl_dtype,
+        plan.merge = _merge_launch(
+            B, Hkv, r, NQ, D, num_splits, tl_dtype, derived, sources, q.device,
             BALANCE=bal, FP_SPLIT=fp_split, lens_ptr=lens if bal else None, slen_b=slen_b if bal else 0,
             slen_p=slen_p if bal else 0, s_cap=S, q_cap=n_quant_arg, w_cap=n_window_arg, n_rows=B,
-            B_P2=_next_pow2(B) if bal else 1, BLOCK_N=block_n,
-            num_warps=4 if block_d * num_splits >= 4096 else 2,
-        ), sources, stable=_STORAGE_SOURCES)
+            B_P2=_next_pow2(B) if bal else 1, BLOCK_N=block_n)
     plan.run(sources)
     if key is not None:
         _DECODE_PLANS.put(key, storage, plan)
@@ -2449,7 +2443,7 @@ def _gluon_plan(q, storage, gluon, interp, B, Hq, NQ, D, Hkv, r, S, W, W_v, mid_
     plan = _DecodePlan(out_shape=(B, Hq, NQ, D), dtype=q.dtype, hkv=Hkv, rope=False, rt_dtype=None, block_n=bn,
                        k_bits=k_bits, v_bits=v_bits, parts=(B * Hkv, num_splits, r * NQ, D))
     derived = plan.derive(q, storage)
-    o_part, l_part, out, lse = derived[8], derived[9], derived[6], derived[7]
+    o_part, l_part = derived[8], derived[9]
     sources = (q, *storage, *derived)
     args, kwargs = _gl.launch_args(
         q=q, k_codes=k_codes, k_scale=k_scale, k_zero=k_zero, v_codes=v_codes, v_scale=v_scale, v_zero=v_zero,
@@ -2459,12 +2453,20 @@ def _gluon_plan(q, storage, gluon, interp, B, Hq, NQ, D, Hkv, r, S, W, W_v, mid_
         bits=k_bits, dev_lens=dev_lens, window_ring=window_ring, tokens_on_m=tokens_on_m)
     plan.split = Launch(_gl._gluon_split_kernel, (num_splits, B * Hkv), args, kwargs, sources,
                         stable=_STORAGE_SOURCES)
-    block_d = 64 if B * Hq * NQ < 4 * _num_sms(q.device) else D
-    plan.merge = Launch(_merge_kernel, (B * Hkv * r * NQ, D // block_d), (o_part, l_part, out, lse, num_splits), dict(
-        H_KV=Hkv, GQA=r, NQ=NQ, D=D, SPLITS_P2=_next_pow2(num_splits), BLOCK_D=block_d,
-        DTYPE=tl.bfloat16 if q.dtype == torch.bfloat16 else tl.float16,
-        num_warps=4 if block_d * num_splits >= 4096 else 2), sources, stable=_STORAGE_SOURCES)
+    plan.merge = _merge_launch(B, Hkv, r, NQ, D, num_splits, tl.bfloat16 if q.dtype == torch.bfloat16 else tl.float16,
+                               derived, sources, q.device)
     return plan
+
+
+def _merge_launch(B, Hkv, r, NQ, D, num_splits, tl_dtype, derived, sources, dev, **balance) -> Launch:
+    """The merge kernel's launch over the splits' partials (``derived``'s out, lse, o_part, l_part): one program per
+    query row, and per 64 channels where the rows alone would not fill the GPU. ``balance``: the balanced split's
+    arguments (BALANCE, FP_SPLIT, lens_ptr, ...), if any."""
+    out, lse, o_part, l_part = derived[6:10]
+    block_d = 64 if B * Hkv * r * NQ < 4 * _num_sms(dev) else D
+    return Launch(_merge_kernel, (B * Hkv * r * NQ, D // block_d), (o_part, l_part, out, lse, num_splits), dict(
+        H_KV=Hkv, GQA=r, NQ=NQ, D=D, SPLITS_P2=_next_pow2(num_splits), BLOCK_D=block_d, DTYPE=tl_dtype, **balance,
+        num_warps=4 if block_d * num_splits >= 4096 else 2), sources, stable=_STORAGE_SOURCES)
 
 
 class _DecodePlan:

@@ -45,8 +45,6 @@ Gluon kernels do not run under the Triton interpreter: on CPU only their compila
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 try:  # Triton >= 3.5 ships Gluon; without it decode_attention keeps the Triton kernel
@@ -154,10 +152,21 @@ if HAVE_GLUON:
         return gl.DistributedLinearLayout([[1], [2], [4]], [[8], [16], [0], [0], [0]], [], [], [32])
 
     @gluon.jit
+    def _pair_halves(x):
+        """int32 pairs of fp16 [N] -> fp16 [N, 2] (the low half first)."""
+        return gl.inline_asm_elementwise(asm="mov.b32 $0, $1;", constraints="=r,r,r", args=[gl.join(x, x)],
+                                         dtype=gl.float16, is_pure=True, pack=2)
+
+    @gluon.jit
+    def _k_byte(k, BITS: gl.constexpr):
+        """The byte of a token that K's MMA index k = 16 s + 8 h + 2 c + e reads: 4 BITS c + 4 s + 2 h + e (each
+        thread's bytes contiguous; q's planes are loaded in this order)."""
+        return 4 * BITS * ((k >> 1) & 3) + 4 * (k >> 4) + 2 * ((k >> 3) & 1) + (k & 1)
+
+    @gluon.jit
     def _meta(x, COL: gl.constexpr):
         """int32 pairs of fp16 [32 pairs] -> float32 [64] by S column (n = e + 2 c + 8 t is token e + 2 t + 16 c)."""
-        hv = gl.inline_asm_elementwise(asm="mov.b32 $0, $1;", constraints="=r,r,r", args=[gl.join(x, x)],
-                                       dtype=gl.float16, is_pure=True, pack=2)  # [32, 2]: token 2 p + e
+        hv = _pair_halves(x)  # [32, 2]: token 2 p + e
         hv = gl.permute(gl.reshape(hv, [4, 8, 2]), [1, 0, 2])  # (c, t, e) -> (t, c, e)
         return gl.convert_layout(gl.reshape(hv, [64]), COL).to(gl.float32)
 
@@ -202,7 +211,7 @@ if HAVE_GLUON:
         (exact: the K codes' values are 2**(BITS J) too large in place); sm_scale is applied to the scores."""
         PER: gl.constexpr = 8 // BITS
         k = gl.arange(0, 16 * BITS, layout=gl.SliceLayout(0, A_OP))
-        u = 4 * BITS * ((k >> 1) & 3) + 4 * (k >> 4) + 2 * ((k >> 3) & 1) + (k & 1)
+        u = _k_byte(k, BITS)
         x = gl.load(q_row_ptr[:, None] + ((PER * u + J) * sq_d)[None, :], mask=rmask[:, None], other=0.0)
         return (x.to(gl.float32) * FACT).to(gl.float16)
 
@@ -305,8 +314,8 @@ if HAVE_GLUON:
                     qk_scale, R: gl.constexpr, WRING: gl.constexpr, MMA: gl.constexpr, A_OP: gl.constexpr,
                     B_OP: gl.constexpr, ROW: gl.constexpr, COL: gl.constexpr):
         """The (batch, KV head)'s own program for its full-precision tokens: n_s sink tokens, then n_w window tokens
-        (window token j at row (n_q + j) % w_rows with WRING, else row j), in tiles of FBN tokens; plain fp16 MMAs
-        over the natural channel order. Writes its normalised output and base-2 log-sum-exp at row prow0."""
+        (window token j at row (n_q + j) % w_rows with WRING, else row j), in tiles of FBN tokens; plain MMAs in the
+        model's dtype over the natural channel order. Writes its normalised output and base-2 log-sum-exp at row prow0."""
         FBN: gl.constexpr = 16
         qm = gl.arange(0, 16, layout=gl.SliceLayout(1, A_OP))
         qd = gl.arange(0, 128, layout=gl.SliceLayout(0, A_OP))
@@ -364,8 +373,7 @@ if HAVE_GLUON:
     @gluon.jit
     def _meta_t(x, MROW: gl.constexpr):
         """int32 pairs [32] -> float32 [64] by m (m = g + 8 r is token 8 g + r)."""
-        hv = gl.inline_asm_elementwise(asm="mov.b32 $0, $1;", constraints="=r,r,r", args=[gl.join(x, x)],
-                                       dtype=gl.float16, is_pure=True, pack=2)  # [32, 2]: token 2 p + e
+        hv = _pair_halves(x)  # [32, 2]: token 2 p + e
         hv = gl.permute(gl.reshape(hv, [8, 8]), [1, 0])  # token 8 g + r: (g, r) -> (r, g)
         return gl.convert_layout(gl.reshape(hv, [64]), MROW).to(gl.float32)
 
@@ -385,7 +393,7 @@ if HAVE_GLUON:
         PER: gl.constexpr = 8 // BITS
         k = gl.arange(0, 16 * BITS, layout=gl.SliceLayout(1, B_OP))
         n = gl.arange(0, 8, layout=gl.SliceLayout(0, B_OP))
-        u = 4 * BITS * ((k >> 1) & 3) + 4 * (k >> 4) + 2 * ((k >> 3) & 1) + (k & 1)
+        u = _k_byte(k, BITS)
         x = gl.load(q_ptr_b + ((h * R + n) * sq_h)[None, :] + ((PER * u + J) * sq_d)[:, None],
                     mask=(n < R)[None, :], other=0.0)
         return (x.to(gl.float32) * FACT).to(gl.float16)
@@ -733,37 +741,18 @@ def sm90_resources(bits: int, dev_lens: bool, r: int, has_fp: bool = False, dtyp
     """:func:`compile_sm90`'s build and what the design relies on: registers, stack, shared memory, the hot loop's
     length, and ``forbidden``: any shared-memory instruction, or a local-memory one (a spill) inside the hot loop (the
     packed tiles'). tests/test_kernels_gluon.py checks it."""
-    import re
-    import subprocess
-    import tempfile
-
     import triton
 
-    k = compile_sm90(bits, dev_lens, r, has_fp, dtype, tokm)
-    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    if not os.path.exists(cuobjdump):
+    from .sass_probe import sass_summary
+
+    s = sass_summary(compile_sm90(bits, dev_lens, r, has_fp, dtype, tokm))
+    if s is None:
         return {"skip": "this Triton ships no cuobjdump"}
-    with tempfile.TemporaryDirectory() as d:
-        path = os.path.join(d, "k.cubin")
-        with open(path, "wb") as f:
-            f.write(k.asm["cubin"])
-        res = subprocess.run([cuobjdump, "-res-usage", path], capture_output=True, text=True, check=True).stdout
-        sass = subprocess.run([cuobjdump, "-sass", path], capture_output=True, text=True, check=True).stdout
-    ins = []  # (address, opcode) of every instruction
-    for line in sass.splitlines():
-        m = re.match(r"\s*/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)\s*(.*?);", line)
-        if m:
-            ins.append((int(m.group(1), 16), m.group(2), m.group(3)))
-    loops = []  # backward branches: (first, last) instruction index of each loop
-    index = {a: i for i, (a, _, _) in enumerate(ins)}
-    for i, (a, op, rest) in enumerate(ins):
-        t = re.search(r"0x([0-9a-f]+)", rest) if op.startswith("BRA") else None
-        if t and int(t.group(1), 16) < a and int(t.group(1), 16) in index:
-            loops.append((index[int(t.group(1), 16)], i))
-    lo, hi = max(loops, key=lambda x: x[1] - x[0]) if loops else (0, -1)
+    ins = s["ins"]
+    lo, hi = max(s["loops"], key=lambda x: x[1] - x[0]) if s["loops"] else (0, -1)
     hot = [op.split(".")[0] for _, op, _ in ins[lo:hi + 1]]
-    return {"registers": int(re.search(r"REG:(\d+)", res).group(1)), "stack": int(re.search(r"STACK:(\d+)", res).group(1)),
-            "shared": int(k.metadata.shared), "triton": triton.__version__, "hot_loop": len(hot),
+    return {"registers": s["registers"], "stack": s["stack"], "shared": int(s["shared"]), "triton": triton.__version__,
+            "hot_loop": len(hot),
             # shared memory anywhere; local memory (spills) in the hot loop, the packed tiles'
             "forbidden": sorted({op for _, op, _ in ins if op.split(".")[0] in ("LDS", "STS", "LDSM", "BAR")}
                                 | {op for op in hot if op in ("LDL", "STL")})}

@@ -163,21 +163,27 @@ def compile_sass(fn, args, kwargs, overrides):
     return k
 
 
-def analyse(k, dump=None, tag="k"):
-    d = tempfile.mkdtemp()
-    cubin = os.path.join(d, "k.cubin")
-    with open(cubin, "wb") as f:
-        f.write(k.asm["cubin"])
+def sass_summary(k, dump=None, tag="k") -> dict | None:
+    """A compiled kernel's SASS (cuobjdump, shipped with Triton): its instructions [(address, opcode, operands)], its
+    loops [(first, last) instruction index, one per backward branch], registers, stack bytes and shared memory per
+    program. None if this Triton ships no cuobjdump. ``dump``: also write the SASS, PTX and TTGIR there."""
     import triton
     bindir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
-    sass = subprocess.run([os.path.join(bindir, "cuobjdump"), "-sass", cubin], capture_output=True, text=True).stdout
-    res = subprocess.run([os.path.join(bindir, "cuobjdump"), "-res-usage", cubin], capture_output=True, text=True).stdout
+    if not os.path.exists(os.path.join(bindir, "cuobjdump")):
+        return None
+    with tempfile.TemporaryDirectory() as d:
+        cubin = os.path.join(d, "k.cubin")
+        with open(cubin, "wb") as f:
+            f.write(k.asm["cubin"])
+        sass = subprocess.run([os.path.join(bindir, "cuobjdump"), "-sass", cubin], capture_output=True,
+                              text=True).stdout
+        res = subprocess.run([os.path.join(bindir, "cuobjdump"), "-res-usage", cubin], capture_output=True,
+                             text=True).stdout
     if dump:
         os.makedirs(dump, exist_ok=True)
         open(os.path.join(dump, tag + ".sass"), "w").write(sass)
         open(os.path.join(dump, tag + ".ptx"), "w").write(k.asm["ptx"])
         open(os.path.join(dump, tag + ".ttgir"), "w").write(k.asm["ttgir"])
-    # instructions with address; loops = backward branches
     ins = []
     for line in sass.splitlines():
         m = re.match(r"\s*/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)\s*(.*?);", line)
@@ -192,10 +198,15 @@ def analyse(k, dump=None, tag="k"):
                 loops.append((addr[int(m.group(1), 16)], i))
     regs = re.search(r"REG:(\d+)", res)
     stack = re.search(r"STACK:(\d+)", res)
-    shared = re.search(r"SHARED:(\d+)", res)
-    smem = getattr(getattr(k, "metadata", None), "shared", None)  # static + dynamic bytes per program
-    print(f"[{tag}] regs={regs and regs.group(1)} stack={stack and stack.group(1)} shared={shared and shared.group(1)} "
-          f"smem={smem} total_instr={len(ins)}")
+    return {"ins": ins, "loops": loops, "registers": regs and int(regs.group(1)),
+            "stack": stack and int(stack.group(1)),
+            "shared": getattr(getattr(k, "metadata", None), "shared", None)}  # static + dynamic bytes per program
+
+
+def analyse(k, dump=None, tag="k"):
+    s = sass_summary(k, dump, tag)
+    ins, loops = s["ins"], s["loops"]
+    print(f"[{tag}] regs={s['registers']} stack={s['stack']} smem={s['shared']} total_instr={len(ins)}")
     for lo, hi in sorted(loops, key=lambda x: x[1] - x[0], reverse=True)[:3]:
         body = ins[lo:hi + 1]
         hist = collections.Counter(op.split(".")[0] for _, op, _ in body)
