@@ -473,7 +473,7 @@ def with_flag_variants(var, name, args):
                      (args.stages, lambda: STAGE_VARIANTS), (args.warps4bit, lambda: WARPS4_VARIANTS),
                      (args.lazy, lambda: LAZY_VARIANTS), (args.balance, lambda: BALANCE_VARIANTS),
                      (args.fp_bn, lambda: FPBN_VARIANTS), (args.denormal, lambda: DEN_VARIANTS),
-                     (args.gluon, lambda: GLUON_VARIANTS)):
+                     (args.gluon, lambda: GLUON_VARIANTS), (args.l2, lambda: L2_VARIANTS)):
         if on:
             var = dict(var or {}, **more())
     return var
@@ -498,6 +498,10 @@ DEN_VARIANTS = {"v_den": dict(v_denormal=True), "v_offset": dict(v_denormal=Fals
 # --gluon: the Gluon kernel (kvcompile/kernels/gluon_decode.py) in its two forms, tokens on the MMA's M side (v28) and
 # query rows on it (v27), against the Triton kernel, each forced (rows a form does not take report its error, skipped)
 GLUON_VARIANTS = {"gluon_tokens": dict(gluon="tokens"), "gluon_rows": dict(gluon="rows"), "triton": dict(gluon=False)}
+# --l2: the Gluon kernel's L2 prefetch distance and programs per SM (v29: 1 tile for 4-bit codes, 12 programs per SM for
+# the one-row 2-bit build); each row's default is one of these
+L2_VARIANTS = {"l2pf0": dict(gluon_l2=0), "l2pf1": dict(gluon_l2=1), "l2pf2": dict(gluon_l2=2),
+               "pps8": dict(programs_per_sm=8), "pps12": dict(programs_per_sm=12)}
 
 # --stages: BLOCK_N 32 with 2-4 pipeline stages (offline triton 3.6, K4V4 g128: 238 registers and no stack at 32,
 # against 255 and 8 bytes of stack for the 4-bit default BLOCK_N 64 with two stages)
@@ -560,6 +564,7 @@ def main(argv=None):
     ap.add_argument("--fp-bn", action="store_true", help="time FPBN_VARIANTS on every row (sink / window tiles)")
     ap.add_argument("--denormal", action="store_true", help="time DEN_VARIANTS on every row (value codes as subnormals)")
     ap.add_argument("--gluon", action="store_true", help="time GLUON_VARIANTS on every row (the Gluon kernel, v27)")
+    ap.add_argument("--l2", action="store_true", help="time L2_VARIANTS on every row (the Gluon kernel, v29)")
     ap.add_argument("--defaults-only", action="store_true", help="--extra rows: time the defaults only, no variants")
     args = ap.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
@@ -628,6 +633,8 @@ def main(argv=None):
             var = dict(var, **DEN_VARIANTS)
         if args.gluon:
             var = dict(var, **GLUON_VARIANTS)
+        if args.l2:
+            var = dict(var, **L2_VARIANTS)
         if args.defaults_only:
             var = {}
         row = run_case(name, CASES[base], bw, False, sink=sink, window=window, log=log, variants=var, **layout)

@@ -538,7 +538,7 @@ class Bench:
         c = row.get("capture_counters") if row.get("mode") == "graph" else row.get("eager_counters_per_step")
         c = c or {}
         fa, fw = c.get("fused_attention_calls", 0), c.get("fused_write_calls", 0)
-        att = "fused Triton attention" if fa == L else ("dequantize+SDPA" if fa == 0 else f"fused in {fa}/{L} layers")
+        att = "fused attention kernel" if fa == L else ("dequantize+SDPA" if fa == 0 else f"fused in {fa}/{L} layers")
         wr = "write kernel" if fw == 2 * L else ("reference write" if fw == 0 else f"write kernel {fw}/{2 * L} calls")
         if fw == 2 * L and c.get("fused_write_pair_launches", 0) == L:
             wr = "write kernel (one launch per layer for K and V)"

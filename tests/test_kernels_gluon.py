@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 
 import kvcompile.kernels.decode_attention as da
 import kvcompile.kernels.gluon_decode as gd
+import kvcompile.kernels.launch as launch
 from kvcompile.kernels.reference import decode_attention_reference
 
 try:  # tests/ has no __init__.py: pytest's default import mode puts tests/ itself on sys.path
@@ -68,7 +69,8 @@ VARIANTS = [(2, False, 4, False, "fp16", False), (2, True, 4, False, "fp16", Fal
             (4, True, 1, False, "fp16", False), (2, False, 8, False, "fp16", False), (2, True, 4, True, "fp16", False),
             (4, True, 4, True, "fp16", False), (2, True, 4, True, "bf16", False), (2, False, 4, False, "fp16", True),
             (2, True, 8, False, "fp16", True), (4, True, 1, False, "fp16", True), (4, False, 4, False, "bf16", True),
-            (2, True, 4, True, "fp16", True)]
+            (2, True, 4, True, "fp16", True), (2, False, 1, False, "fp16", True), (2, True, 1, False, "bf16", True),
+            (4, True, 4, True, "fp16", True)]
 
 
 @pytest.fixture(scope="module")
@@ -86,12 +88,16 @@ def sm90_builds():
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_compiles_for_sm90_without_shared_memory_or_spills(sm90_builds, variant):
     """The design (code words loaded straight into the MMA operands' registers) holds in the build: no shared
-    memory, no spill in the packed loop, one warp under the 255-register cap (8 programs per SM)."""
+    memory, no spill in the packed loop, registers for the programs per SM the launch sizes its splits for (8, or 12
+    for the one-row 2-bit tokens-on-M build: at most 168)."""
     res = sm90_builds[variant]
     if res.get("skip"):
         pytest.skip(res["skip"])
-    assert res["shared"] == 0 and res["registers"] <= 255, res
+    assert res["shared"] == 0 and res["registers"] <= gd.max_registers(res["programs_per_sm"]), res
     assert not res["forbidden"], res  # no shared memory; no spill inside the packed loop
+    bits, _, r, has_fp, _, tokm = variant
+    want = gd.occupancy(r=r, bits=bits, has_fp=has_fp, tokens_on_m=tokm)[2] > 0
+    assert (res["l2_prefetches"] > 0) == want, res  # the 4-bit tokens-on-M builds prefetch into L2 in the loop
 
 
 @pytest.mark.parametrize("change,match", [
@@ -207,6 +213,29 @@ def test_cached_plan_launch_matches_first_call():
     first = da.decode_attention(**kw, gluon=True)
     again = da.decode_attention(**kw, gluon=True)  # the cached plan, launched directly
     assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
+
+
+def _split_constexpr(name):
+    """A constexpr of the last cached plan's split launch."""
+    split = list(da._DECODE_PLANS._d.values())[-1][1].split
+    return split.vals[[n for n, _ in launch._params(split.fn)].index(name)]
+
+
+@gpu
+@pytest.mark.parametrize("aligned", [True, False])
+def test_l2_prefetch_only_on_aligned_rows(aligned):
+    """The 4-bit build's bulk L2 prefetch (16-byte aligned tiles only) runs where every row of codes, scales and
+    zeros starts 16-byte aligned (rows of a multiple of 8 tokens) and is left out otherwise; the output is right
+    either way."""
+    kw = inputs(B=2, Hkv=2, r=4, bits=4, n_quant=2000, lens=[(0, 2000, 0), (0, 1923, 0)], seed=5)
+    rows = 2008 if aligned else 2006  # the capacity (2004) in rows of 2008 tokens (scale rows 16-byte aligned) or 2006
+    for name in ("k_codes", "k_scale", "k_zero", "v_codes", "v_scale", "v_zero"):
+        t = kw[name]
+        kw[name] = torch.zeros((*t.shape[:2], rows, *t.shape[3:]), dtype=t.dtype, device=t.device)[:, :, :t.shape[2]]
+        kw[name].copy_(t)
+    da._DECODE_PLANS.clear()
+    check(kw, form="tokens")
+    assert _split_constexpr("L2PF") == (1 if aligned else 0)
 
 
 @gpu

@@ -1954,7 +1954,7 @@ def decode_attention(
     num_warps: int | None = None,
     num_stages: int | None = None,
     use_dot: bool | None = None,
-    programs_per_sm: int = 8,
+    programs_per_sm: int | None = None,
     fast_asm: bool = True,
     fill_rows: bool | None = None,
     fp_contig: bool | None = None,
@@ -1973,6 +1973,7 @@ def decode_attention(
     window_ring: bool = False,
     v_denormal: bool | None = None,
     gluon: bool | str | None = None,
+    gluon_l2: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of ``q`` over the packed KV ``sink ++ middle[:n_quant] ++ window[:n_window]``.
 
@@ -2026,6 +2027,8 @@ def decode_attention(
     the Triton kernel's 3.6x for K2V2 at 32k); True: always (an error says why a layout cannot); False: never.
     ``"tokens"`` / ``"rows"`` force one of its two forms: the tokens on the MMA's M side (S^T = K q^T, up to 8 query
     heads per KV head; the default there, NOTES.md v28) or the query heads on it (16 rows, up to 16 heads).
+    ``gluon_l2``: how many tiles ahead the Gluon kernel's packed loop prefetches into L2 (0: none; None: its choice,
+    one tile after the next for 4-bit codes, NOTES.md v29; taken only where the rows start 16-byte aligned).
 
     Keys quantized before RoPE (SKVQ's ``pre_rope``): ``k_rope`` the model's rotary inverse frequencies (float32
     [rotary_dim / 2]) and ``k_perm`` the keys' channel order ([Hkv, D], the model channel at each stored column;
@@ -2051,7 +2054,7 @@ def decode_attention(
                 k_bits, v_bits, k_group_size, v_group_size, n_quant, n_window, k_axis, k_format, v_format, sm_scale,
                 num_splits, block_n, num_warps, num_stages, use_dot, programs_per_sm, fast_asm, fill_rows,
                 fp_contig, fp_split, group_fill, group_bcast, kchan_dequant, head_fill, prefetch, rope_table,
-                lazy_rescale, balance, fp_block_n, window_ring, v_denormal, gluon,
+                lazy_rescale, balance, fp_block_n, window_ring, v_denormal, gluon, gluon_l2,
             ))
         except (AttributeError, TypeError):  # not tensors: the plan's checks say what is wrong
             key = None
@@ -2163,11 +2166,13 @@ def decode_attention(
         plan = _gluon_plan(q, storage, gluon, interp, B, Hq, NQ, D, Hkv, r, S, W, W_v, mid_cap, n_quant_arg,
                            n_window_arg, dev_lens, kv_mixed, lens, slen_b, slen_p, k_bits, v_bits, k_group_size,
                            v_group_size, k_axis, k_format, v_format, rope, sm_scale, num_splits, programs_per_sm,
-                           window_ring)
+                           window_ring, gluon_l2)
         if plan is not None:
             if key is not None:
                 _DECODE_PLANS.put(key, storage, plan)
             return plan(q, storage)
+    if programs_per_sm is None:
+        programs_per_sm = 8
     # Defaults from the H100 sweep (kvcompile/kernels/NOTES.md): one warp per program; one query row
     # (MHA decode) is faster as multiply-and-reduce on CUDA cores than as a 16-row MMA.
     mha_fill = use_dot is None and fill_rows is None and r * NQ == 1 and MHA_FILL_DEFAULT
@@ -2403,7 +2408,7 @@ def decode_attention(
 
 def _gluon_plan(q, storage, gluon, interp, B, Hq, NQ, D, Hkv, r, S, W, W_v, mid_cap, n_quant_arg, n_window_arg,
                 dev_lens, kv_mixed, lens, slen_b, slen_p, k_bits, v_bits, k_group_size, v_group_size, k_axis, k_format,
-                v_format, rope, sm_scale, num_splits, programs_per_sm, window_ring):
+                v_format, rope, sm_scale, num_splits, programs_per_sm, window_ring, gluon_l2=None):
     """The Gluon kernel's plan (gluon_decode.py: split kernel, then the merge), or None where it does not take the
     layout (``gluon=True`` then fails with the reason) or, by default, where its splits would be too short."""
     k_sink, k_codes, k_scale, k_zero, k_window, v_sink, v_codes, v_scale, v_zero, v_window = storage[:10]
@@ -2430,6 +2435,11 @@ def _gluon_plan(q, storage, gluon, interp, B, Hq, NQ, D, Hkv, r, S, W, W_v, mid_
         return None
     bn = _gl.BLOCK_N
     has_fp = S > 0 or W > 0  # the last split of each (batch, KV head) is its full-precision program
+    maxnreg, pps, l2pf = _gl.occupancy(r=r * NQ, bits=k_bits, has_fp=has_fp, tokens_on_m=tokens_on_m)
+    if programs_per_sm is None:
+        programs_per_sm = pps
+    if gluon_l2 is not None:
+        l2pf = int(gluon_l2)
     if num_splits is None:
         num_splits = choose_num_splits(batch=B, kv_heads=Hkv, seq_len=mid_cap, block_n=bn, num_sms=_num_sms(q.device),
                                        programs_per_sm=programs_per_sm)
@@ -2450,7 +2460,8 @@ def _gluon_plan(q, storage, gluon, interp, B, Hq, NQ, D, Hkv, r, S, W, W_v, mid_
         k_sink=k_sink, v_sink=v_sink, k_window=k_window, v_window=v_window, o_part=o_part, l_part=l_part,
         lens=lens if dev_lens else q, slen_b=slen_b, slen_p=slen_p, n_tok=n_quant_arg, cap=mid_cap, chunk=chunk,
         n_sink=S, n_window=n_window_arg, qk_scale=float(sm_scale) * _LOG2E, H_KV=Hkv, R=r, num_splits=num_splits,
-        bits=k_bits, dev_lens=dev_lens, window_ring=window_ring, tokens_on_m=tokens_on_m)
+        bits=k_bits, dev_lens=dev_lens, window_ring=window_ring, tokens_on_m=tokens_on_m, maxnreg=maxnreg,
+        l2_prefetch=l2pf)
     plan.split = Launch(_gl._gluon_split_kernel, (num_splits, B * Hkv), args, kwargs, sources,
                         stable=_STORAGE_SOURCES)
     plan.merge = _merge_launch(B, Hkv, r, NQ, D, num_splits, tl.bfloat16 if q.dtype == torch.bfloat16 else tl.float16,

@@ -21,6 +21,9 @@ the registers of the MMA operands, with nothing in shared memory:
   factors are folded into q's planes (K) and into the output planes (V).
 - The next tile's words, scales and zeros are loaded before the current tile is computed (registers, one tile
   ahead). Full tiles run without masks; the last, partial tile of a split runs a masked copy of the tile body.
+- Residency and L2 (NOTES.md v29, :func:`occupancy`): the one-query-row 2-bit build is capped at 168 registers so that
+  12 programs run per SM (3 per sub-partition); the 4-bit builds, whose V words are not loaded a tile ahead, prefetch
+  the tile after the next into L2 (one bulk prefetch per stream).
 - The running maximum is updated lazily (only when some row's maximum grew by more than 8, in log2 units), so most
   tiles skip the accumulator rescale.
 
@@ -63,6 +66,30 @@ TOKM_MAX_ROWS = 8  # query rows per KV head the tokens-on-M form takes (its MMA'
 # lengths; 48 bytes in the sink / window program); with the cap stated it takes 173-198 and spills nothing (the 16-row
 # form keeps ptxas's choice: with the cap its loop grew 1044 -> 1081 instructions)
 MAXNREG = 255
+# Residency: an H100 SM's four sub-partitions hold 16384 registers each, so a one-warp build of 169-255 registers runs
+# 2 programs per sub-partition (8 per SM) and one of at most 168 runs 3 (12 per SM). The one-query-row (MHA) 2-bit
+# tokens-on-M build fits 168 without a spill (154-158 registers) and ran 6-7% faster at 12 per SM (NOTES.md v29); the
+# GQA builds at 168 lengthened their loop or spilled and ran no faster, the sink / window build spilled in its loop.
+OCC12_MAXNREG = 168
+
+
+def occupancy(*, r: int, bits: int, has_fp: bool, tokens_on_m: bool) -> tuple[int | None, int, int]:
+    """A build's (register cap, None for ptxas's choice; programs per SM its splits are sized for; L2 prefetch
+    distance in tiles, 0 for none). The 4-bit builds prefetch the tile after the next one into L2 (one bulk prefetch
+    per stream, NOTES.md v29): their V words are not loaded a tile ahead into registers (they would spill), and the
+    prefetch took K4V4 at 32k from 114-115 to 108 us on the H100; two tiles ahead or more ran slower (the L2 thrashes),
+    the 2-bit builds (all words a tile ahead in registers already) gained nothing beyond noise."""
+    if tokens_on_m and r == 1 and bits == 2 and not has_fp:
+        return OCC12_MAXNREG, 12, 0
+    if tokens_on_m:
+        return MAXNREG, 8, (1 if bits == 4 else 0)
+    return None, 8, 0
+
+
+def max_registers(programs_per_sm: int) -> int:
+    """The most registers per thread at which programs_per_sm one-warp programs stay resident on an H100 SM (8 at a
+    time per thread, 255 at most)."""
+    return min(255, 16384 * 4 // programs_per_sm // 32 // 8 * 8)
 
 
 def gluon_unsupported_reason(*, D: int, r: int, NQ: int, k_bits, v_bits, k_group: int, v_group: int,
@@ -451,10 +478,25 @@ if HAVE_GLUON:
         return m_i, l_i, z_i, o0, o1, o2, o3
 
     @gluon.jit
+    def _l2_prefetch(kp, vp, p0, p1, p2, p3, TILE_BYTES: gl.constexpr):
+        """One bulk L2 prefetch per stream of a tile (lane 0: K's codes, 1: V's, 2-5: the scales and zeros; 16-byte
+        aligned addresses only)."""
+        LANE: gl.constexpr = gl.BlockedLayout([1], [32], [1], [0])
+        lane = gl.arange(0, 32, layout=LANE)
+        z = lane * 0
+        ptr = gl.where(lane == 0, kp + z, gl.where(lane == 1, vp + z, gl.where(lane == 2, p0 + z, gl.where(
+            lane == 3, p1 + z, gl.where(lane == 4, p2 + z, p3 + z)))))
+        size = gl.where(lane < 2, TILE_BYTES, gl.where(lane < 6, 128, 0))  # 0: the lane prefetches nothing
+        gl.inline_asm_elementwise(
+            asm="{ .reg .pred p; setp.gt.s32 p, $2, 0; @p cp.async.bulk.prefetch.L2.global [$1], $2; mov.b32 $0, 0; }",
+            constraints="=r,l,r", args=[ptr, size], dtype=gl.int32, is_pure=False, pack=1)
+
+    @gluon.jit
     def _packed_program(q_ptr, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, op_ptr, lp_ptr,
                         sq_b, sq_h, sq_d, skc_b, skc_h, sks_b, sks_h, svc_b, svc_h, svs_b, svs_h, start, end, prow0,
                         b, h, qk_scale, R: gl.constexpr, BITS: gl.constexpr, PREFETCH_V: gl.constexpr,
-                        TOKM: gl.constexpr, MMA: gl.constexpr, A_OP: gl.constexpr, B_OP: gl.constexpr):
+                        TOKM: gl.constexpr, MMA: gl.constexpr, A_OP: gl.constexpr, B_OP: gl.constexpr,
+                        L2PF: gl.constexpr = 0):
         """A split of the packed middle: tokens [start, end) of the (batch, KV head), all R query heads in the MMA.
         TOKM: the tokens on the MMA's M side (S^T = K q^T over [64 tokens, 8 rows], R <= 8), else the query rows
         (S = q K^T over [16 rows, 64 tokens]). Writes the split's normalised output and base-2 log-sum-exp at row
@@ -542,6 +584,10 @@ if HAVE_GLUON:
             for i in range(0, n_full):
                 # the next tile, loaded before this one is computed (at the end the last one again: in bounds)
                 tn = gl.multiple_of(gl.minimum(start + (i + 1) * BN, last), BN)
+                if L2PF > 0:  # every stream's tile L2PF ahead into L2 (the last full tile again at the end)
+                    tp = gl.multiple_of(gl.minimum(start + (i + L2PF) * BN, last), BN)
+                    _l2_prefetch(k_base + tp * W, v_base + tp * W, ks_base + tp // 2, kz_base + tp // 2,
+                                 vs_base + tp // 2, vz_base + tp // 2, BN * W * 4)
                 kw_n = gl.load(k_base + tn * W + k_off)
                 if PREFETCH_V:
                     ve_n, vo_n = _load_v(v_base, v_off, vw_p, vw_i, tn, BN, W, TOKM, False)
@@ -616,7 +662,7 @@ if HAVE_GLUON:
                             n_tok, cap, chunk, n_sink, n_win, s_cap, w_rows, qk_scale,
                             H_KV: gl.constexpr, R: gl.constexpr, NUM_SPLITS: gl.constexpr, BITS: gl.constexpr,
                             DEV_LENS: gl.constexpr, PREFETCH_V: gl.constexpr, HAS_FP: gl.constexpr,
-                            WRING: gl.constexpr, TOKM: gl.constexpr = False):
+                            WRING: gl.constexpr, TOKM: gl.constexpr = False, L2PF: gl.constexpr = 0):
         """One program per (split, batch x KV head). The packed middle's splits: the codes (uint8, token rows
         contiguous) are read as int32 words (4 BITS per token), the fp16 per-token scales and zeros as int32 pairs
         of consecutive tokens (their strides come in those units). HAS_FP: the last split is the (batch, KV head)'s
@@ -659,7 +705,7 @@ if HAVE_GLUON:
                             v_scale.to(gl.pointer_type(gl.int32)), v_zero.to(gl.pointer_type(gl.int32)), op_ptr,
                             lp_ptr, sq_b, sq_h, sq_d, skc_b, skc_h, sks_b, sks_h, svc_b, svc_h, svs_b, svs_h, start,
                             gl.minimum(start + chunk, n_q), prow0, b, h, qk_scale, R, BITS, PREFETCH_V, TOKM, MMA,
-                            A_OP, B_OP)
+                            A_OP, B_OP, L2PF)
 
 
 def storage_unsupported_reason(k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, fp=()) -> str | None:
@@ -685,9 +731,15 @@ def storage_unsupported_reason(k_codes, k_scale, k_zero, v_codes, v_scale, v_zer
 
 def launch_args(*, q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_sink, v_sink, k_window, v_window, o_part,
                 l_part, lens, slen_b, slen_p, n_tok, cap, chunk, n_sink, n_window, qk_scale, H_KV, R, num_splits, bits,
-                dev_lens, window_ring, tokens_on_m=False):
+                dev_lens, window_ring, tokens_on_m=False, maxnreg=None, l2_prefetch=0):
     """(args, kwargs) of the split kernel's launch over (num_splits, B * H_KV) programs; with sink or window rows
-    (capacities above 0) the last split of each (batch, KV head) is its full-precision program."""
+    (capacities above 0) the last split of each (batch, KV head) is its full-precision program. maxnreg: the register
+    cap (:func:`occupancy`), None for ptxas's own choice; l2_prefetch: the L2 prefetch distance in tiles, taken only
+    where every tile of codes, scales and zeros starts 16-byte aligned (the bulk prefetch needs it; PackedKV's rows
+    are)."""
+    if l2_prefetch and not all(t.data_ptr() % 16 == 0 and all(st * t.element_size() % 16 == 0 for st in t.stride()[:2])
+                               for t in (k_codes, k_scale, k_zero, v_codes, v_scale, v_zero)):
+        l2_prefetch = 0
     S, W = k_sink.shape[2], k_window.shape[2]
     has_fp = S > 0 or W > 0
 
@@ -702,23 +754,25 @@ def launch_args(*, q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_sink
         v_scale.stride(0) // 2, v_scale.stride(1) // 2, slen_b, slen_p, *sks, *svs, *skw, *svw,
         n_tok, cap, chunk, n_sink, n_window, S, max(W, 1), qk_scale,
     ), dict(H_KV=H_KV, R=R, NUM_SPLITS=num_splits, BITS=bits, DEV_LENS=dev_lens, PREFETCH_V=bits == 2,
-            HAS_FP=has_fp, WRING=bool(window_ring) and W > 0, TOKM=bool(tokens_on_m), num_warps=1,
-            **({"maxnreg": MAXNREG} if tokens_on_m else {}))
+            HAS_FP=has_fp, WRING=bool(window_ring) and W > 0, TOKM=bool(tokens_on_m), L2PF=l2_prefetch, num_warps=1,
+            **({} if maxnreg is None else {"maxnreg": maxnreg}))
 
 
 def compile_sm90(bits: int, dev_lens: bool, r: int, has_fp: bool = False, dtype: str = "fp16", tokm: bool = False):
     """The split kernel compiled for sm_90 on this machine (no GPU needed; not under the Triton interpreter), with
-    strides divisible by 16 as the runtime specialises them for the benchmark shapes: a triton CompiledKernel."""
+    strides divisible by 16 as the runtime specialises them for the benchmark shapes, under the register cap the
+    launch states (:func:`occupancy`): a triton CompiledKernel."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
 
     fn = _gluon_split_kernel
+    maxnreg, _, l2pf = occupancy(r=r, bits=bits, has_fp=has_fp, tokens_on_m=tokm)
     ptrs = {"q_ptr": "*" + dtype, "k_codes": "*u8", "v_codes": "*u8", "k_scale": "*fp16", "k_zero": "*fp16",
             "v_scale": "*fp16", "v_zero": "*fp16", "op_ptr": "*fp32", "lp_ptr": "*fp32", "lens_ptr": "*i32",
             "k_sink": "*" + dtype, "v_sink": "*" + dtype, "k_win": "*" + dtype, "v_win": "*" + dtype}
     const = dict(H_KV=8, R=r, NUM_SPLITS=16, BITS=bits, DEV_LENS=dev_lens, PREFETCH_V=bits == 2, HAS_FP=has_fp,
-                 WRING=has_fp, TOKM=tokm, sq_d=1)
+                 WRING=has_fp, TOKM=tokm, L2PF=l2pf, sq_d=1)
     sig, consts, attrs = {}, {}, {}
     for i, name in enumerate(fn.arg_names):
         if name in ptrs:
@@ -733,14 +787,15 @@ def compile_sm90(bits: int, dev_lens: bool, r: int, has_fp: bool = False, dtype:
             if name not in ("n_tok", "cap", "chunk", "slen_b", "slen_p", "n_sink", "n_win", "s_cap", "w_rows"):
                 attrs[(i,)] = [["tt.divisibility", 16]]
     return triton.compile(GluonASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", 90, 32),
-                          options=dict(num_warps=1, num_stages=1, **({"maxnreg": MAXNREG} if tokm else {})))
+                          options=dict(num_warps=1, num_stages=1, **({} if maxnreg is None else {"maxnreg": maxnreg})))
 
 
 def sm90_resources(bits: int, dev_lens: bool, r: int, has_fp: bool = False, dtype: str = "fp16",
                    tokm: bool = False) -> dict:
     """:func:`compile_sm90`'s build and what the design relies on: registers, stack, shared memory, the hot loop's
     length, and ``forbidden``: any shared-memory instruction, or a local-memory one (a spill) inside the hot loop (the
-    packed tiles'). tests/test_kernels_gluon.py checks it."""
+    packed tiles'); ``programs_per_sm``: what the launch sizes its splits for (:func:`occupancy`), which the registers
+    must allow (:func:`max_registers`). tests/test_kernels_gluon.py checks it."""
     import triton
 
     from .sass_probe import sass_summary
@@ -752,7 +807,8 @@ def sm90_resources(bits: int, dev_lens: bool, r: int, has_fp: bool = False, dtyp
     lo, hi = max(s["loops"], key=lambda x: x[1] - x[0]) if s["loops"] else (0, -1)
     hot = [op.split(".")[0] for _, op, _ in ins[lo:hi + 1]]
     return {"registers": s["registers"], "stack": s["stack"], "shared": int(s["shared"]), "triton": triton.__version__,
-            "hot_loop": len(hot),
+            "hot_loop": len(hot), "programs_per_sm": occupancy(r=r, bits=bits, has_fp=has_fp, tokens_on_m=tokm)[1],
+            "l2_prefetches": sum(op.startswith("UBLKPF") for op in hot),
             # shared memory anywhere; local memory (spills) in the hot loop, the packed tiles'
             "forbidden": sorted({op for _, op, _ in ins if op.split(".")[0] in ("LDS", "STS", "LDSM", "BAR")}
                                 | {op for op in hot if op in ("LDL", "STL")})}
