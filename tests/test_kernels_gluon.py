@@ -196,15 +196,18 @@ def test_extreme_codes_and_scales(bits):
 
 @gpu
 def test_default_takes_gluon_where_splits_are_long():
-    """B x Hkv = 64 programs' worth of heads: 16 splits (one wave of 8 per SM on an H100); 8192 tokens give each split
-    8 tiles (the Gluon kernel), 1024 one (the Triton kernel)."""
-    long = inputs(B=8, Hkv=8, r=4, n_quant=8192, lens=[(0, 8192, 0)] * 8, lens_form="3")
-    short = inputs(B=8, Hkv=8, r=4, n_quant=1024, lens=[(0, 1024, 0)] * 8, lens_form="3")
+    """B x Hkv = 64 programs' worth of heads: 16 splits (one wave of 8 per SM on an H100). The tokens-on-M form (4 query
+    heads per KV head) from 2 tiles per split (2048 tokens: the Gluon kernel; 1024, one tile: the Triton kernel), the
+    16-row form (16 heads) from 8 (8192 tokens: Gluon; 2048: Triton)."""
+    cases = [(4, 2048, True), (4, 1024, False), (16, 8192, True), (16, 2048, False)]
     da._DECODE_PLANS.clear()
-    for kw, want in ((long, True), (short, False)):
+    for r, n, want in cases:
+        kw = inputs(B=8, Hkv=8, r=r, n_quant=n, lens=[(0, n, 0)] * 8, lens_form="3")  # device lengths: a cached plan
+        for name in ("k_codes", "k_scale", "k_zero", "v_codes", "v_scale", "v_zero"):
+            kw[name] = kw[name][:, :, :n]  # capacity n: 16 chunks of n / 16 tokens
         da.decode_attention(**kw)
         plans = list(da._DECODE_PLANS._d.values())
-        assert (plans[-1][1].split.fn is gd._gluon_split_kernel) == want
+        assert (plans[-1][1].split.fn is gd._gluon_split_kernel) == want, (r, n)
 
 
 @gpu

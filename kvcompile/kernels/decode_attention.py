@@ -165,9 +165,12 @@ ROPE_TAB_DEFAULT = True
 # the packed values' codes as fp16 subnormals (no offset to subtract) where they keep their bits in place (session 11)
 V_DEN_DEFAULT = True
 # v27 (NOTES.md): the Gluon kernel (gluon_decode.py) for the layouts it takes, where each split has at least
-# GLUON_MIN_TILES tiles of 64 tokens (below that its per-program setup costs more than it saves)
+# GLUON_MIN_TILES tiles of 64 tokens (below that its per-program setup costs more than it saves); its tokens-on-M form
+# already from GLUON_TOKENS_MIN_TILES (v29, H100, B=8: 2 tiles per split at 2k tokens 14.4 against the Triton kernel's
+# 15.6 us, 4k 17.8-18.0 against 20.9-21.5, MHA 2k 21.2-21.9 against 32.6-33.0; at 1 tile, 1k, 13.4 against 13.0)
 GLUON_DEFAULT = True
 GLUON_MIN_TILES = 8
+GLUON_TOKENS_MIN_TILES = 2
 # the tokens-on-M form for up to 8 query rows per KV head (v28; H100 K2V2 32k: 72 against 84 us in the 16-row form)
 GLUON_TOKENS_DEFAULT = True
 
@@ -2023,8 +2026,9 @@ def decode_attention(
     and zeros, an fp16 or bf16 model, one new token, up to 16 query heads per KV head, K and V packed as far (no
     ``v_lengths``), scale / zero rows starting at even tokens (PackedKV aligns them; sink and window tokens go to one
     extra program per KV head).
-    None: there, where each split gets at least ``GLUON_MIN_TILES`` tiles of 64 tokens (H100: 5.0x fp16 SDPA against
-    the Triton kernel's 3.6x for K2V2 at 32k); True: always (an error says why a layout cannot); False: never.
+    None: there, where each split gets at least ``GLUON_MIN_TILES`` tiles of 64 tokens, in the tokens-on-M form
+    ``GLUON_TOKENS_MIN_TILES`` (H100: 5.1x fp16 SDPA against the Triton kernel's 3.6x for K2V2 at 32k), unless a
+    tuning only the Triton kernel has is given (block_n, num_warps, ..., v_denormal, fast_asm=False); True: always (an error says why a layout cannot); False: never.
     ``"tokens"`` / ``"rows"`` force one of its two forms: the tokens on the MMA's M side (S^T = K q^T, up to 8 query
     heads per KV head; the default there, NOTES.md v28) or the query heads on it (16 rows, up to 16 heads).
     ``gluon_l2``: how many tiles ahead the Gluon kernel's packed loop prefetches into L2 (0: none; None: its choice,
@@ -2162,7 +2166,11 @@ def decode_attention(
         sm_scale = 1.0 / math.sqrt(D)
 
     interp = _interpreting() or dev.type != "cuda"
-    if gluon is not False and GLUON_DEFAULT or gluon:
+    # a tuning only the Triton kernel has, given explicitly, asks for the Triton kernel (gluon=None)
+    triton_tuned = fast_asm is not True or any(x is not None for x in (
+        block_n, num_warps, num_stages, use_dot, fill_rows, fp_contig, fp_split, group_fill, group_bcast, kchan_dequant,
+        head_fill, prefetch, rope_table, lazy_rescale, balance, fp_block_n, v_denormal))
+    if gluon is None and GLUON_DEFAULT and not triton_tuned or gluon:
         plan = _gluon_plan(q, storage, gluon, interp, B, Hq, NQ, D, Hkv, r, S, W, W_v, mid_cap, n_quant_arg,
                            n_window_arg, dev_lens, kv_mixed, lens, slen_b, slen_p, k_bits, v_bits, k_group_size,
                            v_group_size, k_axis, k_format, v_format, rope, sm_scale, num_splits, programs_per_sm,
@@ -2448,7 +2456,7 @@ def _gluon_plan(q, storage, gluon, interp, B, Hq, NQ, D, Hkv, r, S, W, W_v, mid_
     if not dev_lens:
         mid = _cdiv(mid_cap, chunk)
     num_splits = mid + (1 if has_fp else 0)
-    if gluon is None and chunk < GLUON_MIN_TILES * bn:
+    if gluon is None and chunk < (GLUON_TOKENS_MIN_TILES if tokens_on_m else GLUON_MIN_TILES) * bn:
         return None
     plan = _DecodePlan(out_shape=(B, Hq, NQ, D), dtype=q.dtype, hkv=Hkv, rope=False, rt_dtype=None, block_n=bn,
                        k_bits=k_bits, v_bits=v_bits, parts=(B * Hkv, num_splits, r * NQ, D))
