@@ -70,3 +70,16 @@ def copy_bandwidth(bench: Callable[[Callable], float]) -> float:
     t = bench(lambda: dst.copy_(src))
     del src, dst
     return 2 * n / (t * 1e-6) / 1e9
+
+
+def pyplot():
+    """matplotlib's pyplot on the Agg backend (files only), or None where matplotlib is not installed (the
+    benchmarks then write their tables without the plot)."""
+    try:
+        import matplotlib
+    except ImportError:
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
