@@ -2028,11 +2028,13 @@ def decode_attention(
     extra program per KV head).
     None: there, where each split gets at least ``GLUON_MIN_TILES`` tiles of 64 tokens, in the tokens-on-M form
     ``GLUON_TOKENS_MIN_TILES`` (H100: 5.1x fp16 SDPA against the Triton kernel's 3.6x for K2V2 at 32k), unless a
-    tuning only the Triton kernel has is given (block_n, num_warps, ..., v_denormal, fast_asm=False); True: always (an error says why a layout cannot); False: never.
+    tuning only the Triton kernel has is given (block_n, num_warps, ..., v_denormal, fast_asm=False); True: always
+    (an error says why a layout cannot); False: never.
     ``"tokens"`` / ``"rows"`` force one of its two forms: the tokens on the MMA's M side (S^T = K q^T, up to 8 query
     heads per KV head; the default there, NOTES.md v28) or the query heads on it (16 rows, up to 16 heads).
     ``gluon_l2``: how many tiles ahead the Gluon kernel's packed loop prefetches into L2 (0: none; None: its choice,
-    one tile after the next for 4-bit codes, NOTES.md v29; taken only where the rows start 16-byte aligned).
+    one tile after the next for 4-bit codes, NOTES.md v29; taken only on sm_90 and later, where the rows start 16-byte
+    aligned).
 
     Keys quantized before RoPE (SKVQ's ``pre_rope``): ``k_rope`` the model's rotary inverse frequencies (float32
     [rotary_dim / 2]) and ``k_perm`` the keys' channel order ([Hkv, D], the model channel at each stored column;

@@ -87,8 +87,8 @@ def occupancy(*, r: int, bits: int, has_fp: bool, tokens_on_m: bool) -> tuple[in
 
 
 def max_registers(programs_per_sm: int) -> int:
-    """The most registers per thread at which programs_per_sm one-warp programs stay resident on an H100 SM (8 at a
-    time per thread, 255 at most)."""
+    """The most registers per thread at which programs_per_sm one-warp programs stay resident on an H100 SM (registers
+    are allocated 8 per thread at a time; 255 at most)."""
     return min(255, 16384 * 4 // programs_per_sm // 32 // 8 * 8)
 
 
@@ -735,10 +735,11 @@ def launch_args(*, q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_sink
     """(args, kwargs) of the split kernel's launch over (num_splits, B * H_KV) programs; with sink or window rows
     (capacities above 0) the last split of each (batch, KV head) is its full-precision program. maxnreg: the register
     cap (:func:`occupancy`), None for ptxas's own choice; l2_prefetch: the L2 prefetch distance in tiles, taken only
-    where every tile of codes, scales and zeros starts 16-byte aligned (the bulk prefetch needs it; PackedKV's rows
-    are)."""
-    if l2_prefetch and not all(t.data_ptr() % 16 == 0 and all(st * t.element_size() % 16 == 0 for st in t.stride()[:2])
-                               for t in (k_codes, k_scale, k_zero, v_codes, v_scale, v_zero)):
+    on sm_90 and later (the bulk prefetch is Hopper's) and where every tile of codes, scales and zeros starts 16-byte
+    aligned (the bulk prefetch needs it; PackedKV's rows are)."""
+    if l2_prefetch and (torch.cuda.get_device_capability(q.device) < (9, 0) or not all(
+            t.data_ptr() % 16 == 0 and all(st * t.element_size() % 16 == 0 for st in t.stride()[:2])
+            for t in (k_codes, k_scale, k_zero, v_codes, v_scale, v_zero))):
         l2_prefetch = 0
     S, W = k_sink.shape[2], k_window.shape[2]
     has_fp = S > 0 or W > 0
