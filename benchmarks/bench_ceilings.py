@@ -81,20 +81,18 @@ def load_only(bufs, out, cap, splits, meta, warps):
 def load_only_reference(bufs, cap, splits, meta):
     """:func:`load_only`'s checksums in PyTorch (int64 arithmetic, wrapped to int32 at the end)."""
     kc, vc, *ms = bufs
-    W, chunk = kc.shape[-1], cap // splits
-    rows = kc.shape[0] // cap
-    x = (kc ^ vc).view(rows, splits, chunk // 64, 64, W)
-    acc = x[:, :, 0]
-    for i in range(1, chunk // 64):
-        acc = acc ^ x[:, :, i]
-    tot = acc.to(torch.int64).sum(dim=(2, 3))
+    rows, tiles = kc.shape[0] // cap, cap // splits // 64
+
+    def xor_sum(x):  # each program's tiles XORed together, then summed: [rows * splits]
+        x = x.reshape(rows, splits, tiles, 64, -1)
+        acc = x[:, :, 0]
+        for i in range(1, tiles):
+            acc = acc ^ x[:, :, i]
+        return acc.to(torch.int64).sum(dim=(2, 3))
+
+    tot = xor_sum(kc ^ vc)
     if meta:
-        m = ms[0] ^ ms[1] if meta == 2 else (ms[0] ^ ms[1] ^ ms[2] ^ ms[3]).to(torch.int32)
-        m = m.view(rows, splits, chunk // 64, 64)
-        macc = m[:, :, 0]
-        for i in range(1, chunk // 64):
-            macc = macc ^ m[:, :, i]
-        tot = tot + macc.to(torch.int64).sum(dim=2)
+        tot = tot + xor_sum(ms[0] ^ ms[1] if meta == 2 else (ms[0] ^ ms[1] ^ ms[2] ^ ms[3]).to(torch.int32))
     return (((tot + 2**31) % 2**32) - 2**31).to(torch.int32).flatten()
 
 
@@ -151,10 +149,11 @@ def run_case(name, spec, log=print):
         loads[label] = best
     del bufs
     torch.cuda.empty_cache()
-    meta_bytes = {"four arrays": 8, "interleaved": 8, "no scales": 0}
+    # GB/s: the codes (8 W bytes a token, K and V) and 8 bytes of scales and zeros a token where the form has them
     return dict(case=name, B=B, Hq=Hq, Hkv=Hkv, D=D, L=L, k_bits=kb, v_bits=vb, sdpa_us=t_sdpa, fused_us=fused,
                 load_only_us=loads, packed_MB=nbytes / 1e6,
-                load_only_GBps={k: rows * L * (8 * W + meta_bytes[k]) / (v * 1e-6) / 1e9 for k, v in loads.items()})
+                load_only_GBps={k: rows * L * (8 * W + (8 if META_FORMS[k] else 0)) / (v * 1e-6) / 1e9
+                                for k, v in loads.items()})
 
 
 def table(rows, bw):

@@ -2406,7 +2406,7 @@ def decode_attention(
     ), sources, stable=_STORAGE_SOURCES)
     if not direct:
         plan.merge = _merge_launch(
-            B, Hkv, r, NQ, D, num_splits, tl_dtype, derived, sources, q.device,
+            Hkv, num_splits, derived, sources,
             BALANCE=bal, FP_SPLIT=fp_split, lens_ptr=lens if bal else None, slen_b=slen_b if bal else 0,
             slen_p=slen_p if bal else 0, s_cap=S, q_cap=n_quant_arg, w_cap=n_window_arg, n_rows=B,
             B_P2=_next_pow2(B) if bal else 1, BLOCK_N=block_n)
@@ -2474,17 +2474,19 @@ def _gluon_plan(q, storage, gluon, interp, B, Hq, NQ, D, Hkv, r, S, W, W_v, mid_
         l2_prefetch=l2pf)
     plan.split = Launch(_gl._gluon_split_kernel, (num_splits, B * Hkv), args, kwargs, sources,
                         stable=_STORAGE_SOURCES)
-    plan.merge = _merge_launch(B, Hkv, r, NQ, D, num_splits, tl.bfloat16 if q.dtype == torch.bfloat16 else tl.float16,
-                               derived, sources, q.device)
+    plan.merge = _merge_launch(Hkv, num_splits, derived, sources)
     return plan
 
 
-def _merge_launch(B, Hkv, r, NQ, D, num_splits, tl_dtype, derived, sources, dev, **balance) -> Launch:
-    """The merge kernel's launch over the splits' partials (``derived``'s out, lse, o_part, l_part): one program per
-    query row, and per 64 channels where the rows alone would not fill the GPU. ``balance``: the balanced split's
-    arguments (BALANCE, FP_SPLIT, lens_ptr, ...), if any."""
+def _merge_launch(Hkv, num_splits, derived, sources, **balance) -> Launch:
+    """The merge kernel's launch over the splits' partials (``derived``'s out, lse, o_part, l_part; the shape, dtype and
+    device come from out [B, Hq, NQ, D]): one program per query row, and per 64 channels where the rows alone would not
+    fill the GPU. ``balance``: the balanced split's arguments (BALANCE, FP_SPLIT, lens_ptr, ...), if any."""
     out, lse, o_part, l_part = derived[6:10]
-    block_d = 64 if B * Hkv * r * NQ < 4 * _num_sms(dev) else D
+    B, Hq, NQ, D = out.shape
+    r = Hq // Hkv
+    tl_dtype = tl.bfloat16 if out.dtype == torch.bfloat16 else tl.float16
+    block_d = 64 if B * Hkv * r * NQ < 4 * _num_sms(out.device) else D
     return Launch(_merge_kernel, (B * Hkv * r * NQ, D // block_d), (o_part, l_part, out, lse, num_splits), dict(
         H_KV=Hkv, GQA=r, NQ=NQ, D=D, SPLITS_P2=_next_pow2(num_splits), BLOCK_D=block_d, DTYPE=tl_dtype, **balance,
         num_warps=4 if block_d * num_splits >= 4096 else 2), sources, stable=_STORAGE_SOURCES)
