@@ -120,6 +120,12 @@ def test_cpu_says_cuda_only():
         da.decode_attention(**inputs(device="cpu"), gluon=True)
 
 
+@pytest.mark.parametrize("bad", [-1, 1.5, True])
+def test_bad_l2_distance_says_what_to_pass(bad):
+    with pytest.raises(ValueError, match="number of tiles >= 0"):
+        da.decode_attention(**inputs(device="cpu"), gluon_l2=bad)
+
+
 def test_odd_capacity_needs_padded_rows():
     """Scales are read as pairs of tokens: rows must start at even tokens, and with an odd capacity a row's last pair
     reads one element past it (PackedKV allocates its per-token scale rows padded to 32 tokens)."""

@@ -2433,6 +2433,8 @@ def _gluon_plan(q, storage, gluon, interp, B, Hq, NQ, D, Hkv, r, S, W, W_v, mid_
         reason = "no packed tokens"
     if gluon not in (None, True, False, "rows", "tokens"):
         _fail(f"gluon={gluon!r}: None, True, False, 'rows' or 'tokens'")
+    if gluon_l2 is not None and (not isinstance(gluon_l2, int) or isinstance(gluon_l2, bool) or gluon_l2 < 0):
+        _fail(f"gluon_l2={gluon_l2!r}: None or a number of tiles >= 0 (0: no L2 prefetch)")
     tokens_on_m = gluon == "tokens" or (gluon in (None, True) and GLUON_TOKENS_DEFAULT and r * NQ <= _gl.TOKM_MAX_ROWS)
     if reason is None and tokens_on_m and r * NQ > _gl.TOKM_MAX_ROWS:
         reason = f"gluon='tokens' takes at most {_gl.TOKM_MAX_ROWS} query heads per KV head"
