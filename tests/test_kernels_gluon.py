@@ -62,7 +62,8 @@ def check(kw, form=True, **tuning):
 # ----------------------------------------------------------------------------------------- CPU
 
 
-# (bits, device lengths, query heads per KV head, sink / window program, model dtype, tokens on M). Spills outside the
+# (bits, device lengths, query heads per KV head, sink / window program, model dtype, tokens on M[, balanced ragged
+# rows]). Spills outside the
 # packed loop are allowed (triton 3.6: 8 bytes for tokens on M at R = 8 with device lengths; 48 bytes in the sink /
 # window program of the tokens-on-M build; the 16-row form at R = 16, 24 bytes, is not in the list: it spills in the loop)
 VARIANTS = [(2, False, 4, False, "fp16", False), (2, True, 4, False, "fp16", False), (4, False, 4, False, "fp16", False),
@@ -70,7 +71,9 @@ VARIANTS = [(2, False, 4, False, "fp16", False), (2, True, 4, False, "fp16", Fal
             (4, True, 4, True, "fp16", False), (2, True, 4, True, "bf16", False), (2, False, 4, False, "fp16", True),
             (2, True, 8, False, "fp16", True), (4, True, 1, False, "fp16", True), (4, False, 4, False, "bf16", True),
             (2, True, 4, True, "fp16", True), (2, False, 1, False, "fp16", True), (2, True, 1, False, "bf16", True),
-            (4, True, 4, True, "fp16", True)]
+            (4, True, 4, True, "fp16", True), (2, True, 4, False, "fp16", True, True),
+            (2, True, 4, True, "fp16", True, True), (4, True, 4, False, "fp16", True, True),
+            (2, True, 1, False, "fp16", True, True)]
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +98,7 @@ def test_compiles_for_sm90_without_shared_memory_or_spills(sm90_builds, variant)
         pytest.skip(res["skip"])
     assert res["shared"] == 0 and res["registers"] <= gd.max_registers(res["programs_per_sm"]), res
     assert not res["forbidden"], res  # no shared memory; no spill inside the packed loop
-    bits, _, r, has_fp, _, tokm = variant
+    bits, _, r, has_fp, _, tokm = variant[:6]
     want = gd.occupancy(r=r, bits=bits, has_fp=has_fp, tokens_on_m=tokm)[2] > 0
     assert (res["l2_prefetches"] > 0) == want, res  # the 4-bit tokens-on-M builds prefetch into L2 in the loop
 
@@ -258,3 +261,17 @@ def test_odd_capacity_in_padded_rows(bits):
         kw[name] = kw[name][:, :, :1003]  # capacity 1003 (odd) in rows of 1004
     kw["window_ring"] = True
     check(kw)
+
+
+@gpu
+@pytest.mark.parametrize("balance", [True, False])
+@pytest.mark.parametrize("fp", [False, True])
+def test_ragged_rows_balanced(balance, fp):
+    """Rows of very different lengths (one of them empty) with the programs shared out by the rows' work (balance)
+    or the same number per row: the output matches the reference either way, and the plan is balanced where asked."""
+    S, n_window = (4, 20) if fp else (0, 0)
+    lens = [(S, n, n_window) for n in (5000, 0, 700, 3001)]
+    kw = inputs(B=4, Hkv=2, r=4, n_quant=5000, S=S, n_window=n_window, lens=lens, seed=11)
+    da._DECODE_PLANS.clear()
+    check(kw, form="tokens", balance=balance)
+    assert _split_constexpr("BALANCE") == balance

@@ -2008,7 +2008,9 @@ def decode_attention(
       programs than a short one) instead of the same number per row, so the batch's total tokens set the time
       rather than its longest row; a row's full-precision program (``fp_split``) stays its own. None: on (H100,
       rows of 32k down to 4k tokens: 73 against 102 us; equal rows in the [B, 3] form: 112 against 105 us, so a
-      batch whose rows are equal is better passed in the [3] form, as PackedKV's ``counts`` is).
+      batch whose rows are equal is better passed in the [3] form, as PackedKV's ``counts`` is). The Gluon kernel
+      takes it too (its packed-middle programs shared out the same way); unlike the other Triton tunings, an
+      explicit ``balance`` does not send the call to the Triton kernel.
 
     ``window_ring``: the windows are rings, as PackedKV holds them (docs/format.md): a sequence's window token j sits
     at row ``(n_quant + j) % W`` of ``k_window`` (``W`` its rows), and of ``v_window`` at ``(v_n_quant + j') % W_v``
@@ -2171,12 +2173,12 @@ def decode_attention(
     # a tuning only the Triton kernel has, given explicitly, asks for the Triton kernel (gluon=None)
     triton_tuned = fast_asm is not True or any(x is not None for x in (
         block_n, num_warps, num_stages, use_dot, fill_rows, fp_contig, fp_split, group_fill, group_bcast, kchan_dequant,
-        head_fill, prefetch, rope_table, lazy_rescale, balance, fp_block_n, v_denormal))
+        head_fill, prefetch, rope_table, lazy_rescale, fp_block_n, v_denormal))
     if gluon is None and GLUON_DEFAULT and not triton_tuned or gluon:
         plan = _gluon_plan(q, storage, gluon, interp, B, Hq, NQ, D, Hkv, r, S, W, W_v, mid_cap, n_quant_arg,
                            n_window_arg, dev_lens, kv_mixed, lens, slen_b, slen_p, k_bits, v_bits, k_group_size,
                            v_group_size, k_axis, k_format, v_format, rope, sm_scale, num_splits, programs_per_sm,
-                           window_ring, gluon_l2)
+                           window_ring, gluon_l2, balance)
         if plan is not None:
             if key is not None:
                 _DECODE_PLANS.put(key, storage, plan)
@@ -2418,7 +2420,7 @@ def decode_attention(
 
 def _gluon_plan(q, storage, gluon, interp, B, Hq, NQ, D, Hkv, r, S, W, W_v, mid_cap, n_quant_arg, n_window_arg,
                 dev_lens, kv_mixed, lens, slen_b, slen_p, k_bits, v_bits, k_group_size, v_group_size, k_axis, k_format,
-                v_format, rope, sm_scale, num_splits, programs_per_sm, window_ring, gluon_l2=None):
+                v_format, rope, sm_scale, num_splits, programs_per_sm, window_ring, gluon_l2=None, balance=None):
     """The Gluon kernel's plan (gluon_decode.py: split kernel, then the merge), or None where it does not take the
     layout (``gluon=True`` then fails with the reason) or, by default, where its splits would be too short."""
     k_sink, k_codes, k_scale, k_zero, k_window, v_sink, v_codes, v_scale, v_zero, v_window = storage[:10]
@@ -2462,6 +2464,9 @@ def _gluon_plan(q, storage, gluon, interp, B, Hq, NQ, D, Hkv, r, S, W, W_v, mid_
     num_splits = mid + (1 if has_fp else 0)
     if gluon is None and chunk < (GLUON_TOKENS_MIN_TILES if tokens_on_m else GLUON_MIN_TILES) * bn:
         return None
+    # per-row device lengths: each KV head's packed-middle programs shared out over the rows by their work, as the
+    # Triton kernel's balanced split (the same partition, _balance_table; the merge finds a row's programs with it)
+    bal = bool(BALANCE_DEFAULT if balance is None else balance) and dev_lens and slen_b != 0 and B > 1 and mid > 1
     plan = _DecodePlan(out_shape=(B, Hq, NQ, D), dtype=q.dtype, hkv=Hkv, rope=False, rt_dtype=None, block_n=bn,
                        k_bits=k_bits, v_bits=v_bits, parts=(B * Hkv, num_splits, r * NQ, D))
     derived = plan.derive(q, storage)
@@ -2473,10 +2478,14 @@ def _gluon_plan(q, storage, gluon, interp, B, Hq, NQ, D, Hkv, r, S, W, W_v, mid_
         lens=lens if dev_lens else q, slen_b=slen_b, slen_p=slen_p, n_tok=n_quant_arg, cap=mid_cap, chunk=chunk,
         n_sink=S, n_window=n_window_arg, qk_scale=float(sm_scale) * _LOG2E, H_KV=Hkv, R=r, num_splits=num_splits,
         bits=k_bits, dev_lens=dev_lens, window_ring=window_ring, tokens_on_m=tokens_on_m, maxnreg=maxnreg,
-        l2_prefetch=l2pf)
+        l2_prefetch=l2pf, balance=bal)
     plan.split = Launch(_gl._gluon_split_kernel, (num_splits, B * Hkv), args, kwargs, sources,
                         stable=_STORAGE_SOURCES)
-    plan.merge = _merge_launch(Hkv, num_splits, derived, sources)
+    balanced = {}
+    if bal:
+        balanced = dict(BALANCE=True, FP_SPLIT=has_fp, lens_ptr=lens, slen_b=slen_b, slen_p=slen_p, s_cap=S,
+                        q_cap=mid_cap, w_cap=n_window_arg, n_rows=B, B_P2=_next_pow2(B), BLOCK_N=bn)
+    plan.merge = _merge_launch(Hkv, num_splits, derived, sources, **balanced)
     return plan
 
 

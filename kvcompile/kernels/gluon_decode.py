@@ -35,6 +35,9 @@ the registers of the MMA operands, with nothing in shared memory:
   shared.
 - Sink and window tokens (full precision, the window possibly a ring) go to one extra program per (batch, KV head),
   the last split: plain MMAs over the natural channel order in the model's dtype, 16-token tiles.
+- Ragged batches (per-row device lengths, decode_attention's ``balance``): a KV head's packed-middle programs are
+  shared out over the rows by their work, the same partition as the Triton kernel's balanced split
+  (:func:`_balanced_program`); the merge kernel finds a row's programs the same way.
 - A bf16 model's q is rounded to fp16 for the packed products (as the Triton kernel does where scales are fp16).
 
 Layouts taken: per-token affine groups of the whole head (G == D == 128), 2 or 4 bits for K and for V (the same),
@@ -492,6 +495,41 @@ if HAVE_GLUON:
             constraints="=r,l,r", args=[ptr, size], dtype=gl.int32, is_pure=False, pack=1)
 
     @gluon.jit
+    def _add(a, b):
+        return a + b
+
+    @gluon.jit
+    def _balanced_program(lens_ptr, slen_b, slen_p, q_cap, n_rows, progs, f, B_P2: gl.constexpr,
+                          BN: gl.constexpr):
+        """Ragged batches (BALANCE, decode_attention's ``balance``): program f (0 <= f < progs) of a KV head, when the
+        head's ``progs`` packed-middle programs are shared out over the batch's rows by their work rather than the
+        same number per row. The partition is decode_attention's ``_balance_table`` (MID_ONLY; the merge kernel
+        recomputes it there to find a row's programs): every program takes ``t`` tiles of BN tokens, t near the
+        smallest with sum over rows of cdiv(tiles_b, t) <= progs. Returns (the program's row, n_rows where the rows
+        took fewer than progs programs; its index among the row's programs; its chunk of tokens; the row's packed
+        length, 0 for none: taken from the table's loads, no second dependent load before the loop)."""
+        LB: gl.constexpr = gl.BlockedLayout([1], [32], [1], [0])
+        rb = gl.arange(0, B_P2, layout=LB)
+        rm = rb < n_rows
+        work = gl.load(lens_ptr + rb.to(gl.int64) * slen_b + slen_p, mask=rm, other=0).to(gl.int32)
+        work = gl.minimum(gl.maximum(work, 0), q_cap)
+        tiles = gl.where(rm, (work + BN - 1) // BN, 0)
+        total = gl.sum(tiles, axis=0)
+        busy = gl.sum((tiles > 0).to(gl.int32), axis=0)
+        t_lo = gl.maximum((total + progs - 1) // progs, 1)
+        free = gl.maximum(progs - busy, 1)
+        t_hi = gl.where(progs > busy, (total + free - 1) // free, gl.max(tiles, axis=0))
+        t_hi = gl.maximum(t_hi, t_lo)
+        fits0 = gl.sum((tiles + t_lo - 1) // t_lo, axis=0) <= progs
+        fits1 = gl.sum((tiles + t_lo) // (t_lo + 1), axis=0) <= progs
+        t = gl.where(fits0, t_lo, gl.where(fits1, gl.minimum(t_lo + 1, t_hi), t_hi))
+        n = (tiles + t - 1) // t
+        incl = gl.associative_scan(n, 0, _add)
+        row = gl.minimum(gl.sum((incl <= f).to(gl.int32), axis=0), n_rows)
+        mine = rb == row
+        return row, f - gl.sum(gl.where(mine, incl - n, 0), axis=0), t * BN, gl.sum(gl.where(mine, work, 0), axis=0)
+
+    @gluon.jit
     def _packed_program(q_ptr, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, op_ptr, lp_ptr,
                         sq_b, sq_h, sq_d, skc_b, skc_h, sks_b, sks_h, svc_b, svc_h, svs_b, svs_h, start, end, prow0,
                         b, h, qk_scale, R: gl.constexpr, BITS: gl.constexpr, PREFETCH_V: gl.constexpr,
@@ -662,14 +700,17 @@ if HAVE_GLUON:
                             n_tok, cap, chunk, n_sink, n_win, s_cap, w_rows, qk_scale,
                             H_KV: gl.constexpr, R: gl.constexpr, NUM_SPLITS: gl.constexpr, BITS: gl.constexpr,
                             DEV_LENS: gl.constexpr, PREFETCH_V: gl.constexpr, HAS_FP: gl.constexpr,
-                            WRING: gl.constexpr, TOKM: gl.constexpr = False, L2PF: gl.constexpr = 0):
+                            WRING: gl.constexpr, TOKM: gl.constexpr = False, L2PF: gl.constexpr = 0,
+                            BALANCE: gl.constexpr = False, n_rows=1, B_P2: gl.constexpr = 1):
         """One program per (split, batch x KV head). The packed middle's splits: the codes (uint8, token rows
         contiguous) are read as int32 words (4 BITS per token), the fp16 per-token scales and zeros as int32 pairs
         of consecutive tokens (their strides come in those units). HAS_FP: the last split is the (batch, KV head)'s
         full-precision program (the sink, then the window; WRING: a ring of w_rows rows). DEV_LENS: each row's
         (n_sink, n_quant, n_window) is lens[b * slen_b + i * slen_p] (clamped to s_cap / cap / w_rows) and its chunk
-        is derived from its n_quant; else n_sink / n_tok / n_win and chunk. Writes each split's normalised output and
-        base-2 log-sum-exp (decode_attention's merge kernel reads them)."""
+        is derived from its n_quant; else n_sink / n_tok / n_win and chunk. BALANCE (DEV_LENS, n_rows rows of their
+        own lengths): a KV head's packed-middle programs are shared out over the rows by their work
+        (:func:`_balanced_program`); each program still writes its own slot, the full-precision one stays its row's.
+        Writes each split's normalised output and base-2 log-sum-exp (decode_attention's merge kernel reads them)."""
         MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, 1], instr_shape=[16, 8])
         A_OP: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
         B_OP: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=MMA, k_width=2)
@@ -699,7 +740,13 @@ if HAVE_GLUON:
                         sfv_t, swk_b, swk_h, swk_t, swv_b, swv_h, swv_t, n_s, n_q, n_w, w_rows, op_ptr, lp_ptr, prow0,
                         b, h, qk_scale, R, WRING, MMA, A_OP, B_OP, ROW, COL)
         else:
-            start = pid_s * chunk
+            if BALANCE:  # this program's row (b: the row it reads; its slot prow0 stays its own) and place in it
+                row, idx, chunk, n_q = _balanced_program(lens_ptr, slen_b, slen_p, cap, n_rows, n_rows * NUM_MID,
+                                                         (bh // H_KV) * NUM_MID + pid_s, B_P2, BN)
+                b = gl.minimum(row, n_rows - 1).to(gl.int64)  # an idle program (row n_rows) has n_q 0: no tile
+                start = idx * chunk
+            else:
+                start = pid_s * chunk
             _packed_program(q_ptr, k_codes.to(gl.pointer_type(gl.int32)), k_scale.to(gl.pointer_type(gl.int32)),
                             k_zero.to(gl.pointer_type(gl.int32)), v_codes.to(gl.pointer_type(gl.int32)),
                             v_scale.to(gl.pointer_type(gl.int32)), v_zero.to(gl.pointer_type(gl.int32)), op_ptr,
@@ -731,12 +778,14 @@ def storage_unsupported_reason(k_codes, k_scale, k_zero, v_codes, v_scale, v_zer
 
 def launch_args(*, q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_sink, v_sink, k_window, v_window, o_part,
                 l_part, lens, slen_b, slen_p, n_tok, cap, chunk, n_sink, n_window, qk_scale, H_KV, R, num_splits, bits,
-                dev_lens, window_ring, tokens_on_m=False, maxnreg=None, l2_prefetch=0):
+                dev_lens, window_ring, tokens_on_m=False, maxnreg=None, l2_prefetch=0, balance=False):
     """(args, kwargs) of the split kernel's launch over (num_splits, B * H_KV) programs; with sink or window rows
     (capacities above 0) the last split of each (batch, KV head) is its full-precision program. maxnreg: the register
     cap (:func:`occupancy`), None for ptxas's own choice; l2_prefetch: the L2 prefetch distance in tiles, taken only
     on sm_90 and later (the bulk prefetch is Hopper's) and where every tile of codes, scales and zeros starts 16-byte
-    aligned (the bulk prefetch needs it; PackedKV's rows are)."""
+    aligned (the bulk prefetch needs it; PackedKV's rows are); balance: share each KV head's packed-middle programs
+    out over the batch's rows by their work (device lengths per row; the merge must be launched balanced too)."""
+    B = q.shape[0]
     if l2_prefetch and (torch.cuda.get_device_capability(q.device) < (9, 0) or not all(
             t.data_ptr() % 16 == 0 and all(st * t.element_size() % 16 == 0 for st in t.stride()[:2])
             for t in (k_codes, k_scale, k_zero, v_codes, v_scale, v_zero))):
@@ -755,11 +804,13 @@ def launch_args(*, q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_sink
         v_scale.stride(0) // 2, v_scale.stride(1) // 2, slen_b, slen_p, *sks, *svs, *skw, *svw,
         n_tok, cap, chunk, n_sink, n_window, S, max(W, 1), qk_scale,
     ), dict(H_KV=H_KV, R=R, NUM_SPLITS=num_splits, BITS=bits, DEV_LENS=dev_lens, PREFETCH_V=bits == 2,
-            HAS_FP=has_fp, WRING=bool(window_ring) and W > 0, TOKM=bool(tokens_on_m), L2PF=l2_prefetch, num_warps=1,
+            HAS_FP=has_fp, WRING=bool(window_ring) and W > 0, TOKM=bool(tokens_on_m), L2PF=l2_prefetch,
+            BALANCE=bool(balance), n_rows=B, B_P2=max(1, 1 << (B - 1).bit_length()) if balance else 1, num_warps=1,
             **({} if maxnreg is None else {"maxnreg": maxnreg}))
 
 
-def compile_sm90(bits: int, dev_lens: bool, r: int, has_fp: bool = False, dtype: str = "fp16", tokm: bool = False):
+def compile_sm90(bits: int, dev_lens: bool, r: int, has_fp: bool = False, dtype: str = "fp16", tokm: bool = False,
+                 balance: bool = False):
     """The split kernel compiled for sm_90 on this machine (no GPU needed; not under the Triton interpreter), with
     strides divisible by 16 as the runtime specialises them for the benchmark shapes, under the register cap the
     launch states (:func:`occupancy`): a triton CompiledKernel."""
@@ -773,7 +824,7 @@ def compile_sm90(bits: int, dev_lens: bool, r: int, has_fp: bool = False, dtype:
             "v_scale": "*fp16", "v_zero": "*fp16", "op_ptr": "*fp32", "lp_ptr": "*fp32", "lens_ptr": "*i32",
             "k_sink": "*" + dtype, "v_sink": "*" + dtype, "k_win": "*" + dtype, "v_win": "*" + dtype}
     const = dict(H_KV=8, R=r, NUM_SPLITS=16, BITS=bits, DEV_LENS=dev_lens, PREFETCH_V=bits == 2, HAS_FP=has_fp,
-                 WRING=has_fp, TOKM=tokm, L2PF=l2pf, sq_d=1)
+                 WRING=has_fp, TOKM=tokm, L2PF=l2pf, BALANCE=balance, B_P2=8 if balance else 1, sq_d=1)
     sig, consts, attrs = {}, {}, {}
     for i, name in enumerate(fn.arg_names):
         if name in ptrs:
@@ -785,14 +836,15 @@ def compile_sm90(bits: int, dev_lens: bool, r: int, has_fp: bool = False, dtype:
             sig[name] = "fp32"
         else:
             sig[name] = "i32"
-            if name not in ("n_tok", "cap", "chunk", "slen_b", "slen_p", "n_sink", "n_win", "s_cap", "w_rows"):
+            if name not in ("n_tok", "cap", "chunk", "slen_b", "slen_p", "n_sink", "n_win", "s_cap", "w_rows",
+                            "n_rows"):
                 attrs[(i,)] = [["tt.divisibility", 16]]
     return triton.compile(GluonASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", 90, 32),
                           options=dict(num_warps=1, num_stages=1, **({} if maxnreg is None else {"maxnreg": maxnreg})))
 
 
 def sm90_resources(bits: int, dev_lens: bool, r: int, has_fp: bool = False, dtype: str = "fp16",
-                   tokm: bool = False) -> dict:
+                   tokm: bool = False, balance: bool = False) -> dict:
     """:func:`compile_sm90`'s build and what the design relies on: registers, stack, shared memory, the hot loop's
     length, and ``forbidden``: any shared-memory instruction, or a local-memory one (a spill) inside the hot loop (the
     packed tiles'); ``programs_per_sm``: what the launch sizes its splits for (:func:`occupancy`), which the registers
@@ -801,7 +853,7 @@ def sm90_resources(bits: int, dev_lens: bool, r: int, has_fp: bool = False, dtyp
 
     from .sass_probe import sass_summary
 
-    s = sass_summary(compile_sm90(bits, dev_lens, r, has_fp, dtype, tokm))
+    s = sass_summary(compile_sm90(bits, dev_lens, r, has_fp, dtype, tokm, balance))
     if s is None:
         return {"skip": "this Triton ships no cuobjdump"}
     ins = s["ins"]
