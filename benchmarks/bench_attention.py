@@ -350,6 +350,17 @@ def occupancy_variants(case):
 PREFETCH_VARIANTS = {"no_prefetch": dict(prefetch=False), "prefetch_st2": dict(prefetch=True, num_stages=2)}
 
 
+def sdpa_calls(q, Hkv, L, sm_scale):
+    """The baseline: closures calling ``F.scaled_dot_product_attention`` for ``q`` [B, Hq, Nq, D] over full-precision
+    caches of L tokens in q's dtype (fp16 unless the row says bf16), one per rotating copy (together beyond L2)."""
+    B, _, _, D = q.shape
+    kvs = [(torch.randn(B, Hkv, L, D, device="cuda", dtype=q.dtype), torch.randn(B, Hkv, L, D, device="cuda",
+                                                                                 dtype=q.dtype))
+           for _ in range(copies_for(2 * B * Hkv * L * D * q.element_size()))]
+    return [lambda k=k, v=v: F.scaled_dot_product_attention(q, k, v, scale=sm_scale, enable_gqa=True)
+            for k, v in kvs]
+
+
 def run_case(name, spec, bw, sweep, sink=0, window=0, log=print, variants=None, **layout):
     B, Hq, Hkv, D, L, kb, vb, g, target = spec
     sm_scale = 1.0 / math.sqrt(D)
@@ -362,14 +373,10 @@ def run_case(name, spec, bw, sweep, sink=0, window=0, log=print, variants=None, 
     kws = [kw] + [make_case(B, Hq, Hkv, D, L, kb, vb, g, sink=sink, window=window, seed=i, **layout)
                   for i in range(1, copies_for(nbytes))]
     # fp16 SDPA on a same-length full-precision cache
-    qdt = kw["q"].dtype  # the full-precision cache in the model's dtype (fp16 unless the row says bf16)
-    kvs = [(torch.randn(B, Hkv, L, D, device="cuda", dtype=qdt),
-            torch.randn(B, Hkv, L, D, device="cuda", dtype=qdt)) for _ in range(copies_for(fp_bytes))]
-    sdpa = [lambda k=k, v=v: F.scaled_dot_product_attention(kw["q"], k, v, scale=sm_scale, enable_gqa=True)
-            for k, v in kvs]
+    sdpa = sdpa_calls(kw["q"], Hkv, L, sm_scale)
     t_sdpa = bench_graph(sdpa)
     t_sdpa_eager = bench(sdpa[0])
-    del kvs, sdpa
+    del sdpa
     deq = [lambda c=c: dequant_sdpa(c, sm_scale) for c in kws[: copies_for(fp_bytes, most=8)]]
     t_deq = bench_graph(deq, reps=10)
     ref = (dequant_sdpa_rows(kw, sm_scale) if "lengths" in kw else dequant_sdpa(kw, sm_scale)).float()

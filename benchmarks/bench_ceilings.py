@@ -28,7 +28,6 @@ import os
 import sys
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -105,7 +104,7 @@ def broadcast(kw, names):
 
 
 def run_case(name, spec, log=print):
-    from bench_attention import make_case, packed_bytes
+    from bench_attention import make_case, packed_bytes, sdpa_calls
 
     from kvcompile.kernels.decode_attention import decode_attention
 
@@ -114,12 +113,7 @@ def run_case(name, spec, log=print):
     kw = make_case(B, Hq, Hkv, D, L, kb, vb, g)
     nbytes = packed_bytes(kw)
     kws = [kw] + [make_case(B, Hq, Hkv, D, L, kb, vb, g, seed=i) for i in range(1, copies_for(nbytes))]
-    kvs = [(torch.randn(B, Hkv, L, D, device="cuda", dtype=torch.float16),
-            torch.randn(B, Hkv, L, D, device="cuda", dtype=torch.float16))
-           for _ in range(copies_for(2 * B * Hkv * L * D * 2))]
-    t_sdpa = bench_graph([lambda k=k, v=v: F.scaled_dot_product_attention(kw["q"], k, v, scale=sm_scale,
-                                                                            enable_gqa=True) for k, v in kvs])
-    del kvs
+    t_sdpa = bench_graph(sdpa_calls(kw["q"], Hkv, L, sm_scale))
     meta, codes = ["k_scale", "k_zero", "v_scale", "v_zero"], ["k_codes", "v_codes"]
     fused = {}
     for label, names in (("as is", []), ("scales in L2", meta), ("codes in L2", codes), ("all in L2", meta + codes)):

@@ -2407,11 +2407,9 @@ def decode_attention(
         num_warps=num_warps, num_stages=num_stages,
     ), sources, stable=_STORAGE_SOURCES)
     if not direct:
-        plan.merge = _merge_launch(
-            Hkv, num_splits, derived, sources,
-            BALANCE=bal, FP_SPLIT=fp_split, lens_ptr=lens if bal else None, slen_b=slen_b if bal else 0,
-            slen_p=slen_p if bal else 0, s_cap=S, q_cap=n_quant_arg, w_cap=n_window_arg, n_rows=B,
-            B_P2=_next_pow2(B) if bal else 1, BLOCK_N=block_n)
+        plan.merge = _merge_launch(Hkv, num_splits, derived, sources, **_merge_balance(
+            bal, fp_split=fp_split, lens=lens, slen_b=slen_b, slen_p=slen_p, s_cap=S, q_cap=n_quant_arg,
+            w_cap=n_window_arg, n_rows=B, block_n=block_n))
     plan.run(sources)
     if key is not None:
         _DECODE_PLANS.put(key, storage, plan)
@@ -2481,18 +2479,26 @@ def _gluon_plan(q, storage, gluon, interp, B, Hq, NQ, D, Hkv, r, S, W, W_v, mid_
         l2_prefetch=l2pf, balance=bal)
     plan.split = Launch(_gl._gluon_split_kernel, (num_splits, B * Hkv), args, kwargs, sources,
                         stable=_STORAGE_SOURCES)
-    balanced = {}
-    if bal:
-        balanced = dict(BALANCE=True, FP_SPLIT=has_fp, lens_ptr=lens, slen_b=slen_b, slen_p=slen_p, s_cap=S,
-                        q_cap=mid_cap, w_cap=n_window_arg, n_rows=B, B_P2=_next_pow2(B), BLOCK_N=bn)
-    plan.merge = _merge_launch(Hkv, num_splits, derived, sources, **balanced)
+    plan.merge = _merge_launch(Hkv, num_splits, derived, sources, **_merge_balance(
+        bal, fp_split=has_fp, lens=lens, slen_b=slen_b, slen_p=slen_p, s_cap=S, q_cap=mid_cap, w_cap=n_window_arg,
+        n_rows=B, block_n=bn))
     return plan
+
+
+def _merge_balance(bal, *, fp_split, lens, slen_b, slen_p, s_cap, q_cap, w_cap, n_rows, block_n) -> dict:
+    """The merge kernel's arguments for a balanced split (``_balance_table`` over the rows' lengths, clamped to the
+    split's capacities, in tiles of ``block_n``; with ``fp_split`` each row's full-precision program after its middle
+    ones), or {} where the split is not balanced."""
+    if not bal:
+        return {}
+    return dict(BALANCE=True, FP_SPLIT=fp_split, lens_ptr=lens, slen_b=slen_b, slen_p=slen_p, s_cap=s_cap, q_cap=q_cap,
+                w_cap=w_cap, n_rows=n_rows, B_P2=_next_pow2(n_rows), BLOCK_N=block_n)
 
 
 def _merge_launch(Hkv, num_splits, derived, sources, **balance) -> Launch:
     """The merge kernel's launch over the splits' partials (``derived``'s out, lse, o_part, l_part; the shape, dtype and
     device come from out [B, Hq, NQ, D]): one program per query row, and per 64 channels where the rows alone would not
-    fill the GPU. ``balance``: the balanced split's arguments (BALANCE, FP_SPLIT, lens_ptr, ...), if any."""
+    fill the GPU. ``balance``: the balanced split's arguments (:func:`_merge_balance`), if any."""
     out, lse, o_part, l_part = derived[6:10]
     B, Hq, NQ, D = out.shape
     r = Hq // Hkv

@@ -785,6 +785,8 @@ def launch_args(*, q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_sink
     on sm_90 and later (the bulk prefetch is Hopper's) and where every tile of codes, scales and zeros starts 16-byte
     aligned (the bulk prefetch needs it; PackedKV's rows are); balance: share each KV head's packed-middle programs
     out over the batch's rows by their work (device lengths per row; the merge must be launched balanced too)."""
+    import triton
+
     B = q.shape[0]
     if l2_prefetch and (torch.cuda.get_device_capability(q.device) < (9, 0) or not all(
             t.data_ptr() % 16 == 0 and all(st * t.element_size() % 16 == 0 for st in t.stride()[:2])
@@ -805,7 +807,7 @@ def launch_args(*, q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_sink
         n_tok, cap, chunk, n_sink, n_window, S, max(W, 1), qk_scale,
     ), dict(H_KV=H_KV, R=R, NUM_SPLITS=num_splits, BITS=bits, DEV_LENS=dev_lens, PREFETCH_V=bits == 2,
             HAS_FP=has_fp, WRING=bool(window_ring) and W > 0, TOKM=bool(tokens_on_m), L2PF=l2_prefetch,
-            BALANCE=bool(balance), n_rows=B, B_P2=max(1, 1 << (B - 1).bit_length()) if balance else 1, num_warps=1,
+            BALANCE=bool(balance), n_rows=B, B_P2=triton.next_power_of_2(B) if balance else 1, num_warps=1,
             **({} if maxnreg is None else {"maxnreg": maxnreg}))
 
 
