@@ -127,15 +127,17 @@ def make_case(B, Hq, Hkv, D, L, kb, vb, g, sink=0, window=0, dtype=torch.float16
         vb = v_bits
     k_group, v_group = k_group or g, v_group or g
 
+    rows = -(-n_quant // 32) * 32  # per-token rows allocated in multiples of 32 tokens, as PackedKV does
+
     def packed(bits, axis, grp):
         width = -(-D // 5) if bits == 1.5 else D * bits // 8  # ternary: 5 base-3 digits per byte
-        codes = torch.randint(0, 243 if bits == 1.5 else 256, (B, Hkv, n_quant, width), dtype=torch.uint8,
-                              device="cuda", generator=gen)
+        codes = torch.randint(0, 243 if bits == 1.5 else 256, (B, Hkv, rows, width), dtype=torch.uint8,
+                              device="cuda", generator=gen)[:, :, :n_quant]
         if fmt == "fp8":
             codes &= 0xF7  # e4m3's NaN is 0x7F / 0xFF
-        shape = (B, Hkv, n_quant // grp, D) if axis == "channel" else (B, Hkv, n_quant, D // grp)
-        scale = (torch.rand(*shape, device="cuda", generator=gen) * 0.5 + 0.05).half()
-        zero = None if fmt != "affine" else (torch.randn(*shape, device="cuda", generator=gen)).half()
+        shape = (B, Hkv, n_quant // grp, D) if axis == "channel" else (B, Hkv, rows, D // grp)
+        scale = (torch.rand(*shape, device="cuda", generator=gen) * 0.5 + 0.05).half()[:, :, :n_quant]
+        zero = None if fmt != "affine" else (torch.randn(*shape, device="cuda", generator=gen)).half()[:, :, :n_quant]
         if fmt == "nf":
             nf4_table(codes.device)
         return codes, scale, zero
@@ -478,7 +480,8 @@ def with_flag_variants(var, name, args):
                      (args.stages, lambda: STAGE_VARIANTS), (args.warps4bit, lambda: WARPS4_VARIANTS),
                      (args.lazy, lambda: LAZY_VARIANTS), (args.balance, lambda: BALANCE_VARIANTS),
                      (args.fp_bn, lambda: FPBN_VARIANTS), (args.denormal, lambda: DEN_VARIANTS),
-                     (args.gluon, lambda: GLUON_VARIANTS), (args.l2, lambda: L2_VARIANTS)):
+                     (args.gluon, lambda: GLUON_VARIANTS), (args.l2, lambda: L2_VARIANTS),
+                     (args.tma, lambda: TMA_VARIANTS)):
         if on:
             var = dict(var or {}, **more())
     return var
@@ -507,6 +510,10 @@ GLUON_VARIANTS = {"gluon_tokens": dict(gluon="tokens"), "gluon_rows": dict(gluon
 # the one-row 2-bit build); each row's default is one of these
 L2_VARIANTS = {"l2pf0": dict(gluon_l2=0), "l2pf1": dict(gluon_l2=1), "l2pf2": dict(gluon_l2=2),
                "pps8": dict(programs_per_sm=8), "pps12": dict(programs_per_sm=12)}
+# --tma: the Gluon kernel's tokens-on-M tiles through a shared-memory ring fed by bulk tensor copies (v31), by stages
+# and programs per SM, against the register loads (tma0)
+TMA_VARIANTS = {"tma0": dict(gluon_tma=0), "tma1": dict(gluon_tma=1), "tma3": dict(gluon_tma=3),
+                "tma2_pps12": dict(gluon_tma=2, programs_per_sm=12), "tma2_pps8": dict(gluon_tma=2, programs_per_sm=8)}
 
 # --stages: BLOCK_N 32 with 2-4 pipeline stages (offline triton 3.6, K4V4 g128: 238 registers and no stack at 32,
 # against 255 and 8 bytes of stack for the 4-bit default BLOCK_N 64 with two stages)
@@ -570,6 +577,7 @@ def main(argv=None):
     ap.add_argument("--denormal", action="store_true", help="time DEN_VARIANTS on every row (value codes as subnormals)")
     ap.add_argument("--gluon", action="store_true", help="time GLUON_VARIANTS on every row (the Gluon kernel, v27)")
     ap.add_argument("--l2", action="store_true", help="time L2_VARIANTS on every row (the Gluon kernel, v29)")
+    ap.add_argument("--tma", action="store_true", help="time TMA_VARIANTS on every row (the Gluon kernel's ring, v31)")
     ap.add_argument("--defaults-only", action="store_true", help="--extra rows: time the defaults only, no variants")
     args = ap.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
@@ -640,6 +648,8 @@ def main(argv=None):
             var = dict(var, **GLUON_VARIANTS)
         if args.l2:
             var = dict(var, **L2_VARIANTS)
+        if args.tma:
+            var = dict(var, **TMA_VARIANTS)
         if args.defaults_only:
             var = {}
         row = run_case(name, CASES[base], bw, False, sink=sink, window=window, log=log, variants=var, **layout)

@@ -12,7 +12,8 @@ replays over rotating input copies (``_timing``):
   tiles: K's and V's code rows, then the per-token scales and zeros) and does nothing else, in three storage forms
   of the scales and zeros: four fp16 arrays (PackedKV's), (scale, zero) interleaved per token for K and for V (two
   arrays), and none; over a few launch shapes (warps per program, splits), the fastest kept. It is the read ceiling
-  of the format for loads issued this plainly.
+  of the format for loads issued this plainly. ``TMA ring``: the fused kernel's own load path (gluon_decode's TMA
+  ring, v31: bulk copies into two shared-memory stages, then into the operand registers) with nothing else.
 
 Prints a table and writes bench_ceilings.{md,json,png} to --out (kvcompile/kernels/NOTES.md v29 has the first
 numbers, taken with an earlier form of this script).
@@ -95,6 +96,99 @@ def load_only_reference(bufs, cap, splits, meta):
     return (((tot + 2**31) % 2**32) - 2**31).to(torch.int32).flatten()
 
 
+def _tma_kernel():
+    """The fused kernel's load path alone (gluon_decode's TMA ring, v31): per (batch x head) row and split, each
+    64-token tile's code rows and four scale / zero rows by bulk copies into a two-stage shared-memory ring, read from
+    there into the registers the fused kernel reads them into, XORed into a checksum."""
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+
+    from kvcompile.kernels import gluon_decode as gd
+
+    @gluon.jit
+    def kernel(kc_d, vc_d, ks_d, kz_d, vs_d, vz_d, out, cap, chunk, BITS: gl.constexpr, STAGES: gl.constexpr):
+        W: gl.constexpr = 4 * BITS
+        KW: gl.constexpr = gd._kw_layout_t(BITS)
+        VW: gl.constexpr = gd._vw_layout(BITS)
+        PL: gl.constexpr = gd._pair_layout_t()
+        pid_s = gl.program_id(0)
+        bh = gl.program_id(1)
+        kc_s = gl.allocate_shared_memory(gl.int32, [STAGES, 2 * W, 32], gd._code_smem())
+        vc_s = gl.allocate_shared_memory(gl.int32, [STAGES, 2 * W, 32], gd._code_smem())
+        m_s = gl.allocate_shared_memory(gl.int32, [4 * STAGES, 1, 32], gd._meta_smem())
+        bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], gd.mbarrier.MBarrierLayout())
+        for j in gl.static_range(STAGES):
+            gd.mbarrier.init(bars.index(j), count=1)
+        gd.fence_async_shared()
+        start = pid_s * chunk
+        n_t = chunk // 64
+        row0 = bh.to(gl.int64) * cap * W // 32
+        for j in gl.static_range(STAGES):
+            gd._ring_issue(kc_d, vc_d, ks_d, kz_d, vs_d, vz_d, kc_s, vc_s, m_s, bars, j, start, row0, bh, j < n_t,
+                           STAGES, W)
+        kacc = gl.zeros([W, 64], gl.int32, KW)
+        eacc = gl.zeros([32, W], gl.int32, VW)
+        oacc = gl.zeros([32, W], gl.int32, VW)
+        macc = gl.zeros([32], gl.int32, PL)
+        for i in range(0, n_t):
+            kw, ve, vo, k_s, k_z, v_s, v_z = gd._ring_read(kc_s, vc_s, m_s, bars, i, STAGES, BITS, KW, VW, PL)
+            kacc ^= kw
+            eacc ^= ve
+            oacc ^= vo
+            macc ^= k_s ^ k_z ^ v_s ^ v_z
+            gd._cta_barrier()
+            gd._ring_issue(kc_d, vc_d, ks_d, kz_d, vs_d, vz_d, kc_s, vc_s, m_s, bars, i + STAGES, start, row0, bh,
+                           i + STAGES < n_t, STAGES, W)
+        tot = (gl.sum(gl.sum(kacc, axis=1), axis=0) + gl.sum(gl.sum(eacc, axis=1), axis=0)
+               + gl.sum(gl.sum(oacc, axis=1), axis=0) + gl.sum(macc, axis=0))
+        gl.store(out + bh * gl.num_programs(0) + pid_s, tot)
+
+    return kernel
+
+
+def tma_load_only(bufs, out, cap, splits, bits, stages=2):
+    """Launch the TMA ring's load-only kernel over ``bufs`` = (K words [rows * cap, W] int32, V words, four int16
+    scale / zero arrays [rows * cap]); ``cap // splits`` must be a multiple of 64 and cap of 4."""
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    from kvcompile.kernels import gluon_decode as gd
+
+    kc, vc, *ms = bufs
+    chunk, rows = cap // splits, out.numel() // splits
+    if chunk % 64 or cap % splits or cap % 4:
+        raise ValueError(f"cap {cap} must split into {splits} chunks of a multiple of 64 tokens")
+    W = kc.shape[-1]
+    d = [TensorDescriptor(c, [c.numel() // 32, 32], [32, 1], [2 * W, 32], gd._code_smem()) for c in (kc, vc)]
+    d += [TensorDescriptor(m.view(torch.int32), [rows, cap // 2], [cap // 2, 1], [1, 32], gd._meta_smem())
+          for m in ms]
+    if "tma" not in _KERNELS:
+        _KERNELS["tma"] = _tma_kernel()
+    _KERNELS["tma"][(splits, rows)](*d, out, cap, chunk, bits, stages, num_warps=1)
+    return out
+
+
+_KERNELS: dict = {}
+
+
+def tma_load_only_reference(bufs, cap, splits):
+    """:func:`tma_load_only`'s checksums in PyTorch: per program, each position's words XORed over its tiles, summed
+    (the scale / zero arrays as int32 pairs, the four XORed together)."""
+    kc, vc, *ms = bufs
+    rows, tiles = kc.shape[0] // cap, cap // splits // 64
+
+    def xor_sum(x, per_tile):
+        x = x.reshape(rows, splits, tiles, per_tile)
+        acc = x[:, :, 0]
+        for i in range(1, tiles):
+            acc = acc ^ x[:, :, i]
+        return acc.to(torch.int64).sum(dim=2)
+
+    W = kc.shape[-1]
+    m = ms[0].view(torch.int32) ^ ms[1].view(torch.int32) ^ ms[2].view(torch.int32) ^ ms[3].view(torch.int32)
+    tot = xor_sum(kc, 64 * W) + xor_sum(vc, 64 * W) + xor_sum(m, 32)
+    return (((tot + 2**31) % 2**32) - 2**31).to(torch.int32).flatten()
+
+
 def broadcast(kw, names):
     """``kw`` with the tensors ``names`` replaced by their first (batch, KV head) expanded over all of them."""
     kw = dict(kw)
@@ -141,24 +235,33 @@ def run_case(name, spec, log=print):
             log(f"  {name} load-only, {label}, {warps} warps x {splits} splits: {t:.1f} us")
             best = t if best is None else min(best, t)
         loads[label] = best
+    # the fused kernel's TMA ring reading the four-array form (2-bit and 4-bit codes; checked against PyTorch once)
+    splits = 16
+    out = torch.empty(rows * splits, dtype=torch.int32, device="cuda")
+    shaped = [b[:2] + [m.view(torch.int16)[: rows * L] for m in b[2:]] for b in bufs]
+    tma_load_only(shaped[0], out, L, splits, kb)
+    ok = torch.equal(out.cpu(), tma_load_only_reference([t.cpu() for t in shaped[0]], L, splits))
+    loads["TMA ring"] = bench_graph([lambda b=b: tma_load_only(b, out, L, splits, kb) for b in shaped])
+    log(f"  {name} load-only, TMA ring (four arrays), 1 warp x {splits} splits: {loads['TMA ring']:.1f} us, "
+        f"checksum {'matches' if ok else 'DIFFERS'}")
     del bufs
     torch.cuda.empty_cache()
     # GB/s: the codes (8 W bytes a token, K and V) and 8 bytes of scales and zeros a token where the form has them
     return dict(case=name, B=B, Hq=Hq, Hkv=Hkv, D=D, L=L, k_bits=kb, v_bits=vb, sdpa_us=t_sdpa, fused_us=fused,
                 load_only_us=loads, packed_MB=nbytes / 1e6,
-                load_only_GBps={k: rows * L * (8 * W + (8 if META_FORMS[k] else 0)) / (v * 1e-6) / 1e9
-                                for k, v in loads.items()})
+                load_only_GBps={k: rows * L * (8 * W + (8 if META_FORMS.get(k, 1) else 0)) / (v * 1e-6) / 1e9
+                                for k, v in loads.items()}, tma_checksum_ok=ok)
 
 
 def table(rows, bw):
-    hdr = ("| case | fp16 SDPA us | fused us | scales in L2 | codes in L2 | all in L2 (compute floor) | load-only, four "
-           "arrays us (GB/s) | interleaved | no scales |")
+    hdr = ("| case | fp16 SDPA us | fused us | scales in L2 | codes in L2 | all in L2 (compute floor) | load-only, "
+           "four arrays us (GB/s) | interleaved | no scales | TMA ring, four arrays |")
     lines = [hdr, "|" + "---|" * (hdr.count("|") - 1)]
     for r in rows:
         f, lo, gb = r["fused_us"], r["load_only_us"], r["load_only_GBps"]
         lines.append(f"| {r['case']} | {r['sdpa_us']:.1f} | {f['as is']:.1f} ({r['sdpa_us'] / f['as is']:.2f}x) | "
                      f"{f['scales in L2']:.1f} | {f['codes in L2']:.1f} | {f['all in L2']:.1f} | "
-                     + " | ".join(f"{lo[k]:.1f} ({gb[k]:.0f})" for k in META_FORMS) + " |")
+                     + " | ".join(f"{lo[k]:.1f} ({gb[k]:.0f})" for k in [*META_FORMS, "TMA ring"]) + " |")
     return "\n".join(lines) + f"\n\ncopy bandwidth {bw:.0f} GB/s (read + write)"
 
 
@@ -168,7 +271,7 @@ def plot(rows, path):
         return
     fig, ax = plt.subplots(figsize=(8, 3.5))
     bars = [("fused", lambda r: r["fused_us"]["as is"]), ("fused, all in L2", lambda r: r["fused_us"]["all in L2"])]
-    bars += [(f"load-only, {k}", lambda r, k=k: r["load_only_us"][k]) for k in META_FORMS]
+    bars += [(f"load-only, {k}", lambda r, k=k: r["load_only_us"][k]) for k in [*META_FORMS, "TMA ring"]]
     w = 0.8 / len(bars)
     for j, (label, get) in enumerate(bars):
         ax.bar([i + (j - len(bars) / 2 + 0.5) * w for i in range(len(rows))], [get(r) for r in rows], w, label=label)

@@ -76,16 +76,22 @@ VARIANTS = [(2, False, 4, False, "fp16", False), (2, True, 4, False, "fp16", Fal
             (2, True, 1, False, "fp16", True, True)]
 
 
+# the same with the TMA ring (its last element: the stages), tokens on M
+TMA_VARIANTS = [(2, False, 4, False, "fp16", True, False, 2), (2, True, 1, False, "fp16", True, False, 2),
+                (4, True, 4, True, "fp16", True, False, 2), (2, True, 4, True, "bf16", True, True, 2),
+                (4, False, 8, False, "fp16", True, False, 3)]
+
+
 @pytest.fixture(scope="module")
 def sm90_builds():
     """Each variant compiled for sm_90 in a fresh process: on CPU the test session runs Triton under the interpreter
     (conftest.py), whose library functions Gluon's compiler cannot take."""
     code = ("import json, sys; from kvcompile.kernels.gluon_decode import sm90_resources; "
-            f"print(json.dumps([sm90_resources(*v) for v in {VARIANTS!r}]))")
+            f"print(json.dumps([sm90_resources(*v) for v in {VARIANTS + TMA_VARIANTS!r}]))")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
-    return dict(zip(VARIANTS, json.loads(run.stdout.strip().splitlines()[-1])))
+    return dict(zip(VARIANTS + TMA_VARIANTS, json.loads(run.stdout.strip().splitlines()[-1])))
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -101,6 +107,20 @@ def test_compiles_for_sm90_without_shared_memory_or_spills(sm90_builds, variant)
     bits, _, r, has_fp, _, tokm = variant[:6]
     want = gd.occupancy(r=r, bits=bits, has_fp=has_fp, tokens_on_m=tokm)[2] > 0
     assert (res["l2_prefetches"] > 0) == want, res  # the 4-bit tokens-on-M builds prefetch into L2 in the loop
+
+
+@pytest.mark.parametrize("variant", TMA_VARIANTS)
+def test_tma_ring_compiles_for_sm90(sm90_builds, variant):
+    """The ring's builds: shared memory for its stages only (tiles and mbarriers), nothing stored to it but by the
+    copies, six bulk copies per tile in the loop, no spill in the loop, registers for the launch's residency."""
+    res = sm90_builds[variant]
+    if res.get("skip"):
+        pytest.skip(res["skip"])
+    bits, r, has_fp, stages = variant[0], variant[2], variant[3], variant[-1]
+    assert res["shared"] == stages * gd.tma_stage_bytes(bits), res
+    assert res["registers"] <= gd.max_registers(res["programs_per_sm"]), res
+    assert not res["forbidden"] and res["tma_copies"] == 6 and res["l2_prefetches"] == 0, res
+    assert gd.tma_stages(bits, gd.occupancy(r=r, bits=bits, has_fp=has_fp, tokens_on_m=True)[1]) >= stages
 
 
 @pytest.mark.parametrize("change,match", [
@@ -246,7 +266,7 @@ def test_l2_prefetch_only_on_aligned_rows(aligned):
         kw[name] = torch.zeros((*t.shape[:2], rows, *t.shape[3:]), dtype=t.dtype, device=t.device)[:, :, :t.shape[2]]
         kw[name].copy_(t)
     da._DECODE_PLANS.clear()
-    check(kw, form="tokens")
+    check(kw, form="tokens", gluon_tma=0)  # (the TMA ring, where it runs, replaces the L2 prefetch)
     assert _split_constexpr("L2PF") == (1 if aligned else 0)
 
 
@@ -275,3 +295,92 @@ def test_ragged_rows_balanced(balance, fp):
     da._DECODE_PLANS.clear()
     check(kw, form="tokens", balance=balance)
     assert _split_constexpr("BALANCE") == balance
+
+
+# ----------------------------------------------------------------------------------------- the TMA ring (v31)
+
+def tma_storage(kw):
+    """kw with its codes, scales and zeros moved into rows of a multiple of 64 tokens (views of the same capacity): the
+    alignment the TMA ring reads (128-byte code rows, scale / zero rows at 16-byte multiples)."""
+    for name in ("k_codes", "k_scale", "k_zero", "v_codes", "v_scale", "v_zero"):
+        t = kw[name]
+        rows = -(-t.shape[2] // 64) * 64
+        kw[name] = torch.zeros((*t.shape[:2], rows, *t.shape[3:]), dtype=t.dtype, device=t.device)[:, :, :t.shape[2]]
+        kw[name].copy_(t)
+    return kw
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, True, gd.TMA_MAX_STAGES + 1])
+def test_bad_tma_stages_say_what_to_pass(bad):
+    with pytest.raises(ValueError, match="number of ring stages"):
+        da.decode_attention(**inputs(device="cpu"), gluon_tma=bad)
+
+
+def test_tma_stages_fit_shared_memory():
+    """The ring's stages for a residency leave each program its share of an SM's shared memory."""
+    for bits in (2, 4):
+        for pps in (8, 10, 12):
+            n = gd.tma_stages(bits, pps)
+            assert 1 <= n <= gd.TMA_MAX_STAGES
+            assert pps * (n * gd.tma_stage_bytes(bits) + 1024) <= gd.SMEM_PER_SM
+            assert n == gd.TMA_MAX_STAGES or pps * ((n + 1) * gd.tma_stage_bytes(bits) + 1024) > gd.SMEM_PER_SM
+
+
+@gpu
+@settings(deadline=None, max_examples=60, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(configs(), st.sampled_from([1, 2, 3]))
+def test_tma_ring_matches_reference(case, stages):
+    """The tokens-on-M form with its tiles through the TMA ring (1 to 3 stages: every tile refills a stage the one
+    before it read) against the float32 reference, on the same drawn layouts as the register loads."""
+    case = dict(case)
+    num_splits, ring, _ = case.pop("num_splits"), case.pop("ring"), case.pop("form")
+    case["r"] = min(case["r"], gd.TOKM_MAX_ROWS)
+    kw = tma_storage(inputs(**case))
+    if ring:
+        kw["window_ring"] = True
+    check(kw, "tokens", num_splits=num_splits, gluon_tma=stages)
+
+
+@gpu
+@pytest.mark.parametrize("bits", [2, 4])
+@pytest.mark.parametrize("balance", [True, False])
+def test_tma_ring_ragged_rows(bits, balance):
+    """Ragged rows (one empty) through the ring, balanced or not; the plan takes the ring."""
+    lens = [(4, n, 20) for n in (5000, 0, 700, 3001)]
+    kw = tma_storage(inputs(B=4, Hkv=2, r=4, bits=bits, n_quant=5000, S=4, n_window=20, lens=lens, seed=12))
+    da._DECODE_PLANS.clear()
+    check(kw, form="tokens", balance=balance, gluon_tma=2)
+    assert _split_constexpr("TMA_STAGES") == 2 and _split_constexpr("BALANCE") == balance
+    assert _split_constexpr("PDL") == (da._gdc_wait is not None)  # the merge a programmatic dependent launch
+
+
+@gpu
+@pytest.mark.parametrize("bits", [2, 4])
+def test_default_takes_tma_ring_where_rows_allow(bits):
+    """By default the tokens-on-M form reads through the ring (TMA_DEFAULT_STAGES) where the storage allows it, as
+    PackedKV allocates it (rows every 32 tokens)."""
+    from kvcompile.cache.packed import PackedKV
+    from kvcompile.schemes import TensorQuant
+
+    kw = inputs(B=2, Hkv=2, r=4, bits=bits, n_quant=990, lens=[(0, 990, 0), (0, 701, 0)], seed=4)
+    for side in "kv":  # the drawn codes, scales and zeros moved into PackedKV's own tensors (capacity 997)
+        pk = PackedKV.empty(2, 2, 128, TensorQuant("affine", bits, 128, "token"), capacity=1001, n_sink=4, window=8,
+                            device="cuda")
+        for name, t in (("codes", pk.codes), ("scale", pk.scale), ("zero", pk.zero)):
+            t[:, :, :kw[f"{side}_{name}"].shape[2]].copy_(kw[f"{side}_{name}"])
+            kw[f"{side}_{name}"] = t
+    da._DECODE_PLANS.clear()
+    check(kw, form="tokens")
+    assert _split_constexpr("TMA_STAGES") == gd.TMA_DEFAULT_STAGES
+
+
+@gpu
+def test_tma_ring_needs_aligned_rows():
+    """Storage whose code rows are not 128-byte aligned: gluon_tma says why; by default the register loads run."""
+    kw = inputs(B=2, Hkv=2, r=4, n_quant=999, lens=[(0, 999, 0), (0, 900, 0)], seed=2)  # capacity 1002: 64-byte rows
+    with pytest.raises(ValueError, match="128-byte rows"):
+        da.decode_attention(**kw, gluon="tokens", gluon_tma=2)
+    da._DECODE_PLANS.clear()
+    check(kw, form="tokens")
+    assert _split_constexpr("TMA_STAGES") == 0 and not _split_constexpr("PDL")

@@ -62,6 +62,11 @@ import torch
 import triton
 import triton.language as tl
 
+try:  # programmatic dependent launch's wait (sm_90); a Triton without it keeps the merge a plain launch
+    from triton.language.extra.cuda import gdc_wait as _gdc_wait
+except ImportError:  # pragma: no cover - depends on the installed Triton
+    _gdc_wait = None
+
 from . import gluon_decode as _gl
 from .launch import Launch, PlanCache
 
@@ -173,6 +178,13 @@ GLUON_MIN_TILES = 8
 GLUON_TOKENS_MIN_TILES = 2
 # the tokens-on-M form for up to 8 query rows per KV head (v28; H100 K2V2 32k: 72 against 84 us in the 16-row form)
 GLUON_TOKENS_DEFAULT = True
+# v31 (NOTES.md): the tokens-on-M form's tiles through a shared-memory ring fed by bulk tensor copies (TMA) rather than
+# loaded into registers (gluon_decode.py; decode_attention's gluon_tma)
+GLUON_TMA_DEFAULT = True
+# v31: with the TMA ring, the merge launched as a programmatic dependent launch (the split kernel lets it be placed as
+# soon as every split program has started; it waits for the split's end in the kernel). H100: 0.4-1.2 us off with the
+# ring; with the register loads the early merge programs cost up to 3% (K4V4), so there it stays a plain launch
+GLUON_PDL_DEFAULT = True
 
 _LOG2E = 1.4426950408889634
 _LN2 = 0.6931471805599453
@@ -1633,10 +1645,13 @@ def _merge_kernel(op_ptr, lp_ptr, out_ptr, lse_ptr, NUM_SPLITS,
                   H_KV: tl.constexpr, GQA: tl.constexpr, NQ: tl.constexpr, D: tl.constexpr, SPLITS_P2: tl.constexpr, BLOCK_D: tl.constexpr,
                   DTYPE: tl.constexpr, BALANCE: tl.constexpr = False, FP_SPLIT: tl.constexpr = False,
                   lens_ptr=None, slen_b=0, slen_p=0, s_cap=0, q_cap=0, w_cap=0, n_rows=1, B_P2: tl.constexpr = 1,
-                  BLOCK_N: tl.constexpr = 16):
+                  BLOCK_N: tl.constexpr = 16, PDL: tl.constexpr = False):
     """Combine the splits of one query row (and one BLOCK_D slice of the head dim). BALANCE: the row's splits are
     the programs _balance_table gave it (and with FP_SPLIT its own full-precision program), read SPLITS_P2 at a
-    time with a running log-sum-exp."""
+    time with a running log-sum-exp. PDL: launched as a programmatic dependent launch (``launch_pdl``), it waits for
+    the split kernel's end here."""
+    if PDL:
+        _gdc_wait()
     ROWS: tl.constexpr = GQA * NQ
     row = tl.program_id(0).to(tl.int64)  # (b * H_KV + h) * ROWS + m
     pid_d = tl.program_id(1)
@@ -1977,6 +1992,7 @@ def decode_attention(
     v_denormal: bool | None = None,
     gluon: bool | str | None = None,
     gluon_l2: int | None = None,
+    gluon_tma: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of ``q`` over the packed KV ``sink ++ middle[:n_quant] ++ window[:n_window]``.
 
@@ -2037,6 +2053,10 @@ def decode_attention(
     ``gluon_l2``: how many tiles ahead the Gluon kernel's packed loop prefetches into L2 (0: none; None: its choice,
     one tile after the next for 4-bit codes, NOTES.md v29; taken only on sm_90 and later, where the rows start 16-byte
     aligned).
+    ``gluon_tma``: in the Gluon kernel's tokens-on-M form, the packed tiles come through a ring of this many
+    shared-memory stages fed by bulk tensor copies (TMA, sm_90 and later; NOTES.md v31) instead of register loads
+    (0: not; None: ``GLUON_TMA_DEFAULT``, then ``TMA_DEFAULT_STAGES`` stages where the storage allows: 128-byte code
+    rows, scale / zero rows evenly spaced).
 
     Keys quantized before RoPE (SKVQ's ``pre_rope``): ``k_rope`` the model's rotary inverse frequencies (float32
     [rotary_dim / 2]) and ``k_perm`` the keys' channel order ([Hkv, D], the model channel at each stored column;
@@ -2062,7 +2082,7 @@ def decode_attention(
                 k_bits, v_bits, k_group_size, v_group_size, n_quant, n_window, k_axis, k_format, v_format, sm_scale,
                 num_splits, block_n, num_warps, num_stages, use_dot, programs_per_sm, fast_asm, fill_rows,
                 fp_contig, fp_split, group_fill, group_bcast, kchan_dequant, head_fill, prefetch, rope_table,
-                lazy_rescale, balance, fp_block_n, window_ring, v_denormal, gluon, gluon_l2,
+                lazy_rescale, balance, fp_block_n, window_ring, v_denormal, gluon, gluon_l2, gluon_tma,
             ))
         except (AttributeError, TypeError):  # not tensors: the plan's checks say what is wrong
             key = None
@@ -2178,7 +2198,7 @@ def decode_attention(
         plan = _gluon_plan(q, storage, gluon, interp, B, Hq, NQ, D, Hkv, r, S, W, W_v, mid_cap, n_quant_arg,
                            n_window_arg, dev_lens, kv_mixed, lens, slen_b, slen_p, k_bits, v_bits, k_group_size,
                            v_group_size, k_axis, k_format, v_format, rope, sm_scale, num_splits, programs_per_sm,
-                           window_ring, gluon_l2, balance)
+                           window_ring, gluon_l2, balance, gluon_tma)
         if plan is not None:
             if key is not None:
                 _DECODE_PLANS.put(key, storage, plan)
@@ -2418,7 +2438,8 @@ def decode_attention(
 
 def _gluon_plan(q, storage, gluon, interp, B, Hq, NQ, D, Hkv, r, S, W, W_v, mid_cap, n_quant_arg, n_window_arg,
                 dev_lens, kv_mixed, lens, slen_b, slen_p, k_bits, v_bits, k_group_size, v_group_size, k_axis, k_format,
-                v_format, rope, sm_scale, num_splits, programs_per_sm, window_ring, gluon_l2=None, balance=None):
+                v_format, rope, sm_scale, num_splits, programs_per_sm, window_ring, gluon_l2=None, balance=None,
+                gluon_tma=None):
     """The Gluon kernel's plan (gluon_decode.py: split kernel, then the merge), or None where it does not take the
     layout (``gluon=True`` then fails with the reason) or, by default, where its splits would be too short."""
     k_sink, k_codes, k_scale, k_zero, k_window, v_sink, v_codes, v_scale, v_zero, v_window = storage[:10]
@@ -2435,6 +2456,9 @@ def _gluon_plan(q, storage, gluon, interp, B, Hq, NQ, D, Hkv, r, S, W, W_v, mid_
         _fail(f"gluon={gluon!r}: None, True, False, 'rows' or 'tokens'")
     if gluon_l2 is not None and (not isinstance(gluon_l2, int) or isinstance(gluon_l2, bool) or gluon_l2 < 0):
         _fail(f"gluon_l2={gluon_l2!r}: None or a number of tiles >= 0 (0: no L2 prefetch)")
+    if gluon_tma is not None and (not isinstance(gluon_tma, int) or isinstance(gluon_tma, bool) or not
+                                  0 <= gluon_tma <= _gl.TMA_MAX_STAGES):
+        _fail(f"gluon_tma={gluon_tma!r}: None or a number of ring stages from 0 (no ring) to {_gl.TMA_MAX_STAGES}")
     tokens_on_m = gluon == "tokens" or (gluon in (None, True) and GLUON_TOKENS_DEFAULT and r * NQ <= _gl.TOKM_MAX_ROWS)
     if reason is None and tokens_on_m and r * NQ > _gl.TOKM_MAX_ROWS:
         reason = f"gluon='tokens' takes at most {_gl.TOKM_MAX_ROWS} query heads per KV head"
@@ -2452,6 +2476,20 @@ def _gluon_plan(q, storage, gluon, interp, B, Hq, NQ, D, Hkv, r, S, W, W_v, mid_
         programs_per_sm = pps
     if gluon_l2 is not None:
         l2pf = int(gluon_l2)
+    tma = 0
+    if gluon_tma or (gluon_tma is None and GLUON_TMA_DEFAULT):
+        why = (_gl.tma_unsupported_reason(k_codes, k_scale, k_zero, v_codes, v_scale, v_zero) if tokens_on_m else
+               "the TMA ring is written for the tokens-on-M form (at most 8 query rows per KV head)")
+        tma = gluon_tma or min(_gl.TMA_DEFAULT_STAGES, _gl.tma_stages(k_bits, programs_per_sm))
+        if why is None and _gl.tma_stages(k_bits, programs_per_sm) < tma:
+            why = (f"{tma} ring stages of {_gl.tma_stage_bytes(k_bits)} bytes do not fit {programs_per_sm} programs "
+                   "per SM in shared memory")
+        if why is not None:
+            if gluon_tma:
+                _fail(f"gluon_tma={gluon_tma}: {why}")
+            tma = 0
+    # the merge as a programmatic dependent launch (with the ring, which has already required sm_90)
+    pdl = bool(GLUON_PDL_DEFAULT and tma and _gdc_wait is not None)
     if num_splits is None:
         num_splits = choose_num_splits(batch=B, kv_heads=Hkv, seq_len=mid_cap, block_n=bn, num_sms=_num_sms(q.device),
                                        programs_per_sm=programs_per_sm)
@@ -2476,10 +2514,10 @@ def _gluon_plan(q, storage, gluon, interp, B, Hq, NQ, D, Hkv, r, S, W, W_v, mid_
         lens=lens if dev_lens else q, slen_b=slen_b, slen_p=slen_p, n_tok=n_quant_arg, cap=mid_cap, chunk=chunk,
         n_sink=S, n_window=n_window_arg, qk_scale=float(sm_scale) * _LOG2E, H_KV=Hkv, R=r, num_splits=num_splits,
         bits=k_bits, dev_lens=dev_lens, window_ring=window_ring, tokens_on_m=tokens_on_m, maxnreg=maxnreg,
-        l2_prefetch=l2pf, balance=bal)
+        l2_prefetch=l2pf, balance=bal, tma_stages=tma, pdl=pdl)
     plan.split = Launch(_gl._gluon_split_kernel, (num_splits, B * Hkv), args, kwargs, sources,
                         stable=_STORAGE_SOURCES)
-    plan.merge = _merge_launch(Hkv, num_splits, derived, sources, **_merge_balance(
+    plan.merge = _merge_launch(Hkv, num_splits, derived, sources, pdl=pdl, **_merge_balance(
         bal, fp_split=has_fp, lens=lens, slen_b=slen_b, slen_p=slen_p, s_cap=S, q_cap=mid_cap, w_cap=n_window_arg,
         n_rows=B, block_n=bn))
     return plan
@@ -2495,7 +2533,7 @@ def _merge_balance(bal, *, fp_split, lens, slen_b, slen_p, s_cap, q_cap, w_cap, 
                 w_cap=w_cap, n_rows=n_rows, B_P2=_next_pow2(n_rows), BLOCK_N=block_n)
 
 
-def _merge_launch(Hkv, num_splits, derived, sources, **balance) -> Launch:
+def _merge_launch(Hkv, num_splits, derived, sources, pdl=False, **balance) -> Launch:
     """The merge kernel's launch over the splits' partials (``derived``'s out, lse, o_part, l_part; the shape, dtype and
     device come from out [B, Hq, NQ, D]): one program per query row, and per 64 channels where the rows alone would not
     fill the GPU. ``balance``: the balanced split's arguments (:func:`_merge_balance`), if any."""
@@ -2506,7 +2544,8 @@ def _merge_launch(Hkv, num_splits, derived, sources, **balance) -> Launch:
     block_d = 64 if B * Hkv * r * NQ < 4 * _num_sms(out.device) else D
     return Launch(_merge_kernel, (B * Hkv * r * NQ, D // block_d), (o_part, l_part, out, lse, num_splits), dict(
         H_KV=Hkv, GQA=r, NQ=NQ, D=D, SPLITS_P2=_next_pow2(num_splits), BLOCK_D=block_d, DTYPE=tl_dtype, **balance,
-        num_warps=4 if block_d * num_splits >= 4096 else 2), sources, stable=_STORAGE_SOURCES)
+        num_warps=4 if block_d * num_splits >= 4096 else 2, **({"PDL": True, "launch_pdl": True} if pdl else {})),
+        sources, stable=_STORAGE_SOURCES)
 
 
 class _DecodePlan:

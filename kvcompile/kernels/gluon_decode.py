@@ -3,7 +3,8 @@
 The Triton kernel (``decode_attention.py``) lets the compiler pick register layouts; it stages the code tiles
 through shared memory and ldmatrix, and the V operand (consecutive tokens per register) through byte gathers
 (NOTES.md lever 7). Here every layout is chosen by hand so that the code words go from global memory straight into
-the registers of the MMA operands, with nothing in shared memory:
+the registers of the MMA operands, with nothing in shared memory (in the register form; the TMA ring below stages the
+raw tiles in shared memory and reads them into the same registers):
 
 - **K** (the B operand of S = q . K^T, k = channel, n = token): a thread of the m16n8k16 MMA holds, per token,
   the k indices ``16 s + 8 h + 2 c + e`` (c = lane % 4). Each thread loads ``bits`` contiguous words of a token
@@ -24,6 +25,12 @@ the registers of the MMA operands, with nothing in shared memory:
 - Residency and L2 (NOTES.md v29, :func:`occupancy`): the one-query-row 2-bit build is capped at 168 registers so that
   12 programs run per SM (3 per sub-partition); the 4-bit builds, whose V words are not loaded a tile ahead, prefetch
   the tile after the next into L2 (one bulk prefetch per stream).
+- TMA ring (tokens-on-M form, the default where the storage allows, NOTES.md v31): each 64-token tile's code rows
+  and scale / zero rows come by six bulk tensor copies (TMA) into a two-stage shared-memory ring with one mbarrier per
+  stage, and are read from there into the same registers the global loads fill (:func:`_ring_read`). The copies are
+  whole 128-byte lines issued by one thread; the register form's 8- and 4-byte loads made about one L2 request per
+  32-byte sector and their latency showed as the main stall (NOTES.md v30). The merge is then a programmatic
+  dependent launch.
 - The running maximum is updated lazily (only when some row's maximum grew by more than 8, in log2 units), so most
   tiles skip the accumulator rescale.
 
@@ -58,8 +65,17 @@ try:  # Triton >= 3.5 ships Gluon; without it decode_attention keeps the Triton 
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.ampere import mma_v2
     HAVE_GLUON = True
+    _cta_barrier = getattr(gl, "thread_barrier", None) or gl.barrier  # (gl.barrier from Triton 3.7 on)
 except ImportError:  # pragma: no cover - depends on the installed Triton
     HAVE_GLUON = False
+try:  # Hopper's bulk tensor copies (TMA) with mbarriers, for the shared-memory ring (``tma_stages``)
+    from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+    # the bulk tensor copy into shared memory: async_load from Triton 3.7 on, async_copy_global_to_shared before
+    _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+    HAVE_TMA = HAVE_GLUON
+except ImportError:  # pragma: no cover - depends on the installed Triton
+    HAVE_TMA = False
 
 __all__ = ["HAVE_GLUON", "gluon_unsupported_reason", "storage_unsupported_reason", "launch_args"]
 
@@ -87,6 +103,26 @@ def occupancy(*, r: int, bits: int, has_fp: bool, tokens_on_m: bool) -> tuple[in
     if tokens_on_m:
         return MAXNREG, 8, (1 if bits == 4 else 0)
     return None, 8, 0
+
+
+# The shared memory an H100 SM gives its programs (227 KB, less 1 KB the hardware reserves per program) and what one
+# stage of the TMA ring takes: a 64-token tile's K and V code rows (W int32 words a token each) and four 128-byte scale
+# / zero rows
+SMEM_PER_SM = 227 * 1024
+TMA_MAX_STAGES = 4
+# the ring's default depth (NOTES.md v31, H100: 2 stages ran faster than 3 or 4 on every row timed)
+TMA_DEFAULT_STAGES = 2
+
+
+def tma_stage_bytes(bits: int) -> int:
+    return 2 * 64 * 4 * bits * 4 + 4 * 128 + 8
+
+
+def tma_stages(bits: int, programs_per_sm: int) -> int:
+    """The most TMA ring stages (at most TMA_MAX_STAGES) that let programs_per_sm programs stay resident by shared
+    memory."""
+    per = SMEM_PER_SM // programs_per_sm - 1024
+    return max(0, min(TMA_MAX_STAGES, per // tma_stage_bytes(bits)))
 
 
 def max_registers(programs_per_sm: int) -> int:
@@ -494,9 +530,99 @@ if HAVE_GLUON:
             asm="{ .reg .pred p; setp.gt.s32 p, $2, 0; @p cp.async.bulk.prefetch.L2.global [$1], $2; mov.b32 $0, 0; }",
             constraints="=r,l,r", args=[ptr, size], dtype=gl.int32, is_pure=False, pack=1)
 
+    # ------------------------------------------------------------------------------------------------------------
+    # The TMA ring (TMA_STAGES > 0, tokens-on-M form): each 64-token tile's code rows (K's, V's: 2 W int32 rows of 128
+    # bytes each, 128-byte swizzle) and its four scale / zero rows (128 bytes each) come from global memory by bulk
+    # tensor copies into a ring of TMA_STAGES shared-memory stages, one mbarrier per stage; the tile is read from
+    # shared memory into the same registers the global loads fill (layouts below: the operand layouts mapped through
+    # token t word w -> row (t W + w) // 32, column (t W + w) % 32).
+
+    @gluon.constexpr_function
+    def _code_smem():
+        return gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=32, rank=2)
+
+    @gluon.constexpr_function
+    def _meta_smem():
+        return gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=2)
+
+    @gluon.constexpr_function
+    def _rows_layout(regs, lanes, bits):
+        """A layout over a tile's [64 tokens, W words] given by its bases, as one over its [2 W, 32] shared rows."""
+        W = 4 * bits
+
+        def m(b):
+            f = b[0] * W + b[1]
+            return [f // 32, f % 32]
+        return gl.DistributedLinearLayout([m(b) for b in regs], [m(b) for b in lanes], [], [], [2 * W, 32])
+
+    @gluon.constexpr_function
+    def _k_rows_layout(bits):
+        """:func:`_kw_layout_t` over the shared rows (bases as (token, word))."""
+        return _rows_layout([[0, 1 << i] for i in range(bits.bit_length() - 1)] + [[1, 0], [2, 0], [4, 0]],
+                            [[0, bits], [0, 2 * bits], [8, 0], [16, 0], [32, 0]], bits)
+
+    @gluon.constexpr_function
+    def _v_rows_layout(bits):
+        """:func:`_vw_layout`'s tokens-on-M form over the shared rows: pair p = h + 2 s + 8 c is token 16 c + h + 2 s
+        (even member) and 8 further (odd member, the last register basis)."""
+        nw = bits // 2
+        return _rows_layout([[0, 1 << i] for i in range(nw.bit_length() - 1)] + [[1, 0], [2, 0], [4, 0], [8, 0]],
+                            [[16, 0], [32, 0], [0, nw], [0, 2 * nw], [0, 4 * nw]], bits)
+
+    @gluon.constexpr_function
+    def _m_rows_layout():
+        """:func:`_pair_layout_t` over one 128-byte row."""
+        return gl.DistributedLinearLayout([[0, 1], [0, 2]], [[0, 0], [0, 0], [0, 4], [0, 8], [0, 16]], [], [],
+                                          [1, 32])
+
+    @gluon.jit
+    def _ring_issue(kc_d, vc_d, ks_d, kz_d, vs_d, vz_d, kc_s, vc_s, m_s, bars, k, start, code_row0, meta_row, pred,
+                    STAGES: gl.constexpr, W: gl.constexpr):
+        """Tile k of the split (tokens start + 64 k ..) into stage k % STAGES: six bulk copies on its mbarrier."""
+        st = k % STAGES
+        bar = bars.index(st)
+        t = start + k * 64
+        mbarrier.expect(bar, 2 * 64 * W * 4 + 4 * 128, pred=pred)
+        row = (code_row0 + t * W // 32).to(gl.int32)  # (TMA coordinates are 32-bit)
+        meta_row = meta_row.to(gl.int32)
+        t = t.to(gl.int32)
+        _tma_load(kc_d, [row, 0], bar, kc_s.index(st), pred=pred)
+        _tma_load(vc_d, [row, 0], bar, vc_s.index(st), pred=pred)
+        _tma_load(ks_d, [meta_row, t // 2], bar, m_s.index(4 * st), pred=pred)
+        _tma_load(kz_d, [meta_row, t // 2], bar, m_s.index(4 * st + 1), pred=pred)
+        _tma_load(vs_d, [meta_row, t // 2], bar, m_s.index(4 * st + 2), pred=pred)
+        _tma_load(vz_d, [meta_row, t // 2], bar, m_s.index(4 * st + 3), pred=pred)
+
+    @gluon.jit
+    def _ring_read(kc_s, vc_s, m_s, bars, i, STAGES: gl.constexpr, BITS: gl.constexpr, KW: gl.constexpr,
+                   VW: gl.constexpr, PL: gl.constexpr):
+        """Tile i's words, scales and zeros from its stage once its copies have landed, in the registers (layouts)
+        the global loads give: kw [W, 64], ve / vo [32, W], four int32 pair vectors [32]."""
+        W: gl.constexpr = 4 * BITS
+        st = i % STAGES
+        mbarrier.wait(bars.index(st), (i // STAGES) & 1)
+        x = gl.reshape(kc_s.index(st).load(_k_rows_layout(BITS)), [64, W])
+        kw = gl.convert_layout(gl.permute(x, [1, 0]), KW)
+        x = gl.reshape(vc_s.index(st).load(_v_rows_layout(BITS)), [2, 2, 2, 8, W])  # (t5, t4, t3, t2..0, w)
+        x = gl.reshape(gl.permute(x, [0, 1, 3, 4, 2]), [32, W, 2])  # pair p = 8 (2 t5 + t4) + t2..0; member t3
+        ve, vo = gl.split(x)
+        ML: gl.constexpr = _m_rows_layout()
+        k_s = gl.convert_layout(gl.reshape(m_s.index(4 * st).load(ML), [32]), PL)
+        k_z = gl.convert_layout(gl.reshape(m_s.index(4 * st + 1).load(ML), [32]), PL)
+        v_s = gl.convert_layout(gl.reshape(m_s.index(4 * st + 2).load(ML), [32]), PL)
+        v_z = gl.convert_layout(gl.reshape(m_s.index(4 * st + 3).load(ML), [32]), PL)
+        return kw, gl.convert_layout(ve, VW), gl.convert_layout(vo, VW), k_s, k_z, v_s, v_z
+
     @gluon.jit
     def _add(a, b):
         return a + b
+
+    @gluon.jit
+    def _launch_dependents():
+        """Programmatic dependent launch: the next kernel on the stream (the merge, launched with ``launch_pdl``) may
+        start once every program has passed this; its ``griddepcontrol.wait`` still waits for this grid's end."""
+        gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // $0", "=r", [], dtype=gl.int32, is_pure=False,
+                                  pack=1)
 
     @gluon.jit
     def _balanced_program(lens_ptr, slen_b, slen_p, q_cap, n_rows, progs, f, B_P2: gl.constexpr,
@@ -534,7 +660,7 @@ if HAVE_GLUON:
                         sq_b, sq_h, sq_d, skc_b, skc_h, sks_b, sks_h, svc_b, svc_h, svs_b, svs_h, start, end, prow0,
                         b, h, qk_scale, R: gl.constexpr, BITS: gl.constexpr, PREFETCH_V: gl.constexpr,
                         TOKM: gl.constexpr, MMA: gl.constexpr, A_OP: gl.constexpr, B_OP: gl.constexpr,
-                        L2PF: gl.constexpr = 0):
+                        L2PF: gl.constexpr = 0, descs=None, code_row0=0, meta_row=0, TMA_STAGES: gl.constexpr = 0):
         """A split of the packed middle: tokens [start, end) of the (batch, KV head), all R query heads in the MMA.
         TOKM: the tokens on the MMA's M side (S^T = K q^T over [64 tokens, 8 rows], R <= 8), else the query rows
         (S = q K^T over [16 rows, 64 tokens]). Writes the split's normalised output and base-2 log-sum-exp at row
@@ -613,7 +739,35 @@ if HAVE_GLUON:
         o3 = o0
 
         n_full = gl.maximum(end - start, 0) // BN
-        if n_full > 0:
+        if TMA_STAGES > 0:  # the tiles come through the shared-memory ring (tokens on M only)
+            kc_d, vc_d, ks_d, kz_d, vs_d, vz_d = descs
+            kc_s = gl.allocate_shared_memory(gl.int32, [TMA_STAGES, 2 * W, 32], _code_smem())
+            vc_s = gl.allocate_shared_memory(gl.int32, [TMA_STAGES, 2 * W, 32], _code_smem())
+            m_s = gl.allocate_shared_memory(gl.int32, [4 * TMA_STAGES, 1, 32], _meta_smem())
+            bars = gl.allocate_shared_memory(gl.int64, [TMA_STAGES, 1], mbarrier.MBarrierLayout())
+            for j in gl.static_range(TMA_STAGES):
+                mbarrier.init(bars.index(j), count=1)
+            fence_async_shared()
+            n_t = (gl.maximum(end - start, 0) + BN - 1) // BN
+            for j in gl.static_range(TMA_STAGES):
+                _ring_issue(kc_d, vc_d, ks_d, kz_d, vs_d, vz_d, kc_s, vc_s, m_s, bars, j, start, code_row0, meta_row,
+                            j < n_t, TMA_STAGES, W)
+            for i in range(0, n_full):
+                kw, ve, vo, k_s, k_z, v_s, v_z = _ring_read(kc_s, vc_s, m_s, bars, i, TMA_STAGES, BITS, KW, VW,
+                                                            PL)
+                m_i, l_i, z_i, o0, o1, o2, o3 = _tile_t(q0, q1, q2, q3, kw, ve, vo, k_s, k_z, v_s, v_z, m_i, l_i,
+                                                        z_i, o0, o1, o2, o3, BN, b_z, k_fac, BITS, False, MMA,
+                                                        A_OP, B_OP, TV)
+                _cta_barrier()  # every lane's reads of the stage are done before it is refilled
+                _ring_issue(kc_d, vc_d, ks_d, kz_d, vs_d, vz_d, kc_s, vc_s, m_s, bars, i + TMA_STAGES, start,
+                            code_row0, meta_row, i + TMA_STAGES < n_t, TMA_STAGES, W)
+            if n_t > n_full:  # the split's last, partial tile (past its end: finite values, masked)
+                kw, ve, vo, k_s, k_z, v_s, v_z = _ring_read(kc_s, vc_s, m_s, bars, n_full, TMA_STAGES, BITS, KW,
+                                                            VW, PL)
+                m_i, l_i, z_i, o0, o1, o2, o3 = _tile_t(q0, q1, q2, q3, kw, ve, vo, k_s, k_z, v_s, v_z, m_i, l_i,
+                                                        z_i, o0, o1, o2, o3, end - start - n_full * BN, b_z,
+                                                        k_fac, BITS, True, MMA, A_OP, B_OP, TV)
+        elif n_full > 0:
             t = gl.multiple_of(start, BN)  # chunk is a multiple of BN
             kw = gl.load(k_base + t * W + k_off)
             ve, vo = _load_v(v_base, v_off, vw_p, vw_i, t, BN, W, TOKM, False)
@@ -649,18 +803,20 @@ if HAVE_GLUON:
                 v_s = v_s_n
                 v_z = v_z_n
         t = gl.multiple_of(start + n_full * BN, BN)
-        if t < end:  # the split's last, partial tile
-            nv = end - t
-            kw = gl.load(k_base + t * W + k_off, mask=kw_t[None, :] < nv, other=0)
-            ve, vo = _load_v(v_base, v_off, vw_p, vw_i, t, nv, W, TOKM, True)
-            k_s, k_z, v_s, v_z = _load_meta(ks_base, kz_base, vs_base, vz_base, pp, t, nv, True)
-            if TOKM:
-                m_i, l_i, z_i, o0, o1, o2, o3 = _tile_t(q0, q1, q2, q3, kw, ve, vo, k_s, k_z, v_s, v_z, m_i, l_i,
-                                                        z_i, o0, o1, o2, o3, nv, b_z, k_fac, BITS, True, MMA, A_OP,
-                                                        B_OP, TV)
-            else:
-                m_i, l_i, z_i, o0, o1, o2, o3 = _tile(q0, q1, q2, q3, kw, ve, vo, k_s, k_z, v_s, v_z, m_i, l_i, z_i,
-                                                      o0, o1, o2, o3, nv, b_z, k_fac, BITS, True, MMA, A_OP, B_OP, TV)
+        if TMA_STAGES == 0:
+            if t < end:  # the split's last, partial tile
+                nv = end - t
+                kw = gl.load(k_base + t * W + k_off, mask=kw_t[None, :] < nv, other=0)
+                ve, vo = _load_v(v_base, v_off, vw_p, vw_i, t, nv, W, TOKM, True)
+                k_s, k_z, v_s, v_z = _load_meta(ks_base, kz_base, vs_base, vz_base, pp, t, nv, True)
+                if TOKM:
+                    m_i, l_i, z_i, o0, o1, o2, o3 = _tile_t(q0, q1, q2, q3, kw, ve, vo, k_s, k_z, v_s, v_z, m_i, l_i,
+                                                            z_i, o0, o1, o2, o3, nv, b_z, k_fac, BITS, True, MMA, A_OP,
+                                                            B_OP, TV)
+                else:
+                    m_i, l_i, z_i, o0, o1, o2, o3 = _tile(q0, q1, q2, q3, kw, ve, vo, k_s, k_z, v_s, v_z, m_i, l_i, z_i,
+                                                          o0, o1, o2, o3, nv, b_z, k_fac, BITS, True, MMA, A_OP, B_OP,
+                                                          TV)
 
         # normalised partial output; plane j's channel index n = 8 i + g (n the MMA's N side for the 16-row form,
         # its M side for TOKM) is byte 2 BITS g + i of the token: channel PER (2 BITS g + i) + j
@@ -701,7 +857,9 @@ if HAVE_GLUON:
                             H_KV: gl.constexpr, R: gl.constexpr, NUM_SPLITS: gl.constexpr, BITS: gl.constexpr,
                             DEV_LENS: gl.constexpr, PREFETCH_V: gl.constexpr, HAS_FP: gl.constexpr,
                             WRING: gl.constexpr, TOKM: gl.constexpr = False, L2PF: gl.constexpr = 0,
-                            BALANCE: gl.constexpr = False, n_rows=1, B_P2: gl.constexpr = 1):
+                            BALANCE: gl.constexpr = False, n_rows=1, B_P2: gl.constexpr = 1, kc_d=None, vc_d=None,
+                            ks_d=None, kz_d=None, vs_d=None, vz_d=None, TMA_STAGES: gl.constexpr = 0,
+                            PDL: gl.constexpr = False):
         """One program per (split, batch x KV head). The packed middle's splits: the codes (uint8, token rows
         contiguous) are read as int32 words (4 BITS per token), the fp16 per-token scales and zeros as int32 pairs
         of consecutive tokens (their strides come in those units). HAS_FP: the last split is the (batch, KV head)'s
@@ -710,6 +868,9 @@ if HAVE_GLUON:
         is derived from its n_quant; else n_sink / n_tok / n_win and chunk. BALANCE (DEV_LENS, n_rows rows of their
         own lengths): a KV head's packed-middle programs are shared out over the rows by their work
         (:func:`_balanced_program`); each program still writes its own slot, the full-precision one stays its row's.
+        TMA_STAGES (tokens on M): the packed tiles come through a ring of that many shared-memory stages, filled by bulk
+        tensor copies over the descriptors kc_d .. vz_d (:func:`launch_args`). PDL: the merge is a programmatic
+        dependent launch, let go as each program starts.
         Writes each split's normalised output and base-2 log-sum-exp (decode_attention's merge kernel reads them)."""
         MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, 1], instr_shape=[16, 8])
         A_OP: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
@@ -719,6 +880,8 @@ if HAVE_GLUON:
         NUM_MID: gl.constexpr = NUM_SPLITS - 1 if HAS_FP else NUM_SPLITS
         BN: gl.constexpr = 64
 
+        if PDL:  # every program has started: the merge's programs may take the SMs' free slots and wait there
+            _launch_dependents()
         pid_s = gl.program_id(0)
         bh = gl.program_id(1)
         b = (bh // H_KV).to(gl.int64)
@@ -752,7 +915,8 @@ if HAVE_GLUON:
                             v_scale.to(gl.pointer_type(gl.int32)), v_zero.to(gl.pointer_type(gl.int32)), op_ptr,
                             lp_ptr, sq_b, sq_h, sq_d, skc_b, skc_h, sks_b, sks_h, svc_b, svc_h, svs_b, svs_h, start,
                             gl.minimum(start + chunk, n_q), prow0, b, h, qk_scale, R, BITS, PREFETCH_V, TOKM, MMA,
-                            A_OP, B_OP, L2PF)
+                            A_OP, B_OP, L2PF, (kc_d, vc_d, ks_d, kz_d, vs_d, vz_d), (b * skc_b + h * skc_h) // 32,
+                            b * H_KV + h, TMA_STAGES)
 
 
 def storage_unsupported_reason(k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, fp=()) -> str | None:
@@ -776,9 +940,65 @@ def storage_unsupported_reason(k_codes, k_scale, k_zero, v_codes, v_scale, v_zer
     return None
 
 
+class _DescBase:
+    """What a TensorDescriptor reads of its tensor (address, dtype), without holding it: a cached plan holds no
+    tensor."""
+
+    __slots__ = ("_ptr", "dtype")
+
+    def __init__(self, t: torch.Tensor, dtype: torch.dtype):
+        self._ptr, self.dtype = t.data_ptr(), dtype
+
+    def data_ptr(self) -> int:
+        return self._ptr
+
+
+def tma_unsupported_reason(k_codes, k_scale, k_zero, v_codes, v_scale, v_zero) -> str | None:
+    """Why the TMA ring cannot read this storage (None: it can): code rows of 128 bytes (a (batch, head)'s rows start on
+    one, the storage ends on one), scale / zero rows of the (batch, head)s evenly spaced at 16-byte multiples."""
+    if not HAVE_TMA:
+        return "this Triton has no Gluon TMA (triton.experimental.gluon.language.nvidia.hopper.tma)"
+    if k_codes.device.type != "cuda" or torch.cuda.get_device_capability(k_codes.device) < (9, 0):
+        return "the TMA ring needs sm_90 or later"
+    for c in (k_codes, v_codes):
+        if c.data_ptr() % 128 or any(t % 128 for t in c.stride()[:2]) or _code_span(c) > _code_rows(c) * 128:
+            return ("the TMA ring reads codes as 128-byte rows (the start, batch and head strides 128-byte aligned, "
+                    "the last row whole in the storage)")
+    H = k_scale.shape[1]
+    for x in (k_scale, k_zero, v_scale, v_zero):
+        if x.data_ptr() % 16 or x.stride(1) % 8 or x.stride(0) != H * x.stride(1):
+            return "the TMA ring reads scale / zero rows evenly spaced at 16-byte multiples"
+    return None
+
+
+def _code_span(c) -> int:
+    """Bytes from a uint8 code tensor's first element to its last."""
+    return sum((n - 1) * t for n, t in zip(c.shape, c.stride())) + 1
+
+
+def _code_rows(c) -> int:
+    """The whole 128-byte rows of the storage from the code tensor's first element on."""
+    return (c.untyped_storage().nbytes() - c.storage_offset()) // 128
+
+
+def _tma_descriptors(k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, bits):
+    """The six tensor descriptors of the ring (:func:`tma_unsupported_reason` holds): codes as int32 rows of 32 words,
+    a tile 2 W rows (128-byte swizzle); each scale / zero tensor as [batch x head, pairs] int32, a tile one row of
+    32."""
+    W = 4 * bits
+    d = []
+    for c in (k_codes, v_codes):  # (a tile past a row's end reads the next row's codes or zeros: masked)
+        d.append(TensorDescriptor(_DescBase(c, torch.int32), [_code_rows(c), 32], [32, 1], [2 * W, 32], _code_smem()))
+    for x in (k_scale, k_zero, v_scale, v_zero):
+        d.append(TensorDescriptor(_DescBase(x, torch.int32), [x.shape[0] * x.shape[1], (x.shape[2] + 1) // 2],
+                                  [x.stride(1) // 2, 1], [1, 32], _meta_smem()))
+    return d
+
+
 def launch_args(*, q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_sink, v_sink, k_window, v_window, o_part,
                 l_part, lens, slen_b, slen_p, n_tok, cap, chunk, n_sink, n_window, qk_scale, H_KV, R, num_splits, bits,
-                dev_lens, window_ring, tokens_on_m=False, maxnreg=None, l2_prefetch=0, balance=False):
+                dev_lens, window_ring, tokens_on_m=False, maxnreg=None, l2_prefetch=0, balance=False, tma_stages=0,
+                pdl=False):
     """(args, kwargs) of the split kernel's launch over (num_splits, B * H_KV) programs; with sink or window rows
     (capacities above 0) the last split of each (batch, KV head) is its full-precision program. maxnreg: the register
     cap (:func:`occupancy`), None for ptxas's own choice; l2_prefetch: the L2 prefetch distance in tiles, taken only
@@ -794,6 +1014,14 @@ def launch_args(*, q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_sink
         l2_prefetch = 0
     S, W = k_sink.shape[2], k_window.shape[2]
     has_fp = S > 0 or W > 0
+    tma = {}
+    if tma_stages:
+        if not tokens_on_m:
+            raise ValueError("the TMA ring is written for the tokens-on-M form")
+        tma = dict(zip(("kc_d", "vc_d", "ks_d", "kz_d", "vs_d", "vz_d"),
+                       _tma_descriptors(k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, bits)),
+                   TMA_STAGES=int(tma_stages))
+        l2_prefetch = 0
 
     def fp(t):  # an empty part gets a stand-in pointer (an empty CUDA tensor may have a null pointer); never read
         return (t, t.stride(0), t.stride(1), t.stride(2)) if t.shape[2] > 0 else (q, 0, 0, 0)
@@ -807,12 +1035,13 @@ def launch_args(*, q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_sink
         n_tok, cap, chunk, n_sink, n_window, S, max(W, 1), qk_scale,
     ), dict(H_KV=H_KV, R=R, NUM_SPLITS=num_splits, BITS=bits, DEV_LENS=dev_lens, PREFETCH_V=bits == 2,
             HAS_FP=has_fp, WRING=bool(window_ring) and W > 0, TOKM=bool(tokens_on_m), L2PF=l2_prefetch,
-            BALANCE=bool(balance), n_rows=B, B_P2=triton.next_power_of_2(B) if balance else 1, num_warps=1,
-            **({} if maxnreg is None else {"maxnreg": maxnreg}))
+            BALANCE=bool(balance), n_rows=B, B_P2=triton.next_power_of_2(B) if balance else 1, PDL=bool(pdl),
+            num_warps=1,
+            **({} if maxnreg is None else {"maxnreg": maxnreg}), **tma)
 
 
 def compile_sm90(bits: int, dev_lens: bool, r: int, has_fp: bool = False, dtype: str = "fp16", tokm: bool = False,
-                 balance: bool = False):
+                 balance: bool = False, tma_stages: int = 0, pdl: bool = False):
     """The split kernel compiled for sm_90 on this machine (no GPU needed; not under the Triton interpreter), with
     strides divisible by 16 as the runtime specialises them for the benchmark shapes, under the register cap the
     launch states (:func:`occupancy`): a triton CompiledKernel."""
@@ -826,10 +1055,22 @@ def compile_sm90(bits: int, dev_lens: bool, r: int, has_fp: bool = False, dtype:
             "v_scale": "*fp16", "v_zero": "*fp16", "op_ptr": "*fp32", "lp_ptr": "*fp32", "lens_ptr": "*i32",
             "k_sink": "*" + dtype, "v_sink": "*" + dtype, "k_win": "*" + dtype, "v_win": "*" + dtype}
     const = dict(H_KV=8, R=r, NUM_SPLITS=16, BITS=bits, DEV_LENS=dev_lens, PREFETCH_V=bits == 2, HAS_FP=has_fp,
-                 WRING=has_fp, TOKM=tokm, L2PF=l2pf, BALANCE=balance, B_P2=8 if balance else 1, sq_d=1)
+                 WRING=has_fp, TOKM=tokm, L2PF=0 if tma_stages else l2pf, BALANCE=balance, B_P2=8 if balance else 1,
+                 sq_d=1, TMA_STAGES=tma_stages,
+                 PDL=pdl)
+    descs = {}
+    for name in ("kc_d", "vc_d", "ks_d", "kz_d", "vs_d", "vz_d"):
+        if not tma_stages:
+            const[name] = None
+        elif name in ("kc_d", "vc_d"):
+            descs[name] = f"tensordesc<i32[{8 * bits}, 32],{_code_smem()!r}>"
+        else:
+            descs[name] = f"tensordesc<i32[1, 32],{_meta_smem()!r}>"
     sig, consts, attrs = {}, {}, {}
     for i, name in enumerate(fn.arg_names):
-        if name in ptrs:
+        if name in descs:
+            sig[name] = descs[name]
+        elif name in ptrs:
             sig[name] = ptrs[name]
             attrs[(i,)] = [["tt.divisibility", 16]]
         elif name in const:
@@ -846,24 +1087,27 @@ def compile_sm90(bits: int, dev_lens: bool, r: int, has_fp: bool = False, dtype:
 
 
 def sm90_resources(bits: int, dev_lens: bool, r: int, has_fp: bool = False, dtype: str = "fp16",
-                   tokm: bool = False, balance: bool = False) -> dict:
+                   tokm: bool = False, balance: bool = False, tma_stages: int = 0) -> dict:
     """:func:`compile_sm90`'s build and what the design relies on: registers, stack, shared memory, the hot loop's
-    length, and ``forbidden``: any shared-memory instruction, or a local-memory one (a spill) inside the hot loop (the
-    packed tiles'); ``programs_per_sm``: what the launch sizes its splits for (:func:`occupancy`), which the registers
-    must allow (:func:`max_registers`). tests/test_kernels_gluon.py checks it."""
+    length, and ``forbidden``: any shared-memory instruction (with the TMA ring: any store to shared memory, the
+    copies fill it), or a local-memory one (a spill) inside the hot loop (the packed tiles'); ``programs_per_sm``:
+    what the launch sizes its splits for (:func:`occupancy`), which the registers must allow (:func:`max_registers`);
+    ``tma_copies``: the bulk tensor copies in the hot loop. tests/test_kernels_gluon.py checks it."""
     import triton
 
     from .sass_probe import sass_summary
 
-    s = sass_summary(compile_sm90(bits, dev_lens, r, has_fp, dtype, tokm, balance))
+    s = sass_summary(compile_sm90(bits, dev_lens, r, has_fp, dtype, tokm, balance, tma_stages, pdl=tma_stages > 0))
     if s is None:
         return {"skip": "this Triton ships no cuobjdump"}
     ins = s["ins"]
     lo, hi = max(s["loops"], key=lambda x: x[1] - x[0]) if s["loops"] else (0, -1)
     hot = [op.split(".")[0] for _, op, _ in ins[lo:hi + 1]]
+    smem = ("STS",) if tma_stages else ("LDS", "STS", "LDSM", "BAR")
     return {"registers": s["registers"], "stack": s["stack"], "shared": int(s["shared"]), "triton": triton.__version__,
             "hot_loop": len(hot), "programs_per_sm": occupancy(r=r, bits=bits, has_fp=has_fp, tokens_on_m=tokm)[1],
             "l2_prefetches": sum(op.startswith("UBLKPF") for op in hot),
+            "tma_copies": sum(op.startswith("UTMALDG") for op in hot),
             # shared memory anywhere; local memory (spills) in the hot loop, the packed tiles'
-            "forbidden": sorted({op for _, op, _ in ins if op.split(".")[0] in ("LDS", "STS", "LDSM", "BAR")}
+            "forbidden": sorted({op for _, op, _ in ins if op.split(".")[0] in smem}
                                 | {op for op in hot if op in ("LDL", "STL")})}
