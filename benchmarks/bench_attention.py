@@ -127,7 +127,9 @@ def make_case(B, Hq, Hkv, D, L, kb, vb, g, sink=0, window=0, dtype=torch.float16
         vb = v_bits
     k_group, v_group = k_group or g, v_group or g
 
-    rows = -(-n_quant // 32) * 32  # per-token rows allocated in multiples of 32 tokens, as PackedKV does
+    # per-token rows allocated in multiples of 32 tokens (views of n_quant): PackedKV pads its scale / zero rows so (the
+    # Gluon kernel's pairs and TMA ring need it); its code rows are whole 128-byte lines for these rows' n_quant anyway
+    rows = -(-n_quant // 32) * 32
 
     def packed(bits, axis, grp):
         width = -(-D // 5) if bits == 1.5 else D * bits // 8  # ternary: 5 base-3 digits per byte

@@ -316,6 +316,18 @@ def test_bad_tma_stages_say_what_to_pass(bad):
         da.decode_attention(**inputs(device="cpu"), gluon_tma=bad)
 
 
+@pytest.mark.parametrize("capacity,aligned", [(1004, True), (1003, False)])
+def test_tma_ring_reads_packedkv_rows_of_whole_lines(capacity, aligned):
+    """PackedKV's storage takes the ring where its middle (capacity less the sink) is a multiple of 4 tokens of 2-bit
+    codes (128-byte rows); on CPU the remaining reason is the device."""
+    from kvcompile.cache.packed import PackedKV
+    from kvcompile.schemes import TensorQuant
+
+    pk = PackedKV.empty(2, 2, 128, TensorQuant("affine", 2, 128, "token"), capacity=capacity, n_sink=4, window=8)
+    why = gd.tma_unsupported_reason(pk.codes, pk.scale, pk.zero, pk.codes, pk.scale, pk.zero)
+    assert ("sm_90" in why) if aligned else ("128-byte rows" in why), why
+
+
 def test_tma_stages_fit_shared_memory():
     """The ring's stages for a residency leave each program its share of an SM's shared memory."""
     for bits in (2, 4):
@@ -359,13 +371,13 @@ def test_tma_ring_ragged_rows(bits, balance):
 @pytest.mark.parametrize("bits", [2, 4])
 def test_default_takes_tma_ring_where_rows_allow(bits):
     """By default the tokens-on-M form reads through the ring (TMA_DEFAULT_STAGES) where the storage allows it, as
-    PackedKV allocates it (rows every 32 tokens)."""
+    PackedKV allocates it for a middle of a multiple of 4 tokens."""
     from kvcompile.cache.packed import PackedKV
     from kvcompile.schemes import TensorQuant
 
     kw = inputs(B=2, Hkv=2, r=4, bits=bits, n_quant=990, lens=[(0, 990, 0), (0, 701, 0)], seed=4)
-    for side in "kv":  # the drawn codes, scales and zeros moved into PackedKV's own tensors (capacity 997)
-        pk = PackedKV.empty(2, 2, 128, TensorQuant("affine", bits, 128, "token"), capacity=1001, n_sink=4, window=8,
+    for side in "kv":  # the drawn codes, scales and zeros moved into PackedKV's own tensors (middle capacity 1000)
+        pk = PackedKV.empty(2, 2, 128, TensorQuant("affine", bits, 128, "token"), capacity=1004, n_sink=4, window=8,
                             device="cuda")
         for name, t in (("codes", pk.codes), ("scale", pk.scale), ("zero", pk.zero)):
             t[:, :, :kw[f"{side}_{name}"].shape[2]].copy_(kw[f"{side}_{name}"])

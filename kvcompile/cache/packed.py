@@ -110,7 +110,7 @@ class PackedKV(torch.Tensor):
         flush = quant.flush
         mid = _mid_rows(capacity, n_sink, window, flush)
         nbytes_tok = _bytes_per_token(quant, head_dim)
-        codes = _meta_zeros(batch, heads, mid, (nbytes_tok,), torch.uint8, device)  # (rows every 32 tokens: TMA)
+        codes = torch.zeros(batch, heads, mid, nbytes_tok, dtype=torch.uint8, device=device)
         scale, zero = _alloc_meta(quant, batch, heads, mid, head_dim, g, meta, device)
         sink = torch.zeros(batch, heads, n_sink, head_dim, dtype=dtype, device=device)
         win = torch.zeros(batch, heads, window + flush - 1, head_dim, dtype=dtype, device=device)
@@ -479,14 +479,13 @@ def _bytes_per_token(q: TensorQuant, head_dim: int) -> int:
     return quant.packed_dim(head_dim, q.bits)
 
 
-META_ROW_ALIGN = 32  # per-token code and scale / zero rows allocated in multiples of this many tokens
+META_ROW_ALIGN = 32  # per-token scale / zero rows allocated in multiples of this many tokens
 
 
 def _meta_zeros(b: int, h: int, rows: int, tail: tuple, dtype: torch.dtype, device) -> torch.Tensor:
     """Zeros [b, h, rows, *tail] whose (batch, head) rows start every ``META_ROW_ALIGN`` tokens (a view of an
     allocation rounded up to that many rows): the Gluon decode kernel reads per-token fp16 scales and zeros as
-    aligned int32 pairs and 16-byte vectors, and its TMA ring reads codes and scales in 128-byte rows, whatever the
-    capacity (storage_nbytes counts the allocation)."""
+    aligned int32 pairs and 16-byte vectors, whatever the capacity (storage_nbytes counts the allocation)."""
     return torch.zeros(b, h, _round_up(rows, META_ROW_ALIGN), *tail, dtype=dtype, device=device)[:, :, :rows]
 
 

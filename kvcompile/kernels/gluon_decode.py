@@ -955,19 +955,21 @@ class _DescBase:
 
 def tma_unsupported_reason(k_codes, k_scale, k_zero, v_codes, v_scale, v_zero) -> str | None:
     """Why the TMA ring cannot read this storage (None: it can): code rows of 128 bytes (a (batch, head)'s rows start on
-    one, the storage ends on one), scale / zero rows of the (batch, head)s evenly spaced at 16-byte multiples."""
+    one, the storage ends on one), scale / zero rows of the (batch, head)s evenly spaced at 16-byte multiples, on an
+    sm_90 device. PackedKV's storage qualifies where its middle's capacity times the bytes per token is a multiple of
+    128 (2-bit codes of 128 channels: a multiple of 4 tokens; 4-bit: of 2); its scale rows are padded already."""
     if not HAVE_TMA:
         return "this Triton has no Gluon TMA (triton.experimental.gluon.language.nvidia.hopper.tma)"
-    if k_codes.device.type != "cuda" or torch.cuda.get_device_capability(k_codes.device) < (9, 0):
-        return "the TMA ring needs sm_90 or later"
     for c in (k_codes, v_codes):
-        if c.data_ptr() % 128 or any(t % 128 for t in c.stride()[:2]) or _code_span(c) > _code_rows(c) * 128:
-            return ("the TMA ring reads codes as 128-byte rows (the start, batch and head strides 128-byte aligned, "
-                    "the last row whole in the storage)")
+        if c.data_ptr() % 16 or any(t % 128 for t in c.stride()[:2]) or _code_span(c) > _code_rows(c) * 128:
+            return ("the TMA ring reads codes as 128-byte rows (the start 16-byte aligned, batch and head strides of "
+                    "whole rows, the last row whole in the storage)")
     H = k_scale.shape[1]
     for x in (k_scale, k_zero, v_scale, v_zero):
         if x.data_ptr() % 16 or x.stride(1) % 8 or x.stride(0) != H * x.stride(1):
             return "the TMA ring reads scale / zero rows evenly spaced at 16-byte multiples"
+    if k_codes.device.type != "cuda" or torch.cuda.get_device_capability(k_codes.device) < (9, 0):
+        return "the TMA ring needs a CUDA device of sm_90 or later"
     return None
 
 
