@@ -110,7 +110,7 @@ def occupancy(*, r: int, bits: int, has_fp: bool, tokens_on_m: bool) -> tuple[in
 # / zero rows
 SMEM_PER_SM = 227 * 1024
 TMA_MAX_STAGES = 4
-# the ring's default depth (NOTES.md v31, H100: 2 stages ran faster than 3 or 4 on every row timed)
+# the ring's default depth (NOTES.md v31, H100: 2 stages ran faster than 1, 3 or 4 on the rows timed)
 TMA_DEFAULT_STAGES = 2
 
 
