@@ -113,19 +113,10 @@ def _tma_kernel():
         PL: gl.constexpr = gd._pair_layout_t()
         pid_s = gl.program_id(0)
         bh = gl.program_id(1)
-        kc_s = gl.allocate_shared_memory(gl.int32, [STAGES, 2 * W, 32], gd._code_smem())
-        vc_s = gl.allocate_shared_memory(gl.int32, [STAGES, 2 * W, 32], gd._code_smem())
-        m_s = gl.allocate_shared_memory(gl.int32, [4 * STAGES, 1, 32], gd._meta_smem())
-        bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], gd.mbarrier.MBarrierLayout())
-        for j in gl.static_range(STAGES):
-            gd.mbarrier.init(bars.index(j), count=1)
-        gd.fence_async_shared()
         start = pid_s * chunk
         n_t = chunk // 64
         row0 = bh.to(gl.int64) * cap * W // 32
-        for j in gl.static_range(STAGES):
-            gd._ring_issue(kc_d, vc_d, ks_d, kz_d, vs_d, vz_d, kc_s, vc_s, m_s, bars, j, start, row0, bh, j < n_t,
-                           STAGES, W)
+        kc_s, vc_s, m_s, bars = gd._ring_start(kc_d, vc_d, ks_d, kz_d, vs_d, vz_d, start, n_t, row0, bh, STAGES, W)
         kacc = gl.zeros([W, 64], gl.int32, KW)
         eacc = gl.zeros([32, W], gl.int32, VW)
         oacc = gl.zeros([32, W], gl.int32, VW)
@@ -149,18 +140,17 @@ def _tma_kernel():
 def tma_load_only(bufs, out, cap, splits, bits, stages=2):
     """Launch the TMA ring's load-only kernel over ``bufs`` = (K words [rows * cap, W] int32, V words, four int16
     scale / zero arrays [rows * cap]); ``cap // splits`` must be a multiple of 64 and cap of 4."""
-    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
-
     from kvcompile.kernels import gluon_decode as gd
 
     kc, vc, *ms = bufs
     chunk, rows = cap // splits, out.numel() // splits
     if chunk % 64 or cap % splits or cap % 4:
         raise ValueError(f"cap {cap} must split into {splits} chunks of a multiple of 64 tokens")
-    W = kc.shape[-1]
-    d = [TensorDescriptor(c, [c.numel() // 32, 32], [32, 1], [2 * W, 32], gd._code_smem()) for c in (kc, vc)]
-    d += [TensorDescriptor(m.view(torch.int32), [rows, cap // 2], [cap // 2, 1], [1, 32], gd._meta_smem())
-          for m in ms]
+    # the fused kernel's descriptors, over the buffers seen as its storage: codes [rows, 1, cap, bytes], scales and
+    # zeros [rows, 1, cap, 1]
+    codes = [c.view(torch.uint8).view(rows, 1, cap, -1) for c in (kc, vc)]
+    meta = [m.view(torch.float16).view(rows, 1, cap, 1) for m in ms]
+    d = gd._tma_descriptors(codes[0], meta[0], meta[1], codes[1], meta[2], meta[3], bits)
     if "tma" not in _KERNELS:
         _KERNELS["tma"] = _tma_kernel()
     _KERNELS["tma"][(splits, rows)](*d, out, cap, chunk, bits, stages, num_warps=1)

@@ -2480,8 +2480,9 @@ def _gluon_plan(q, storage, gluon, interp, B, Hq, NQ, D, Hkv, r, S, W, W_v, mid_
     if gluon_tma or (gluon_tma is None and GLUON_TMA_DEFAULT):
         why = (_gl.tma_unsupported_reason(k_codes, k_scale, k_zero, v_codes, v_scale, v_zero) if tokens_on_m else
                "the TMA ring is written for the tokens-on-M form (at most 8 query rows per KV head)")
-        tma = gluon_tma or min(_gl.TMA_DEFAULT_STAGES, _gl.tma_stages(k_bits, programs_per_sm))
-        if why is None and _gl.tma_stages(k_bits, programs_per_sm) < tma:
+        fit = _gl.tma_stages(k_bits, programs_per_sm)
+        tma = gluon_tma or min(_gl.TMA_DEFAULT_STAGES, fit)
+        if why is None and fit < tma:
             why = (f"{tma} ring stages of {_gl.tma_stage_bytes(k_bits)} bytes do not fit {programs_per_sm} programs "
                    "per SM in shared memory")
         if why is not None:

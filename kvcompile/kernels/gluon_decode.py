@@ -594,6 +594,23 @@ if HAVE_GLUON:
         _tma_load(vz_d, [meta_row, t // 2], bar, m_s.index(4 * st + 3), pred=pred)
 
     @gluon.jit
+    def _ring_start(kc_d, vc_d, ks_d, kz_d, vs_d, vz_d, start, n_t, code_row0, meta_row, STAGES: gl.constexpr,
+                    W: gl.constexpr):
+        """The ring's shared memory (K's and V's code stages, the scale / zero rows, one mbarrier per stage), with its
+        first STAGES tiles of the n_t issued: (kc_s, vc_s, m_s, bars) for :func:`_ring_read` / :func:`_ring_issue`."""
+        kc_s = gl.allocate_shared_memory(gl.int32, [STAGES, 2 * W, 32], _code_smem())
+        vc_s = gl.allocate_shared_memory(gl.int32, [STAGES, 2 * W, 32], _code_smem())
+        m_s = gl.allocate_shared_memory(gl.int32, [4 * STAGES, 1, 32], _meta_smem())
+        bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        for j in gl.static_range(STAGES):
+            mbarrier.init(bars.index(j), count=1)
+        fence_async_shared()
+        for j in gl.static_range(STAGES):
+            _ring_issue(kc_d, vc_d, ks_d, kz_d, vs_d, vz_d, kc_s, vc_s, m_s, bars, j, start, code_row0, meta_row,
+                        j < n_t, STAGES, W)
+        return kc_s, vc_s, m_s, bars
+
+    @gluon.jit
     def _ring_read(kc_s, vc_s, m_s, bars, i, STAGES: gl.constexpr, BITS: gl.constexpr, KW: gl.constexpr,
                    VW: gl.constexpr, PL: gl.constexpr):
         """Tile i's words, scales and zeros from its stage once its copies have landed, in the registers (layouts)
@@ -741,17 +758,9 @@ if HAVE_GLUON:
         n_full = gl.maximum(end - start, 0) // BN
         if TMA_STAGES > 0:  # the tiles come through the shared-memory ring (tokens on M only)
             kc_d, vc_d, ks_d, kz_d, vs_d, vz_d = descs
-            kc_s = gl.allocate_shared_memory(gl.int32, [TMA_STAGES, 2 * W, 32], _code_smem())
-            vc_s = gl.allocate_shared_memory(gl.int32, [TMA_STAGES, 2 * W, 32], _code_smem())
-            m_s = gl.allocate_shared_memory(gl.int32, [4 * TMA_STAGES, 1, 32], _meta_smem())
-            bars = gl.allocate_shared_memory(gl.int64, [TMA_STAGES, 1], mbarrier.MBarrierLayout())
-            for j in gl.static_range(TMA_STAGES):
-                mbarrier.init(bars.index(j), count=1)
-            fence_async_shared()
             n_t = (gl.maximum(end - start, 0) + BN - 1) // BN
-            for j in gl.static_range(TMA_STAGES):
-                _ring_issue(kc_d, vc_d, ks_d, kz_d, vs_d, vz_d, kc_s, vc_s, m_s, bars, j, start, code_row0, meta_row,
-                            j < n_t, TMA_STAGES, W)
+            kc_s, vc_s, m_s, bars = _ring_start(kc_d, vc_d, ks_d, kz_d, vs_d, vz_d, start, n_t, code_row0, meta_row,
+                                                TMA_STAGES, W)
             for i in range(0, n_full):
                 kw, ve, vo, k_s, k_z, v_s, v_z = _ring_read(kc_s, vc_s, m_s, bars, i, TMA_STAGES, BITS, KW, VW,
                                                             PL)
@@ -1058,8 +1067,7 @@ def compile_sm90(bits: int, dev_lens: bool, r: int, has_fp: bool = False, dtype:
             "k_sink": "*" + dtype, "v_sink": "*" + dtype, "k_win": "*" + dtype, "v_win": "*" + dtype}
     const = dict(H_KV=8, R=r, NUM_SPLITS=16, BITS=bits, DEV_LENS=dev_lens, PREFETCH_V=bits == 2, HAS_FP=has_fp,
                  WRING=has_fp, TOKM=tokm, L2PF=0 if tma_stages else l2pf, BALANCE=balance, B_P2=8 if balance else 1,
-                 sq_d=1, TMA_STAGES=tma_stages,
-                 PDL=pdl)
+                 sq_d=1, TMA_STAGES=tma_stages, PDL=pdl)
     descs = {}
     for name in ("kc_d", "vc_d", "ks_d", "kz_d", "vs_d", "vz_d"):
         if not tma_stages:
