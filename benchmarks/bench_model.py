@@ -17,7 +17,8 @@ Variants (the only difference is the KV cache and the attention over it):
   its flash kernel; a mask over a longer buffer would force the memory-efficient or math backend, which is
   why the prefix is the faster fair option. ``--fp-attn mask`` runs that other option (whole buffer + a
   boolean mask) for comparison.
-- ``kvc``: per layer two ``PackedKV`` (K, V) from ``PackedKV.empty(..., capacity=L+1)``, written with
+- ``kvc``: per layer two ``PackedKV`` (K, V) from ``PackedKV.empty(..., capacity=L+1)`` (rounded up to whole
+  128-byte code lines, ``line_capacity``, as kvcompile's transformers cache allocates it), written with
   ``kvcompile.ops.write_pair`` (one launch for both where their layouts match) and read with ``kvcompile.ops.attention``. Default layout: per-token affine 2-bit K
   and V, groups of 128 channels (= head dim), fp16 scale + zero, 4 full-precision sink tokens and a
   128-token full-precision window (what the fused Triton decode kernel supports today).
@@ -69,7 +70,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from kvcompile import ops  # noqa: E402
-from kvcompile.cache.packed import PackedKV  # noqa: E402
+from kvcompile.cache.packed import PackedKV, line_capacity  # noqa: E402
 from kvcompile.quant.pack import levels as _levels  # noqa: E402
 from kvcompile.schemes import LayerSpec, TensorQuant, get_scheme  # noqa: E402
 
@@ -292,7 +293,9 @@ class PackedCache:
         self.scale = 1.0 / math.sqrt(cfg.head_dim)
         self.spec = spec
         self.k, self.v = [], []
-        common = dict(capacity=context + 1, n_sink=spec.n_sink, window=spec.window, dtype=dtype, device=device,
+        # (the capacity as kvcompile's transformers cache rounds it: whole code lines, which the TMA ring reads)
+        cap = line_capacity(context + 1, spec.n_sink, (spec.k, cfg.head_dim), (spec.v, cfg.head_dim))
+        common = dict(capacity=cap, n_sink=spec.n_sink, window=spec.window, dtype=dtype, device=device,
                       meta_dtype=meta_dtype)
         for i in range(cfg.n_layers):
             kp = PackedKV.empty(batch, cfg.n_kv_heads, cfg.head_dim, spec.k,
@@ -805,7 +808,8 @@ def main(argv=None):
         fp_desc=("static K/V [B, Hkv, L+1, D] per layer written by index, SDPA enable_gqa over the valid prefix (no mask)"
                  if a.fp_attn == "prefix" else "static K/V [B, Hkv, L+1, D] per layer written by index, SDPA enable_gqa "
                  "over the whole buffer with a boolean mask"),
-        kvc_desc="two PackedKV per layer (PackedKV.empty, capacity L+1), kvcompile.ops.write_pair + kvcompile.ops.attention",
+        kvc_desc="two PackedKV per layer (PackedKV.empty, capacity L+1 in whole code lines), kvcompile.ops.write_pair + "
+        "kvcompile.ops.attention",
         model_code="non-attention parts torch.compile'd (--compile)" if a.compile else "eager PyTorch ops (no torch.compile)",
         timing=(f"{a.warmup} eager warm-up steps, then a whole step (all layers, write + attention + MLP + lm_head) "
                 f"captured in one CUDA graph, median of {a.steps} replays between CUDA events (rows marked eager: "

@@ -288,3 +288,38 @@ def test_codes_on_entry_after_a_late_calibration():
     assert torch.equal(pk.codes[:, :, : n_q + n_w], quant.pack_codes(c, 2))
     assert torch.equal(pk.scale[:, :, : n_q + n_w], s) and torch.equal(pk.zero[:, :, : n_q + n_w], z)
     assert torch.equal(pk.window_tokens(), quant.apply_perm(x[:, :, -5:], pk.perm))
+
+
+def test_line_capacity_rounds_per_token_middles_to_whole_code_lines():
+    from kvcompile.cache.packed import line_capacity
+
+    k2 = TensorQuant("affine", 2, 128, "token")
+    assert line_capacity(1003, 4, (k2, 128), (k2, 128)) == 1004  # middle 999 -> 1000 tokens of 32 bytes
+    assert line_capacity(1004, 4, (k2, 128)) == 1004
+    assert line_capacity(1001, 0, (TensorQuant("affine", 4, 128, "token"), 128)) == 1002  # 64 bytes a token
+    assert line_capacity(1001, 0, (TensorQuant("affine", 2, 64, "token"), 64)) == 1008  # 16 bytes a token
+    assert line_capacity(1001, 0, (TensorQuant("int8", 8), 128)) == 1001  # whole lines already
+    kivi_k = TensorQuant("affine", 2, 32, "channel")
+    assert line_capacity(1001, 0, (kivi_k, 128)) == 1001  # per-channel keys: left as they are
+    assert line_capacity(1001, 0, (kivi_k, 128), (TensorQuant("affine", 2, 32, "token"), 128)) == 1004
+    assert line_capacity(3, 4, (k2, 128)) == 3  # no middle
+
+
+def test_fixed_layer_stores_whole_code_lines_and_holds_max_cache_len():
+    """A layer of max_cache_len 1003 (2-bit per-token K and V, 4 sink tokens) allocates its middle rounded up to whole
+    128-byte code lines, which the decode kernel's TMA ring reads (on CPU only the device is missing), and still
+    raises past 1003 tokens."""
+    from kvcompile.kernels import gluon_decode as gd
+
+    q = TensorQuant("affine", 2, 128, "token")
+    layer = PackedLayer(LayerSpec(q, q, n_sink=4, window=8), max_cache_len=1003)
+    x = torch.randn(1, 2, 1000, 128)
+    layer.update(x, x)
+    layer.update(x[:, :, :3], x[:, :, :3])
+    assert layer.get_seq_length() == 1003 and layer.k.codes.shape[2] == 1000
+    if gd.HAVE_TMA:
+        k, v = layer.k, layer.v
+        why = gd.tma_unsupported_reason(k.codes, k.scale, k.zero, v.codes, v.scale, v.zero)
+        assert "sm_90" in why, why
+    with pytest.raises(CacheCapacityError, match="max_cache_len=1003"):
+        layer.update(x[:, :, :1], x[:, :, :1])

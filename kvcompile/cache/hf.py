@@ -13,7 +13,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from ..schemes.base import LayerSpec, Scheme, get_scheme
-from .packed import PackedKV, bits_per_element
+from .packed import CacheCapacityError, PackedKV, bits_per_element, line_capacity
 
 GROW_TOKENS = 64
 """A cache made with max_cache_len=None grows its packed storage in steps of this many tokens."""
@@ -53,8 +53,13 @@ class PackedLayer(CacheLayerMixin):
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         b, h, _, d = key_states.shape
         dv = value_states.shape[-1]
+        # the storage rounded up to whole 128-byte code lines (the decode kernel's fastest read); update() holds
+        # the cache to max_cache_len itself
+        cap = self.max_cache_len or 0
+        if cap:
+            cap = line_capacity(cap, self.spec.n_sink, (self.spec.k, d), (self.spec.v, dv))
         common = dict(
-            capacity=self.max_cache_len or 0,
+            capacity=cap,
             n_sink=self.spec.n_sink,
             window=self.spec.window,
             dtype=key_states.dtype,
@@ -79,6 +84,12 @@ class PackedLayer(CacheLayerMixin):
         if self.max_cache_len is None:
             self.k = self._grown(self.k, t)
             self.v = self._grown(self.v, t)
+        elif self.k.length + t > self.max_cache_len:
+            raise CacheCapacityError(
+                f"kvcompile cache capacity exceeded: this layer holds at most max_cache_len={self.max_cache_len} "
+                f"tokens and holds {self.k.length}, and this update adds {t}; create the cache with a larger "
+                "max_cache_len, or max_cache_len=None to grow on demand"
+            )
         if key_states.is_cuda:  # the quantize-on-write kernel, one launch for K and V where it covers both
             from ..ops import write_pair
 

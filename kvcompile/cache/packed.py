@@ -479,6 +479,25 @@ def _bytes_per_token(q: TensorQuant, head_dim: int) -> int:
     return quant.packed_dim(head_dim, q.bits)
 
 
+CODE_LINE_BYTES = 128  # the Gluon decode kernel's TMA ring reads each (batch, head)'s code rows as whole lines of this
+
+
+def line_capacity(capacity: int, n_sink: int, *layouts: tuple[TensorQuant, int]) -> int:
+    """The smallest capacity >= ``capacity`` at which each per-token layout among ``layouts`` ((quant, head_dim)
+    pairs, e.g. a layer's K and V) keeps every (batch, head)'s code rows in whole ``CODE_LINE_BYTES`` lines: its
+    middle (capacity less the sink) times its bytes per token a multiple of 128 (2-bit codes of 128 channels: a
+    multiple of 4 tokens). The Gluon decode kernel reads such storage through its TMA ring
+    (kvcompile/kernels/gluon_decode.py, ``tma_unsupported_reason``); elsewhere it loads the codes into registers,
+    about 3% slower for the whole model. Layouts quantized per channel (KIVI keys) are left as they are."""
+    step = 1
+    for q, d in layouts:
+        if q.flush == 1:
+            step = math.lcm(step, CODE_LINE_BYTES // math.gcd(CODE_LINE_BYTES, _bytes_per_token(q, d)))
+    if capacity <= n_sink:
+        return capacity
+    return n_sink + _round_up(capacity - n_sink, step)
+
+
 META_ROW_ALIGN = 32  # per-token scale / zero rows allocated in multiples of this many tokens
 
 

@@ -966,7 +966,8 @@ def tma_unsupported_reason(k_codes, k_scale, k_zero, v_codes, v_scale, v_zero) -
     """Why the TMA ring cannot read this storage (None: it can): code rows of 128 bytes (a (batch, head)'s rows start on
     one, the storage ends on one), scale / zero rows of the (batch, head)s evenly spaced at 16-byte multiples, on an
     sm_90 device. PackedKV's storage qualifies where its middle's capacity times the bytes per token is a multiple of
-    128 (2-bit codes of 128 channels: a multiple of 4 tokens; 4-bit: of 2); its scale rows are padded already."""
+    128 (2-bit codes of 128 channels: a multiple of 4 tokens; 4-bit: of 2); its scale rows are padded already.
+    kvcompile's transformers cache rounds its capacity up to that (``kvcompile.cache.packed.line_capacity``)."""
     if not HAVE_TMA:
         return "this Triton has no Gluon TMA (triton.experimental.gluon.language.nvidia.hopper.tma)"
     for c in (k_codes, v_codes):
