@@ -165,8 +165,9 @@ def compile_sass(fn, args, kwargs, overrides):
 
 def sass_summary(k, dump=None, tag="k") -> dict | None:
     """A compiled kernel's SASS (cuobjdump, shipped with Triton): its instructions [(address, opcode, operands)], its
-    loops [(first, last) instruction index, one per backward branch], registers, stack bytes and shared memory per
-    program. None if this Triton ships no cuobjdump. ``dump``: also write the SASS, PTX and TTGIR there."""
+    loops [(first, last) instruction index, one per backward branch before the last EXIT], registers, stack bytes
+    and shared memory per program. None if this Triton ships no cuobjdump. ``dump``: also write the SASS, PTX and
+    TTGIR there."""
     import triton
     bindir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
     if not os.path.exists(os.path.join(bindir, "cuobjdump")):
@@ -190,8 +191,10 @@ def sass_summary(k, dump=None, tag="k") -> dict | None:
         if m:
             ins.append((int(m.group(1), 16), m.group(3), m.group(4)))
     addr = {a: i for i, (a, _, _) in enumerate(ins)}
+    # (backward branches past the last EXIT are out-of-line retries, e.g. an mbarrier wait's, not loops)
+    last_exit = max((i for i, (_, op, _) in enumerate(ins) if op.startswith("EXIT")), default=len(ins))
     loops = []
-    for i, (a, op, rest) in enumerate(ins):
+    for i, (a, op, rest) in enumerate(ins[:last_exit]):
         if op.startswith("BRA"):
             m = re.search(r"0x([0-9a-f]+)", rest)
             if m and int(m.group(1), 16) < a and int(m.group(1), 16) in addr:
