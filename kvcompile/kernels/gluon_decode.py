@@ -115,6 +115,8 @@ TMA_DEFAULT_STAGES = 2
 
 
 def tma_stage_bytes(bits: int) -> int:
+    """Shared memory per ring stage: its copies' blocks (:func:`_tma_descriptors`: K's and V's 64 tokens of code words,
+    four 128-byte scale / zero rows; the kernel expects their bytes from the descriptors) and its 8-byte mbarrier."""
     return 2 * 64 * 4 * bits * 4 + 4 * 128 + 8
 
 
@@ -582,7 +584,7 @@ if HAVE_GLUON:
         st = k % STAGES
         bar = bars.index(st)
         t = start + k * 64
-        mbarrier.expect(bar, 2 * 64 * W * 4 + 4 * 128, pred=pred)
+        mbarrier.expect(bar, 2 * kc_d.block_type.nbytes + 4 * ks_d.block_type.nbytes, pred=pred)
         row = (code_row0 + t * W // 32).to(gl.int32)  # (TMA coordinates are 32-bit)
         meta_row = meta_row.to(gl.int32)
         t = t.to(gl.int32)
