@@ -1754,18 +1754,19 @@ def fused_decode_is_profitable(*, batch: int, kv_heads: int, head_dim: int, seq_
     the op's alternative is dequantize + SDPA over the packed cache, which the fused kernel beats at every length
     (``benchmarks/bench_eager.py``), so ``kvcompile.ops`` takes the kernel wherever it supports the layout. A fixed
     cost plus per-element cost model fitted to H100 measurements (BENCHMARKS.md): the fused kernel costs per KV
-    element, SDPA is memory bound (~3.1 TB/s). Eagerly, Python validation + two Triton launches cost ~130 us of
-    host time per call, so short contexts only win inside a CUDA graph."""
+    element, SDPA is memory bound (~3.1 TB/s). Eagerly, an ``ops.attention`` call costs ~60 us of host time (a cached
+    plan and direct launches, BENCHMARKS.md "Eager host cost"), so short contexts only win inside a CUDA graph."""
     elems = 2 * batch * kv_heads * seq_len * head_dim  # K and V
-    # fitted 2026-11-26 (prefetched scales, H100 graph timings): K2V2 B=8 32k 110 us, K4V4 150 us, B=1 128k 60 us,
-    # B=8 1k 13 us (the 2026-11-25 fit, 8e-6 + elems * (0.231e-12 + 0.0228e-12 * bits), predicted 181 us for the
-    # first, measured 140 then)
-    fused_gpu = 9.8e-6 + elems * (0.112e-12 + 0.0186e-12 * (k_bits + v_bits))
+    # fitted 2026-11-27 (session 16; the Gluon kernel with the TMA ring, H100 graph timings, BENCHMARKS.md v31 and
+    # NOTES.md v32): K2V2 B=8 32k 63 us, K4V4 110 us, B=8 1k 13.3 us (the Triton kernel); it then predicts 128k B=1
+    # 37.3 (measured 36.4-37.6) and 4k 18.1 (15.9-17.0). The 2026-11-26 fit, before the Gluon kernel:
+    # 9.8e-6 + elems * (0.112e-12 + 0.0186e-12 * bits), from K2V2 110 us, K4V4 150, 128k B=1 60, 1k 13
+    fused_gpu = 11.7e-6 + elems * (0.0080e-12 + 0.0219e-12 * (k_bits + v_bits))
     sdpa_gpu = 8e-6 + elems * dtype_bytes / 3.1e12
     if cuda_graph:
         fused_s, sdpa_s = fused_gpu, sdpa_gpu
     else:  # the host enqueues while the GPU runs: the slower of the two sets the pace
-        fused_s, sdpa_s = max(130e-6, fused_gpu), max(25e-6, sdpa_gpu)
+        fused_s, sdpa_s = max(60e-6, fused_gpu), max(25e-6, sdpa_gpu)
     return fused_s * 1.1 < sdpa_s
 
 
