@@ -366,7 +366,8 @@ def test_nanogpt_handles_are_checked():
     torch.manual_seed(0)
     model = NanoGPT(flash=True).eval()
     ids = _ids(vocab=64)
-    compiled = torch.compile(model, backend=kvcompile.backend("int8", compiler="eager", capacity=CAP), fullgraph=True)
+    cap = CAP - 1  # 31 tokens of 8-byte int8 codes: not whole 128-byte lines, the storage rounds up to 32
+    compiled = torch.compile(model, backend=kvcompile.backend("int8", compiler="eager", capacity=cap), fullgraph=True)
     with torch.no_grad():
         _, p0 = compiled(ids[:, :PROMPT])
         _, p1 = compiled(ids[:, PROMPT:PROMPT + 1], p0)
@@ -383,8 +384,12 @@ def test_nanogpt_handles_are_checked():
         _, p0 = compiled(ids[:, :PROMPT])  # a new sequence: a new storage, seeded from the full-precision prefill
         _, past = compiled(ids[:, PROMPT:PROMPT + 1], p0)
         with pytest.raises(kvcompile.CacheCapacityError, match="capacity=N"):
-            for t in range(CAP):
+            for t in range(cap):
                 _, past = compiled(ids[:, :1], past)
+        # the backend's capacity holds (31 tokens), in storage rounded up to whole 128-byte code lines (the TMA ring's
+        # read)
+        pk = packed_storage(past[0][0])
+        assert pk.length == cap and pk.codes.shape[2] * pk.codes.shape[3] % 128 == 0 and pk.capacity > cap
 
 
 @pytest.mark.parametrize("impl", ["sdpa", "eager"])

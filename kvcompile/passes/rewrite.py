@@ -82,7 +82,7 @@ from torch import fx
 from torch.utils.weak import WeakIdKeyDictionary
 
 from .. import ops  # noqa: F401  (registers torch.ops.kvcompile.*)
-from ..cache.packed import PackedKV
+from ..cache.packed import PackedKV, line_capacity
 from ..schemes.base import LayerSpec, Scheme
 from ._fx import ndim, op_name, shape, source_name, static_int, tensor_meta
 from .detect import AttentionSite, CacheWrite, Detection
@@ -154,6 +154,9 @@ class StorageSpec:
         else:
             b, h, cap, d = buffer.shape
         rope = None if self.rope_input is None else args[self.rope_input]
+        # rounded up to whole 128-byte code lines (the decode kernel's TMA ring reads them); the cat route checks its
+        # own capacity, the index route's positions end at the buffer's
+        cap = line_capacity(cap, self.n_sink, (self.quant, d))
         return PackedKV.empty(b, h, d, self.quant, capacity=cap, n_sink=self.n_sink, window=self.window,
                               dtype=buffer.dtype, device=buffer.device, meta_dtype=self.meta_dtype,
                               rope_inv_freq=rope)
@@ -350,7 +353,7 @@ def _cat_entry(spec: StorageSpec, args: list[Any]) -> _Entry:
     n = past.shape[2] if past.dim() == 4 else 0
     e = _STORE.get(past)
     if e is not None and e.spec_key == spec.key:
-        if e.length + (spec.new_tokens or 1) > e.packed.capacity:
+        if e.length + (spec.new_tokens or 1) > spec.capacity:
             _capacity_error(spec, e.length + (spec.new_tokens or 1))
         if e.length != n:
             raise ValueError(
@@ -375,7 +378,7 @@ def _cat_entry(spec: StorageSpec, args: list[Any]) -> _Entry:
             "caches do not support"
         )
     if n:
-        if n + (spec.new_tokens or 1) > e.packed.capacity:
+        if n + (spec.new_tokens or 1) > spec.capacity:
             _capacity_error(spec, n + (spec.new_tokens or 1))
         e.packed.append(past)
         e.length = n
