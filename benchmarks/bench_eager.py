@@ -9,8 +9,9 @@ step). Until 2026-11-26 the op chose between them by a cost model against SDPA o
 (``fused_decode_is_profitable``); the "old rule" column shows that rule's choice (``fused_decode_is_profitable`` on
 the capacity, as the op saw it), measured here to be wrong for short caches (results before 2026-11-27 used that
 rule's constants; the cost model has since been refitted to the Gluon kernel and the cached launches' host cost, so
-a run now shows the refitted model's choice). The op now takes the kernel wherever it is supported. This script measures both routes per call, on real ``PackedKV`` caches (filled by
-``PackedKV.append``), with ``KVCOMPILE_FUSED=always`` and ``never``:
+a run now shows the refitted model's choice). The op now takes the kernel wherever it is supported. This script
+measures both routes per call, on real ``PackedKV`` caches (filled by ``PackedKV.append``), with
+``KVCOMPILE_FUSED=always`` and ``never``:
 
 - wall time per call: ``--calls`` back-to-back calls, then one synchronisation, divided by the calls (the host
   enqueues while the GPU runs, so this is the slower of the two per call, as in a decode loop);

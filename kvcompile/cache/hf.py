@@ -55,9 +55,7 @@ class PackedLayer(CacheLayerMixin):
         dv = value_states.shape[-1]
         # the storage rounded up to whole 128-byte code lines (the decode kernel's fastest read); update() holds
         # the cache to max_cache_len itself
-        cap = self.max_cache_len or 0
-        if cap:
-            cap = line_capacity(cap, self.spec.n_sink, (self.spec.k, d), (self.spec.v, dv))
+        cap = line_capacity(self.max_cache_len or 0, self.spec.n_sink, (self.spec.k, d), (self.spec.v, dv))
         common = dict(
             capacity=cap,
             n_sink=self.spec.n_sink,
