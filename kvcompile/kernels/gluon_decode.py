@@ -112,6 +112,9 @@ SMEM_PER_SM = 227 * 1024
 TMA_MAX_STAGES = 4
 # the ring's default depth (NOTES.md v31, H100: 2 stages ran faster than 1, 3 or 4 on the rows timed)
 TMA_DEFAULT_STAGES = 2
+# the ring builds' softmax without a cross-lane step in the common case (_softmax_local, NOTES.md v33; the register-load
+# builds keep theirs: the one-row build capped for 12 programs per SM spills with it)
+LOCAL_SOFTMAX = True
 
 
 def tma_stage_bytes(bits: int) -> int:
@@ -476,9 +479,14 @@ if HAVE_GLUON:
         return gl.reshape(t, [64, 8])
 
     @gluon.jit
-    def _tile_t(q0, q1, q2, q3, kw, ve, vo, k_s, k_z, v_s, v_z, m_i, l_i, z_i, o0, o1, o2, o3, n_valid, b_z, k_fac,
-                BITS: gl.constexpr, MASKED: gl.constexpr, MMA: gl.constexpr, A_OP: gl.constexpr,
-                B_OP: gl.constexpr, MROW: gl.constexpr):
+    def _own_rows_sum(x):
+        """[64, 8] in the accumulator layout -> [8, 8]: each thread's sum over its own rows m = g + 8 r (over r, in
+        registers: no cross-lane step), by (g, n)."""
+        return gl.sum(gl.reshape(x, [8, 8, 8]), axis=0)
+
+    @gluon.jit
+    def _scores_t(q0, q1, q2, q3, kw, BITS: gl.constexpr, MMA: gl.constexpr, A_OP: gl.constexpr):
+        """S^T = K . q^T of a 64-token tile (K's codes in place: _tile_t's scaling applies)."""
         ksp = _k_operand_t(kw, BITS, A_OP)
         acc = gl.zeros([64, 8], gl.float32, MMA)
         acc = mma_v2(_plane(ksp, _mask(BITS, 0)), q0, acc)
@@ -486,36 +494,98 @@ if HAVE_GLUON:
         if BITS == 2:
             acc = mma_v2(_plane(ksp, _mask(BITS, 2)), q2, acc)
             acc = mma_v2(_plane(ksp, _mask(BITS, 3)), q3, acc)
-        s = (_meta_t(k_s, MROW) * k_fac)[:, None] * acc + _meta_t(k_z, MROW)[:, None] * b_z[None, :]
+        return acc
+
+    @gluon.jit
+    def _softmax_local(acc, k_s, k_z, v_s, v_z, m_i, l_i, z_i, o0, o1, o2, o3, n_valid, b_z, k_fac,
+                       BITS: gl.constexpr, MASKED: gl.constexpr, B_OP: gl.constexpr, MROW: gl.constexpr):
+        """_tile_t's softmax with no cross-lane step in the common case: the scores are formed less the running
+        maximum m_i (one FFMA more per element, none less); l_i and z_i are each thread's partial sums over its own
+        rows (:func:`_own_rows_sum`), reduced over the lanes once after the loop; the rescale test is one warp-wide
+        integer maximum (REDUX) of the shifted scores' bit patterns (a float above 8.0 has a larger int32 pattern than
+        8.0's, a negative one a smaller). Only a tile that raises some row's maximum by more than 2**8 (the first one
+        among them) takes the exact column maxima and the rescale of l_i, z_i and the outputs so far. Returns the state
+        and P^T . diag(v scale) as P . V's B operand."""
+        ks_f = _meta_t(k_s, MROW) * k_fac
+        kz_f = _meta_t(k_z, MROW)
+        t = ks_f[:, None] * acc + (kz_f[:, None] * b_z[None, :] - m_i[None, :])
         vs_f = _meta_t(v_s, MROW)
         vz_f = _meta_t(v_z, MROW)
         if MASKED:
             m = gl.arange(0, 64, layout=MROW)
             cm = (8 * (m & 7) + (m >> 3)) < n_valid
-            s = gl.where(cm[:, None], s, float("-inf"))
+            t = gl.where(cm[:, None], t, float("-inf"))
             vs_f = gl.where(cm, vs_f, 0.0)
             vz_f = gl.where(cm, vz_f, 0.0)
-        m_new = gl.maximum(m_i, gl.max(s, axis=0))
-        if gl.max(m_new - m_i, axis=0) > 8.0:
+        if gl.max(t.to(gl.int32, bitcast=True)) > 0x41000000:  # some t > 8.0 (or m_i still -inf)
+            s = ks_f[:, None] * acc + kz_f[:, None] * b_z[None, :]
+            if MASKED:
+                s = gl.where(cm[:, None], s, float("-inf"))
+            m_new = gl.maximum(m_i, gl.max(s, axis=0))
             alpha = gl.exp2(m_i - m_new)
-            l_i = l_i * alpha
-            z_i = z_i * alpha
+            a_l = gl.convert_layout(alpha, gl.SliceLayout(0, l_i.type.layout))
+            l_i = l_i * a_l[None, :]
+            z_i = z_i * a_l[None, :]
             o0 = o0 * alpha[None, :]
             o1 = o1 * alpha[None, :]
             if BITS == 2:
                 o2 = o2 * alpha[None, :]
                 o3 = o3 * alpha[None, :]
             m_i = m_new
-        p = gl.exp2(s - m_i[None, :])
-        l_i = l_i + gl.sum(p, axis=0)
-        z_i = z_i + gl.sum(p * vz_f[:, None], axis=0)
+            t = s - m_i[None, :]
+        p = gl.exp2(t)
+        l_i = l_i + _own_rows_sum(p)
+        z_i = z_i + _own_rows_sum(p * vz_f[:, None])
         pb = gl.convert_layout(_transpose8((p * vs_f[:, None]).to(gl.float16)), B_OP)
+        return m_i, l_i, z_i, o0, o1, o2, o3, pb
+
+    @gluon.jit
+    def _pv_t(pb, ve, vo, o0, o1, o2, o3, BITS: gl.constexpr, A_OP: gl.constexpr):
+        """O^T += V^T . P^T of a tile (its V words, pb from :func:`_softmax_local`)."""
         vsp = _v_operand(ve, vo, BITS, A_OP, True)
         o0 = mma_v2(_plane(vsp, _mask(BITS, 0)), pb, o0)
         o1 = mma_v2(_plane(vsp, _mask(BITS, 1)), pb, o1)
         if BITS == 2:
             o2 = mma_v2(_plane(vsp, _mask(BITS, 2)), pb, o2)
             o3 = mma_v2(_plane(vsp, _mask(BITS, 3)), pb, o3)
+        return o0, o1, o2, o3
+
+    @gluon.jit
+    def _tile_t(q0, q1, q2, q3, kw, ve, vo, k_s, k_z, v_s, v_z, m_i, l_i, z_i, o0, o1, o2, o3, n_valid, b_z, k_fac,
+                BITS: gl.constexpr, MASKED: gl.constexpr, MMA: gl.constexpr, A_OP: gl.constexpr,
+                B_OP: gl.constexpr, MROW: gl.constexpr, LSM: gl.constexpr = False):
+        """One tile of 64 tokens, tokens on M (as :func:`_tile`'s scaling). LSM: :func:`_softmax_local`'s softmax (l_i
+        and z_i are then each thread's partial sums), else the row maxima and sums reduced across the lanes per tile."""
+        acc = _scores_t(q0, q1, q2, q3, kw, BITS, MMA, A_OP)
+        if LSM:
+            m_i, l_i, z_i, o0, o1, o2, o3, pb = _softmax_local(acc, k_s, k_z, v_s, v_z, m_i, l_i, z_i, o0, o1, o2, o3,
+                                                               n_valid, b_z, k_fac, BITS, MASKED, B_OP, MROW)
+        else:
+            s = (_meta_t(k_s, MROW) * k_fac)[:, None] * acc + _meta_t(k_z, MROW)[:, None] * b_z[None, :]
+            vs_f = _meta_t(v_s, MROW)
+            vz_f = _meta_t(v_z, MROW)
+            if MASKED:
+                m = gl.arange(0, 64, layout=MROW)
+                cm = (8 * (m & 7) + (m >> 3)) < n_valid
+                s = gl.where(cm[:, None], s, float("-inf"))
+                vs_f = gl.where(cm, vs_f, 0.0)
+                vz_f = gl.where(cm, vz_f, 0.0)
+            m_new = gl.maximum(m_i, gl.max(s, axis=0))
+            if gl.max(m_new - m_i, axis=0) > 8.0:
+                alpha = gl.exp2(m_i - m_new)
+                l_i = l_i * alpha
+                z_i = z_i * alpha
+                o0 = o0 * alpha[None, :]
+                o1 = o1 * alpha[None, :]
+                if BITS == 2:
+                    o2 = o2 * alpha[None, :]
+                    o3 = o3 * alpha[None, :]
+                m_i = m_new
+            p = gl.exp2(s - m_i[None, :])
+            l_i = l_i + gl.sum(p, axis=0)
+            z_i = z_i + gl.sum(p * vz_f[:, None], axis=0)
+            pb = gl.convert_layout(_transpose8((p * vs_f[:, None]).to(gl.float16)), B_OP)
+        o0, o1, o2, o3 = _pv_t(pb, ve, vo, o0, o1, o2, o3, BITS, A_OP)
         return m_i, l_i, z_i, o0, o1, o2, o3
 
     @gluon.jit
@@ -679,7 +749,8 @@ if HAVE_GLUON:
                         sq_b, sq_h, sq_d, skc_b, skc_h, sks_b, sks_h, svc_b, svc_h, svs_b, svs_h, start, end, prow0,
                         b, h, qk_scale, R: gl.constexpr, BITS: gl.constexpr, PREFETCH_V: gl.constexpr,
                         TOKM: gl.constexpr, MMA: gl.constexpr, A_OP: gl.constexpr, B_OP: gl.constexpr,
-                        L2PF: gl.constexpr = 0, descs=None, code_row0=0, meta_row=0, TMA_STAGES: gl.constexpr = 0):
+                        L2PF: gl.constexpr = 0, descs=None, code_row0=0, meta_row=0, TMA_STAGES: gl.constexpr = 0,
+                        LSM: gl.constexpr = False):
         """A split of the packed middle: tokens [start, end) of the (batch, KV head), all R query heads in the MMA.
         TOKM: the tokens on the MMA's M side (S^T = K q^T over [64 tokens, 8 rows], R <= 8), else the query rows
         (S = q K^T over [16 rows, 64 tokens]). Writes the split's normalised output and base-2 log-sum-exp at row
@@ -747,8 +818,11 @@ if HAVE_GLUON:
         vz_base = vz_ptr + b * svs_b + h * svs_h
 
         m_i = gl.full([NR], float("-inf"), gl.float32, RV)
-        l_i = gl.zeros([NR], gl.float32, RV)
-        z_i = gl.zeros([NR], gl.float32, RV)
+        if LSM:  # each thread's partial sums (_softmax_local), reduced over the lanes after the loop
+            l_i = _own_rows_sum(gl.zeros([64, 8], gl.float32, MMA))
+        else:
+            l_i = gl.zeros([NR], gl.float32, RV)
+        z_i = l_i
         if TOKM:
             o0 = gl.zeros([16 * BITS, 8], gl.float32, MMA)
         else:
@@ -768,7 +842,7 @@ if HAVE_GLUON:
                                                             PL)
                 m_i, l_i, z_i, o0, o1, o2, o3 = _tile_t(q0, q1, q2, q3, kw, ve, vo, k_s, k_z, v_s, v_z, m_i, l_i,
                                                         z_i, o0, o1, o2, o3, BN, b_z, k_fac, BITS, False, MMA,
-                                                        A_OP, B_OP, TV)
+                                                        A_OP, B_OP, TV, LSM)
                 _cta_barrier()  # every lane's reads of the stage are done before it is refilled
                 _ring_issue(kc_d, vc_d, ks_d, kz_d, vs_d, vz_d, kc_s, vc_s, m_s, bars, i + TMA_STAGES, start,
                             code_row0, meta_row, i + TMA_STAGES < n_t, TMA_STAGES, W)
@@ -777,7 +851,7 @@ if HAVE_GLUON:
                                                             VW, PL)
                 m_i, l_i, z_i, o0, o1, o2, o3 = _tile_t(q0, q1, q2, q3, kw, ve, vo, k_s, k_z, v_s, v_z, m_i, l_i,
                                                         z_i, o0, o1, o2, o3, end - start - n_full * BN, b_z,
-                                                        k_fac, BITS, True, MMA, A_OP, B_OP, TV)
+                                                        k_fac, BITS, True, MMA, A_OP, B_OP, TV, LSM)
         elif n_full > 0:
             t = gl.multiple_of(start, BN)  # chunk is a multiple of BN
             kw = gl.load(k_base + t * W + k_off)
@@ -800,7 +874,7 @@ if HAVE_GLUON:
                 if TOKM:
                     m_i, l_i, z_i, o0, o1, o2, o3 = _tile_t(q0, q1, q2, q3, kw, ve, vo, k_s, k_z, v_s, v_z, m_i,
                                                             l_i, z_i, o0, o1, o2, o3, BN, b_z, k_fac, BITS, False,
-                                                            MMA, A_OP, B_OP, TV)
+                                                            MMA, A_OP, B_OP, TV, LSM)
                 else:
                     m_i, l_i, z_i, o0, o1, o2, o3 = _tile(q0, q1, q2, q3, kw, ve, vo, k_s, k_z, v_s, v_z, m_i, l_i,
                                                           z_i, o0, o1, o2, o3, BN, b_z, k_fac, BITS, False, MMA,
@@ -823,12 +897,15 @@ if HAVE_GLUON:
                 if TOKM:
                     m_i, l_i, z_i, o0, o1, o2, o3 = _tile_t(q0, q1, q2, q3, kw, ve, vo, k_s, k_z, v_s, v_z, m_i, l_i,
                                                             z_i, o0, o1, o2, o3, nv, b_z, k_fac, BITS, True, MMA, A_OP,
-                                                            B_OP, TV)
+                                                            B_OP, TV, LSM)
                 else:
                     m_i, l_i, z_i, o0, o1, o2, o3 = _tile(q0, q1, q2, q3, kw, ve, vo, k_s, k_z, v_s, v_z, m_i, l_i, z_i,
                                                           o0, o1, o2, o3, nv, b_z, k_fac, BITS, True, MMA, A_OP, B_OP,
                                                           TV)
 
+        if LSM:
+            l_i = gl.convert_layout(gl.sum(l_i, axis=0), RV)
+            z_i = gl.convert_layout(gl.sum(z_i, axis=0), RV)
         # normalised partial output; plane j's channel index n = 8 i + g (n the MMA's N side for the 16-row form,
         # its M side for TOKM) is byte 2 BITS g + i of the token: channel PER (2 BITS g + i) + j
         inv = gl.where(l_i > 0.0, 1.0 / l_i, 0.0)
@@ -870,7 +947,7 @@ if HAVE_GLUON:
                             WRING: gl.constexpr, TOKM: gl.constexpr = False, L2PF: gl.constexpr = 0,
                             BALANCE: gl.constexpr = False, n_rows=1, B_P2: gl.constexpr = 1, kc_d=None, vc_d=None,
                             ks_d=None, kz_d=None, vs_d=None, vz_d=None, TMA_STAGES: gl.constexpr = 0,
-                            PDL: gl.constexpr = False):
+                            PDL: gl.constexpr = False, LSM: gl.constexpr = False):
         """One program per (split, batch x KV head). The packed middle's splits: the codes (uint8, token rows
         contiguous) are read as int32 words (4 BITS per token), the fp16 per-token scales and zeros as int32 pairs
         of consecutive tokens (their strides come in those units). HAS_FP: the last split is the (batch, KV head)'s
@@ -927,7 +1004,7 @@ if HAVE_GLUON:
                             lp_ptr, sq_b, sq_h, sq_d, skc_b, skc_h, sks_b, sks_h, svc_b, svc_h, svs_b, svs_h, start,
                             gl.minimum(start + chunk, n_q), prow0, b, h, qk_scale, R, BITS, PREFETCH_V, TOKM, MMA,
                             A_OP, B_OP, L2PF, (kc_d, vc_d, ks_d, kz_d, vs_d, vz_d), (b * skc_b + h * skc_h) // 32,
-                            b * H_KV + h, TMA_STAGES)
+                            b * H_KV + h, TMA_STAGES, LSM)
 
 
 def storage_unsupported_reason(k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, fp=()) -> str | None:
@@ -1050,7 +1127,7 @@ def launch_args(*, q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_sink
     ), dict(H_KV=H_KV, R=R, NUM_SPLITS=num_splits, BITS=bits, DEV_LENS=dev_lens, PREFETCH_V=bits == 2,
             HAS_FP=has_fp, WRING=bool(window_ring) and W > 0, TOKM=bool(tokens_on_m), L2PF=l2_prefetch,
             BALANCE=bool(balance), n_rows=B, B_P2=triton.next_power_of_2(B) if balance else 1, PDL=bool(pdl),
-            num_warps=1,
+            LSM=bool(tokens_on_m and tma_stages) and LOCAL_SOFTMAX, num_warps=1,
             **({} if maxnreg is None else {"maxnreg": maxnreg}), **tma)
 
 
@@ -1070,7 +1147,7 @@ def compile_sm90(bits: int, dev_lens: bool, r: int, has_fp: bool = False, dtype:
             "k_sink": "*" + dtype, "v_sink": "*" + dtype, "k_win": "*" + dtype, "v_win": "*" + dtype}
     const = dict(H_KV=8, R=r, NUM_SPLITS=16, BITS=bits, DEV_LENS=dev_lens, PREFETCH_V=bits == 2, HAS_FP=has_fp,
                  WRING=has_fp, TOKM=tokm, L2PF=0 if tma_stages else l2pf, BALANCE=balance, B_P2=8 if balance else 1,
-                 sq_d=1, TMA_STAGES=tma_stages, PDL=pdl)
+                 sq_d=1, TMA_STAGES=tma_stages, PDL=pdl, LSM=bool(tokm and tma_stages) and LOCAL_SOFTMAX)
     descs = {}
     for name in ("kc_d", "vc_d", "ks_d", "kz_d", "vs_d", "vz_d"):
         if not tma_stages:
