@@ -497,6 +497,29 @@ if HAVE_GLUON:
         return acc
 
     @gluon.jit
+    def _metas_t(k_s, k_z, v_s, v_z, n_valid, k_fac, MASKED: gl.constexpr, MROW: gl.constexpr):
+        """A tile's K scale (times k_fac), K zero, V scale and V zero per token (float32, by m) and its tokens' mask
+        (n_valid tokens; with MASKED the V scale and zero past them are 0: p is 0 there and they may be anything)."""
+        m = gl.arange(0, 64, layout=MROW)
+        cm = (8 * (m & 7) + (m >> 3)) < n_valid
+        vs_f = _meta_t(v_s, MROW)
+        vz_f = _meta_t(v_z, MROW)
+        if MASKED:
+            vs_f = gl.where(cm, vs_f, 0.0)
+            vz_f = gl.where(cm, vz_f, 0.0)
+        return _meta_t(k_s, MROW) * k_fac, _meta_t(k_z, MROW), vs_f, vz_f, cm
+
+    @gluon.jit
+    def _rescaled(o0, o1, o2, o3, alpha, BITS: gl.constexpr):
+        """The output accumulators (O^T, one column per query row) times alpha per row."""
+        o0 = o0 * alpha[None, :]
+        o1 = o1 * alpha[None, :]
+        if BITS == 2:
+            o2 = o2 * alpha[None, :]
+            o3 = o3 * alpha[None, :]
+        return o0, o1, o2, o3
+
+    @gluon.jit
     def _softmax_local(acc, k_s, k_z, v_s, v_z, m_i, l_i, z_i, o0, o1, o2, o3, n_valid, b_z, k_fac,
                        BITS: gl.constexpr, MASKED: gl.constexpr, B_OP: gl.constexpr, MROW: gl.constexpr):
         """_tile_t's softmax with no cross-lane step in the common case: the scores are formed less the running
@@ -506,17 +529,10 @@ if HAVE_GLUON:
         8.0's, a negative one a smaller). Only a tile that raises some row's maximum by more than 2**8 (the first one
         among them) takes the exact column maxima and the rescale of l_i, z_i and the outputs so far. Returns the state
         and P^T . diag(v scale) as P . V's B operand."""
-        ks_f = _meta_t(k_s, MROW) * k_fac
-        kz_f = _meta_t(k_z, MROW)
+        ks_f, kz_f, vs_f, vz_f, cm = _metas_t(k_s, k_z, v_s, v_z, n_valid, k_fac, MASKED, MROW)
         t = ks_f[:, None] * acc + (kz_f[:, None] * b_z[None, :] - m_i[None, :])
-        vs_f = _meta_t(v_s, MROW)
-        vz_f = _meta_t(v_z, MROW)
         if MASKED:
-            m = gl.arange(0, 64, layout=MROW)
-            cm = (8 * (m & 7) + (m >> 3)) < n_valid
             t = gl.where(cm[:, None], t, float("-inf"))
-            vs_f = gl.where(cm, vs_f, 0.0)
-            vz_f = gl.where(cm, vz_f, 0.0)
         if gl.max(t.to(gl.int32, bitcast=True)) > 0x41000000:  # some t > 8.0 (or m_i still -inf)
             s = ks_f[:, None] * acc + kz_f[:, None] * b_z[None, :]
             if MASKED:
@@ -526,11 +542,7 @@ if HAVE_GLUON:
             a_l = gl.convert_layout(alpha, gl.SliceLayout(0, l_i.type.layout))
             l_i = l_i * a_l[None, :]
             z_i = z_i * a_l[None, :]
-            o0 = o0 * alpha[None, :]
-            o1 = o1 * alpha[None, :]
-            if BITS == 2:
-                o2 = o2 * alpha[None, :]
-                o3 = o3 * alpha[None, :]
+            o0, o1, o2, o3 = _rescaled(o0, o1, o2, o3, alpha, BITS)
             m_i = m_new
             t = s - m_i[None, :]
         p = gl.exp2(t)
@@ -561,25 +573,16 @@ if HAVE_GLUON:
             m_i, l_i, z_i, o0, o1, o2, o3, pb = _softmax_local(acc, k_s, k_z, v_s, v_z, m_i, l_i, z_i, o0, o1, o2, o3,
                                                                n_valid, b_z, k_fac, BITS, MASKED, B_OP, MROW)
         else:
-            s = (_meta_t(k_s, MROW) * k_fac)[:, None] * acc + _meta_t(k_z, MROW)[:, None] * b_z[None, :]
-            vs_f = _meta_t(v_s, MROW)
-            vz_f = _meta_t(v_z, MROW)
+            ks_f, kz_f, vs_f, vz_f, cm = _metas_t(k_s, k_z, v_s, v_z, n_valid, k_fac, MASKED, MROW)
+            s = ks_f[:, None] * acc + kz_f[:, None] * b_z[None, :]
             if MASKED:
-                m = gl.arange(0, 64, layout=MROW)
-                cm = (8 * (m & 7) + (m >> 3)) < n_valid
                 s = gl.where(cm[:, None], s, float("-inf"))
-                vs_f = gl.where(cm, vs_f, 0.0)
-                vz_f = gl.where(cm, vz_f, 0.0)
             m_new = gl.maximum(m_i, gl.max(s, axis=0))
             if gl.max(m_new - m_i, axis=0) > 8.0:
                 alpha = gl.exp2(m_i - m_new)
                 l_i = l_i * alpha
                 z_i = z_i * alpha
-                o0 = o0 * alpha[None, :]
-                o1 = o1 * alpha[None, :]
-                if BITS == 2:
-                    o2 = o2 * alpha[None, :]
-                    o3 = o3 * alpha[None, :]
+                o0, o1, o2, o3 = _rescaled(o0, o1, o2, o3, alpha, BITS)
                 m_i = m_new
             p = gl.exp2(s - m_i[None, :])
             l_i = l_i + gl.sum(p, axis=0)
