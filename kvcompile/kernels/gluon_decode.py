@@ -117,10 +117,24 @@ TMA_DEFAULT_STAGES = 2
 LOCAL_SOFTMAX = True
 
 
+def _code_block(bits: int) -> list[int]:
+    """A ring copy's block of code words: a 64-token tile's 4 bits int32 words per token, as rows of 32."""
+    return [64 * 4 * bits // 32, 32]
+
+
+_META_BLOCK = [1, 32]  # a ring copy's block of scales or zeros: a 64-token tile's 32 int32 pairs
+
+
 def tma_stage_bytes(bits: int) -> int:
-    """Shared memory per ring stage: its copies' blocks (:func:`_tma_descriptors`: K's and V's 64 tokens of code words,
-    four 128-byte scale / zero rows; the kernel expects their bytes from the descriptors) and its 8-byte mbarrier."""
-    return 2 * 64 * 4 * bits * 4 + 4 * 128 + 8
+    """Shared memory per ring stage: its copies' blocks (:func:`_tma_descriptors`: K's and V's code words, four scale /
+    zero rows; the kernel expects their bytes from the descriptors) and its 8-byte mbarrier."""
+    code, meta = _code_block(bits), _META_BLOCK
+    return 4 * (2 * code[0] * code[1] + 4 * meta[0] * meta[1]) + 8
+
+
+def _local_softmax(tokens_on_m: bool, tma_stages: int) -> bool:
+    """Whether a build takes the softmax without cross-lane steps (the ring builds, :data:`LOCAL_SOFTMAX`)."""
+    return bool(tokens_on_m and tma_stages) and LOCAL_SOFTMAX
 
 
 def tma_stages(bits: int, programs_per_sm: int) -> int:
@@ -1079,13 +1093,13 @@ def _tma_descriptors(k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, bits):
     """The six tensor descriptors of the ring (:func:`tma_unsupported_reason` holds): codes as int32 rows of 32 words,
     a tile 2 W rows (128-byte swizzle); each scale / zero tensor as [batch x head, pairs] int32, a tile one row of
     32."""
-    W = 4 * bits
     d = []
     for c in (k_codes, v_codes):  # (a tile past a row's end reads the next row's codes or zeros: masked)
-        d.append(TensorDescriptor(_DescBase(c, torch.int32), [_code_rows(c), 32], [32, 1], [2 * W, 32], _code_smem()))
+        d.append(TensorDescriptor(_DescBase(c, torch.int32), [_code_rows(c), 32], [32, 1], _code_block(bits),
+                                  _code_smem()))
     for x in (k_scale, k_zero, v_scale, v_zero):
         d.append(TensorDescriptor(_DescBase(x, torch.int32), [x.shape[0] * x.shape[1], (x.shape[2] + 1) // 2],
-                                  [x.stride(1) // 2, 1], [1, 32], _meta_smem()))
+                                  [x.stride(1) // 2, 1], _META_BLOCK, _meta_smem()))
     return d
 
 
@@ -1130,7 +1144,7 @@ def launch_args(*, q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_sink
     ), dict(H_KV=H_KV, R=R, NUM_SPLITS=num_splits, BITS=bits, DEV_LENS=dev_lens, PREFETCH_V=bits == 2,
             HAS_FP=has_fp, WRING=bool(window_ring) and W > 0, TOKM=bool(tokens_on_m), L2PF=l2_prefetch,
             BALANCE=bool(balance), n_rows=B, B_P2=triton.next_power_of_2(B) if balance else 1, PDL=bool(pdl),
-            LSM=bool(tokens_on_m and tma_stages) and LOCAL_SOFTMAX, num_warps=1,
+            LSM=_local_softmax(tokens_on_m, tma_stages), num_warps=1,
             **({} if maxnreg is None else {"maxnreg": maxnreg}), **tma)
 
 
@@ -1150,15 +1164,15 @@ def compile_sm90(bits: int, dev_lens: bool, r: int, has_fp: bool = False, dtype:
             "k_sink": "*" + dtype, "v_sink": "*" + dtype, "k_win": "*" + dtype, "v_win": "*" + dtype}
     const = dict(H_KV=8, R=r, NUM_SPLITS=16, BITS=bits, DEV_LENS=dev_lens, PREFETCH_V=bits == 2, HAS_FP=has_fp,
                  WRING=has_fp, TOKM=tokm, L2PF=0 if tma_stages else l2pf, BALANCE=balance, B_P2=8 if balance else 1,
-                 sq_d=1, TMA_STAGES=tma_stages, PDL=pdl, LSM=bool(tokm and tma_stages) and LOCAL_SOFTMAX)
+                 sq_d=1, TMA_STAGES=tma_stages, PDL=pdl, LSM=_local_softmax(tokm, tma_stages))
     descs = {}
     for name in ("kc_d", "vc_d", "ks_d", "kz_d", "vs_d", "vz_d"):
         if not tma_stages:
             const[name] = None
         elif name in ("kc_d", "vc_d"):
-            descs[name] = f"tensordesc<i32[{8 * bits}, 32],{_code_smem()!r}>"
+            descs[name] = f"tensordesc<i32{_code_block(bits)},{_code_smem()!r}>"
         else:
-            descs[name] = f"tensordesc<i32[1, 32],{_meta_smem()!r}>"
+            descs[name] = f"tensordesc<i32{_META_BLOCK},{_meta_smem()!r}>"
     sig, consts, attrs = {}, {}, {}
     for i, name in enumerate(fn.arg_names):
         if name in descs:
