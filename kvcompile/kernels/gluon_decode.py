@@ -118,11 +118,11 @@ LOCAL_SOFTMAX = True
 
 
 def _code_block(bits: int) -> list[int]:
-    """A ring copy's block of code words: a 64-token tile's 4 bits int32 words per token, as rows of 32."""
+    """A ring copy's block of code words: a 64-token tile's words (4 * bits int32 per token) as rows of 32."""
     return [64 * 4 * bits // 32, 32]
 
 
-_META_BLOCK = [1, 32]  # a ring copy's block of scales or zeros: a 64-token tile's 32 int32 pairs
+_META_BLOCK = (1, 32)  # a ring copy's block of scales or zeros: a 64-token tile's 32 int32 pairs
 
 
 def tma_stage_bytes(bits: int) -> int:
@@ -1099,7 +1099,7 @@ def _tma_descriptors(k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, bits):
                                   _code_smem()))
     for x in (k_scale, k_zero, v_scale, v_zero):
         d.append(TensorDescriptor(_DescBase(x, torch.int32), [x.shape[0] * x.shape[1], (x.shape[2] + 1) // 2],
-                                  [x.stride(1) // 2, 1], _META_BLOCK, _meta_smem()))
+                                  [x.stride(1) // 2, 1], list(_META_BLOCK), _meta_smem()))
     return d
 
 
@@ -1172,7 +1172,7 @@ def compile_sm90(bits: int, dev_lens: bool, r: int, has_fp: bool = False, dtype:
         elif name in ("kc_d", "vc_d"):
             descs[name] = f"tensordesc<i32{_code_block(bits)},{_code_smem()!r}>"
         else:
-            descs[name] = f"tensordesc<i32{_META_BLOCK},{_meta_smem()!r}>"
+            descs[name] = f"tensordesc<i32{list(_META_BLOCK)},{_meta_smem()!r}>"
     sig, consts, attrs = {}, {}, {}
     for i, name in enumerate(fn.arg_names):
         if name in descs:
