@@ -322,20 +322,7 @@ if HAVE_GLUON:
             s = gl.where(cm[None, :], s, float("-inf"))
             vs_f = gl.where(cm, vs_f, 0.0)  # past the end p is 0 and the scale may be anything
             vz_f = gl.where(cm, vz_f, 0.0)
-        m_new = gl.maximum(m_i, gl.max(s, axis=1))
-        if gl.max(m_new - m_i, axis=0) > 8.0:  # rescale only when a row's maximum grew by > 2**8
-            alpha = gl.exp2(m_i - m_new)
-            l_i = l_i * alpha
-            z_i = z_i * alpha
-            o0 = o0 * alpha[:, None]
-            o1 = o1 * alpha[:, None]
-            if BITS == 2:
-                o2 = o2 * alpha[:, None]
-                o3 = o3 * alpha[:, None]
-            m_i = m_new
-        p = gl.exp2(s - m_i[:, None])
-        l_i = l_i + gl.sum(p, axis=1)
-        z_i = z_i + gl.sum(p * vz_f[None, :], axis=1)
+        m_i, l_i, z_i, o0, o1, o2, o3, p = _online_softmax(s, m_i, l_i, z_i, vz_f, o0, o1, o2, o3, 1, BITS)
         pa = gl.convert_layout((p * vs_f[None, :]).to(gl.float16), A_OP)
         vsp = _v_operand(ve, vo, BITS, B_OP, False)
         o0 = mma_v2(pa, _plane(vsp, _mask(BITS, 0)), o0)
@@ -524,14 +511,34 @@ if HAVE_GLUON:
         return _meta_t(k_s, MROW) * k_fac, _meta_t(k_z, MROW), vs_f, vz_f, cm
 
     @gluon.jit
-    def _rescaled(o0, o1, o2, o3, alpha, BITS: gl.constexpr):
-        """The output accumulators (O^T, one column per query row) times alpha per row."""
-        o0 = o0 * alpha[None, :]
-        o1 = o1 * alpha[None, :]
+    def _rescaled(o0, o1, o2, o3, alpha, AX: gl.constexpr, BITS: gl.constexpr):
+        """The output accumulators times alpha per query row (the rows on axis 1 - AX: O^T's columns for AX = 0, O's
+        rows for AX = 1)."""
+        a = gl.expand_dims(alpha, AX)
+        o0 = o0 * a
+        o1 = o1 * a
         if BITS == 2:
-            o2 = o2 * alpha[None, :]
-            o3 = o3 * alpha[None, :]
+            o2 = o2 * a
+            o3 = o3 * a
         return o0, o1, o2, o3
+
+    @gluon.jit
+    def _online_softmax(s, m_i, l_i, z_i, vz_f, o0, o1, o2, o3, AX: gl.constexpr, BITS: gl.constexpr):
+        """A tile's online softmax over the tokens (axis AX of the scores s; the query rows on the other): the running
+        maximum m_i, raised lazily (only when some row's maximum grew by more than 2**8, so that most tiles skip the
+        rescale of l_i, z_i and the outputs), the sums l_i of p and z_i of p times the V zero per token vz_f.
+        Returns the state and p."""
+        m_new = gl.maximum(m_i, gl.max(s, axis=AX))
+        if gl.max(m_new - m_i, axis=0) > 8.0:
+            alpha = gl.exp2(m_i - m_new)
+            l_i = l_i * alpha
+            z_i = z_i * alpha
+            o0, o1, o2, o3 = _rescaled(o0, o1, o2, o3, alpha, AX, BITS)
+            m_i = m_new
+        p = gl.exp2(s - gl.expand_dims(m_i, AX))
+        l_i = l_i + gl.sum(p, axis=AX)
+        z_i = z_i + gl.sum(p * gl.expand_dims(vz_f, 1 - AX), axis=AX)
+        return m_i, l_i, z_i, o0, o1, o2, o3, p
 
     @gluon.jit
     def _softmax_local(acc, k_s, k_z, v_s, v_z, m_i, l_i, z_i, o0, o1, o2, o3, n_valid, b_z, k_fac,
@@ -556,7 +563,7 @@ if HAVE_GLUON:
             a_l = gl.convert_layout(alpha, gl.SliceLayout(0, l_i.type.layout))
             l_i = l_i * a_l[None, :]
             z_i = z_i * a_l[None, :]
-            o0, o1, o2, o3 = _rescaled(o0, o1, o2, o3, alpha, BITS)
+            o0, o1, o2, o3 = _rescaled(o0, o1, o2, o3, alpha, 0, BITS)
             m_i = m_new
             t = s - m_i[None, :]
         p = gl.exp2(t)
@@ -591,16 +598,7 @@ if HAVE_GLUON:
             s = ks_f[:, None] * acc + kz_f[:, None] * b_z[None, :]
             if MASKED:
                 s = gl.where(cm[:, None], s, float("-inf"))
-            m_new = gl.maximum(m_i, gl.max(s, axis=0))
-            if gl.max(m_new - m_i, axis=0) > 8.0:
-                alpha = gl.exp2(m_i - m_new)
-                l_i = l_i * alpha
-                z_i = z_i * alpha
-                o0, o1, o2, o3 = _rescaled(o0, o1, o2, o3, alpha, BITS)
-                m_i = m_new
-            p = gl.exp2(s - m_i[None, :])
-            l_i = l_i + gl.sum(p, axis=0)
-            z_i = z_i + gl.sum(p * vz_f[:, None], axis=0)
+            m_i, l_i, z_i, o0, o1, o2, o3, p = _online_softmax(s, m_i, l_i, z_i, vz_f, o0, o1, o2, o3, 0, BITS)
             pb = gl.convert_layout(_transpose8((p * vs_f[:, None]).to(gl.float16)), B_OP)
         o0, o1, o2, o3 = _pv_t(pb, ve, vo, o0, o1, o2, o3, BITS, A_OP)
         return m_i, l_i, z_i, o0, o1, o2, o3
