@@ -685,9 +685,11 @@ if HAVE_GLUON:
                     W: gl.constexpr):
         """The ring's shared memory (K's and V's code stages, the scale / zero rows, one mbarrier per stage), with its
         first STAGES tiles of the n_t issued: (kc_s, vc_s, m_s, bars) for :func:`_ring_read` / :func:`_ring_issue`."""
-        kc_s = gl.allocate_shared_memory(gl.int32, [STAGES, 2 * W, 32], _code_smem())
-        vc_s = gl.allocate_shared_memory(gl.int32, [STAGES, 2 * W, 32], _code_smem())
-        m_s = gl.allocate_shared_memory(gl.int32, [4 * STAGES, 1, 32], _meta_smem())
+        CB: gl.constexpr = kc_d.block_type.shape  # a stage's blocks are the descriptors' (_code_block, _META_BLOCK)
+        MB: gl.constexpr = ks_d.block_type.shape
+        kc_s = gl.allocate_shared_memory(gl.int32, [STAGES, CB[0], CB[1]], _code_smem())
+        vc_s = gl.allocate_shared_memory(gl.int32, [STAGES, CB[0], CB[1]], _code_smem())
+        m_s = gl.allocate_shared_memory(gl.int32, [4 * STAGES, MB[0], MB[1]], _meta_smem())
         bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         for j in gl.static_range(STAGES):
             mbarrier.init(bars.index(j), count=1)
