@@ -34,6 +34,7 @@ import triton.language as tl
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import _timing  # noqa: E402
 from _timing import bench_graph, copies_for, pyplot  # noqa: E402
 
 # the load-only kernel's scale / zero forms: 1 = four fp16 arrays, 2 = (scale, zero) pairs per token for K and for V,
@@ -294,7 +295,8 @@ def main(argv=None):
     print(f"\n{dev}; command: python {' '.join(sys.argv)}\n{t}")
     with open(os.path.join(args.out, "bench_ceilings.md"), "w") as f:
         stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-        f.write(f"{dev}; torch {torch.__version__}, triton {triton.__version__}; {stamp}\n"
+        f.write(f"{dev}; torch {torch.__version__}, triton {triton.__version__}; {stamp}; graph replays "
+                f"{'queued behind a spin kernel' if _timing.QUEUED else 'isolated'}\n"
                 f"command: python {' '.join(sys.argv)}\n\n{t}\n")
     with open(os.path.join(args.out, "bench_ceilings.json"), "w") as f:
         json.dump(dict(device=dev, copy_GBps=bw, rows=rows), f, indent=1)
