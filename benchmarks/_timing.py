@@ -36,11 +36,12 @@ def bench_graph(fns: Sequence[Callable], reps: int = 30, warmup_fns: Sequence[Ca
     timed replays (the H100 read the first configuration of each bench_attention row 5-8% slower than the same
     configuration timed again later in the row with a single warm-up replay: BENCHMARKS.md, head fill).
 
-    queued (default :data:`QUEUED`, True since session 19): each sample is enqueued behind a spin kernel (``SPIN_CYCLES``), so the
-    GPU finds the replay queued when the start event fires. With ``queued=False`` (sessions 1-18) the host
-    synchronises after each sample and the GPU is idle when the next one is launched: the sample then also holds the
-    replay's launch latency (about 18 us on the H100 machine for an empty graph), divided over the calls in the graph,
-    so a row's share of it depended on its number of input copies (BENCHMARKS.md, "Decode kernel v35")."""
+    queued (default :data:`QUEUED`, True since session 19): each sample is enqueued behind a spin kernel
+    (``SPIN_CYCLES``), so the GPU finds the replay queued when the start event fires. With ``queued=False`` (sessions
+    1-18) the host synchronises after each sample and the GPU is idle when the next one is launched: the sample then
+    also holds the replay's launch latency (about 18 us on the H100 machine for an empty graph), divided over the
+    calls in the graph, so a row's share of it depended on its number of input copies (BENCHMARKS.md, "Decode kernel
+    v35")."""
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
