@@ -35,6 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
+import _timing
 from _timing import bench_graph
 from kvcompile import ops
 from kvcompile.cache import PackedKV
@@ -137,8 +138,9 @@ def attention_time(length: int, group: int, seed: int = 0) -> float:
     return graph_time(lambda: decode_attention(**kw), steps=10)
 
 
-VARIANTS = [  # launcher keywords of quantize_write; {} is the default (one-token tile, 4 warps for T = 1)
-    {}, {"num_warps": 8}, {"num_warps": 2}, {"preload": False}, {"parallel_arrivals": False}, {"pack_natural": False},
+VARIANTS = [  # launcher keywords of quantize_write; {} is the default (one-token tile, 1 warp for T = 1 since session 19)
+    {}, {"num_warps": 8}, {"num_warps": 4}, {"num_warps": 2}, {"preload": False}, {"parallel_arrivals": False},
+    {"pack_natural": False},
     {"block_t": 16, "num_warps": 8},  # the launcher's defaults before 2026-11-26 (session 6)
     {"block_t": 16, "num_warps": 8, "preload": False, "parallel_arrivals": False, "pack_natural": False},  # ditto, kernel too
 ]
@@ -254,7 +256,8 @@ def main(argv=None) -> int:
     tuned = [r for c in a.sweep_cases.split(",") for r in sweep(c, a.length, a.steps, VARIANTS)] if a.sweep else []
     head = (f"device: {dev}; torch {torch.__version__}, triton {triton.__version__}; "
             f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; B={B} Hq={HQ} Hkv={HKV} D={D}, "
-            f"L={a.length}, one new token per step, K and V")
+            f"L={a.length}, one new token per step, K and V; graph replays "
+            f"{'queued behind a spin kernel' if _timing.QUEUED else 'isolated'}")
     lines = [head, "",
              "| case | write kernel, K and V in one launch (graph) us | write kernel, two launches (graph) us | "
              "write op eager us | reference us | the layer's own attention us | one launch / own attention | "

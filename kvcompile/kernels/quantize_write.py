@@ -56,7 +56,9 @@ window is mostly its shift (every row moves down by one each step: 2 x 2 MB thro
 a ring-buffer window would remove it but changes the storage format every reader knows (docs/format.md). Session 10
 (2026-11-26) made that change: the window is a ring and per-token layouts quantize on entry, so a decode step reads
 only the new token: 5.0 us for the g128 pair with its window (4.6% of the layer's 110-us attention), 6.1-6.2 us
-before in the same run; KIVI 5.3, SKVQ's layouts 7.45 (BENCHMARKS.md).
+before in the same run; KIVI 5.3, SKVQ's layouts 7.45 (BENCHMARKS.md). Session 19 (2026-11-27): that layer's attention
+now takes 62 us (the Gluon kernel), so 5.0 us is 8% of it; one warp for the one-token tile gave 4.85 us (KIVI 4.60
+against 5.10), against an empty launch's 1.05.
 
 Codes are computed as the float32 references do (docs/format.md "Rounding rules"): true IEEE divisions where
 the reference divides two tensors (``div_rn``; Triton's ``/`` is approximate on the GPU); where it divides by a
@@ -997,7 +999,10 @@ def _prepare(t: dict, layout: dict, tuning: dict, whole: bool = False, derived: 
         strides=[*new.stride(), *codes.stride(), *scale.stride(), *(sink.stride() if sink.numel() else (0, 0, 0, 0)),
                  *window.stride(), perm.stride(0) if perm is not None else 0],
         consts=consts, ncb=ncb,
-        num_warps=4 if T <= 16 else 8,
+        # one warp for a decode step's one-token tile (its row's reductions stay in the warp; H100, session 19:
+        # 4.85 against 4.98 us for the g128 pair, 4.60 against 5.10 for KIVI's); keys before RoPE keep 4 (their
+        # partner search is a [D, D] tile)
+        num_warps=(1 if rope is None else 4) if T == 1 else 4 if T <= 16 else 8,
     )
 
 
