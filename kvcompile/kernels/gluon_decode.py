@@ -511,6 +511,15 @@ if HAVE_GLUON:
         return _meta_t(k_s, MROW) * k_fac, _meta_t(k_z, MROW), vs_f, vz_f, cm
 
     @gluon.jit
+    def _scaled_scores(acc, ks_f, kz_f, b_z, cm, MASKED: gl.constexpr):
+        """A tile's scores from S^T's accumulator: K's scale (times k_fac) and zero term per token, minus infinity past
+        the n_valid tokens (cm) with MASKED."""
+        s = ks_f[:, None] * acc + kz_f[:, None] * b_z[None, :]
+        if MASKED:
+            s = gl.where(cm[:, None], s, float("-inf"))
+        return s
+
+    @gluon.jit
     def _rescaled(o0, o1, o2, o3, alpha, AX: gl.constexpr, BITS: gl.constexpr):
         """The output accumulators times alpha per query row (the rows on axis 1 - AX: O^T's columns for AX = 0, O's
         rows for AX = 1)."""
@@ -555,9 +564,7 @@ if HAVE_GLUON:
         if MASKED:
             t = gl.where(cm[:, None], t, float("-inf"))
         if gl.max(t.to(gl.int32, bitcast=True)) > 0x41000000:  # some t > 8.0 (or m_i still -inf)
-            s = ks_f[:, None] * acc + kz_f[:, None] * b_z[None, :]
-            if MASKED:
-                s = gl.where(cm[:, None], s, float("-inf"))
+            s = _scaled_scores(acc, ks_f, kz_f, b_z, cm, MASKED)
             m_new = gl.maximum(m_i, gl.max(s, axis=0))
             alpha = gl.exp2(m_i - m_new)
             a_l = gl.convert_layout(alpha, gl.SliceLayout(0, l_i.type.layout))
@@ -595,9 +602,7 @@ if HAVE_GLUON:
                                                                n_valid, b_z, k_fac, BITS, MASKED, B_OP, MROW)
         else:
             ks_f, kz_f, vs_f, vz_f, cm = _metas_t(k_s, k_z, v_s, v_z, n_valid, k_fac, MASKED, MROW)
-            s = ks_f[:, None] * acc + kz_f[:, None] * b_z[None, :]
-            if MASKED:
-                s = gl.where(cm[:, None], s, float("-inf"))
+            s = _scaled_scores(acc, ks_f, kz_f, b_z, cm, MASKED)
             m_i, l_i, z_i, o0, o1, o2, o3, p = _online_softmax(s, m_i, l_i, z_i, vz_f, o0, o1, o2, o3, 0, BITS)
             pb = gl.convert_layout(_transpose8((p * vs_f[:, None]).to(gl.float16)), B_OP)
         o0, o1, o2, o3 = _pv_t(pb, ve, vo, o0, o1, o2, o3, BITS, A_OP)
