@@ -1002,7 +1002,7 @@ def _prepare(t: dict, layout: dict, tuning: dict, whole: bool = False, derived: 
         # one warp for a decode step's one-token tile (its row's reductions stay in the warp; H100, session 19:
         # 4.85 against 4.98 us for the g128 pair, 4.60 against 5.10 for KIVI's); keys before RoPE keep 4 (their
         # partner search is a [D, D] tile)
-        num_warps=(1 if rope is None else 4) if T == 1 else 4 if T <= 16 else 8,
+        num_warps=(1 if rope is None else 4) if T == 1 else (4 if T <= 16 else 8),
     )
 
 
