@@ -61,7 +61,10 @@ def bench_graph(fns: Sequence[Callable], reps: int = 30, warmup_fns: Sequence[Ca
         g.replay()
     torch.cuda.synchronize()
     times = []
-    spin = (QUEUED if queued is None else queued) and hasattr(torch.cuda, "_sleep")
+    spin = QUEUED if queued is None else queued
+    if spin and not hasattr(torch.cuda, "_sleep"):  # the samples would silently be isolated ones
+        raise RuntimeError("bench_graph's queued samples need torch.cuda._sleep, which this torch lacks: time with "
+                           "queued=False (bench_attention.py --isolated)")
     for _ in range(reps):
         st, en = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         if spin:
