@@ -23,14 +23,20 @@ that may overwrite their rows. Per-token groups keep a group inside one channel 
 and int8 / fp8 (one scale per token) use one block spanning the head dim.
 
 Counts without a second launch: every program reads each word of ``counts`` with an atomic add of ``2**32``, its
-"arrival" at that word (the low 32 bits are the value it reads). The three atomics are independent: one round
+"arrival" at that word (the low 32 bits are the value it reads), all three words in one vector atomic: one round
 trip. The program that arrives last at a word (it sees ``n_programs - 1`` earlier arrivals there) knows every
-program has read that word and writes its new value, clearing the arrival bits (the "last block" pattern of
-CUDA's threadFenceReduction sample; here it orders reads before the write instead of partial sums before the
-merge). Every program computes the same new values from the same reads, so the three words may be written by
+program has read that word and writes its new value with a plain store, clearing the arrival bits (the "last block"
+pattern of CUDA's threadFenceReduction sample; here it orders reads before the write instead of partial sums before
+the merge). Every program computes the same new values from the same reads, so the three words may be written by
 different programs. Between launches ``counts`` holds the plain values. (``parallel_arrivals=False``: the
-programs read ``counts[1:3]`` and then arrive at ``counts[0]`` with acq_rel, two round trips; the form before
-2026-11-26.)
+programs read ``counts[1:3]`` and then arrive at ``counts[0]`` with acq_rel, the form before 2026-11-26; scalar
+atomics, each one round trip of its own, see below.)
+
+Scalar atomics cost a round trip each, in sequence: Triton broadcasts a scalar atomic's result to the program's
+threads through shared memory behind a barrier, which waits for the result before the next instruction. The three
+scalar arrivals of sessions 6-19 (documented then as one round trip) and the last arriver's three atomic exchanges
+were six round trips in a row; one vector atomic and one vector store took the g128 pair's write from 4.6-4.8 to
+2.4 us (H100, session 20). A count of the round trips in the PTX (``atom.global`` followed by ``bar.sync``) shows it.
 
 Loads before the counts (``preload``): the first new rows do not depend on the counts, so they are issued first
 and their round trips overlap the atomics'. A decode step that moves no new row into the sink quantizes and stores
@@ -58,7 +64,9 @@ a ring-buffer window would remove it but changes the storage format every reader
 only the new token: 5.0 us for the g128 pair with its window (4.6% of the layer's 110-us attention), 6.1-6.2 us
 before in the same run; KIVI 5.3, SKVQ's layouts 7.45 (BENCHMARKS.md). Session 19 (2026-11-27): that layer's attention
 now takes 62 us (the Gluon kernel), so 5.0 us is 8% of it; one warp for the one-token tile gave 4.85 us (KIVI 4.60
-against 5.10), against an empty launch's 1.05.
+against 5.10), against an empty launch's 1.05. Session 20 (2026-11-27): the arrivals in one vector atomic and the
+count updates as plain stores (above): 2.42 us for the g128 pair (3.9% of its layer's 62.3-us attention, target
+met), KIVI 2.77 (1.9%), ``skvq``'s defaults 5.01 (BENCHMARKS.md, "Quantize-on-write v36").
 
 Codes are computed as the float32 references do (docs/format.md "Rounding rules"): true IEEE divisions where
 the reference divides two tensors (``div_rn``; Triton's ``/`` is approximate on the GPU); where it divides by a
@@ -369,11 +377,15 @@ def _write_side(
         xn0p = 0.0
 
     # ---- counts, read on the device; then arrive (see the module docstring)
+    w4 = tl.arange(0, 4)  # the three counts words (and a masked fourth lane)
     if ARRIVE3:
-        # each word's read is its own arrival: three independent atomics, one round trip
-        old0 = tl.atomic_add(counts_ptr, 4294967296, sem="relaxed")
-        old1 = tl.atomic_add(counts_ptr + 1, 4294967296, sem="relaxed")
-        old2 = tl.atomic_add(counts_ptr + 2, 4294967296, sem="relaxed")
+        # each word's read is its own arrival, all three in one vector atomic: one round trip. (Three scalar
+        # atomics are three round trips: Triton broadcasts each scalar's result through shared memory behind a
+        # barrier that waits for it; H100, session 20: the g128 pair's write 4.6-4.8 -> 4.1 us.)
+        olds = tl.atomic_add(counts_ptr + w4, tl.full([4], 4294967296, tl.int64), mask=w4 < 3, sem="relaxed")
+        old0 = tl.sum(tl.where(w4 == 0, olds, 0), 0)
+        old1 = tl.sum(tl.where(w4 == 1, olds, 0), 0)
+        old2 = tl.sum(tl.where(w4 == 2, olds, 0), 0)
         n_q = (old1 & 4294967295).to(tl.int32)
         n_w = (old2 & 4294967295).to(tl.int32)
         last1 = (old1 >> 32) == n_prog - 1
@@ -579,9 +591,14 @@ def _write_side(
         last1 = last
         last2 = last
     new_w = tl.where(rest > 0, pend - n_move, n_w)
-    tl.atomic_xchg(counts_ptr + 1, (n_q + n_move).to(tl.int64), mask=last1)
-    tl.atomic_xchg(counts_ptr + 2, new_w.to(tl.int64), mask=last2)
-    tl.atomic_xchg(counts_ptr, (n_s + take).to(tl.int64), mask=last)
+    # plain stores, one vector: every other program has arrived at the word before its last arriver (the
+    # arrivals' order), and this store follows that arrival's result. (Three scalar atomic exchanges cost the
+    # last arriver three more round trips, as above; H100, session 20: 4.1 -> 2.4 us with the vector arrivals.)
+    vals = tl.where(w4 == 0, (n_s + take).to(tl.int64),
+                    tl.where(w4 == 1, (n_q + n_move).to(tl.int64), new_w.to(tl.int64)))
+    # (int32 flags: the interpreter's masked store rejects a mask built by tl.where from scalar booleans)
+    lw = tl.where(w4 == 0, last.to(tl.int32), tl.where(w4 == 1, last1.to(tl.int32), last2.to(tl.int32)))
+    tl.store(counts_ptr + w4, vals, mask=(lw != 0) & (w4 < 3))
 
 
 
