@@ -65,6 +65,11 @@ EXTRA_CASES = {
     "bf16_k4v4_b8_gqa4_32k_s4_w128": ("k4v4_b8_gqa4_32k", dict(dtype=torch.bfloat16, sink=4, window=128)),
     "bf16_kivi_k2v2_b8_gqa4_32k_w128": ("k2v2_b8_gqa4_32k", dict(dtype=torch.bfloat16, k_axis="channel", k_group=32,
                                                                  v_group=32, window=128)),
+    # 4-bit codes in one group per head with KIVI's 128 recent tokens (no sink): the Gluon kernel's layout with the best
+    # quality measured (README, "Which layout runs fast"); against KIVI's 4-bit layout (the Triton kernel)
+    "k4v4_b8_gqa4_32k_w128": ("k4v4_b8_gqa4_32k", dict(window=128)),
+    "bf16_k4v4_b8_gqa4_32k_w128": ("k4v4_b8_gqa4_32k", dict(dtype=torch.bfloat16, window=128)),
+    "kivi_k4v4_b8_gqa4_32k_w128": ("k4v4_b8_gqa4_32k", dict(k_axis="channel", k_group=32, v_group=32, window=128)),
     # 8-bit codes, one absmax scale per token (the int8 / fp8 schemes) and affine 8-bit; the byte ceiling
     # against fp16 is 2 * 128 / (128 + 2) = 1.97x (int8 / fp8) and 1.94x (affine: scale + zero)
     "int8_b8_gqa4_32k": ("k2v2_b8_gqa4_32k", dict(bits=8, fmt="int8")),
