@@ -33,10 +33,10 @@ pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"),
 
 
 def inputs(*, B=2, Hkv=2, r=4, bits=2, n_quant=300, S=0, n_window=0, win_extra=0, lens=None, lens_form="B3",
-           q_noncontig=False, seed=0, device=None, dtype=torch.float16):
+           q_noncontig=False, seed=0, device=None, dtype=torch.float16, v_bits=None):
     cap_extra = 4 if (max([n_quant] + [ls[1] for ls in lens or []]) % 2 == 0) else 3  # an even capacity
     kw = make_inputs(B=B, Hkv=Hkv, r=r, NQ=1, D=128, S=S, n_quant=n_quant, n_window=n_window, k_bits=bits,
-                     v_bits=bits, k_group=128, v_group=128, dtype=dtype, cap_extra=cap_extra,
+                     v_bits=v_bits or bits, k_group=128, v_group=128, dtype=dtype, cap_extra=cap_extra,
                      win_extra=win_extra, lens=lens, lens_form=lens_form, q_noncontig=q_noncontig, seed=seed,
                      **({} if device is None else {"device": device}))
     assert kw["k_codes"].shape[2] % 2 == 0
@@ -94,6 +94,29 @@ def sm90_builds():
     return dict(zip(VARIANTS + TMA_VARIANTS, json.loads(run.stdout.strip().splitlines()[-1])))
 
 
+# K and V of different widths (V's bits last): the tokens-on-M builds with and without the ring, the 16-row form
+MIXED_VARIANTS = [(4, True, 4, True, "fp16", True, False, 2, 2), (4, True, 4, False, "bf16", True, True, 2, 2),
+                  (4, False, 1, False, "fp16", True, False, 0, 2), (4, True, 16, False, "fp16", False, False, 0, 2),
+                  (2, True, 4, True, "fp16", True, False, 2, 4), (2, False, 8, False, "fp16", True, False, 0, 4)]
+
+
+def test_mixed_widths_compile_for_sm90():
+    """K4V2 and K2V4 (V's words, planes and ring stage at their own width): no spill in the packed loop, registers
+    for the launch's residency, shared memory only for the ring's stages (each stage K's and V's code blocks)."""
+    code = ("import json; from kvcompile.kernels.gluon_decode import sm90_resources; "
+            f"print(json.dumps([sm90_resources(*v[:8], v_bits=v[8]) for v in {MIXED_VARIANTS!r}]))")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    for v, res in zip(MIXED_VARIANTS, json.loads(run.stdout.strip().splitlines()[-1])):
+        if res.get("skip"):
+            pytest.skip(res["skip"])
+        bits, stages, v_bits = v[0], v[7], v[8]
+        assert not res["forbidden"] and res["registers"] <= gd.max_registers(res["programs_per_sm"]), (v, res)
+        assert res["shared"] == stages * gd.tma_stage_bytes(bits, v_bits), (v, res)
+        assert res["tma_copies"] == (6 if stages else 0) and res["l2_prefetches"] == 0, (v, res)
+
+
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_compiles_for_sm90_without_shared_memory_or_spills(sm90_builds, variant):
     """The design (code words loaded straight into the MMA operands' registers) holds in the build: no shared
@@ -126,7 +149,7 @@ def test_tma_ring_compiles_for_sm90(sm90_builds, variant):
 @pytest.mark.parametrize("change,match", [
     (dict(v_group=64), "one group per token"),
     (dict(k_bits=4, v_bits=4, k_format="nf", v_format="nf"), "per-token affine"),
-    (dict(k_bits=4), "the same for K and V"),
+    (dict(k_bits=8), "2- or 4-bit codes"),
     (dict(k_group=64, v_group=64), "one group per token"),
 ])
 def test_unsupported_layouts_say_why(change, match):
@@ -189,7 +212,7 @@ def configs(draw):
         lens = [(draw(st.integers(0, S)), draw(st.sampled_from([0] + LENGTHS)), draw(st.integers(0, n_window)))
                 for _ in range(B)]
     return dict(B=B, Hkv=draw(st.integers(1, 4)), r=draw(st.sampled_from([1, 2, 3, 4, 8, 16])),
-                bits=draw(st.sampled_from([2, 4])), n_quant=n_quant, S=S, n_window=n_window, win_extra=win_extra,
+                bits=draw(st.sampled_from([2, 4])), v_bits=draw(st.sampled_from([None, None, 2, 4])), n_quant=n_quant, S=S, n_window=n_window, win_extra=win_extra,
                 lens=lens, lens_form="3" if form == "3" else "B3", q_noncontig=draw(st.booleans()),
                 seed=draw(st.integers(0, 2**16)), num_splits=draw(st.sampled_from([None, 1, 3])), ring=ring,
                 dtype=draw(st.sampled_from([torch.float16, torch.bfloat16])),
@@ -330,12 +353,14 @@ def test_tma_ring_reads_packedkv_rows_of_whole_lines(capacity, aligned):
 
 def test_tma_stages_fit_shared_memory():
     """The ring's stages for a residency leave each program its share of an SM's shared memory."""
-    for bits in (2, 4):
+    for bits, v_bits in ((2, 2), (4, 4), (4, 2), (2, 4)):
+        assert gd.tma_stage_bytes(bits, v_bits) == (gd.tma_stage_bytes(bits) + gd.tma_stage_bytes(v_bits)) // 2
         for pps in (8, 10, 12):
-            n = gd.tma_stages(bits, pps)
+            n = gd.tma_stages(bits, pps, v_bits)
+            size = gd.tma_stage_bytes(bits, v_bits)
             assert 1 <= n <= gd.TMA_MAX_STAGES
-            assert pps * (n * gd.tma_stage_bytes(bits) + 1024) <= gd.SMEM_PER_SM
-            assert n == gd.TMA_MAX_STAGES or pps * ((n + 1) * gd.tma_stage_bytes(bits) + 1024) > gd.SMEM_PER_SM
+            assert pps * (n * size + 1024) <= gd.SMEM_PER_SM
+            assert n == gd.TMA_MAX_STAGES or pps * ((n + 1) * size + 1024) > gd.SMEM_PER_SM
 
 
 @gpu

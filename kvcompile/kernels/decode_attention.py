@@ -2041,7 +2041,7 @@ def decode_attention(
     grew (exact: every alpha is 1 there). None: on for one-warp builds outside ``balance`` (NOTES.md v23).
 
     ``gluon``: run the split in the Gluon kernel (kvcompile/kernels/gluon_decode.py, NOTES.md v27; CUDA only) for
-    the layouts it takes: one group per head of 128 channels, 2 or 4 bits (the same for K and V), affine fp16 scales
+    the layouts it takes: one group per head of 128 channels, 2 or 4 bits (K and V each: K4V2 too), affine fp16 scales
     and zeros, an fp16 or bf16 model, one new token, up to 16 query heads per KV head, K and V packed as far (no
     ``v_lengths``), scale / zero rows starting at even tokens (PackedKV aligns them; sink and window tokens go to one
     extra program per KV head).
@@ -2472,7 +2472,8 @@ def _gluon_plan(q, storage, gluon, interp, B, Hq, NQ, D, Hkv, r, S, W, W_v, mid_
         return None
     bn = _gl.BLOCK_N
     has_fp = S > 0 or W > 0  # the last split of each (batch, KV head) is its full-precision program
-    maxnreg, pps, l2pf = _gl.occupancy(r=r * NQ, bits=k_bits, has_fp=has_fp, tokens_on_m=tokens_on_m)
+    maxnreg, pps, l2pf = _gl.occupancy(r=r * NQ, bits=k_bits, has_fp=has_fp, tokens_on_m=tokens_on_m,
+                                       v_bits=v_bits)
     if programs_per_sm is None:
         programs_per_sm = pps
     if gluon_l2 is not None:
@@ -2481,10 +2482,10 @@ def _gluon_plan(q, storage, gluon, interp, B, Hq, NQ, D, Hkv, r, S, W, W_v, mid_
     if gluon_tma or (gluon_tma is None and GLUON_TMA_DEFAULT):
         why = (_gl.tma_unsupported_reason(k_codes, k_scale, k_zero, v_codes, v_scale, v_zero) if tokens_on_m else
                "the TMA ring is written for the tokens-on-M form (at most 8 query rows per KV head)")
-        fit = _gl.tma_stages(k_bits, programs_per_sm)
+        fit = _gl.tma_stages(k_bits, programs_per_sm, v_bits)
         tma = gluon_tma or min(_gl.TMA_DEFAULT_STAGES, fit)
         if why is None and fit < tma:
-            why = (f"{tma} ring stages of {_gl.tma_stage_bytes(k_bits)} bytes do not fit {programs_per_sm} programs "
+            why = (f"{tma} ring stages of {_gl.tma_stage_bytes(k_bits, v_bits)} bytes do not fit {programs_per_sm} programs "
                    "per SM in shared memory")
         if why is not None:
             if gluon_tma:
@@ -2516,7 +2517,7 @@ def _gluon_plan(q, storage, gluon, interp, B, Hq, NQ, D, Hkv, r, S, W, W_v, mid_
         lens=lens if dev_lens else q, slen_b=slen_b, slen_p=slen_p, n_tok=n_quant_arg, cap=mid_cap, chunk=chunk,
         n_sink=S, n_window=n_window_arg, qk_scale=float(sm_scale) * _LOG2E, H_KV=Hkv, R=r, num_splits=num_splits,
         bits=k_bits, dev_lens=dev_lens, window_ring=window_ring, tokens_on_m=tokens_on_m, maxnreg=maxnreg,
-        l2_prefetch=l2pf, balance=bal, tma_stages=tma, pdl=pdl)
+        l2_prefetch=l2pf, balance=bal, tma_stages=tma, pdl=pdl, v_bits=v_bits)
     plan.split = Launch(_gl._gluon_split_kernel, (num_splits, B * Hkv), args, kwargs, sources,
                         stable=_STORAGE_SOURCES)
     plan.merge = _merge_launch(Hkv, num_splits, derived, sources, pdl=pdl, **_merge_balance(

@@ -92,12 +92,16 @@ MAXNREG = 255
 OCC12_MAXNREG = 168
 
 
-def occupancy(*, r: int, bits: int, has_fp: bool, tokens_on_m: bool) -> tuple[int | None, int, int]:
+def occupancy(*, r: int, bits: int, has_fp: bool, tokens_on_m: bool, v_bits: int | None = None
+              ) -> tuple[int | None, int, int]:
     """A build's (register cap, None for ptxas's choice; programs per SM its splits are sized for; L2 prefetch
     distance in tiles, 0 for none). The 4-bit builds prefetch the tile after the next one into L2 (one bulk prefetch
     per stream, NOTES.md v29): their V words are not loaded a tile ahead into registers (they would spill), and the
     prefetch took K4V4 at 32k from 114-115 to 108 us on the H100; two tiles ahead or more ran slower (the L2 thrashes),
-    the 2-bit builds (all words a tile ahead in registers already) gained nothing beyond noise."""
+    the 2-bit builds (all words a tile ahead in registers already) gained nothing beyond noise. ``v_bits`` (V's, where
+    they differ from K's ``bits``): 8 programs per SM, no L2 prefetch (written for one width)."""
+    if v_bits not in (None, bits):
+        return (MAXNREG if tokens_on_m else None), 8, 0
     if tokens_on_m and r == 1 and bits == 2 and not has_fp:
         return OCC12_MAXNREG, 12, 0
     if tokens_on_m:
@@ -125,11 +129,12 @@ def _code_block(bits: int) -> list[int]:
 _META_BLOCK = (1, 32)  # a ring copy's block of scales or zeros: a 64-token tile's 32 int32 pairs
 
 
-def tma_stage_bytes(bits: int) -> int:
-    """Shared memory per ring stage: its copies' blocks (:func:`_tma_descriptors`: K's and V's code words, four scale /
-    zero rows; the kernel expects their bytes from the descriptors) and its 8-byte mbarrier."""
-    code, meta = _code_block(bits), _META_BLOCK
-    return 4 * (2 * code[0] * code[1] + 4 * meta[0] * meta[1]) + 8
+def tma_stage_bytes(bits: int, v_bits: int | None = None) -> int:
+    """Shared memory per ring stage: its copies' blocks (:func:`_tma_descriptors`: K's code words (``bits``), V's
+    (``v_bits``, None: ``bits``), four scale / zero rows; the kernel expects their bytes from the descriptors) and its
+    8-byte mbarrier."""
+    kc, vc, meta = _code_block(bits), _code_block(v_bits or bits), _META_BLOCK
+    return 4 * (kc[0] * kc[1] + vc[0] * vc[1] + 4 * meta[0] * meta[1]) + 8
 
 
 def _local_softmax(tokens_on_m: bool, tma_stages: int) -> bool:
@@ -137,11 +142,11 @@ def _local_softmax(tokens_on_m: bool, tma_stages: int) -> bool:
     return bool(tokens_on_m and tma_stages) and LOCAL_SOFTMAX
 
 
-def tma_stages(bits: int, programs_per_sm: int) -> int:
+def tma_stages(bits: int, programs_per_sm: int, v_bits: int | None = None) -> int:
     """The most TMA ring stages (at most TMA_MAX_STAGES) that let programs_per_sm programs stay resident by shared
     memory."""
     per = SMEM_PER_SM // programs_per_sm - 1024
-    return max(0, min(TMA_MAX_STAGES, per // tma_stage_bytes(bits)))
+    return max(0, min(TMA_MAX_STAGES, per // tma_stage_bytes(bits, v_bits)))
 
 
 def max_registers(programs_per_sm: int) -> int:
@@ -158,8 +163,8 @@ def gluon_unsupported_reason(*, D: int, r: int, NQ: int, k_bits, v_bits, k_group
         return "this Triton has no Gluon (triton.experimental.gluon)"
     if D != 128 or k_group != D or v_group != D:
         return "the Gluon kernel takes D 128 with one group per token"
-    if k_bits != v_bits or k_bits not in (2, 4):
-        return "the Gluon kernel takes 2- or 4-bit codes, the same for K and V"
+    if k_bits not in (2, 4) or v_bits not in (2, 4):
+        return "the Gluon kernel takes 2- or 4-bit codes (K and V each)"
     if k_axis != "token" or k_format != "affine" or v_format != "affine" or rope:
         return "the Gluon kernel takes per-token affine codes (no per-channel keys, codebooks or RoPE)"
     if dtype not in (torch.float16, torch.bfloat16) or any(t != torch.float16 for t in meta_dtypes):
@@ -303,9 +308,10 @@ if HAVE_GLUON:
     @gluon.jit
     def _tile(q0, q1, q2, q3, kw, ve, vo, k_s, k_z, v_s, v_z, m_i, l_i, z_i, o0, o1, o2, o3, n_valid, b_z, k_fac,
               BITS: gl.constexpr, MASKED: gl.constexpr, MMA: gl.constexpr, A_OP: gl.constexpr,
-              B_OP: gl.constexpr, COL: gl.constexpr):
+              B_OP: gl.constexpr, COL: gl.constexpr, VB: gl.constexpr = 0):
         """One tile of 64 tokens. k_fac: 2**24 (the K codes are the fp16 subnormals 2**-24 * 2**(BITS j) * code)
-        times sm_scale * log2(e); b_z: sum(q) * sm_scale * log2(e) per row."""
+        times sm_scale * log2(e); b_z: sum(q) * sm_scale * log2(e) per row. BITS: K's bits; VB: V's (0: BITS)."""
+        VBITS: gl.constexpr = BITS if VB == 0 else VB
         ksp = _k_operand(kw, BITS, B_OP)
         acc = gl.zeros([16, 64], gl.float32, MMA)
         acc = mma_v2(q0, _plane(ksp, _mask(BITS, 0)), acc)
@@ -322,14 +328,14 @@ if HAVE_GLUON:
             s = gl.where(cm[None, :], s, float("-inf"))
             vs_f = gl.where(cm, vs_f, 0.0)  # past the end p is 0 and the scale may be anything
             vz_f = gl.where(cm, vz_f, 0.0)
-        m_i, l_i, z_i, o0, o1, o2, o3, p = _online_softmax(s, m_i, l_i, z_i, vz_f, o0, o1, o2, o3, 1, BITS)
+        m_i, l_i, z_i, o0, o1, o2, o3, p = _online_softmax(s, m_i, l_i, z_i, vz_f, o0, o1, o2, o3, 1, VBITS)
         pa = gl.convert_layout((p * vs_f[None, :]).to(gl.float16), A_OP)
-        vsp = _v_operand(ve, vo, BITS, B_OP, False)
-        o0 = mma_v2(pa, _plane(vsp, _mask(BITS, 0)), o0)
-        o1 = mma_v2(pa, _plane(vsp, _mask(BITS, 1)), o1)
-        if BITS == 2:
-            o2 = mma_v2(pa, _plane(vsp, _mask(BITS, 2)), o2)
-            o3 = mma_v2(pa, _plane(vsp, _mask(BITS, 3)), o3)
+        vsp = _v_operand(ve, vo, VBITS, B_OP, False)
+        o0 = mma_v2(pa, _plane(vsp, _mask(VBITS, 0)), o0)
+        o1 = mma_v2(pa, _plane(vsp, _mask(VBITS, 1)), o1)
+        if VBITS == 2:
+            o2 = mma_v2(pa, _plane(vsp, _mask(VBITS, 2)), o2)
+            o3 = mma_v2(pa, _plane(vsp, _mask(VBITS, 3)), o3)
         return m_i, l_i, z_i, o0, o1, o2, o3
 
     @gluon.jit
@@ -552,7 +558,7 @@ if HAVE_GLUON:
     @gluon.jit
     def _softmax_local(acc, k_s, k_z, v_s, v_z, m_i, l_i, z_i, o0, o1, o2, o3, n_valid, b_z, k_fac,
                        BITS: gl.constexpr, MASKED: gl.constexpr, B_OP: gl.constexpr, MROW: gl.constexpr):
-        """_tile_t's softmax with no cross-lane step in the common case: the scores are formed less the running
+        """(BITS: V's, the output planes'.) _tile_t's softmax with no cross-lane step in the common case: the scores are formed less the running
         maximum m_i (one FFMA more per element, none less); l_i and z_i are each thread's partial sums over its own
         rows (:func:`_own_rows_sum`), reduced over the lanes once after the loop; the rescale test is one warp-wide
         integer maximum (REDUX) of the shifted scores' bit patterns (a float above 8.0 has a larger int32 pattern than
@@ -593,19 +599,21 @@ if HAVE_GLUON:
     @gluon.jit
     def _tile_t(q0, q1, q2, q3, kw, ve, vo, k_s, k_z, v_s, v_z, m_i, l_i, z_i, o0, o1, o2, o3, n_valid, b_z, k_fac,
                 BITS: gl.constexpr, MASKED: gl.constexpr, MMA: gl.constexpr, A_OP: gl.constexpr,
-                B_OP: gl.constexpr, MROW: gl.constexpr, LSM: gl.constexpr = False):
+                B_OP: gl.constexpr, MROW: gl.constexpr, LSM: gl.constexpr = False, VB: gl.constexpr = 0):
         """One tile of 64 tokens, tokens on M (as :func:`_tile`'s scaling). LSM: :func:`_softmax_local`'s softmax (l_i
-        and z_i are then each thread's partial sums), else the row maxima and sums reduced across the lanes per tile."""
+        and z_i are then each thread's partial sums), else the row maxima and sums reduced across the lanes per tile.
+        BITS: K's bits; VB: V's (0: BITS)."""
+        VBITS: gl.constexpr = BITS if VB == 0 else VB
         acc = _scores_t(q0, q1, q2, q3, kw, BITS, MMA, A_OP)
         if LSM:
             m_i, l_i, z_i, o0, o1, o2, o3, pb = _softmax_local(acc, k_s, k_z, v_s, v_z, m_i, l_i, z_i, o0, o1, o2, o3,
-                                                               n_valid, b_z, k_fac, BITS, MASKED, B_OP, MROW)
+                                                               n_valid, b_z, k_fac, VBITS, MASKED, B_OP, MROW)
         else:
             ks_f, kz_f, vs_f, vz_f, cm = _metas_t(k_s, k_z, v_s, v_z, n_valid, k_fac, MASKED, MROW)
             s = _scaled_scores(acc, ks_f, kz_f, b_z, cm, MASKED)
-            m_i, l_i, z_i, o0, o1, o2, o3, p = _online_softmax(s, m_i, l_i, z_i, vz_f, o0, o1, o2, o3, 0, BITS)
+            m_i, l_i, z_i, o0, o1, o2, o3, p = _online_softmax(s, m_i, l_i, z_i, vz_f, o0, o1, o2, o3, 0, VBITS)
             pb = gl.convert_layout(_transpose8((p * vs_f[:, None]).to(gl.float16)), B_OP)
-        o0, o1, o2, o3 = _pv_t(pb, ve, vo, o0, o1, o2, o3, BITS, A_OP)
+        o0, o1, o2, o3 = _pv_t(pb, ve, vo, o0, o1, o2, o3, VBITS, A_OP)
         return m_i, l_i, z_i, o0, o1, o2, o3
 
     @gluon.jit
@@ -669,17 +677,22 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _ring_issue(kc_d, vc_d, ks_d, kz_d, vs_d, vz_d, kc_s, vc_s, m_s, bars, k, start, code_row0, meta_row, pred,
-                    STAGES: gl.constexpr, W: gl.constexpr):
-        """Tile k of the split (tokens start + 64 k ..) into stage k % STAGES: six bulk copies on its mbarrier."""
+                    STAGES: gl.constexpr, W: gl.constexpr, v_row0=None, WV: gl.constexpr = 0):
+        """Tile k of the split (tokens start + 64 k ..) into stage k % STAGES: six bulk copies on its mbarrier. K's
+        code rows from code_row0 (W words a token), V's from v_row0 (WV words a token; None, 0: K's)."""
         st = k % STAGES
         bar = bars.index(st)
         t = start + k * 64
-        mbarrier.expect(bar, 2 * kc_d.block_type.nbytes + 4 * ks_d.block_type.nbytes, pred=pred)
+        mbarrier.expect(bar, kc_d.block_type.nbytes + vc_d.block_type.nbytes + 4 * ks_d.block_type.nbytes, pred=pred)
         row = (code_row0 + t * W // 32).to(gl.int32)  # (TMA coordinates are 32-bit)
+        if WV == 0:
+            vrow = row
+        else:
+            vrow = (v_row0 + t * WV // 32).to(gl.int32)
         meta_row = meta_row.to(gl.int32)
         t = t.to(gl.int32)
         _tma_load(kc_d, [row, 0], bar, kc_s.index(st), pred=pred)
-        _tma_load(vc_d, [row, 0], bar, vc_s.index(st), pred=pred)
+        _tma_load(vc_d, [vrow, 0], bar, vc_s.index(st), pred=pred)
         _tma_load(ks_d, [meta_row, t // 2], bar, m_s.index(4 * st), pred=pred)
         _tma_load(kz_d, [meta_row, t // 2], bar, m_s.index(4 * st + 1), pred=pred)
         _tma_load(vs_d, [meta_row, t // 2], bar, m_s.index(4 * st + 2), pred=pred)
@@ -687,13 +700,14 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _ring_start(kc_d, vc_d, ks_d, kz_d, vs_d, vz_d, start, n_t, code_row0, meta_row, STAGES: gl.constexpr,
-                    W: gl.constexpr):
+                    W: gl.constexpr, v_row0=None, WV: gl.constexpr = 0):
         """The ring's shared memory (K's and V's code stages, the scale / zero rows, one mbarrier per stage), with its
         first STAGES tiles of the n_t issued: (kc_s, vc_s, m_s, bars) for :func:`_ring_read` / :func:`_ring_issue`."""
         CB: gl.constexpr = kc_d.block_type.shape  # a stage's blocks are the descriptors' (_code_block, _META_BLOCK)
+        VCB: gl.constexpr = vc_d.block_type.shape
         MB: gl.constexpr = ks_d.block_type.shape
         kc_s = gl.allocate_shared_memory(gl.int32, [STAGES, CB[0], CB[1]], _code_smem())
-        vc_s = gl.allocate_shared_memory(gl.int32, [STAGES, CB[0], CB[1]], _code_smem())
+        vc_s = gl.allocate_shared_memory(gl.int32, [STAGES, VCB[0], VCB[1]], _code_smem())
         m_s = gl.allocate_shared_memory(gl.int32, [4 * STAGES, MB[0], MB[1]], _meta_smem())
         bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         for j in gl.static_range(STAGES):
@@ -701,21 +715,24 @@ if HAVE_GLUON:
         fence_async_shared()
         for j in gl.static_range(STAGES):
             _ring_issue(kc_d, vc_d, ks_d, kz_d, vs_d, vz_d, kc_s, vc_s, m_s, bars, j, start, code_row0, meta_row,
-                        j < n_t, STAGES, W)
+                        j < n_t, STAGES, W, v_row0, WV)
         return kc_s, vc_s, m_s, bars
 
     @gluon.jit
     def _ring_read(kc_s, vc_s, m_s, bars, i, STAGES: gl.constexpr, BITS: gl.constexpr, KW: gl.constexpr,
-                   VW: gl.constexpr, PL: gl.constexpr):
+                   VW: gl.constexpr, PL: gl.constexpr, VB: gl.constexpr = 0):
         """Tile i's words, scales and zeros from its stage once its copies have landed, in the registers (layouts)
-        the global loads give: kw [W, 64], ve / vo [32, W], four int32 pair vectors [32]."""
+        the global loads give: kw [W, 64], ve / vo [32, WV], four int32 pair vectors [32]. BITS: K's bits; VB: V's
+        (0: BITS)."""
         W: gl.constexpr = 4 * BITS
+        VBITS: gl.constexpr = BITS if VB == 0 else VB
+        WV: gl.constexpr = 4 * VBITS
         st = i % STAGES
         mbarrier.wait(bars.index(st), (i // STAGES) & 1)
         x = gl.reshape(kc_s.index(st).load(_k_rows_layout(BITS)), [64, W])
         kw = gl.convert_layout(gl.permute(x, [1, 0]), KW)
-        x = gl.reshape(vc_s.index(st).load(_v_rows_layout(BITS)), [2, 2, 2, 8, W])  # (t5, t4, t3, t2..0, w)
-        x = gl.reshape(gl.permute(x, [0, 1, 3, 4, 2]), [32, W, 2])  # pair p = 8 (2 t5 + t4) + t2..0; member t3
+        x = gl.reshape(vc_s.index(st).load(_v_rows_layout(VBITS)), [2, 2, 2, 8, WV])  # (t5, t4, t3, t2..0, w)
+        x = gl.reshape(gl.permute(x, [0, 1, 3, 4, 2]), [32, WV, 2])  # pair p = 8 (2 t5 + t4) + t2..0; member t3
         ve, vo = gl.split(x)
         ML: gl.constexpr = _m_rows_layout()
         k_s = gl.convert_layout(gl.reshape(m_s.index(4 * st).load(ML), [32]), PL)
@@ -772,15 +789,18 @@ if HAVE_GLUON:
                         b, h, qk_scale, R: gl.constexpr, BITS: gl.constexpr, PREFETCH_V: gl.constexpr,
                         TOKM: gl.constexpr, MMA: gl.constexpr, A_OP: gl.constexpr, B_OP: gl.constexpr,
                         L2PF: gl.constexpr = 0, descs=None, code_row0=0, meta_row=0, TMA_STAGES: gl.constexpr = 0,
-                        LSM: gl.constexpr = False):
+                        LSM: gl.constexpr = False, VB: gl.constexpr = 0, v_row0=0):
         """A split of the packed middle: tokens [start, end) of the (batch, KV head), all R query heads in the MMA.
         TOKM: the tokens on the MMA's M side (S^T = K q^T over [64 tokens, 8 rows], R <= 8), else the query rows
         (S = q K^T over [16 rows, 64 tokens]). Writes the split's normalised output and base-2 log-sum-exp at row
-        prow0."""
+        prow0. BITS: K's bits; VB: V's (0: BITS; then V's code rows in the ring are K's: v_row0 unused)."""
         BN: gl.constexpr = 64
-        W: gl.constexpr = 4 * BITS  # int32 words per token
-        PER: gl.constexpr = 8 // BITS
-        VW: gl.constexpr = _vw_layout(BITS)
+        VBITS: gl.constexpr = BITS if VB == 0 else VB
+        W: gl.constexpr = 4 * BITS  # int32 words per token (K)
+        WV: gl.constexpr = 4 * VBITS  # (V)
+        PER: gl.constexpr = 8 // VBITS  # (the output's planes: V's)
+        VW: gl.constexpr = _vw_layout(VBITS)
+        gl.static_assert(L2PF == 0 or VB == 0, "the L2 prefetch is written for K and V of the same bits")
         if TOKM:
             KW: gl.constexpr = _kw_layout_t(BITS)
             PL: gl.constexpr = _pair_layout_t()
@@ -830,8 +850,8 @@ if HAVE_GLUON:
         k_off = kw_t[None, :] * W + kw_i[:, None]
         k_base = kc_ptr + b * skc_b + h * skc_h
         vw_p = gl.arange(0, BN // 2, layout=gl.SliceLayout(1, VW))
-        vw_i = gl.arange(0, W, layout=gl.SliceLayout(0, VW))
-        v_off = vw_p[:, None] * (2 * W) + vw_i[None, :]  # (the 16-row form's token pairs 2 p, 2 p + 1)
+        vw_i = gl.arange(0, WV, layout=gl.SliceLayout(0, VW))
+        v_off = vw_p[:, None] * (2 * WV) + vw_i[None, :]  # (the 16-row form's token pairs 2 p, 2 p + 1)
         v_base = vc_ptr + b * svc_b + h * svc_h
         pp = gl.arange(0, BN // 2, layout=PL)
         ks_base = ks_ptr + b * sks_b + h * sks_h
@@ -846,9 +866,9 @@ if HAVE_GLUON:
             l_i = gl.zeros([NR], gl.float32, RV)
         z_i = l_i
         if TOKM:
-            o0 = gl.zeros([16 * BITS, 8], gl.float32, MMA)
+            o0 = gl.zeros([16 * VBITS, 8], gl.float32, MMA)
         else:
-            o0 = gl.zeros([16, 16 * BITS], gl.float32, MMA)
+            o0 = gl.zeros([16, 16 * VBITS], gl.float32, MMA)
         o1 = o0
         o2 = o0
         o3 = o0
@@ -858,26 +878,26 @@ if HAVE_GLUON:
             kc_d, vc_d, ks_d, kz_d, vs_d, vz_d = descs
             n_t = (gl.maximum(end - start, 0) + BN - 1) // BN
             kc_s, vc_s, m_s, bars = _ring_start(kc_d, vc_d, ks_d, kz_d, vs_d, vz_d, start, n_t, code_row0, meta_row,
-                                                TMA_STAGES, W)
+                                                TMA_STAGES, W, v_row0, 0 if VB == 0 else WV)
             for i in range(0, n_full):
                 kw, ve, vo, k_s, k_z, v_s, v_z = _ring_read(kc_s, vc_s, m_s, bars, i, TMA_STAGES, BITS, KW, VW,
-                                                            PL)
+                                                            PL, VB)
                 m_i, l_i, z_i, o0, o1, o2, o3 = _tile_t(q0, q1, q2, q3, kw, ve, vo, k_s, k_z, v_s, v_z, m_i, l_i,
                                                         z_i, o0, o1, o2, o3, BN, b_z, k_fac, BITS, False, MMA,
-                                                        A_OP, B_OP, TV, LSM)
+                                                        A_OP, B_OP, TV, LSM, VB)
                 _cta_barrier()  # every lane's reads of the stage are done before it is refilled
                 _ring_issue(kc_d, vc_d, ks_d, kz_d, vs_d, vz_d, kc_s, vc_s, m_s, bars, i + TMA_STAGES, start,
-                            code_row0, meta_row, i + TMA_STAGES < n_t, TMA_STAGES, W)
+                            code_row0, meta_row, i + TMA_STAGES < n_t, TMA_STAGES, W, v_row0, 0 if VB == 0 else WV)
             if n_t > n_full:  # the split's last, partial tile (past its end: finite values, masked)
                 kw, ve, vo, k_s, k_z, v_s, v_z = _ring_read(kc_s, vc_s, m_s, bars, n_full, TMA_STAGES, BITS, KW,
-                                                            VW, PL)
+                                                            VW, PL, VB)
                 m_i, l_i, z_i, o0, o1, o2, o3 = _tile_t(q0, q1, q2, q3, kw, ve, vo, k_s, k_z, v_s, v_z, m_i, l_i,
                                                         z_i, o0, o1, o2, o3, end - start - n_full * BN, b_z,
-                                                        k_fac, BITS, True, MMA, A_OP, B_OP, TV, LSM)
+                                                        k_fac, BITS, True, MMA, A_OP, B_OP, TV, LSM, VB)
         elif n_full > 0:
             t = gl.multiple_of(start, BN)  # chunk is a multiple of BN
             kw = gl.load(k_base + t * W + k_off)
-            ve, vo = _load_v(v_base, v_off, vw_p, vw_i, t, BN, W, TOKM, False)
+            ve, vo = _load_v(v_base, v_off, vw_p, vw_i, t, BN, WV, TOKM, False)
             k_s, k_z, v_s, v_z = _load_meta(ks_base, kz_base, vs_base, vz_base, pp, t, BN, False)
             last = start + (n_full - 1) * BN
             for i in range(0, n_full):
@@ -885,22 +905,22 @@ if HAVE_GLUON:
                 tn = gl.multiple_of(gl.minimum(start + (i + 1) * BN, last), BN)
                 if L2PF > 0:  # every stream's tile L2PF ahead into L2 (the last full tile again at the end)
                     tp = gl.multiple_of(gl.minimum(start + (i + L2PF) * BN, last), BN)
-                    _l2_prefetch(k_base + tp * W, v_base + tp * W, ks_base + tp // 2, kz_base + tp // 2,
+                    _l2_prefetch(k_base + tp * W, v_base + tp * WV, ks_base + tp // 2, kz_base + tp // 2,
                                  vs_base + tp // 2, vz_base + tp // 2, BN * W * 4)
                 kw_n = gl.load(k_base + tn * W + k_off)
                 if PREFETCH_V:
-                    ve_n, vo_n = _load_v(v_base, v_off, vw_p, vw_i, tn, BN, W, TOKM, False)
+                    ve_n, vo_n = _load_v(v_base, v_off, vw_p, vw_i, tn, BN, WV, TOKM, False)
                 else:  # 4-bit: the next tile's V words would spill; this tile's are loaded now, used after softmax
-                    ve, vo = _load_v(v_base, v_off, vw_p, vw_i, gl.multiple_of(start + i * BN, BN), BN, W, TOKM, False)
+                    ve, vo = _load_v(v_base, v_off, vw_p, vw_i, gl.multiple_of(start + i * BN, BN), BN, WV, TOKM, False)
                 k_s_n, k_z_n, v_s_n, v_z_n = _load_meta(ks_base, kz_base, vs_base, vz_base, pp, tn, BN, False)
                 if TOKM:
                     m_i, l_i, z_i, o0, o1, o2, o3 = _tile_t(q0, q1, q2, q3, kw, ve, vo, k_s, k_z, v_s, v_z, m_i,
                                                             l_i, z_i, o0, o1, o2, o3, BN, b_z, k_fac, BITS, False,
-                                                            MMA, A_OP, B_OP, TV, LSM)
+                                                            MMA, A_OP, B_OP, TV, LSM, VB)
                 else:
                     m_i, l_i, z_i, o0, o1, o2, o3 = _tile(q0, q1, q2, q3, kw, ve, vo, k_s, k_z, v_s, v_z, m_i, l_i,
                                                           z_i, o0, o1, o2, o3, BN, b_z, k_fac, BITS, False, MMA,
-                                                          A_OP, B_OP, TV)
+                                                          A_OP, B_OP, TV, VB)
                 kw = kw_n
                 if PREFETCH_V:
                     ve = ve_n
@@ -914,27 +934,27 @@ if HAVE_GLUON:
             if t < end:  # the split's last, partial tile
                 nv = end - t
                 kw = gl.load(k_base + t * W + k_off, mask=kw_t[None, :] < nv, other=0)
-                ve, vo = _load_v(v_base, v_off, vw_p, vw_i, t, nv, W, TOKM, True)
+                ve, vo = _load_v(v_base, v_off, vw_p, vw_i, t, nv, WV, TOKM, True)
                 k_s, k_z, v_s, v_z = _load_meta(ks_base, kz_base, vs_base, vz_base, pp, t, nv, True)
                 if TOKM:
                     m_i, l_i, z_i, o0, o1, o2, o3 = _tile_t(q0, q1, q2, q3, kw, ve, vo, k_s, k_z, v_s, v_z, m_i, l_i,
                                                             z_i, o0, o1, o2, o3, nv, b_z, k_fac, BITS, True, MMA, A_OP,
-                                                            B_OP, TV, LSM)
+                                                            B_OP, TV, LSM, VB)
                 else:
                     m_i, l_i, z_i, o0, o1, o2, o3 = _tile(q0, q1, q2, q3, kw, ve, vo, k_s, k_z, v_s, v_z, m_i, l_i, z_i,
                                                           o0, o1, o2, o3, nv, b_z, k_fac, BITS, True, MMA, A_OP, B_OP,
-                                                          TV)
+                                                          TV, VB)
 
         if LSM:
             l_i = gl.convert_layout(gl.sum(l_i, axis=0), RV)
             z_i = gl.convert_layout(gl.sum(z_i, axis=0), RV)
         # normalised partial output; plane j's channel index n = 8 i + g (n the MMA's N side for the 16-row form,
-        # its M side for TOKM) is byte 2 BITS g + i of the token: channel PER (2 BITS g + i) + j
+        # its M side for TOKM) is byte 2 VBITS g + i of the token: channel PER (2 VBITS g + i) + j
         inv = gl.where(l_i > 0.0, 1.0 / l_i, 0.0)
         zo = z_i * inv
-        sc = inv * 16777216.0  # the V codes were fp16 subnormals (2**-24 * 2**(BITS j) * code)
+        sc = inv * 16777216.0  # the V codes were fp16 subnormals (2**-24 * 2**(VBITS j) * code)
         rows = gl.arange(0, NR, layout=RV)
-        cn = gl.arange(0, 16 * BITS, layout=TV)
+        cn = gl.arange(0, 16 * VBITS, layout=TV)
         ch = 16 * (cn % 8) + PER * (cn // 8)
         prow = prow0 * R + rows
         rmask = rows < R
@@ -949,7 +969,7 @@ if HAVE_GLUON:
             sc2 = sc[:, None]
             zo2 = zo[:, None]
         gl.store(optr, o0 * sc2 + zo2, mask=omask)
-        if BITS == 2:
+        if VBITS == 2:
             gl.store(optr + 1, o1 * (sc2 * 0.25) + zo2, mask=omask)
             gl.store(optr + 2, o2 * (sc2 * 0.0625) + zo2, mask=omask)
             gl.store(optr + 3, o3 * (sc2 * 0.015625) + zo2, mask=omask)
@@ -969,7 +989,7 @@ if HAVE_GLUON:
                             WRING: gl.constexpr, TOKM: gl.constexpr = False, L2PF: gl.constexpr = 0,
                             BALANCE: gl.constexpr = False, n_rows=1, B_P2: gl.constexpr = 1, kc_d=None, vc_d=None,
                             ks_d=None, kz_d=None, vs_d=None, vz_d=None, TMA_STAGES: gl.constexpr = 0,
-                            PDL: gl.constexpr = False, LSM: gl.constexpr = False):
+                            PDL: gl.constexpr = False, LSM: gl.constexpr = False, VBITS: gl.constexpr = 0):
         """One program per (split, batch x KV head). The packed middle's splits: the codes (uint8, token rows
         contiguous) are read as int32 words (4 BITS per token), the fp16 per-token scales and zeros as int32 pairs
         of consecutive tokens (their strides come in those units). HAS_FP: the last split is the (batch, KV head)'s
@@ -980,7 +1000,8 @@ if HAVE_GLUON:
         (:func:`_balanced_program`); each program still writes its own slot, the full-precision one stays its row's.
         TMA_STAGES (tokens on M): the packed tiles come through a ring of that many shared-memory stages, filled by bulk
         tensor copies over the descriptors kc_d .. vz_d (:func:`launch_args`). PDL: the merge is a programmatic
-        dependent launch, let go as each program starts.
+        dependent launch, let go as each program starts. BITS: K's bits; VBITS: V's, 0 for BITS with V's code rows at
+        K's (in the ring: the same strides), else V's own (words 4 VBITS per token).
         Writes each split's normalised output and base-2 log-sum-exp (decode_attention's merge kernel reads them)."""
         MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, 1], instr_shape=[16, 8])
         A_OP: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
@@ -1026,7 +1047,7 @@ if HAVE_GLUON:
                             lp_ptr, sq_b, sq_h, sq_d, skc_b, skc_h, sks_b, sks_h, svc_b, svc_h, svs_b, svs_h, start,
                             gl.minimum(start + chunk, n_q), prow0, b, h, qk_scale, R, BITS, PREFETCH_V, TOKM, MMA,
                             A_OP, B_OP, L2PF, (kc_d, vc_d, ks_d, kz_d, vs_d, vz_d), (b * skc_b + h * skc_h) // 32,
-                            b * H_KV + h, TMA_STAGES, LSM)
+                            b * H_KV + h, TMA_STAGES, LSM, VBITS, (b * svc_b + h * svc_h) // 32)
 
 
 def storage_unsupported_reason(k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, fp=()) -> str | None:
@@ -1094,13 +1115,13 @@ def _code_rows(c) -> int:
     return (c.untyped_storage().nbytes() - c.storage_offset()) // 128
 
 
-def _tma_descriptors(k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, bits):
+def _tma_descriptors(k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, bits, v_bits=None):
     """The six tensor descriptors of the ring (:func:`tma_unsupported_reason` holds): codes as int32 rows of 32 words,
     a tile 2 W rows (128-byte swizzle); each scale / zero tensor as [batch x head, pairs] int32, a tile one row of
     32."""
     d = []
-    for c in (k_codes, v_codes):  # (a tile past a row's end reads the next row's codes or zeros: masked)
-        d.append(TensorDescriptor(_DescBase(c, torch.int32), [_code_rows(c), 32], [32, 1], _code_block(bits),
+    for c, nb in ((k_codes, bits), (v_codes, v_bits or bits)):  # (past a row's end: the next row's codes, masked)
+        d.append(TensorDescriptor(_DescBase(c, torch.int32), [_code_rows(c), 32], [32, 1], _code_block(nb),
                                   _code_smem()))
     for x in (k_scale, k_zero, v_scale, v_zero):
         d.append(TensorDescriptor(_DescBase(x, torch.int32), [x.shape[0] * x.shape[1], (x.shape[2] + 1) // 2],
@@ -1111,15 +1132,21 @@ def _tma_descriptors(k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, bits):
 def launch_args(*, q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_sink, v_sink, k_window, v_window, o_part,
                 l_part, lens, slen_b, slen_p, n_tok, cap, chunk, n_sink, n_window, qk_scale, H_KV, R, num_splits, bits,
                 dev_lens, window_ring, tokens_on_m=False, maxnreg=None, l2_prefetch=0, balance=False, tma_stages=0,
-                pdl=False):
+                pdl=False, v_bits=None):
     """(args, kwargs) of the split kernel's launch over (num_splits, B * H_KV) programs; with sink or window rows
     (capacities above 0) the last split of each (batch, KV head) is its full-precision program. maxnreg: the register
     cap (:func:`occupancy`), None for ptxas's own choice; l2_prefetch: the L2 prefetch distance in tiles, taken only
     on sm_90 and later (the bulk prefetch is Hopper's) and where every tile of codes, scales and zeros starts 16-byte
     aligned (the bulk prefetch needs it; PackedKV's rows are); balance: share each KV head's packed-middle programs
-    out over the batch's rows by their work (device lengths per row; the merge must be launched balanced too)."""
+    out over the batch's rows by their work (device lengths per row; the merge must be launched balanced too). bits:
+    K's code width; v_bits: V's (None: bits)."""
     import triton
 
+    v_bits = v_bits or bits
+    # V's code rows at K's (VBITS 0: one row computation serves both in the ring) only where they are laid out alike
+    vbits = 0 if v_bits == bits and k_codes.stride()[:2] == v_codes.stride()[:2] else v_bits
+    if vbits:
+        l2_prefetch = 0  # written for one width (occupancy gives 0 already)
     B = q.shape[0]
     if l2_prefetch and (torch.cuda.get_device_capability(q.device) < (9, 0) or not all(
             t.data_ptr() % 16 == 0 and all(st * t.element_size() % 16 == 0 for st in t.stride()[:2])
@@ -1132,7 +1159,7 @@ def launch_args(*, q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_sink
         if not tokens_on_m:
             raise ValueError("the TMA ring is written for the tokens-on-M form")
         tma = dict(zip(("kc_d", "vc_d", "ks_d", "kz_d", "vs_d", "vz_d"),
-                       _tma_descriptors(k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, bits)),
+                       _tma_descriptors(k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, bits, v_bits)),
                    TMA_STAGES=int(tma_stages))
         l2_prefetch = 0
 
@@ -1146,7 +1173,8 @@ def launch_args(*, q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_sink
         k_scale.stride(0) // 2, k_scale.stride(1) // 2, v_codes.stride(0) // 4, v_codes.stride(1) // 4,
         v_scale.stride(0) // 2, v_scale.stride(1) // 2, slen_b, slen_p, *sks, *svs, *skw, *svw,
         n_tok, cap, chunk, n_sink, n_window, S, max(W, 1), qk_scale,
-    ), dict(H_KV=H_KV, R=R, NUM_SPLITS=num_splits, BITS=bits, DEV_LENS=dev_lens, PREFETCH_V=bits == 2,
+    ), dict(H_KV=H_KV, R=R, NUM_SPLITS=num_splits, BITS=bits, VBITS=vbits, DEV_LENS=dev_lens,
+            PREFETCH_V=bits == 2 and v_bits == 2,
             HAS_FP=has_fp, WRING=bool(window_ring) and W > 0, TOKM=bool(tokens_on_m), L2PF=l2_prefetch,
             BALANCE=bool(balance), n_rows=B, B_P2=triton.next_power_of_2(B) if balance else 1, PDL=bool(pdl),
             LSM=_local_softmax(tokens_on_m, tma_stages), num_warps=1,
@@ -1154,7 +1182,7 @@ def launch_args(*, q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_sink
 
 
 def compile_sm90(bits: int, dev_lens: bool, r: int, has_fp: bool = False, dtype: str = "fp16", tokm: bool = False,
-                 balance: bool = False, tma_stages: int = 0, pdl: bool = False):
+                 balance: bool = False, tma_stages: int = 0, pdl: bool = False, v_bits: int | None = None):
     """The split kernel compiled for sm_90 on this machine (no GPU needed; not under the Triton interpreter), with
     strides divisible by 16 as the runtime specialises them for the benchmark shapes, under the register cap the
     launch states (:func:`occupancy`): a triton CompiledKernel."""
@@ -1163,11 +1191,13 @@ def compile_sm90(bits: int, dev_lens: bool, r: int, has_fp: bool = False, dtype:
     from triton.experimental.gluon._runtime import GluonASTSource
 
     fn = _gluon_split_kernel
-    maxnreg, _, l2pf = occupancy(r=r, bits=bits, has_fp=has_fp, tokens_on_m=tokm)
+    maxnreg, _, l2pf = occupancy(r=r, bits=bits, has_fp=has_fp, tokens_on_m=tokm, v_bits=v_bits)
+    v_bits = v_bits or bits
     ptrs = {"q_ptr": "*" + dtype, "k_codes": "*u8", "v_codes": "*u8", "k_scale": "*fp16", "k_zero": "*fp16",
             "v_scale": "*fp16", "v_zero": "*fp16", "op_ptr": "*fp32", "lp_ptr": "*fp32", "lens_ptr": "*i32",
             "k_sink": "*" + dtype, "v_sink": "*" + dtype, "k_win": "*" + dtype, "v_win": "*" + dtype}
-    const = dict(H_KV=8, R=r, NUM_SPLITS=16, BITS=bits, DEV_LENS=dev_lens, PREFETCH_V=bits == 2, HAS_FP=has_fp,
+    const = dict(H_KV=8, R=r, NUM_SPLITS=16, BITS=bits, VBITS=0 if v_bits == bits else v_bits, DEV_LENS=dev_lens,
+                 PREFETCH_V=bits == 2 and v_bits == 2, HAS_FP=has_fp,
                  WRING=has_fp, TOKM=tokm, L2PF=0 if tma_stages else l2pf, BALANCE=balance, B_P2=8 if balance else 1,
                  sq_d=1, TMA_STAGES=tma_stages, PDL=pdl, LSM=_local_softmax(tokm, tma_stages))
     descs = {}
@@ -1175,7 +1205,7 @@ def compile_sm90(bits: int, dev_lens: bool, r: int, has_fp: bool = False, dtype:
         if not tma_stages:
             const[name] = None
         elif name in ("kc_d", "vc_d"):
-            descs[name] = f"tensordesc<i32{_code_block(bits)},{_code_smem()!r}>"
+            descs[name] = f"tensordesc<i32{_code_block(bits if name == 'kc_d' else v_bits)},{_code_smem()!r}>"
         else:
             descs[name] = f"tensordesc<i32{list(_META_BLOCK)},{_meta_smem()!r}>"
     sig, consts, attrs = {}, {}, {}
@@ -1199,7 +1229,7 @@ def compile_sm90(bits: int, dev_lens: bool, r: int, has_fp: bool = False, dtype:
 
 
 def sm90_resources(bits: int, dev_lens: bool, r: int, has_fp: bool = False, dtype: str = "fp16",
-                   tokm: bool = False, balance: bool = False, tma_stages: int = 0) -> dict:
+                   tokm: bool = False, balance: bool = False, tma_stages: int = 0, v_bits: int | None = None) -> dict:
     """:func:`compile_sm90`'s build and what the design relies on: registers, stack, shared memory, the hot loop's
     length, and ``forbidden``: any shared-memory instruction (with the TMA ring: any store to shared memory, the
     copies fill it), or a local-memory one (a spill) inside the hot loop (the packed tiles'); ``programs_per_sm``:
@@ -1209,7 +1239,8 @@ def sm90_resources(bits: int, dev_lens: bool, r: int, has_fp: bool = False, dtyp
 
     from .sass_probe import sass_summary
 
-    s = sass_summary(compile_sm90(bits, dev_lens, r, has_fp, dtype, tokm, balance, tma_stages, pdl=tma_stages > 0))
+    s = sass_summary(compile_sm90(bits, dev_lens, r, has_fp, dtype, tokm, balance, tma_stages, pdl=tma_stages > 0,
+                                  v_bits=v_bits))
     if s is None:
         return {"skip": "this Triton ships no cuobjdump"}
     ins = s["ins"]
@@ -1217,7 +1248,8 @@ def sm90_resources(bits: int, dev_lens: bool, r: int, has_fp: bool = False, dtyp
     hot = [op.split(".")[0] for _, op, _ in ins[lo:hi + 1]]
     smem = ("STS",) if tma_stages else ("LDS", "STS", "LDSM", "BAR")
     return {"registers": s["registers"], "stack": s["stack"], "shared": int(s["shared"]), "triton": triton.__version__,
-            "hot_loop": len(hot), "programs_per_sm": occupancy(r=r, bits=bits, has_fp=has_fp, tokens_on_m=tokm)[1],
+            "hot_loop": len(hot),
+            "programs_per_sm": occupancy(r=r, bits=bits, has_fp=has_fp, tokens_on_m=tokm, v_bits=v_bits)[1],
             "l2_prefetches": sum(op.startswith("UBLKPF") for op in hot),
             "tma_copies": sum(op.startswith("UTMALDG") for op in hot),
             # shared memory anywhere; local memory (spills) in the hot loop, the packed tiles'
