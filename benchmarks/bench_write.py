@@ -51,6 +51,9 @@ CASES = {
     "k2v2_g32_w128": (TensorQuant("affine", 2, 32), TensorQuant("affine", 2, 32), 0, 128, 32),
     "kivi_k2v2_g32_r128": (TensorQuant("affine", 2, 32, "channel"), TensorQuant("affine", 2, 32), 0, 128, 32),
     "k2v2_g128_w0": (TensorQuant("affine", 2, 128), TensorQuant("affine", 2, 128), 0, 0, 128),
+    # 4-bit keys, 2-bit values, one group per head, 4 sink + 128 window (README, "Which layout runs fastest"): two
+    # layouts, so one launch of the mixed kernel
+    "k4v2_g128_s4_w128": (TensorQuant("affine", 4, 128), TensorQuant("affine", 2, 128), 4, 128, 128),
     "skvq_v1.5_g16_s4_w128": (TensorQuant("affine", 2, 16), TensorQuant("affine", 1.5, 16, permute=True), 4, 128, 32),
     # skvq's defaults: keys before RoPE (the kernel un-rotates them), both sides in a channel order
     "skvq_default_prerope": (TensorQuant("affine", 2, 16, clip_ratio=0.95, permute=True),
