@@ -66,7 +66,7 @@ EXTRA_CASES = {
     "bf16_kivi_k2v2_b8_gqa4_32k_w128": ("k2v2_b8_gqa4_32k", dict(dtype=torch.bfloat16, k_axis="channel", k_group=32,
                                                                  v_group=32, window=128)),
     # 4-bit codes in one group per head with KIVI's 128 recent tokens (no sink): the Gluon kernel's layout with the best
-    # quality measured (README, "Which layout runs fast"); against KIVI's 4-bit layout (the Triton kernel)
+    # quality measured (README, "Which layout runs fastest at what quality"); against KIVI's 4-bit layout (Triton)
     "k4v4_b8_gqa4_32k_w128": ("k4v4_b8_gqa4_32k", dict(window=128)),
     "bf16_k4v4_b8_gqa4_32k_w128": ("k4v4_b8_gqa4_32k", dict(dtype=torch.bfloat16, window=128)),
     "kivi_k4v4_b8_gqa4_32k_w128": ("k4v4_b8_gqa4_32k", dict(k_axis="channel", k_group=32, v_group=32, window=128)),

@@ -212,7 +212,8 @@ def configs(draw):
         lens = [(draw(st.integers(0, S)), draw(st.sampled_from([0] + LENGTHS)), draw(st.integers(0, n_window)))
                 for _ in range(B)]
     return dict(B=B, Hkv=draw(st.integers(1, 4)), r=draw(st.sampled_from([1, 2, 3, 4, 8, 16])),
-                bits=draw(st.sampled_from([2, 4])), v_bits=draw(st.sampled_from([None, None, 2, 4])), n_quant=n_quant, S=S, n_window=n_window, win_extra=win_extra,
+                bits=draw(st.sampled_from([2, 4])), v_bits=draw(st.sampled_from([None, None, 2, 4])),
+                n_quant=n_quant, S=S, n_window=n_window, win_extra=win_extra,
                 lens=lens, lens_form="3" if form == "3" else "B3", q_noncontig=draw(st.booleans()),
                 seed=draw(st.integers(0, 2**16)), num_splits=draw(st.sampled_from([None, 1, 3])), ring=ring,
                 dtype=draw(st.sampled_from([torch.float16, torch.bfloat16])),

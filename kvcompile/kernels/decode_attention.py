@@ -2485,8 +2485,8 @@ def _gluon_plan(q, storage, gluon, interp, B, Hq, NQ, D, Hkv, r, S, W, W_v, mid_
         fit = _gl.tma_stages(k_bits, programs_per_sm, v_bits)
         tma = gluon_tma or min(_gl.TMA_DEFAULT_STAGES, fit)
         if why is None and fit < tma:
-            why = (f"{tma} ring stages of {_gl.tma_stage_bytes(k_bits, v_bits)} bytes do not fit {programs_per_sm} programs "
-                   "per SM in shared memory")
+            why = (f"{tma} ring stages of {_gl.tma_stage_bytes(k_bits, v_bits)} bytes do not fit {programs_per_sm} "
+                   "programs per SM in shared memory")
         if why is not None:
             if gluon_tma:
                 _fail(f"gluon_tma={gluon_tma}: {why}")

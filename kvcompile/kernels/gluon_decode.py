@@ -558,8 +558,8 @@ if HAVE_GLUON:
     @gluon.jit
     def _softmax_local(acc, k_s, k_z, v_s, v_z, m_i, l_i, z_i, o0, o1, o2, o3, n_valid, b_z, k_fac,
                        BITS: gl.constexpr, MASKED: gl.constexpr, B_OP: gl.constexpr, MROW: gl.constexpr):
-        """(BITS: V's, the output planes'.) _tile_t's softmax with no cross-lane step in the common case: the scores are formed less the running
-        maximum m_i (one FFMA more per element, none less); l_i and z_i are each thread's partial sums over its own
+        """(BITS: V's, the output planes'.) _tile_t's softmax with no cross-lane step in the common case: the scores
+        are formed less the running maximum m_i (one FFMA more per element, none less); l_i and z_i are each thread's partial sums over its own
         rows (:func:`_own_rows_sum`), reduced over the lanes once after the loop; the rescale test is one warp-wide
         integer maximum (REDUX) of the shifted scores' bit patterns (a float above 8.0 has a larger int32 pattern than
         8.0's, a negative one a smaller). Only a tile that raises some row's maximum by more than 2**8 (the first one

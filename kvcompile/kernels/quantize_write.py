@@ -36,7 +36,8 @@ Scalar atomics cost a round trip each, in sequence: Triton broadcasts a scalar a
 threads through shared memory behind a barrier, which waits for the result before the next instruction. The three
 scalar arrivals of sessions 6-19 (documented then as one round trip) and the last arriver's three atomic exchanges
 were six round trips in a row; one vector atomic and one vector store took the g128 pair's write from 4.6-4.8 to
-2.4 us (H100, session 20). A count of the round trips in the PTX (``atom.global`` followed by ``bar.sync``) shows it.
+2.4 us (H100, session 20). The PTX shows it: each scalar ``atom.global`` is followed by a shared-memory store of its
+result and a ``bar.sync``; tests/test_kernels_write.py counts the build's atomics.
 
 Loads before the counts (``preload``): the first new rows do not depend on the counts, so they are issued first
 and their round trips overlap the atomics'. A decode step that moves no new row into the sink quantizes and stores
