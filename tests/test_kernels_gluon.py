@@ -381,6 +381,20 @@ def test_tma_ring_matches_reference(case, stages):
 
 
 @gpu
+@pytest.mark.parametrize("bits,v_bits", [(2, 2), (4, 2)])
+def test_tma_ring_v_codes_strided_apart_from_k(bits, v_bits):
+    """V's code rows with other batch / head strides than K's (a longer row): the ring reads them from V's own row
+    base (launch_args passes VBITS then, whatever the widths; with one row base V would be read at K's offsets)."""
+    kw = tma_storage(inputs(B=2, Hkv=2, r=4, bits=bits, v_bits=v_bits, n_quant=1000, S=4, n_window=20, seed=21))
+    t = kw["v_codes"]
+    longer = torch.zeros((*t.shape[:2], -(-t.shape[2] // 64) * 64 + 128, t.shape[3]), dtype=t.dtype, device=t.device)
+    kw["v_codes"] = longer[:, :, :t.shape[2]]
+    kw["v_codes"].copy_(t)
+    assert kw["v_codes"].stride()[:2] != kw["k_codes"].stride()[:2]
+    check(kw, "tokens", gluon_tma=2)
+
+
+@gpu
 @pytest.mark.parametrize("bits", [2, 4])
 @pytest.mark.parametrize("balance", [True, False])
 def test_tma_ring_ragged_rows(bits, balance):
