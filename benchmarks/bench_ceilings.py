@@ -123,7 +123,7 @@ def _tma_kernel():
         oacc = gl.zeros([32, W], gl.int32, VW)
         macc = gl.zeros([32], gl.int32, PL)
         for i in range(0, n_t):
-            kw, ve, vo, k_s, k_z, v_s, v_z = gd._ring_read(kc_s, vc_s, m_s, bars, i, STAGES, BITS, KW, VW, PL)
+            kw, ve, vo, k_s, k_z, v_s, v_z = gd._ring_read(kc_s, vc_s, m_s, bars, i, STAGES, BITS, BITS, KW, VW, PL)
             kacc ^= kw
             eacc ^= ve
             oacc ^= vo

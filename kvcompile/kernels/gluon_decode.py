@@ -307,11 +307,10 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _tile(q0, q1, q2, q3, kw, ve, vo, k_s, k_z, v_s, v_z, m_i, l_i, z_i, o0, o1, o2, o3, n_valid, b_z, k_fac,
-              BITS: gl.constexpr, MASKED: gl.constexpr, MMA: gl.constexpr, A_OP: gl.constexpr,
-              B_OP: gl.constexpr, COL: gl.constexpr, VB: gl.constexpr = 0):
+              BITS: gl.constexpr, VBITS: gl.constexpr, MASKED: gl.constexpr, MMA: gl.constexpr, A_OP: gl.constexpr,
+              B_OP: gl.constexpr, COL: gl.constexpr):
         """One tile of 64 tokens. k_fac: 2**24 (the K codes are the fp16 subnormals 2**-24 * 2**(BITS j) * code)
-        times sm_scale * log2(e); b_z: sum(q) * sm_scale * log2(e) per row. BITS: K's bits; VB: V's (0: BITS)."""
-        VBITS: gl.constexpr = BITS if VB == 0 else VB
+        times sm_scale * log2(e); b_z: sum(q) * sm_scale * log2(e) per row. BITS: K's bits; VBITS: V's."""
         ksp = _k_operand(kw, BITS, B_OP)
         acc = gl.zeros([16, 64], gl.float32, MMA)
         acc = mma_v2(q0, _plane(ksp, _mask(BITS, 0)), acc)
@@ -558,13 +557,13 @@ if HAVE_GLUON:
     @gluon.jit
     def _softmax_local(acc, k_s, k_z, v_s, v_z, m_i, l_i, z_i, o0, o1, o2, o3, n_valid, b_z, k_fac,
                        BITS: gl.constexpr, MASKED: gl.constexpr, B_OP: gl.constexpr, MROW: gl.constexpr):
-        """(BITS: V's, the output planes'.) _tile_t's softmax with no cross-lane step in the common case: the scores
-        are formed less the running maximum m_i (one FFMA more per element, none less); l_i and z_i are each thread's partial sums over its own
-        rows (:func:`_own_rows_sum`), reduced over the lanes once after the loop; the rescale test is one warp-wide
-        integer maximum (REDUX) of the shifted scores' bit patterns (a float above 8.0 has a larger int32 pattern than
-        8.0's, a negative one a smaller). Only a tile that raises some row's maximum by more than 2**8 (the first one
-        among them) takes the exact column maxima and the rescale of l_i, z_i and the outputs so far. Returns the state
-        and P^T . diag(v scale) as P . V's B operand."""
+        """(BITS: V's, the output planes'.) _tile_t's softmax with no cross-lane step in the common case: the scores are
+        formed less the running maximum m_i (one FFMA more per element, none less); l_i and z_i are each thread's
+        partial sums over its own rows (:func:`_own_rows_sum`), reduced over the lanes once after the loop; the rescale
+        test is one warp-wide integer maximum (REDUX) of the shifted scores' bit patterns (a float above 8.0 has a
+        larger int32 pattern than 8.0's, a negative one a smaller). Only a tile that raises some row's maximum by more
+        than 2**8 (the first one among them) takes the exact column maxima and the rescale of l_i, z_i and the outputs
+        so far. Returns the state and P^T . diag(v scale) as P . V's B operand."""
         ks_f, kz_f, vs_f, vz_f, cm = _metas_t(k_s, k_z, v_s, v_z, n_valid, k_fac, MASKED, MROW)
         t = ks_f[:, None] * acc + (kz_f[:, None] * b_z[None, :] - m_i[None, :])
         if MASKED:
@@ -598,12 +597,11 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _tile_t(q0, q1, q2, q3, kw, ve, vo, k_s, k_z, v_s, v_z, m_i, l_i, z_i, o0, o1, o2, o3, n_valid, b_z, k_fac,
-                BITS: gl.constexpr, MASKED: gl.constexpr, MMA: gl.constexpr, A_OP: gl.constexpr,
-                B_OP: gl.constexpr, MROW: gl.constexpr, LSM: gl.constexpr = False, VB: gl.constexpr = 0):
+                BITS: gl.constexpr, VBITS: gl.constexpr, MASKED: gl.constexpr, MMA: gl.constexpr,
+                A_OP: gl.constexpr, B_OP: gl.constexpr, MROW: gl.constexpr, LSM: gl.constexpr = False):
         """One tile of 64 tokens, tokens on M (as :func:`_tile`'s scaling). LSM: :func:`_softmax_local`'s softmax (l_i
         and z_i are then each thread's partial sums), else the row maxima and sums reduced across the lanes per tile.
-        BITS: K's bits; VB: V's (0: BITS)."""
-        VBITS: gl.constexpr = BITS if VB == 0 else VB
+        BITS: K's bits; VBITS: V's."""
         acc = _scores_t(q0, q1, q2, q3, kw, BITS, MMA, A_OP)
         if LSM:
             m_i, l_i, z_i, o0, o1, o2, o3, pb = _softmax_local(acc, k_s, k_z, v_s, v_z, m_i, l_i, z_i, o0, o1, o2, o3,
@@ -719,13 +717,12 @@ if HAVE_GLUON:
         return kc_s, vc_s, m_s, bars
 
     @gluon.jit
-    def _ring_read(kc_s, vc_s, m_s, bars, i, STAGES: gl.constexpr, BITS: gl.constexpr, KW: gl.constexpr,
-                   VW: gl.constexpr, PL: gl.constexpr, VB: gl.constexpr = 0):
+    def _ring_read(kc_s, vc_s, m_s, bars, i, STAGES: gl.constexpr, BITS: gl.constexpr, VBITS: gl.constexpr,
+                   KW: gl.constexpr, VW: gl.constexpr, PL: gl.constexpr):
         """Tile i's words, scales and zeros from its stage once its copies have landed, in the registers (layouts)
-        the global loads give: kw [W, 64], ve / vo [32, WV], four int32 pair vectors [32]. BITS: K's bits; VB: V's
-        (0: BITS)."""
+        the global loads give: kw [W, 64], ve / vo [32, WV], four int32 pair vectors [32]. BITS: K's bits; VBITS:
+        V's."""
         W: gl.constexpr = 4 * BITS
-        VBITS: gl.constexpr = BITS if VB == 0 else VB
         WV: gl.constexpr = 4 * VBITS
         st = i % STAGES
         mbarrier.wait(bars.index(st), (i // STAGES) & 1)
@@ -880,20 +877,20 @@ if HAVE_GLUON:
             kc_s, vc_s, m_s, bars = _ring_start(kc_d, vc_d, ks_d, kz_d, vs_d, vz_d, start, n_t, code_row0, meta_row,
                                                 TMA_STAGES, W, v_row0, 0 if VB == 0 else WV)
             for i in range(0, n_full):
-                kw, ve, vo, k_s, k_z, v_s, v_z = _ring_read(kc_s, vc_s, m_s, bars, i, TMA_STAGES, BITS, KW, VW,
-                                                            PL, VB)
+                kw, ve, vo, k_s, k_z, v_s, v_z = _ring_read(kc_s, vc_s, m_s, bars, i, TMA_STAGES, BITS, VBITS, KW, VW,
+                                                            PL)
                 m_i, l_i, z_i, o0, o1, o2, o3 = _tile_t(q0, q1, q2, q3, kw, ve, vo, k_s, k_z, v_s, v_z, m_i, l_i,
-                                                        z_i, o0, o1, o2, o3, BN, b_z, k_fac, BITS, False, MMA,
-                                                        A_OP, B_OP, TV, LSM, VB)
+                                                        z_i, o0, o1, o2, o3, BN, b_z, k_fac, BITS, VBITS, False, MMA,
+                                                        A_OP, B_OP, TV, LSM)
                 _cta_barrier()  # every lane's reads of the stage are done before it is refilled
                 _ring_issue(kc_d, vc_d, ks_d, kz_d, vs_d, vz_d, kc_s, vc_s, m_s, bars, i + TMA_STAGES, start,
                             code_row0, meta_row, i + TMA_STAGES < n_t, TMA_STAGES, W, v_row0, 0 if VB == 0 else WV)
             if n_t > n_full:  # the split's last, partial tile (past its end: finite values, masked)
-                kw, ve, vo, k_s, k_z, v_s, v_z = _ring_read(kc_s, vc_s, m_s, bars, n_full, TMA_STAGES, BITS, KW,
-                                                            VW, PL, VB)
+                kw, ve, vo, k_s, k_z, v_s, v_z = _ring_read(kc_s, vc_s, m_s, bars, n_full, TMA_STAGES, BITS, VBITS, KW,
+                                                            VW, PL)
                 m_i, l_i, z_i, o0, o1, o2, o3 = _tile_t(q0, q1, q2, q3, kw, ve, vo, k_s, k_z, v_s, v_z, m_i, l_i,
                                                         z_i, o0, o1, o2, o3, end - start - n_full * BN, b_z,
-                                                        k_fac, BITS, True, MMA, A_OP, B_OP, TV, LSM, VB)
+                                                        k_fac, BITS, VBITS, True, MMA, A_OP, B_OP, TV, LSM)
         elif n_full > 0:
             t = gl.multiple_of(start, BN)  # chunk is a multiple of BN
             kw = gl.load(k_base + t * W + k_off)
@@ -915,12 +912,12 @@ if HAVE_GLUON:
                 k_s_n, k_z_n, v_s_n, v_z_n = _load_meta(ks_base, kz_base, vs_base, vz_base, pp, tn, BN, False)
                 if TOKM:
                     m_i, l_i, z_i, o0, o1, o2, o3 = _tile_t(q0, q1, q2, q3, kw, ve, vo, k_s, k_z, v_s, v_z, m_i,
-                                                            l_i, z_i, o0, o1, o2, o3, BN, b_z, k_fac, BITS, False,
-                                                            MMA, A_OP, B_OP, TV, LSM, VB)
+                                                            l_i, z_i, o0, o1, o2, o3, BN, b_z, k_fac, BITS, VBITS,
+                                                            False, MMA, A_OP, B_OP, TV, LSM)
                 else:
                     m_i, l_i, z_i, o0, o1, o2, o3 = _tile(q0, q1, q2, q3, kw, ve, vo, k_s, k_z, v_s, v_z, m_i, l_i,
-                                                          z_i, o0, o1, o2, o3, BN, b_z, k_fac, BITS, False, MMA,
-                                                          A_OP, B_OP, TV, VB)
+                                                          z_i, o0, o1, o2, o3, BN, b_z, k_fac, BITS, VBITS, False, MMA,
+                                                          A_OP, B_OP, TV)
                 kw = kw_n
                 if PREFETCH_V:
                     ve = ve_n
@@ -938,12 +935,12 @@ if HAVE_GLUON:
                 k_s, k_z, v_s, v_z = _load_meta(ks_base, kz_base, vs_base, vz_base, pp, t, nv, True)
                 if TOKM:
                     m_i, l_i, z_i, o0, o1, o2, o3 = _tile_t(q0, q1, q2, q3, kw, ve, vo, k_s, k_z, v_s, v_z, m_i, l_i,
-                                                            z_i, o0, o1, o2, o3, nv, b_z, k_fac, BITS, True, MMA, A_OP,
-                                                            B_OP, TV, LSM, VB)
+                                                            z_i, o0, o1, o2, o3, nv, b_z, k_fac, BITS, VBITS, True,
+                                                            MMA, A_OP, B_OP, TV, LSM)
                 else:
                     m_i, l_i, z_i, o0, o1, o2, o3 = _tile(q0, q1, q2, q3, kw, ve, vo, k_s, k_z, v_s, v_z, m_i, l_i, z_i,
-                                                          o0, o1, o2, o3, nv, b_z, k_fac, BITS, True, MMA, A_OP, B_OP,
-                                                          TV, VB)
+                                                          o0, o1, o2, o3, nv, b_z, k_fac, BITS, VBITS, True, MMA,
+                                                          A_OP, B_OP, TV)
 
         if LSM:
             l_i = gl.convert_layout(gl.sum(l_i, axis=0), RV)
@@ -1146,7 +1143,7 @@ def launch_args(*, q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_sink
     # V's code rows at K's (VBITS 0: one row computation serves both in the ring) only where they are laid out alike
     vbits = 0 if v_bits == bits and k_codes.stride()[:2] == v_codes.stride()[:2] else v_bits
     if vbits:
-        l2_prefetch = 0  # written for one width (occupancy gives 0 already)
+        l2_prefetch = 0  # written for one width and one row base (occupancy gives 0 for mixed widths already)
     B = q.shape[0]
     if l2_prefetch and (torch.cuda.get_device_capability(q.device) < (9, 0) or not all(
             t.data_ptr() % 16 == 0 and all(st * t.element_size() % 16 == 0 for st in t.stride()[:2])
