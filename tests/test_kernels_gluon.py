@@ -82,39 +82,36 @@ TMA_VARIANTS = [(2, False, 4, False, "fp16", True, False, 2), (2, True, 1, False
                 (4, False, 8, False, "fp16", True, False, 3)]
 
 
-@pytest.fixture(scope="module")
-def sm90_builds():
-    """Each variant compiled for sm_90 in a fresh process: on CPU the test session runs Triton under the interpreter
-    (conftest.py), whose library functions Gluon's compiler cannot take."""
-    code = ("import json, sys; from kvcompile.kernels.gluon_decode import sm90_resources; "
-            f"print(json.dumps([sm90_resources(*v) for v in {VARIANTS + TMA_VARIANTS!r}]))")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
-    return dict(zip(VARIANTS + TMA_VARIANTS, json.loads(run.stdout.strip().splitlines()[-1])))
-
-
 # K and V of different widths (V's bits last): the tokens-on-M builds with and without the ring, the 16-row form
 MIXED_VARIANTS = [(4, True, 4, True, "fp16", True, False, 2, 2), (4, True, 4, False, "bf16", True, True, 2, 2),
                   (4, False, 1, False, "fp16", True, False, 0, 2), (4, True, 16, False, "fp16", False, False, 0, 2),
                   (2, True, 4, True, "fp16", True, False, 2, 4), (2, False, 8, False, "fp16", True, False, 0, 4)]
 
 
-def test_mixed_widths_compile_for_sm90():
-    """K4V2 and K2V4 (V's words, planes and ring stage at their own width): no spill in the packed loop, registers
-    for the launch's residency, shared memory only for the ring's stages (each stage K's and V's code blocks)."""
-    code = ("import json; from kvcompile.kernels.gluon_decode import sm90_resources; "
-            f"print(json.dumps([sm90_resources(*v[:8], v_bits=v[8]) for v in {MIXED_VARIANTS!r}]))")
+@pytest.fixture(scope="module")
+def sm90_builds():
+    """Each variant compiled for sm_90 in a fresh process: on CPU the test session runs Triton under the interpreter
+    (conftest.py), whose library functions Gluon's compiler cannot take."""
+    code = ("import json, sys; from kvcompile.kernels.gluon_decode import sm90_resources; "
+            f"print(json.dumps([sm90_resources(*v) for v in {VARIANTS + TMA_VARIANTS!r}]"
+            f" + [sm90_resources(*v[:8], v_bits=v[8]) for v in {MIXED_VARIANTS!r}]))")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
-    for v, res in zip(MIXED_VARIANTS, json.loads(run.stdout.strip().splitlines()[-1])):
-        if res.get("skip"):
-            pytest.skip(res["skip"])
-        bits, stages, v_bits = v[0], v[7], v[8]
-        assert not res["forbidden"] and res["registers"] <= gd.max_registers(res["programs_per_sm"]), (v, res)
-        assert res["shared"] == stages * gd.tma_stage_bytes(bits, v_bits), (v, res)
-        assert res["tma_copies"] == (6 if stages else 0) and res["l2_prefetches"] == 0, (v, res)
+    return dict(zip(VARIANTS + TMA_VARIANTS + MIXED_VARIANTS, json.loads(run.stdout.strip().splitlines()[-1])))
+
+
+@pytest.mark.parametrize("variant", MIXED_VARIANTS)
+def test_mixed_widths_compile_for_sm90(sm90_builds, variant):
+    """K4V2 and K2V4 (V's words, planes and ring stage at their own width): no spill in the packed loop, registers
+    for the launch's residency, shared memory only for the ring's stages (each stage K's and V's code blocks)."""
+    res = sm90_builds[variant]
+    if res.get("skip"):
+        pytest.skip(res["skip"])
+    bits, stages, v_bits = variant[0], variant[7], variant[8]
+    assert not res["forbidden"] and res["registers"] <= gd.max_registers(res["programs_per_sm"]), res
+    assert res["shared"] == stages * gd.tma_stage_bytes(bits, v_bits), res
+    assert res["tma_copies"] == (6 if stages else 0) and res["l2_prefetches"] == 0, res
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
