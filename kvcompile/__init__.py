@@ -10,7 +10,7 @@
 from .api import CacheReport, LayerReport, apply, make_cache, remove, report
 from .cache import CacheCapacityError, KVCompileCache, PackedKV
 from .passes import CompileReport, backend, compile_report
-from .schemes import FP8, KIVI, NQKV, SKVQ, Int8, KVMix, Scheme, TensorQuant, get_scheme, scheme_names
+from .schemes import FP8, KIVI, NQKV, SKVQ, Int8, KVMix, PerToken, Scheme, TensorQuant, get_scheme, scheme_names
 
 __version__ = "0.1.0"
 
@@ -18,5 +18,5 @@ __all__ = [
     "apply", "remove", "make_cache", "report", "CacheReport", "LayerReport", "backend", "compile_report",
     "CompileReport",
     "KVCompileCache", "PackedKV", "CacheCapacityError",
-    "Scheme", "TensorQuant", "SKVQ", "KIVI", "NQKV", "Int8", "FP8", "KVMix", "get_scheme", "scheme_names",
+    "Scheme", "TensorQuant", "SKVQ", "KIVI", "NQKV", "Int8", "FP8", "KVMix", "PerToken", "get_scheme", "scheme_names",
 ]

@@ -71,6 +71,7 @@ def _rel(a, b):
         ("kivi", {"residual": 16}, 0.35),
         ("skvq", {"v_bits": 2, "window": 8}, 0.35),
         ("skvq", {"window": 8}, 0.5),
+        ("pertoken", {"window": 8}, 0.2),
     ],
 )
 def test_packed_cache_logits_close_to_full_precision(llama, ids, reference, scheme, overrides, bound):
@@ -174,6 +175,16 @@ def test_scheme_objects_and_overrides():
     assert get_scheme(kvcompile.KIVI(k_bits=4)).k_bits == 4
     assert get_scheme("kivi", k_bits=4) == kvcompile.KIVI(k_bits=4)
     assert get_scheme(kvcompile.SKVQ(), v_bits=2).layer_spec(0, 1).v.bits == 2
+
+
+def test_pertoken_preset_is_the_readme_k4v2_recipe():
+    # the README's quality and speed rows for K4V2 were measured through these skvq overrides
+    recipe = get_scheme("skvq", k_bits=4, v_bits=2, group_size=None, reorder=False, pre_rope=False, k_clip_ratio=1.0)
+    assert get_scheme("pertoken").layer_spec(0, 30) == recipe.layer_spec(0, 30)
+    assert get_scheme("pertoken", v_bits=4, n_sink=0).layer_spec(3, 30) == recipe.replace(
+        v_bits=4, n_sink=0).layer_spec(3, 30)
+    with pytest.raises(TypeError, match="valid options: .*group_size"):
+        get_scheme("pertoken", reorder=True)
 
 
 @pytest.mark.parametrize("scheme,overrides", [("skvq", {"window": 8}), ("kivi", {"residual": 16}), ("int8", {})])

@@ -349,6 +349,32 @@ def test_tma_ring_reads_packedkv_rows_of_whole_lines(capacity, aligned):
     assert ("sm_90" in why) if aligned else ("128-byte rows" in why), why
 
 
+@pytest.mark.parametrize("scheme,overrides,gluon", [("pertoken", {}, True), ("pertoken", {"v_bits": 4}, True),
+                                                      ("pertoken", {"group_size": 32}, False), ("kivi", {}, False)])
+def test_pertoken_scheme_is_what_the_gluon_kernel_takes(scheme, overrides, gluon):
+    """The ``pertoken`` preset's storage, as kvcompile's transformers cache allocates it for a head dim of 128 (a
+    capacity rounded to whole code lines), is a layout the Gluon kernel and its TMA ring take: on CPU the one reason
+    left is the device. Groups of 32 channels or KIVI's per-channel keys are not."""
+    import kvcompile
+    from kvcompile.cache.packed import PackedKV, line_capacity
+
+    spec = kvcompile.get_scheme(scheme, **overrides).layer_spec(0, 1)
+    cap = line_capacity(1001, spec.n_sink, (spec.k, 128), (spec.v, 128))
+    common = dict(capacity=cap, n_sink=spec.n_sink, window=spec.window, dtype=torch.bfloat16)
+    k = PackedKV.empty(2, 8, 128, spec.k, **common)
+    v = PackedKV.empty(2, 8, 128, spec.v, **common)
+    why = gd.gluon_unsupported_reason(
+        D=128, r=4, NQ=1, k_bits=spec.k.bits, v_bits=spec.v.bits, k_group=spec.k.group_for(128),
+        v_group=spec.v.group_for(128), k_axis=spec.k.axis, k_format=spec.k.kind, v_format=spec.v.kind,
+        dtype=torch.bfloat16, rope=spec.k_pre_rope, meta_dtypes=(k.scale.dtype, v.scale.dtype), kv_mixed=False)
+    assert (why is None) == gluon, why
+    if gluon:
+        metas = (k.codes, k.scale, k.zero, v.codes, v.scale, v.zero)
+        assert gd.storage_unsupported_reason(*metas) is None
+        why = gd.tma_unsupported_reason(*metas)
+        assert why is None if ON_GPU and torch.cuda.get_device_capability() >= (9, 0) else "sm_90" in why, why
+
+
 def test_tma_stages_fit_shared_memory():
     """The ring's stages for a residency leave each program its share of an SM's shared memory."""
     for bits, v_bits in ((2, 2), (4, 4), (4, 2), (2, 4)):
