@@ -2053,7 +2053,8 @@ def decode_attention(
     heads per KV head; the default there, NOTES.md v28) or the query heads on it (16 rows, up to 16 heads).
     ``gluon_l2``: how many tiles ahead the Gluon kernel's packed loop prefetches into L2 (0: none; None: its choice,
     one tile after the next for 4-bit codes, NOTES.md v29; taken only on sm_90 and later, where the rows start 16-byte
-    aligned).
+    aligned, without the TMA ring, and where K and V share their code width and strides: elsewhere it is dropped
+    without an error).
     ``gluon_tma``: in the Gluon kernel's tokens-on-M form, the packed tiles come through a ring of this many
     shared-memory stages fed by bulk tensor copies (TMA, sm_90 and later; NOTES.md v31) instead of register loads
     (0: not; None: ``GLUON_TMA_DEFAULT``, then ``TMA_DEFAULT_STAGES`` stages where the storage allows: 128-byte code

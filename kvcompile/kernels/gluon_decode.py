@@ -47,7 +47,7 @@ raw tiles in shared memory and reads them into the same registers):
   (:func:`_balanced_program`); the merge kernel finds a row's programs the same way.
 - A bf16 model's q is rounded to fp16 for the packed products (as the Triton kernel does where scales are fp16).
 
-Layouts taken: per-token affine groups of the whole head (G == D == 128), 2 or 4 bits for K and for V (the same),
+Layouts taken: per-token affine groups of the whole head (G == D == 128), 2 or 4 bits for K and for V (each its own width),
 fp16 scales and zeros, an fp16 or bf16 model, one new token (Nq == 1), up to 16 query heads per KV head, K and V
 packed as far (no ``v_lengths``), host or device lengths, an even capacity. decode_attention routes those here
 (``gluon=``); everything else runs the Triton kernel. The split partials go through decode_attention's merge kernel.
@@ -1134,9 +1134,11 @@ def launch_args(*, q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_sink
     (capacities above 0) the last split of each (batch, KV head) is its full-precision program. maxnreg: the register
     cap (:func:`occupancy`), None for ptxas's own choice; l2_prefetch: the L2 prefetch distance in tiles, taken only
     on sm_90 and later (the bulk prefetch is Hopper's) and where every tile of codes, scales and zeros starts 16-byte
-    aligned (the bulk prefetch needs it; PackedKV's rows are); balance: share each KV head's packed-middle programs
-    out over the batch's rows by their work (device lengths per row; the merge must be launched balanced too). bits:
-    K's code width; v_bits: V's (None: bits)."""
+    aligned (the bulk prefetch needs it; PackedKV's rows are), not with the TMA ring (its copies replace it), and not
+    where K and V differ in width or in code strides (written for one width and one row base); elsewhere an asked
+    distance is dropped without an error, as ``decode_attention(gluon_l2=)`` documents. balance: share each KV head's
+    packed-middle programs out over the batch's rows by their work (device lengths per row; the merge must be launched
+    balanced too). bits: K's code width; v_bits: V's (None: bits)."""
     import triton
 
     v_bits = v_bits or bits
