@@ -523,6 +523,24 @@ def test_static_cache_rewrite(arch, impl):
         assert _rel(got2, full) > _rel(got, full)  # 2 bits really is quantized
 
 
+@pytest.mark.parametrize("scheme,overrides", [("kivi", EIGHT), ("pertoken", dict(k_bits=8, v_bits=8, window=4))])
+def test_static_cache_of_a_capacity_off_the_scale_rows_padding(scheme, overrides):
+    """A capacity that is not a multiple of 32 tokens: the per-token scale / zero rows are views of allocations padded
+    to 32 (PackedKV), fed to the graph by the backend. The decode graph, recompiled by Dynamo with dynamic shapes,
+    once gave those views' sizes symbols with no source, and Dynamo failed building its guards ("sources must not be
+    empty for symbol"; examples/compile_backend.py with its defaults, since session 12)."""
+    model, cfg = _model("llama", "sdpa")
+    key = _cache_key(model)
+    with torch.no_grad():
+        full = model(_ids()).logits[:, PROMPT:]
+    kv = StaticCache(config=cfg, max_cache_len=37)
+    counter = torch._dynamo.testing.CompileCounterWithBackend(kvcompile.backend(scheme, compiler="aot_eager",
+                                                                                **overrides))
+    got = _decode(torch.compile(model, backend=counter, fullgraph=True), _ids(), **{key: kv}, use_cache=True)
+    assert counter.frame_count == 2 and compile_report().count("rewritten") == 2
+    assert _rel(got, full) < 0.01, _rel(got, full)
+
+
 # ---------------------------------------------------------------- the cache-API route: apply(compile=True)
 
 

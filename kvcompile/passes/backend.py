@@ -123,7 +123,7 @@ class KVCompileBackend:
         log.debug("%s", report.to_text())
         dump_text(report.to_text(), graph_id, "report")
         dump_graph(gm, graph_id, "after")
-        inner = self._compile(gm, list(example_inputs) + plan.example_extra)
+        inner = self._compile(gm, list(example_inputs) + _static_fakes(plan.example_extra, example_inputs, gm))
         if plan.empty:
             return _guarded(inner, plan) if plan.guarded else inner
         return _with_packed_inputs(inner, plan, self.options.check_positions)
@@ -142,6 +142,29 @@ class KVCompileBackend:
         key = _CacheKey(self.uuid(), config.post_grad_custom_pre_pass)
         with config.patch(post_grad_custom_pre_pass=key):
             return compile_fx(gm, example_inputs)
+
+
+def _static_fakes(extra: list[torch.Tensor], example_inputs: list[Any], gm: fx.GraphModule) -> list[Any]:
+    """The packed storages' example tensors as fake tensors of static shape in Dynamo's fake mode (where there is one).
+
+    These inputs have no Dynamo source: the backend's wrapper feeds them. Given as real tensors, AOTAutograd fakes them
+    itself, and in a graph that Dynamo recompiled with dynamic shapes it gives their sizes symbols. For a view (the
+    per-token scale / zero rows are views of allocations padded to 32 tokens) it then relates the view's symbols to
+    its base's, and Dynamo's guards on those symbols fail ("sources must not be empty for symbol"). Their shapes are
+    the storages' own, fixed for the graph's life, so static fakes are what they are."""
+    from torch._guards import detect_fake_mode
+
+    fake_mode = detect_fake_mode(example_inputs)
+    if fake_mode is None or not extra:
+        return list(extra)
+    fakes = [fake_mode.from_tensor(t, static_shapes=True) for t in extra]
+    by_value = {id(t): f for t, f in zip(extra, fakes)}
+    for node in gm.graph.nodes:  # the extra placeholders carry the same tensors as their example values
+        if node.op == "placeholder" and node.meta.get("kvcompile_extra_input"):
+            ex = node.meta.get("example_value")
+            if id(ex) in by_value:
+                node.meta["example_value"] = by_value[id(ex)]
+    return fakes
 
 
 def _copy(gm: fx.GraphModule) -> fx.GraphModule:
