@@ -123,7 +123,7 @@ class KVCompileBackend:
         log.debug("%s", report.to_text())
         dump_text(report.to_text(), graph_id, "report")
         dump_graph(gm, graph_id, "after")
-        inner = self._compile(gm, list(example_inputs) + _static_fakes(plan.example_extra, example_inputs, gm))
+        inner = self._compile(gm, list(example_inputs) + _static_fakes(plan.example_extra, example_inputs))
         if plan.empty:
             return _guarded(inner, plan) if plan.guarded else inner
         return _with_packed_inputs(inner, plan, self.options.check_positions)
@@ -144,7 +144,7 @@ class KVCompileBackend:
             return compile_fx(gm, example_inputs)
 
 
-def _static_fakes(extra: list[torch.Tensor], example_inputs: list[Any], gm: fx.GraphModule) -> list[Any]:
+def _static_fakes(extra: list[torch.Tensor], example_inputs: list[Any]) -> list[Any]:
     """The packed storages' example tensors as fake tensors of static shape in Dynamo's fake mode (where there is one).
 
     These inputs have no Dynamo source: the backend's wrapper feeds them. Given as real tensors, AOTAutograd fakes them
@@ -157,14 +157,7 @@ def _static_fakes(extra: list[torch.Tensor], example_inputs: list[Any], gm: fx.G
     fake_mode = detect_fake_mode(example_inputs)
     if fake_mode is None or not extra:
         return list(extra)
-    fakes = [fake_mode.from_tensor(t, static_shapes=True) for t in extra]
-    by_value = {id(t): f for t, f in zip(extra, fakes)}
-    for node in gm.graph.nodes:  # the extra placeholders carry the same tensors as their example values
-        if node.op == "placeholder" and node.meta.get("kvcompile_extra_input"):
-            ex = node.meta.get("example_value")
-            if id(ex) in by_value:
-                node.meta["example_value"] = by_value[id(ex)]
-    return fakes
+    return [fake_mode.from_tensor(t, static_shapes=True) for t in extra]
 
 
 def _copy(gm: fx.GraphModule) -> fx.GraphModule:
