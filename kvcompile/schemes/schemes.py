@@ -11,6 +11,18 @@ from typing import ClassVar
 from .base import LayerSpec, Scheme, TensorQuant, register_scheme
 
 
+def _per_token_spec(cfg: SKVQ | PerToken, *, reorder: bool, pre_rope: bool) -> LayerSpec:
+    """Per-token affine K and V (``cfg``'s bits, group size and clip ratios) with ``cfg``'s sinks and window: the
+    layout of ``skvq`` and of ``pertoken`` (which is ``skvq`` without the reorder and keys before RoPE)."""
+    return LayerSpec(
+        k=TensorQuant("affine", cfg.k_bits, cfg.group_size, "token", cfg.k_clip_ratio, reorder),
+        v=TensorQuant("affine", cfg.v_bits, cfg.group_size, "token", cfg.v_clip_ratio, reorder),
+        n_sink=cfg.n_sink,
+        window=cfg.window,
+        k_pre_rope=pre_rope,
+    )
+
+
 @register_scheme
 @dataclass(frozen=True)
 class SKVQ(Scheme):
@@ -39,13 +51,7 @@ class SKVQ(Scheme):
     n_sink: int = 4
 
     def layer_spec(self, layer_idx: int, num_layers: int) -> LayerSpec:
-        return LayerSpec(
-            k=TensorQuant("affine", self.k_bits, self.group_size, "token", self.k_clip_ratio, self.reorder),
-            v=TensorQuant("affine", self.v_bits, self.group_size, "token", self.v_clip_ratio, self.reorder),
-            n_sink=self.n_sink,
-            window=self.window,
-            k_pre_rope=self.pre_rope,
-        )
+        return _per_token_spec(self, reorder=self.reorder, pre_rope=self.pre_rope)
 
 
 @register_scheme
@@ -98,12 +104,7 @@ class PerToken(Scheme):
     n_sink: int = 4
 
     def layer_spec(self, layer_idx: int, num_layers: int) -> LayerSpec:
-        return LayerSpec(
-            k=TensorQuant("affine", self.k_bits, self.group_size, "token", self.k_clip_ratio),
-            v=TensorQuant("affine", self.v_bits, self.group_size, "token", self.v_clip_ratio),
-            n_sink=self.n_sink,
-            window=self.window,
-        )
+        return _per_token_spec(self, reorder=False, pre_rope=False)
 
 
 @register_scheme
