@@ -14,6 +14,7 @@ note says otherwise.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -43,9 +44,16 @@ LAYOUTS = [
 ]
 
 
+@functools.lru_cache(maxsize=None)
+def _load(path: str) -> dict:
+    """A result file, read once (several layouts come from the same file)."""
+    with open(path) as f:
+        return json.load(f)
+
+
 def _quality(path: str, label: str) -> tuple[float, float, float]:
     """(perplexity, the same file's full-precision perplexity, stored bits per element) of one row."""
-    rows = json.load(open(path))["results"]
+    rows = _load(path)["results"]
     fp = next(r for r in rows if r["label"] == "full precision")
     for r in rows:
         if r["label"] == label:
@@ -54,7 +62,7 @@ def _quality(path: str, label: str) -> tuple[float, float, float]:
 
 
 def _attention(path: str, case: str) -> dict:
-    data = json.load(open(path))
+    data = _load(path)
     for r in data["rows"]:
         if r["case"] == case:
             return dict(r, device=data.get("device", "?"))
